@@ -1,0 +1,789 @@
+// CPU kernels of the pom_ext ops.
+//
+// Layout: every op walks rows of h, either dense (B, N, E) or packed (total, E)
+// with per-sequence offsets, through one `Rows` descriptor that carries element
+// strides, so strided views run without copies. Each row is loaded into an
+// fp32 (fp64 for double) buffer and the channel loops compile to vector code.
+//
+// Work split, fixed by the shape alone so results are bitwise reproducible for
+// any thread count:
+//  - mean-type reductions (mean, weighted mean, state update): tasks are
+//    (sequence, chunk of rows) over all channels; each writes fp64 partial sums
+//    that are reduced in task order (a two-stage reduction, no atomics);
+//  - causal and block-causal: tasks are (sequence, block of kEB channels) and
+//    walk the sequence with a Kahan-compensated running sum. When there are too
+//    few such tasks to keep the cores busy, the sequence is cut into chunks
+//    (aligned to the block size): a first pass sums each chunk, the carries are
+//    prefix-summed in fp64, and a second pass runs every chunk from its carry.
+//    The backward pass is the same scan in reverse.
+//  - grad_coeff is accumulated per task (fp32 for kFlushRows rows, then fp64)
+//    and reduced in task order.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "pom_ext/checks.h"
+#include "pom_ext/dispatch.h"
+#include "pom_ext/poly_math.h"
+
+namespace pom_ext {
+namespace cpu {
+namespace {
+
+constexpr int64_t kEB = 64;              // channels per causal task
+constexpr int64_t kMinTasks = 16;        // fewer (sequence, channel block) tasks: split the sequence
+constexpr int64_t kMinSplitRows = 2048;  // never cut a sequence into chunks shorter than this
+constexpr int64_t kFlushRows = 256;      // fp32 partial sums are flushed into fp64 this often
+constexpr int64_t kMaxRowChunks = 64;    // row chunks per sequence for mean-type reductions
+constexpr int64_t kMinChunkRows = 64;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Rows of a dense (B, N, ...) tensor, or of a packed (total, ...) tensor with offsets cu.
+struct Rows {
+  int64_t sB = 0, sN = 0, sE = 1, N = 0;
+  const int64_t* cu = nullptr;
+  int64_t start(int64_t b) const { return cu ? cu[b] : 0; }
+  int64_t len(int64_t b) const { return cu ? cu[b + 1] - cu[b] : N; }
+  int64_t off(int64_t b, int64_t n) const { return b * sB + (start(b) + n) * sN; }
+};
+
+Rows rows_of(const at::Tensor& t, const int64_t* cu) {
+  Rows r;
+  r.cu = cu;
+  const int64_t d = cu ? 0 : 1;  // dim of the sequence index
+  if (!cu) {
+    r.sB = t.stride(0);
+    r.N = t.size(1);
+  }
+  r.sN = t.stride(d);
+  r.sE = t.dim() > d + 1 ? t.stride(d + 1) : 1;
+  return r;
+}
+
+template <typename scalar_t, typename acc_t>
+inline void load(const scalar_t* p, int64_t s, int64_t n, acc_t* out) {
+  if (s == 1) {
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<acc_t>(p[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<acc_t>(p[i * s]);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void store(scalar_t* p, int64_t n, const acc_t* in) {
+  for (int64_t i = 0; i < n; ++i) p[i] = static_cast<scalar_t>(in[i]);
+}
+
+template <typename acc_t>
+inline void flush(acc_t* f, double* d, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    d[i] += static_cast<double>(f[i]);
+    f[i] = acc_t(0);
+  }
+}
+
+// (E, K) coefficients of any floating dtype -> (K, E) table in the accumulation type.
+template <typename acc_t>
+std::vector<acc_t> coeff_table(const at::Tensor& coeff) {
+  at::Tensor t = coeff.detach().to(at::kCPU, c10::CppTypeToScalarType<acc_t>::value).t().contiguous();
+  return std::vector<acc_t>(t.data_ptr<acc_t>(), t.data_ptr<acc_t>() + t.numel());
+}
+
+// p = poly(act(x)) for one row of n channels starting at channel e0.
+template <int K, typename acc_t>
+inline void poly_row(const acc_t* x, acc_t* p, const acc_t* cT, int64_t E, int64_t e0, int64_t n, int deg) {
+  for (int64_t e = 0; e < n; ++e) p[e] = math::poly<K>(math::act(x[e]), cT + e0 + e, E, deg);
+}
+
+// Backward of one row of n channels: gx = g * s * dp/dh and f[k] += (g if g_in_f else 1) * s * act^(k+1);
+// p receives poly(act(x)) when given.
+template <int K, typename acc_t>
+inline void poly_row_backward(const acc_t* x, const acc_t* g, acc_t s, bool g_in_f, acc_t* gx, acc_t* f, acc_t* p,
+                              const acc_t* cT, int64_t E, int64_t e0, int64_t n, int deg) {
+  for (int64_t e = 0; e < n; ++e) {
+    const acc_t u = x[e];
+    const acc_t a = math::act(u);
+    acc_t pv, dp;
+    math::poly_and_slope<K>(a, cT + e0 + e, E, deg, pv, dp);
+    gx[e] = g[e] * s * math::act_grad(u) * dp;
+    acc_t pw = g_in_f ? g[e] * s : s;
+    POM_UNROLL
+    for (int k = 0; k < math::degree_of<K>(deg); ++k) {
+      pw *= a;
+      f[k * n + e] += pw;
+    }
+    if (p) p[e] = pv;
+  }
+}
+
+// Sum of grad_coeff partials (tasks x deg x width, fp64) in task order into (E, K).
+at::Tensor reduce_coeff_grad(const std::vector<double>& part, const std::vector<int64_t>& e0s,
+                             const std::vector<int64_t>& widths, int deg, int64_t E, const at::Tensor& coeff) {
+  std::vector<double> acc(static_cast<size_t>(E) * deg, 0.0);
+  size_t pos = 0;
+  for (size_t i = 0; i < e0s.size(); ++i) {
+    const int64_t w = widths[i];
+    for (int k = 0; k < deg; ++k)
+      for (int64_t e = 0; e < w; ++e) acc[(e0s[i] + e) * deg + k] += part[pos + k * w + e];
+    pos += static_cast<size_t>(deg) * w;
+  }
+  auto out = at::empty({E, deg}, coeff.options().dtype(at::kDouble).device(at::kCPU));
+  std::copy(acc.begin(), acc.end(), out.data_ptr<double>());
+  return out.to(coeff.options());
+}
+
+// Packed offsets as a host int64 vector, validated.
+std::vector<int64_t> host_offsets(const char* op, const c10::optional<at::Tensor>& cu, int64_t total) {
+  if (!cu.has_value()) return {};
+  auto c = cu->to(at::kLong).contiguous();
+  std::vector<int64_t> v(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
+  checks::cu_values(op, v.data(), static_cast<int64_t>(v.size()), total);
+  return v;
+}
+
+// ---------------------------------------------------------------------------
+// poly_eval: element-wise p = poly(act(h)).
+// ---------------------------------------------------------------------------
+
+// Rows of (..., E) flattened to (M, E); the row stride is kept when the leading
+// dims collapse, otherwise the input is made contiguous (this op is not on a hot path).
+at::Tensor as_matrix(const at::Tensor& t) {
+  const int64_t E = t.size(-1);
+  const int64_t M = E == 0 ? 0 : t.numel() / E;
+  if (t.dim() == 1) return t.view({1, E});
+  auto m = t.reshape({M, E});
+  return m;
+}
+
+template <typename scalar_t, int K>
+void eval_forward(const at::Tensor& h2, const std::vector<at::opmath_type<scalar_t>>& cT, int deg, at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t M = h2.size(0), E = h2.size(1);
+  const scalar_t* h = h2.data_ptr<scalar_t>();
+  scalar_t* o = out.data_ptr<scalar_t>();
+  const int64_t sM = h2.stride(0), sE = h2.stride(1);
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(E, 1)), [&](int64_t m0, int64_t m1) {
+    std::vector<acc_t> x(E), p(E);
+    for (int64_t m = m0; m < m1; ++m) {
+      load(h + m * sM, sE, E, x.data());
+      poly_row<K>(x.data(), p.data(), cT.data(), E, 0, E, deg);
+      store(o + m * E, E, p.data());
+    }
+  });
+}
+
+template <typename scalar_t, int K>
+void eval_backward(const at::Tensor& g2, const at::Tensor& h2, const std::vector<at::opmath_type<scalar_t>>& cT,
+                   int deg, at::Tensor& gh, std::vector<double>& part, int64_t chunks) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t M = h2.size(0), E = h2.size(1);
+  const int64_t R = ceil_div(M, chunks);
+  const scalar_t* hp = h2.data_ptr<scalar_t>();
+  const scalar_t* gp = g2.data_ptr<scalar_t>();
+  scalar_t* ghp = gh.data_ptr<scalar_t>();
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<acc_t> x(E), g(E), gx(E), f(static_cast<size_t>(deg) * E);
+    for (int64_t c = c0; c < c1; ++c) {
+      std::fill(f.begin(), f.end(), acc_t(0));
+      double* d = part.data() + static_cast<size_t>(c) * deg * E;
+      const int64_t m1 = std::min(M, (c + 1) * R);
+      for (int64_t m = c * R; m < m1; ++m) {
+        load(hp + m * h2.stride(0), h2.stride(1), E, x.data());
+        load(gp + m * g2.stride(0), g2.stride(1), E, g.data());
+        poly_row_backward<K, acc_t>(x.data(), g.data(), acc_t(1), true, gx.data(), f.data(), nullptr, cT.data(), E, 0, E,
+                             deg);
+        store(ghp + m * E, E, gx.data());
+        if ((m - c * R + 1) % kFlushRows == 0) flush(f.data(), d, deg * E);
+      }
+      flush(f.data(), d, deg * E);
+    }
+  });
+}
+
+at::Tensor poly_eval_cpu(const at::Tensor& h, const at::Tensor& coeff) {
+  const char* op = "pom_ext::poly_eval";
+  checks::floating(op, "h", h);
+  TORCH_CHECK(h.dim() >= 1, op, ": argument 'h' must have at least 1 dim (..., E), got a 0-D tensor");
+  checks::coeff(op, h, coeff);
+  const int deg = static_cast<int>(coeff.size(1));
+  auto h2 = as_matrix(h);
+  auto out = at::empty(h2.sizes(), h.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "poly_eval_cpu", [&] {
+    auto cT = coeff_table<at::opmath_type<scalar_t>>(coeff);
+    dispatch_degree(deg, [&](auto Kc) { eval_forward<scalar_t, decltype(Kc)::value>(h2, cT, deg, out); });
+  });
+  return out.view(h.sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor> poly_eval_backward_cpu(const at::Tensor& grad_p, const at::Tensor& h,
+                                                          const at::Tensor& coeff) {
+  const char* op = "pom_ext::poly_eval_backward";
+  checks::floating(op, "h", h);
+  checks::coeff(op, h, coeff);
+  checks::same_device(op, "grad_p", grad_p, h);
+  checks::same_shape(op, "grad_p", grad_p, h.sizes(), "h");
+  const int deg = static_cast<int>(coeff.size(1));
+  auto h2 = as_matrix(h);
+  auto g2 = as_matrix(grad_p.to(h.scalar_type()));
+  auto gh = at::empty(h2.sizes(), h.options());
+  const int64_t M = h2.size(0), E = h2.size(1);
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(kMaxRowChunks, ceil_div(M, kMinChunkRows)));
+  std::vector<double> part(static_cast<size_t>(chunks) * deg * E, 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "poly_eval_backward_cpu", [&] {
+    auto cT = coeff_table<at::opmath_type<scalar_t>>(coeff);
+    dispatch_degree(deg, [&](auto Kc) {
+      eval_backward<scalar_t, decltype(Kc)::value>(g2, h2, cT, deg, gh, part, chunks);
+    });
+  });
+  std::vector<int64_t> e0s(chunks, 0), widths(chunks, E);
+  return {gh.view(h.sizes()), reduce_coeff_grad(part, e0s, widths, deg, E, coeff)};
+}
+
+// ---------------------------------------------------------------------------
+// Mean-type reductions: weighted/unweighted mean over a sequence, state update.
+// ---------------------------------------------------------------------------
+
+struct RowChunk {
+  int64_t b, n0, n1;
+};
+
+// Every sequence gets at least one (possibly empty) chunk; first[b] indexes its first.
+std::vector<RowChunk> row_chunks(const Rows& r, int64_t B, std::vector<int64_t>& first) {
+  std::vector<RowChunk> out;
+  first.assign(B + 1, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    first[b] = static_cast<int64_t>(out.size());
+    const int64_t L = r.len(b);
+    const int64_t nc = std::max<int64_t>(1, std::min<int64_t>(kMaxRowChunks, ceil_div(L, kMinChunkRows)));
+    const int64_t R = std::max<int64_t>(1, ceil_div(L, nc));
+    for (int64_t n0 = 0; n0 < std::max<int64_t>(L, 1); n0 += R) out.push_back({b, n0, std::min(L, n0 + R)});
+  }
+  first[B] = static_cast<int64_t>(out.size());
+  return out;
+}
+
+// Partial sums S[c] = sum_n w p (fp64, chunks x E) and W[c] = sum_n w.
+template <typename scalar_t, int K>
+void mean_partials(const scalar_t* h, const Rows& hr, int64_t E, const std::vector<at::opmath_type<scalar_t>>& cT,
+                   int deg, const at::opmath_type<scalar_t>* w, const Rows& wr, const std::vector<RowChunk>& chunks,
+                   std::vector<double>& S, std::vector<double>& W) {
+  using acc_t = at::opmath_type<scalar_t>;
+  S.assign(chunks.size() * E, 0.0);
+  W.assign(chunks.size(), 0.0);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
+    std::vector<acc_t> x(E), p(E), f(E);
+    for (int64_t c = c0; c < c1; ++c) {
+      const RowChunk& ch = chunks[c];
+      std::fill(f.begin(), f.end(), acc_t(0));
+      double* s = S.data() + c * E;
+      double wsum = 0;
+      for (int64_t n = ch.n0; n < ch.n1; ++n) {
+        const acc_t wn = w ? w[wr.off(ch.b, n)] : acc_t(1);
+        load(h + hr.off(ch.b, n), hr.sE, E, x.data());
+        poly_row<K>(x.data(), p.data(), cT.data(), E, 0, E, deg);
+        for (int64_t e = 0; e < E; ++e) f[e] += wn * p[e];
+        wsum += wn;
+        if ((n - ch.n0 + 1) % kFlushRows == 0) flush(f.data(), s, E);
+      }
+      flush(f.data(), s, E);
+      W[c] = wsum;
+    }
+  });
+}
+
+// grad_h = gbar[b] * w * dp/dh over all rows; grad_coeff partials; optional grad_w.
+// gdotH[b] = sum_e gbar[b, e] H[b, e] (only read when grad_w is requested).
+template <typename scalar_t, int K>
+void mean_backward(const scalar_t* h, const Rows& hr, int64_t E, const std::vector<at::opmath_type<scalar_t>>& cT,
+                   int deg, const at::opmath_type<scalar_t>* w, const Rows& wr,
+                   const std::vector<RowChunk>& chunks, const std::vector<at::opmath_type<scalar_t>>& gbar,
+                   const std::vector<at::opmath_type<scalar_t>>& gdotH, scalar_t* gh, const Rows& ghr,
+                   at::opmath_type<scalar_t>* gw, std::vector<double>& part) {
+  using acc_t = at::opmath_type<scalar_t>;
+  part.assign(chunks.size() * deg * E, 0.0);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
+    std::vector<acc_t> x(E), gx(E), p(E), f(static_cast<size_t>(deg) * E);
+    for (int64_t c = c0; c < c1; ++c) {
+      const RowChunk& ch = chunks[c];
+      const acc_t* g = gbar.data() + ch.b * E;
+      double* d = part.data() + static_cast<size_t>(c) * deg * E;
+      std::fill(f.begin(), f.end(), acc_t(0));
+      auto drain = [&] {
+        for (int k = 0; k < deg; ++k)
+          for (int64_t e = 0; e < E; ++e) {
+            d[k * E + e] += static_cast<double>(f[k * E + e]) * static_cast<double>(g[e]);
+            f[k * E + e] = acc_t(0);
+          }
+      };
+      for (int64_t n = ch.n0; n < ch.n1; ++n) {
+        const acc_t wn = w ? w[wr.off(ch.b, n)] : acc_t(1);
+        load(h + hr.off(ch.b, n), hr.sE, E, x.data());
+        poly_row_backward<K, acc_t>(x.data(), g, wn, false, gx.data(), f.data(), gw ? p.data() : nullptr, cT.data(), E, 0, E,
+                             deg);
+        store(gh + ghr.off(ch.b, n), E, gx.data());
+        if (gw) {
+          acc_t dot = 0;
+          for (int64_t e = 0; e < E; ++e) dot += g[e] * p[e];
+          gw[wr.off(ch.b, n)] = dot - gdotH[ch.b];
+        }
+        if ((n - ch.n0 + 1) % kFlushRows == 0) drain();
+      }
+      drain();
+    }
+  });
+}
+
+// Weights converted once to the accumulation dtype (a (B, N) tensor, not on the hot path).
+at::Tensor weight_as(const c10::optional<at::Tensor>& weight, at::ScalarType acc) {
+  return weight.has_value() ? weight->to(acc).contiguous() : at::Tensor();
+}
+
+at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+at::Tensor poly_mean_cpu(const at::Tensor& h, const at::Tensor& coeff, const c10::optional<at::Tensor>& weight,
+                         const c10::optional<at::Tensor>& cu_seqlens) {
+  const char* op = "pom_ext::poly_mean";
+  checks::h_and_layout(op, h, cu_seqlens);
+  checks::coeff(op, h, coeff);
+  if (weight.has_value()) checks::weight(op, h, *weight, cu_seqlens);
+  const int deg = static_cast<int>(coeff.size(1));
+  const int64_t E = h.size(-1), B = checks::batch_of(h, cu_seqlens);
+  auto cu = host_offsets(op, cu_seqlens, h.size(0));
+  const Rows hr = rows_of(h, cu_seqlens ? cu.data() : nullptr);
+  auto wt = weight_as(weight, acc_type_of(h.scalar_type()));
+  const Rows wr = weight.has_value() ? rows_of(wt, cu_seqlens ? cu.data() : nullptr) : Rows{};
+  std::vector<int64_t> first;
+  auto chunks = row_chunks(hr, B, first);
+  auto H = at::empty({B, E}, h.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "poly_mean_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto cT = coeff_table<acc_t>(coeff);
+    std::vector<double> S, W;
+    const acc_t* w = weight.has_value() ? wt.data_ptr<acc_t>() : nullptr;
+    dispatch_degree(deg, [&](auto Kc) {
+      mean_partials<scalar_t, decltype(Kc)::value>(h.data_ptr<scalar_t>(), hr, E, cT, deg, w, wr, chunks, S, W);
+    });
+    scalar_t* o = H.data_ptr<scalar_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      double wsum = 0;
+      std::vector<double> s(E, 0.0);
+      for (int64_t c = first[b]; c < first[b + 1]; ++c) {
+        wsum += W[c];
+        for (int64_t e = 0; e < E; ++e) s[e] += S[c * E + e];
+      }
+      for (int64_t e = 0; e < E; ++e) o[b * E + e] = static_cast<scalar_t>(wsum != 0 ? s[e] / wsum : 0.0);
+    }
+  });
+  return H;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_mean_backward_cpu(
+    const at::Tensor& grad_H, const at::Tensor& H, const at::Tensor& h, const at::Tensor& coeff,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& cu_seqlens, bool weight_grad) {
+  const char* op = "pom_ext::poly_mean_backward";
+  checks::h_and_layout(op, h, cu_seqlens);
+  checks::coeff(op, h, coeff);
+  if (weight.has_value()) checks::weight(op, h, *weight, cu_seqlens);
+  TORCH_CHECK(!weight_grad || weight.has_value(), op, ": 'weight_grad' is true but no 'weight' was given");
+  const int deg = static_cast<int>(coeff.size(1));
+  const int64_t E = h.size(-1), B = checks::batch_of(h, cu_seqlens);
+  checks::same_shape(op, "grad_H", grad_H, {B, E}, "the output H (B, E)");
+  checks::same_shape(op, "H", H, {B, E}, "the output H (B, E)");
+  auto cu = host_offsets(op, cu_seqlens, h.size(0));
+  const int64_t* cup = cu_seqlens ? cu.data() : nullptr;
+  const Rows hr = rows_of(h, cup);
+  const at::ScalarType acc = acc_type_of(h.scalar_type());
+  auto wt = weight_as(weight, acc);
+  const Rows wr = weight.has_value() ? rows_of(wt, cup) : Rows{};
+  std::vector<int64_t> first;
+  auto chunks = row_chunks(hr, B, first);
+  auto gh = at::empty(h.sizes(), h.options());
+  const Rows ghr = rows_of(gh, cup);
+  at::Tensor gw = weight_grad ? at::empty(wt.sizes(), wt.options()) : at::empty({0}, h.options());
+  at::Tensor gc;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "poly_mean_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto cT = coeff_table<acc_t>(coeff);
+    const acc_t* w = weight.has_value() ? wt.data_ptr<acc_t>() : nullptr;
+    auto gH = grad_H.to(acc).contiguous();
+    auto Hc = H.to(acc).contiguous();
+    std::vector<acc_t> gbar(B * E), gdotH(B, acc_t(0));
+    for (int64_t b = 0; b < B; ++b) {
+      double wsum = 0;
+      if (w) {
+        for (int64_t n = 0; n < hr.len(b); ++n) wsum += w[wr.off(b, n)];
+      } else {
+        wsum = static_cast<double>(hr.len(b));
+      }
+      const double inv = wsum != 0 ? 1.0 / wsum : 0.0;
+      for (int64_t e = 0; e < E; ++e) {
+        gbar[b * E + e] = static_cast<acc_t>(gH.data_ptr<acc_t>()[b * E + e] * inv);
+        gdotH[b] += gbar[b * E + e] * Hc.data_ptr<acc_t>()[b * E + e];
+      }
+    }
+    std::vector<double> part;
+    dispatch_degree(deg, [&](auto Kc) {
+      mean_backward<scalar_t, decltype(Kc)::value>(h.data_ptr<scalar_t>(), hr, E, cT, deg, w, wr, chunks, gbar,
+                                                   gdotH, gh.data_ptr<scalar_t>(), ghr,
+                                                   weight_grad ? gw.data_ptr<acc_t>() : nullptr, part);
+    });
+    std::vector<int64_t> e0s(chunks.size(), 0), widths(chunks.size(), E);
+    gc = reduce_coeff_grad(part, e0s, widths, deg, E, coeff);
+  });
+  if (weight_grad) gw = gw.to(weight->scalar_type() == at::kBool ? h.scalar_type() : weight->scalar_type());
+  return {gh, gc, gw};
+}
+
+// ---------------------------------------------------------------------------
+// Recurrent state: append a chunk of T tokens to (sum, count).
+// ---------------------------------------------------------------------------
+
+// H = (sum + S) / (count + T) and the new state; the outputs may alias the inputs.
+template <typename scalar_t, typename sum_t>
+void state_finish(int64_t B, int64_t E, int64_t T, const std::vector<double>& S, const std::vector<int64_t>& first,
+                  const sum_t* sum_in, const int64_t* count_in, scalar_t* H, sum_t* sum_out, int64_t* count_out) {
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t cnt = count_in[b] + T;
+    const double inv = cnt > 0 ? 1.0 / static_cast<double>(cnt) : 0.0;
+    for (int64_t e = 0; e < E; ++e) {
+      double s = sum_in[b * E + e];
+      for (int64_t c = first[b]; c < first[b + 1]; ++c) s += S[c * E + e];
+      H[b * E + e] = static_cast<scalar_t>(s * inv);
+      sum_out[b * E + e] = static_cast<sum_t>(s);
+    }
+    count_out[b] = cnt;
+  }
+}
+
+void state_update_into(const char* op, const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& sum_in,
+                       const at::Tensor& count_in, at::Tensor& H, at::Tensor& sum_out, at::Tensor& count_out) {
+  const int deg = static_cast<int>(coeff.size(1));
+  const int64_t B = h.size(0), T = h.size(1), E = h.size(2);
+  const Rows hr = rows_of(h, nullptr);
+  std::vector<int64_t> first;
+  auto chunks = row_chunks(hr, B, first);
+  auto sum_c = sum_in.contiguous();
+  auto count_c = count_in.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "poly_state_update_cpu", [&] {
+    auto cT = coeff_table<at::opmath_type<scalar_t>>(coeff);
+    std::vector<double> S, W;
+    dispatch_degree(deg, [&](auto Kc) {
+      mean_partials<scalar_t, decltype(Kc)::value>(h.data_ptr<scalar_t>(), hr, E, cT, deg, nullptr, Rows{}, chunks,
+                                                   S, W);
+    });
+    if (sum_c.scalar_type() == at::kDouble) {
+      state_finish<scalar_t, double>(B, E, T, S, first, sum_c.data_ptr<double>(), count_c.data_ptr<int64_t>(),
+                                     H.data_ptr<scalar_t>(), sum_out.data_ptr<double>(), count_out.data_ptr<int64_t>());
+    } else {
+      state_finish<scalar_t, float>(B, E, T, S, first, sum_c.data_ptr<float>(), count_c.data_ptr<int64_t>(),
+                                    H.data_ptr<scalar_t>(), sum_out.data_ptr<float>(), count_out.data_ptr<int64_t>());
+    }
+  });
+}
+
+void check_state_args(const char* op, const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& sum,
+                      const at::Tensor& count) {
+  checks::floating(op, "h", h);
+  checks::rank(op, "h", h, 3, "(B, T, E)");
+  checks::coeff(op, h, coeff);
+  checks::state(op, h, sum, count);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_state_update_cpu(const at::Tensor& h, const at::Tensor& coeff,
+                                                                     const at::Tensor& state_sum,
+                                                                     const at::Tensor& count) {
+  const char* op = "pom_ext::poly_state_update";
+  check_state_args(op, h, coeff, state_sum, count);
+  auto H = at::empty({h.size(0), h.size(2)}, h.options());
+  auto sum_out = at::empty({h.size(0), h.size(2)}, state_sum.options());
+  auto count_out = at::empty({h.size(0)}, count.options());
+  state_update_into(op, h, coeff, state_sum, count, H, sum_out, count_out);
+  return {H, sum_out, count_out};
+}
+
+at::Tensor poly_state_step_cpu(const at::Tensor& h, const at::Tensor& coeff, at::Tensor& state_sum,
+                               at::Tensor& count) {
+  const char* op = "pom_ext::poly_state_step_";
+  check_state_args(op, h, coeff, state_sum, count);
+  TORCH_CHECK(state_sum.is_contiguous() && count.is_contiguous(), op,
+              ": arguments 'state_sum' and 'count' are updated in place and must be contiguous");
+  auto H = at::empty({h.size(0), h.size(2)}, h.options());
+  state_update_into(op, h, coeff, state_sum, count, H, state_sum, count);
+  return H;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_state_update_backward_cpu(const at::Tensor& grad_H,
+                                                                              const at::Tensor& grad_sum,
+                                                                              const at::Tensor& h,
+                                                                              const at::Tensor& coeff,
+                                                                              const at::Tensor& count) {
+  const char* op = "pom_ext::poly_state_update_backward";
+  checks::floating(op, "h", h);
+  checks::rank(op, "h", h, 3, "(B, T, E)");
+  checks::coeff(op, h, coeff);
+  const int deg = static_cast<int>(coeff.size(1));
+  const int64_t B = h.size(0), T = h.size(1), E = h.size(2);
+  checks::same_shape(op, "grad_H", grad_H, {B, E}, "the output H (B, E)");
+  checks::same_shape(op, "grad_state_sum", grad_sum, {B, E}, "the state sum (B, E)");
+  checks::same_shape(op, "count", count, {B}, "the batch (B,)");
+  const Rows hr = rows_of(h, nullptr);
+  std::vector<int64_t> first;
+  auto chunks = row_chunks(hr, B, first);
+  auto gh = at::empty(h.sizes(), h.options());
+  const Rows ghr = rows_of(gh, nullptr);
+  // d(new_sum)/d(sum) = 1 and dH/d(sum) = 1 / (count + T): both reach every token of the chunk too.
+  auto cnt = (count.to(at::kDouble) + static_cast<double>(T)).unsqueeze(1);
+  auto gbar_t = at::where(cnt > 0, grad_H.to(at::kDouble) / cnt.clamp_min(1), at::zeros_like(cnt)) +
+                grad_sum.to(at::kDouble);
+  at::Tensor gc;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "poly_state_update_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto cT = coeff_table<acc_t>(coeff);
+    at::Tensor gb = gbar_t.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    std::vector<acc_t> gbar(gb.data_ptr<acc_t>(), gb.data_ptr<acc_t>() + B * E), none;
+    std::vector<double> part;
+    dispatch_degree(deg, [&](auto Kc) {
+      mean_backward<scalar_t, decltype(Kc)::value>(h.data_ptr<scalar_t>(), hr, E, cT, deg, nullptr, Rows{}, chunks,
+                                                   gbar, none, gh.data_ptr<scalar_t>(), ghr, nullptr, part);
+    });
+    std::vector<int64_t> e0s(chunks.size(), 0), widths(chunks.size(), E);
+    gc = reduce_coeff_grad(part, e0s, widths, deg, E, coeff);
+  });
+  return {gh, gc, gbar_t.to(grad_sum.scalar_type())};
+}
+
+// ---------------------------------------------------------------------------
+// Causal and block-causal prefix means.
+// ---------------------------------------------------------------------------
+
+struct ScanTask {
+  int64_t b, e0, width, n0, n1;
+  int64_t group_first, group_last;  // task indices of this (sequence, channel block)
+};
+
+std::vector<ScanTask> scan_tasks(const Rows& r, int64_t B, int64_t E, int64_t F) {
+  const int64_t nEB = std::max<int64_t>(1, ceil_div(E, kEB));
+  const int64_t base = B * nEB;
+  std::vector<ScanTask> tasks;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t L = r.len(b);
+    int64_t S = 1;
+    if (base < kMinTasks) S = std::max<int64_t>(1, std::min(ceil_div(kMinTasks, base), L / kMinSplitRows));
+    const int64_t R = std::max<int64_t>(F, ceil_div(ceil_div(L, S), F) * F);
+    for (int64_t eb = 0; eb < nEB; ++eb) {
+      const int64_t g0 = static_cast<int64_t>(tasks.size());
+      for (int64_t n0 = 0; n0 < std::max<int64_t>(L, 1); n0 += R)
+        tasks.push_back({b, eb * kEB, std::min(kEB, E - eb * kEB), n0, std::min(L, n0 + R), g0, 0});
+      for (size_t i = g0; i < tasks.size(); ++i) tasks[i].group_last = static_cast<int64_t>(tasks.size()) - 1;
+    }
+  }
+  return tasks;
+}
+
+template <typename scalar_t, int K>
+void causal_forward(const scalar_t* h, const Rows& hr, int64_t E, const std::vector<at::opmath_type<scalar_t>>& cT,
+                    int deg, int64_t F, const std::vector<ScanTask>& tasks, scalar_t* out, const Rows& outr) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t nt = static_cast<int64_t>(tasks.size());
+  // Pass 1: totals of every chunk that has a successor in its group.
+  std::vector<double> tot(nt * kEB, 0.0);
+  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+    acc_t x[kEB], p[kEB], f[kEB];
+    for (int64_t i = t0; i < t1; ++i) {
+      const ScanTask& t = tasks[i];
+      if (i == t.group_last) continue;
+      std::fill(f, f + kEB, acc_t(0));
+      for (int64_t n = t.n0; n < t.n1; ++n) {
+        load(h + hr.off(t.b, n) + t.e0 * hr.sE, hr.sE, t.width, x);
+        poly_row<K>(x, p, cT.data(), E, t.e0, t.width, deg);
+        for (int64_t e = 0; e < t.width; ++e) f[e] += p[e];
+        if ((n - t.n0 + 1) % kFlushRows == 0) flush(f, &tot[i * kEB], t.width);
+      }
+      flush(f, &tot[i * kEB], t.width);
+    }
+  });
+  // Pass 2: every chunk from its carry, Kahan-compensated.
+  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+    acc_t x[kEB], p[kEB], run[kEB], comp[kEB], o[kEB];
+    scalar_t os[kEB];
+    for (int64_t i = t0; i < t1; ++i) {
+      const ScanTask& t = tasks[i];
+      for (int64_t e = 0; e < t.width; ++e) {
+        double carry = 0;
+        for (int64_t j = t.group_first; j < i; ++j) carry += tot[j * kEB + e];
+        run[e] = static_cast<acc_t>(carry);
+        comp[e] = static_cast<acc_t>(static_cast<double>(run[e]) - carry);
+      }
+      for (int64_t blk = t.n0; blk < t.n1; blk += F) {
+        const int64_t bend = std::min(blk + F, t.n1);
+        for (int64_t n = blk; n < bend; ++n) {
+          load(h + hr.off(t.b, n) + t.e0 * hr.sE, hr.sE, t.width, x);
+          poly_row<K>(x, p, cT.data(), E, t.e0, t.width, deg);
+          for (int64_t e = 0; e < t.width; ++e) math::kahan_add(run[e], comp[e], p[e]);
+        }
+        const acc_t inv = acc_t(1) / static_cast<acc_t>(bend);
+        for (int64_t e = 0; e < t.width; ++e) o[e] = (run[e] - comp[e]) * inv;
+        store(os, t.width, o);
+        for (int64_t n = blk; n < bend; ++n) std::copy(os, os + t.width, out + outr.off(t.b, n) + t.e0);
+      }
+    }
+  });
+}
+
+template <typename scalar_t, int K>
+void causal_backward(const scalar_t* g, const Rows& gr, const scalar_t* h, const Rows& hr, int64_t E,
+                     const std::vector<at::opmath_type<scalar_t>>& cT, int deg, int64_t F,
+                     const std::vector<ScanTask>& tasks, scalar_t* gh, const Rows& ghr, std::vector<double>& part) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t nt = static_cast<int64_t>(tasks.size());
+  // Sum of the block's gradient rows, each block weighted by 1 / (its end).
+  auto block_grad = [&](const ScanTask& t, int64_t blk, int64_t bend, acc_t* G, acc_t* x) {
+    std::fill(G, G + t.width, acc_t(0));
+    for (int64_t n = blk; n < bend; ++n) {
+      load(g + gr.off(t.b, n) + t.e0 * gr.sE, gr.sE, t.width, x);
+      for (int64_t e = 0; e < t.width; ++e) G[e] += x[e];
+    }
+    const acc_t inv = acc_t(1) / static_cast<acc_t>(bend);
+    for (int64_t e = 0; e < t.width; ++e) G[e] *= inv;
+  };
+  // Pass 1: totals of every chunk that has a predecessor in its group (the reverse scan's carries).
+  std::vector<double> tot(nt * kEB, 0.0);
+  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+    acc_t x[kEB], G[kEB], f[kEB];
+    for (int64_t i = t0; i < t1; ++i) {
+      const ScanTask& t = tasks[i];
+      if (i == t.group_first) continue;
+      std::fill(f, f + kEB, acc_t(0));
+      int64_t rows = 0;
+      for (int64_t blk = t.n0; blk < t.n1; blk += F) {
+        const int64_t bend = std::min(blk + F, t.n1);
+        block_grad(t, blk, bend, G, x);
+        for (int64_t e = 0; e < t.width; ++e) f[e] += G[e];
+        if (++rows % kFlushRows == 0) flush(f, &tot[i * kEB], t.width);
+      }
+      flush(f, &tot[i * kEB], t.width);
+    }
+  });
+  part.assign(nt * deg * kEB, 0.0);
+  // Pass 2: reverse scan of every chunk from its carry.
+  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+    acc_t x[kEB], G[kEB], acc[kEB], comp[kEB], gb[kEB], gx[kEB];
+    std::vector<acc_t> f(static_cast<size_t>(deg) * kEB);
+    for (int64_t i = t0; i < t1; ++i) {
+      const ScanTask& t = tasks[i];
+      double* d = &part[i * deg * kEB];
+      std::fill(f.begin(), f.end(), acc_t(0));
+      for (int64_t e = 0; e < t.width; ++e) {
+        double carry = 0;
+        for (int64_t j = t.group_last; j > i; --j) carry += tot[j * kEB + e];
+        acc[e] = static_cast<acc_t>(carry);
+        comp[e] = static_cast<acc_t>(static_cast<double>(acc[e]) - carry);
+      }
+      int64_t rows = 0;
+      const int64_t nblocks = t.n1 > t.n0 ? ceil_div(t.n1 - t.n0, F) : 0;
+      for (int64_t j = nblocks - 1; j >= 0; --j) {
+        const int64_t blk = t.n0 + j * F, bend = std::min(blk + F, t.n1);
+        block_grad(t, blk, bend, G, x);
+        for (int64_t e = 0; e < t.width; ++e) {
+          math::kahan_add(acc[e], comp[e], G[e]);
+          gb[e] = acc[e] - comp[e];
+        }
+        for (int64_t n = blk; n < bend; ++n) {
+          load(h + hr.off(t.b, n) + t.e0 * hr.sE, hr.sE, t.width, x);
+          poly_row_backward<K, acc_t>(x, gb, acc_t(1), true, gx, f.data(), nullptr, cT.data(), E, t.e0, t.width, deg);
+          store(gh + ghr.off(t.b, n) + t.e0, t.width, gx);
+          if (++rows % kFlushRows == 0) flush(f.data(), d, deg * t.width);
+        }
+      }
+      flush(f.data(), d, deg * t.width);
+    }
+  });
+}
+
+at::Tensor poly_causal_cpu(const at::Tensor& h, const at::Tensor& coeff, int64_t block_size,
+                           const c10::optional<at::Tensor>& cu_seqlens) {
+  const char* op = "pom_ext::poly_causal";
+  checks::h_and_layout(op, h, cu_seqlens);
+  checks::coeff(op, h, coeff);
+  checks::block_size(op, block_size);
+  const int deg = static_cast<int>(coeff.size(1));
+  const int64_t E = h.size(-1), B = checks::batch_of(h, cu_seqlens);
+  auto cu = host_offsets(op, cu_seqlens, h.size(0));
+  const int64_t* cup = cu_seqlens ? cu.data() : nullptr;
+  const Rows hr = rows_of(h, cup);
+  auto out = at::empty(h.sizes(), h.options());
+  const Rows outr = rows_of(out, cup);
+  auto tasks = scan_tasks(hr, B, E, block_size);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "poly_causal_cpu", [&] {
+    auto cT = coeff_table<at::opmath_type<scalar_t>>(coeff);
+    dispatch_degree(deg, [&](auto Kc) {
+      causal_forward<scalar_t, decltype(Kc)::value>(h.data_ptr<scalar_t>(), hr, E, cT, deg, block_size, tasks,
+                                                    out.data_ptr<scalar_t>(), outr);
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> poly_causal_backward_cpu(const at::Tensor& grad_H, const at::Tensor& h,
+                                                            const at::Tensor& coeff, int64_t block_size,
+                                                            const c10::optional<at::Tensor>& cu_seqlens) {
+  const char* op = "pom_ext::poly_causal_backward";
+  checks::h_and_layout(op, h, cu_seqlens);
+  checks::coeff(op, h, coeff);
+  checks::block_size(op, block_size);
+  checks::same_device(op, "grad_H", grad_H, h);
+  checks::same_shape(op, "grad_H", grad_H, h.sizes(), "the output H");
+  const int deg = static_cast<int>(coeff.size(1));
+  const int64_t E = h.size(-1), B = checks::batch_of(h, cu_seqlens);
+  auto cu = host_offsets(op, cu_seqlens, h.size(0));
+  const int64_t* cup = cu_seqlens ? cu.data() : nullptr;
+  const Rows hr = rows_of(h, cup);
+  auto g = grad_H.scalar_type() == h.scalar_type() ? grad_H : grad_H.to(h.scalar_type());
+  const Rows gr = rows_of(g, cup);
+  auto gh = at::empty(h.sizes(), h.options());
+  const Rows ghr = rows_of(gh, cup);
+  auto tasks = scan_tasks(hr, B, E, block_size);
+  at::Tensor gc;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "poly_causal_backward_cpu", [&] {
+    auto cT = coeff_table<at::opmath_type<scalar_t>>(coeff);
+    std::vector<double> part;
+    dispatch_degree(deg, [&](auto Kc) {
+      causal_backward<scalar_t, decltype(Kc)::value>(g.data_ptr<scalar_t>(), gr, h.data_ptr<scalar_t>(), hr, E, cT,
+                                                     deg, block_size, tasks, gh.data_ptr<scalar_t>(), ghr, part);
+    });
+    // Each task owns deg * kEB slots of `part`, of which the first deg * width are used.
+    std::vector<int64_t> e0s, widths;
+    std::vector<double> packed;
+    packed.reserve(part.size());
+    for (size_t i = 0; i < tasks.size(); ++i) {
+      e0s.push_back(tasks[i].e0);
+      widths.push_back(tasks[i].width);
+      packed.insert(packed.end(), part.begin() + i * deg * kEB, part.begin() + i * deg * kEB + deg * tasks[i].width);
+    }
+    gc = reduce_coeff_grad(packed, e0s, widths, deg, E, coeff);
+  });
+  return {gh, gc};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pom_ext, CPU, m) {
+  m.impl("poly_eval", &poly_eval_cpu);
+  m.impl("poly_eval_backward", &poly_eval_backward_cpu);
+  m.impl("poly_mean", &poly_mean_cpu);
+  m.impl("poly_mean_backward", &poly_mean_backward_cpu);
+  m.impl("poly_causal", &poly_causal_cpu);
+  m.impl("poly_causal_backward", &poly_causal_backward_cpu);
+  m.impl("poly_state_update", &poly_state_update_cpu);
+  m.impl("poly_state_update_backward", &poly_state_update_backward_cpu);
+  m.impl("poly_state_step_", &poly_state_step_cpu);
+}
+
+}  // namespace cpu
+}  // namespace pom_ext

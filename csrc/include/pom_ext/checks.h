@@ -1,0 +1,119 @@
+// Argument validation shared by every backend of the pom_ext ops. Each message
+// names the op, the argument, what was given and what was expected.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+namespace pom_ext {
+namespace checks {
+
+inline bool is_float_type(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+inline void floating(const char* op, const char* arg, const at::Tensor& t) {
+  TORCH_CHECK(is_float_type(t.scalar_type()), op, ": argument '", arg,
+              "' must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
+}
+
+inline void rank(const char* op, const char* arg, const at::Tensor& t, int64_t r, const char* shape) {
+  TORCH_CHECK(t.dim() == r, op, ": argument '", arg, "' must be a ", r, "-D tensor ", shape,
+              ", got a ", t.dim(), "-D tensor of shape ", t.sizes());
+}
+
+inline void same_device(const char* op, const char* arg, const at::Tensor& t, const at::Tensor& ref) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": argument '", arg, "' is on ", t.device(),
+              " but 'h' is on ", ref.device(), "; move both to one device");
+}
+
+inline void size_is(const char* op, const char* arg, const at::Tensor& t, int64_t dim, int64_t expected,
+                    const char* what) {
+  TORCH_CHECK(t.size(dim) == expected, op, ": argument '", arg, "' has size ", t.size(dim), " in dim ", dim,
+              " but ", what, " is ", expected, " (shape ", t.sizes(), ")");
+}
+
+// coeff: (E, K) with K >= 1 and E matching the last dim of h.
+inline void coeff(const char* op, const at::Tensor& h, const at::Tensor& c) {
+  floating(op, "coeff", c);
+  same_device(op, "coeff", c, h);
+  rank(op, "coeff", c, 2, "(E, K)");
+  TORCH_CHECK(c.size(1) >= 1, op, ": argument 'coeff' must have degree K >= 1 columns, got shape ", c.sizes());
+  size_is(op, "coeff", c, 0, h.size(-1), "the width E of 'h'");
+}
+
+// h: (B, N, E) dense, or (total, E) when cu_seqlens packs several sequences.
+inline void h_and_layout(const char* op, const at::Tensor& h, const c10::optional<at::Tensor>& cu) {
+  floating(op, "h", h);
+  if (cu.has_value()) {
+    rank(op, "h", h, 2, "(total, E) when 'cu_seqlens' is given");
+    const at::Tensor& c = *cu;
+    same_device(op, "cu_seqlens", c, h);
+    TORCH_CHECK(c.scalar_type() == at::kInt || c.scalar_type() == at::kLong, op,
+                ": argument 'cu_seqlens' must be int32 or int64, got ", c.scalar_type());
+    rank(op, "cu_seqlens", c, 1, "(B + 1,)");
+    TORCH_CHECK(c.size(0) >= 2, op, ": argument 'cu_seqlens' must hold at least 2 offsets (B + 1 with B >= 1), got ",
+                c.size(0));
+  } else {
+    rank(op, "h", h, 3, "(B, N, E)");
+  }
+}
+
+// Values of cu_seqlens, for backends that can read them without a device sync.
+template <typename index_t>
+inline void cu_values(const char* op, const index_t* cu, int64_t n, int64_t total) {
+  TORCH_CHECK(cu[0] == 0, op, ": argument 'cu_seqlens' must start at 0, got ", static_cast<int64_t>(cu[0]));
+  for (int64_t i = 1; i < n; ++i)
+    TORCH_CHECK(cu[i] >= cu[i - 1], op, ": argument 'cu_seqlens' must be non-decreasing, got ",
+                static_cast<int64_t>(cu[i - 1]), " then ", static_cast<int64_t>(cu[i]), " at index ", i);
+  TORCH_CHECK(cu[n - 1] == total, op, ": argument 'cu_seqlens' must end at the number of packed tokens ", total,
+              " (rows of 'h'), got ", static_cast<int64_t>(cu[n - 1]));
+}
+
+inline int64_t batch_of(const at::Tensor& h, const c10::optional<at::Tensor>& cu) {
+  return cu.has_value() ? cu->size(0) - 1 : h.size(0);
+}
+
+// weight: (B, N) (or (total,) when packed), bool or floating.
+inline void weight(const char* op, const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& cu) {
+  same_device(op, "weight", w, h);
+  TORCH_CHECK(w.scalar_type() == at::kBool || is_float_type(w.scalar_type()), op,
+              ": argument 'weight' must be bool or floating, got ", w.scalar_type());
+  if (cu.has_value()) {
+    rank(op, "weight", w, 1, "(total,) when 'cu_seqlens' is given");
+    size_is(op, "weight", w, 0, h.size(0), "the number of packed tokens of 'h'");
+  } else {
+    rank(op, "weight", w, 2, "(B, N)");
+    size_is(op, "weight", w, 0, h.size(0), "the batch B of 'h'");
+    size_is(op, "weight", w, 1, h.size(1), "the length N of 'h'");
+  }
+}
+
+inline void block_size(const char* op, int64_t f) {
+  TORCH_CHECK(f >= 1, op, ": argument 'block_size' must be >= 1, got ", f);
+}
+
+// A gradient must have the shape of the output it belongs to.
+inline void same_shape(const char* op, const char* arg, const at::Tensor& g, at::IntArrayRef expected,
+                       const char* what) {
+  TORCH_CHECK(g.sizes() == expected, op, ": argument '", arg, "' must have the shape of ", what, " ", expected,
+              ", got ", g.sizes());
+}
+
+// Recurrent state: sum (B, E) float32 (float64 accepted) and count (B,) int64 for h (B, T, E).
+inline void state(const char* op, const at::Tensor& h, const at::Tensor& sum, const at::Tensor& count) {
+  same_device(op, "state_sum", sum, h);
+  same_device(op, "count", count, h);
+  TORCH_CHECK(sum.scalar_type() == at::kFloat || sum.scalar_type() == at::kDouble, op,
+              ": argument 'state_sum' must be float32 (or float64), got ", sum.scalar_type());
+  TORCH_CHECK(count.scalar_type() == at::kLong, op, ": argument 'count' must be int64, got ", count.scalar_type());
+  rank(op, "state_sum", sum, 2, "(B, E)");
+  rank(op, "count", count, 1, "(B,)");
+  size_is(op, "state_sum", sum, 0, h.size(0), "the batch B of 'h'");
+  size_is(op, "state_sum", sum, 1, h.size(2), "the width E of 'h'");
+  size_is(op, "count", count, 0, h.size(0), "the batch B of 'h'");
+}
+
+}  // namespace checks
+}  // namespace pom_ext

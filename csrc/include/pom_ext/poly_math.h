@@ -1,0 +1,81 @@
+// Element math of the Polynomial Mixer, shared by the CPU and CUDA kernels so
+// both compute one function.
+//
+//   act(u)  = clamp(leaky_relu(u, 0.01), -0.1, 6)
+//   p(h)    = sum_{k=1..K} c[k-1] * act(h)^k            (no constant term)
+//   dp/dh   = act'(h) * sum_{k=1..K} k * c[k-1] * act(h)^(k-1)
+//   dp/dc[k-1] = act(h)^k
+//
+// Coefficients are read as c[k * cs] so a caller can pass a transposed (K, E)
+// table and keep loads over the channel index contiguous. The degree is a
+// template parameter for small K (fully unrolled) and K == 0 selects the
+// generic path that reads the degree at run time.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define POM_HD __host__ __device__ __forceinline__
+#define POM_UNROLL _Pragma("unroll")
+#else
+#define POM_HD inline __attribute__((always_inline))
+#define POM_UNROLL _Pragma("GCC unroll 16")
+#endif
+
+namespace pom_ext {
+namespace math {
+
+// Comparisons are written so that NaN propagates (every test is false for NaN).
+template <typename T>
+POM_HD T act(T u) {
+  T v = u >= T(0) ? u : T(0.01) * u;
+  return v < T(-0.1) ? T(-0.1) : (v > T(6) ? T(6) : v);
+}
+
+// 1 on [0, 6], 0.01 on [-10, 0), 0 elsewhere.
+template <typename T>
+POM_HD T act_grad(T u) {
+  return (u >= T(0) && u <= T(6)) ? T(1) : ((u >= T(-10) && u < T(0)) ? T(0.01) : T(0));
+}
+
+template <int K>
+POM_HD int degree_of(int k_rt) {
+  return K > 0 ? K : k_rt;
+}
+
+// p = sum_k c[k] a^(k+1), by Horner.
+template <int K, typename T>
+POM_HD T poly(T a, const T* c, int64_t cs, int k_rt) {
+  const int deg = degree_of<K>(k_rt);
+  T q = c[(deg - 1) * cs];
+  POM_UNROLL
+  for (int k = deg - 2; k >= 0; --k) q = q * a + c[k * cs];
+  return q * a;
+}
+
+// p and dp/da together.
+template <int K, typename T>
+POM_HD void poly_and_slope(T a, const T* c, int64_t cs, int k_rt, T& p, T& dp) {
+  const int deg = degree_of<K>(k_rt);
+  T q = c[(deg - 1) * cs];
+  T dq = T(0);
+  POM_UNROLL
+  for (int k = deg - 2; k >= 0; --k) {
+    dq = dq * a + q;
+    q = q * a + c[k * cs];
+  }
+  p = q * a;
+  dp = q + a * dq;
+}
+
+// Kahan-compensated running sum: keeps long prefix sums accurate in fp32.
+template <typename T>
+POM_HD void kahan_add(T& sum, T& comp, T x) {
+  T y = x - comp;
+  T t = sum + y;
+  comp = (t - sum) - y;
+  sum = t;
+}
+
+}  // namespace math
+}  // namespace pom_ext

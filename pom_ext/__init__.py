@@ -1,0 +1,10 @@
+"""pom_ext: the Polynomial Mixer (PoM), a linear-time drop-in replacement for self-attention.
+
+ops (pom_ext.ops, compiled kernels) -> functional (pom_ext.functional) -> layers (PoM, PoMState).
+"""
+from . import functional, ops, reference
+from .layers import PoM, PoMState
+from .ops import native_available
+
+__all__ = ["PoM", "PoMState", "functional", "ops", "reference", "native_available"]
+__version__ = "0.1.0"

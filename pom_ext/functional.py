@@ -1,0 +1,166 @@
+"""Functional PoM: the mixer on already-projected context `h` and gate `s`.
+
+    p = sum_k coeff[:, k] act(h)^(k+1)       per element, act = clamp(leaky_relu(., 0.01), -0.1, 6)
+    H = aggregate(p)                          over context tokens, by mask (SPEC §1.4)
+    y = s * H                                 per channel, or per head of E / G channels
+
+Masks: None (mean), a (B, N) bool/float weight tensor (weighted mean, padding),
+"causal" with optional `block_size` F (block-causal, F frames), a (B, T, N) tensor
+(arbitrary mask, O(T N E)), and packed sequences through `cu_seqlens`.
+"""
+from typing import Optional, Tuple, Union
+
+import torch
+
+from . import ops, reference
+
+Mask = Union[None, str, torch.Tensor]
+
+
+def _fail(arg: str, expected: str, got) -> None:
+    raise ValueError(f"pom_ext: argument '{arg}' must be {expected}, got {got}")
+
+
+def _shape(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}"
+
+
+def check_coeff(coeff: torch.Tensor, width: int) -> None:
+    if not isinstance(coeff, torch.Tensor) or coeff.dim() != 2:
+        _fail("coeff", "a 2-D tensor (E, K)", _shape(coeff) if isinstance(coeff, torch.Tensor) else type(coeff))
+    if coeff.shape[1] < 1:
+        _fail("coeff", "(E, K) with degree K >= 1", _shape(coeff))
+    if coeff.shape[0] != width:
+        _fail("coeff", f"(E, K) with E = {width} (the width of h)", _shape(coeff))
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, device: torch.device) -> None:
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        _fail("cu_seqlens", "a 1-D tensor (B + 1,) of offsets", _shape(cu_seqlens)
+              if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens))
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        _fail("cu_seqlens", "int32 or int64", cu_seqlens.dtype)
+    if cu_seqlens.device != device:
+        _fail("cu_seqlens", f"on {device} like the input", cu_seqlens.device)
+    if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
+        cu = cu_seqlens.tolist()
+        if cu[0] != 0 or cu[-1] != total or any(b < a for a, b in zip(cu, cu[1:])):
+            _fail("cu_seqlens", f"non-decreasing offsets from 0 to {total} (the number of packed tokens)", cu)
+
+
+def _check_h(h: torch.Tensor, packed: bool) -> None:
+    if not isinstance(h, torch.Tensor):
+        _fail("h", "a tensor", type(h))
+    if not h.is_floating_point():
+        _fail("h", "a floating-point tensor", h.dtype)
+    want = 2 if packed else 3
+    if h.dim() != want:
+        _fail("h", "a 2-D tensor (total, E) with cu_seqlens" if packed else "a 3-D tensor (B, N, E)", _shape(h))
+
+
+def _check_block_size(block_size) -> int:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        _fail("block_size", "an integer >= 1", repr(block_size))
+    return block_size
+
+
+def aggregate(h: torch.Tensor, coeff: torch.Tensor, mask: Mask = None, *, block_size: Optional[int] = None,
+              cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """H from h: (B, N, E), coeff: (E, K).
+
+    mask None -> (B, 1, E); (B, N) weights -> (B, 1, E); "causal" [block_size F] -> (B, N, E);
+    (B, T, N) -> (B, T, E). Packed h: (total, E) with cu_seqlens (B + 1,): mask None -> (B, E) per
+    sequence, "causal" -> (total, E).
+    """
+    packed = cu_seqlens is not None
+    _check_h(h, packed)
+    check_coeff(coeff, h.shape[-1])
+    if coeff.device != h.device:
+        _fail("coeff", f"on {h.device} like 'h'", coeff.device)
+    if block_size is not None:
+        _check_block_size(block_size)
+        if not (isinstance(mask, str) and mask == "causal"):
+            _fail("block_size", "given only with mask='causal'", f"mask={mask!r}")
+    if packed:
+        check_cu_seqlens(cu_seqlens, h.shape[0], h.device)
+        if mask is None:
+            return ops.poly_mean(h, coeff, None, cu_seqlens)
+        if isinstance(mask, str) and mask == "causal":
+            return ops.poly_causal(h, coeff, block_size or 1, cu_seqlens)
+        _fail("mask", "None or 'causal' when cu_seqlens is given", repr(mask))
+    B, N, _ = h.shape
+    if mask is None:
+        return ops.poly_mean(h, coeff).unsqueeze(1)
+    if isinstance(mask, str):
+        if mask != "causal":
+            _fail("mask", "None, 'causal', a (B, N) or a (B, T, N) tensor", repr(mask))
+        return ops.poly_causal(h, coeff, block_size or 1)
+    if not isinstance(mask, torch.Tensor):
+        _fail("mask", "None, 'causal', a (B, N) or a (B, T, N) tensor", type(mask))
+    if mask.device != h.device:
+        _fail("mask", f"on {h.device} like the input", mask.device)
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        _fail("mask", "bool or floating point", mask.dtype)
+    if mask.dim() == 2:
+        if tuple(mask.shape) != (B, N):
+            _fail("mask", f"(B, N) = {(B, N)} for a padding/weight mask", _shape(mask))
+        return ops.poly_mean(h, coeff, mask).unsqueeze(1)
+    if mask.dim() == 3:
+        if mask.shape[0] != B or mask.shape[2] != N:
+            _fail("mask", f"(B, T, N) with B = {B}, N = {N}", _shape(mask))
+        p = ops.poly_eval(h, coeff)
+        m = mask.to(p.dtype)
+        den = m.sum(-1, keepdim=True)
+        return torch.bmm(m, p) / torch.where(den == 0, torch.ones_like(den), den)
+    _fail("mask", "None, 'causal', a (B, N) or a (B, T, N) tensor", _shape(mask))
+
+
+def select(s: torch.Tensor, H: torch.Tensor, n_sel_heads: int = 1) -> torch.Tensor:
+    """y = s * H. s: (..., S), H: (..., E) broadcastable; S = E, or S = G heads of E / G channels."""
+    G = n_sel_heads
+    if G > 1:
+        if s.shape[-1] != G or H.shape[-1] % G:
+            _fail("s", f"(..., {G}) gates for n_sel_heads={G} over a width divisible by {G}",
+                  f"s {_shape(s)}, H {_shape(H)}")
+    elif s.shape[-1] != H.shape[-1]:
+        _fail("s", f"(..., E) with E = {H.shape[-1]} (the width of H)", _shape(s))
+    return reference.select(s, H, G)
+
+
+def pom(h: torch.Tensor, s: torch.Tensor, coeff: torch.Tensor, mask: Mask = None, *, n_sel_heads: int = 1,
+        block_size: Optional[int] = None, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The mixer: y = s * aggregate(poly(h)). h: (B, N, E), s: (B, T, S) -> y: (B, T, E).
+
+    Packed: h: (total, E), s: (total, S) with cu_seqlens -> (total, E).
+    """
+    H = aggregate(h, coeff, mask, block_size=block_size, cu_seqlens=cu_seqlens)
+    if cu_seqlens is not None and mask is None:
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        H = H.repeat_interleave(lengths, dim=0, output_size=h.shape[0])
+    elif isinstance(mask, str) and s.shape[-2] != H.shape[-2]:
+        _fail("s", f"{H.shape[-2]} query tokens for a causal mask (T must equal N)", _shape(s))
+    return select(s, H, n_sel_heads)
+
+
+def state_update(h: torch.Tensor, coeff: torch.Tensor, state_sum: torch.Tensor,
+                 count: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Append h: (B, T, E) to the recurrent state -> (H (B, E), new_sum (B, E), new_count (B,))."""
+    check_state(h, coeff, state_sum, count)
+    return ops.poly_state_update(h, coeff, state_sum, count)
+
+
+def check_state(h: torch.Tensor, coeff: torch.Tensor, state_sum: torch.Tensor, count: torch.Tensor) -> None:
+    _check_h(h, packed=False)
+    check_coeff(coeff, h.shape[-1])
+    B, _, E = h.shape
+    if not isinstance(state_sum, torch.Tensor) or tuple(state_sum.shape) != (B, E):
+        _fail("state_sum", f"a (B, E) = {(B, E)} tensor", _shape(state_sum)
+              if isinstance(state_sum, torch.Tensor) else type(state_sum))
+    if state_sum.dtype not in (torch.float32, torch.float64):
+        _fail("state_sum", "float32 (or float64)", state_sum.dtype)
+    if not isinstance(count, torch.Tensor) or tuple(count.shape) != (B,) or count.dtype != torch.int64:
+        _fail("count", f"an int64 tensor of shape (B,) = {(B,)}", f"{_shape(count)}, {count.dtype}"
+              if isinstance(count, torch.Tensor) else type(count))
+    for name, t in (("coeff", coeff), ("state_sum", state_sum), ("count", count)):
+        if t.device != h.device:
+            _fail(name, f"on {h.device} like the input", t.device)

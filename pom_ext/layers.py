@@ -1,0 +1,239 @@
+"""The PoM layer (SPEC §1) and its constant-memory recurrent state (SPEC §2)."""
+from typing import Any, Dict, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import functional as PF
+from . import ops
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"pom_ext.PoM: argument '{name}' must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+class PoMState:
+    """Recurrent state of one PoM layer: a running sum `sum` (B, E) fp32 and a token count `count` (B,) int64.
+
+    Memory is constant in the context length. `PoM.step` updates it in place.
+    """
+
+    def __init__(self, sum: torch.Tensor, count: torch.Tensor):
+        self.sum = sum
+        self.count = count
+
+    @classmethod
+    def allocate(cls, batch_size: int, width: int, device=None, dtype: torch.dtype = torch.float32) -> "PoMState":
+        return cls(torch.zeros(batch_size, width, device=device, dtype=dtype),
+                   torch.zeros(batch_size, device=device, dtype=torch.int64))
+
+    @classmethod
+    def from_reference(cls, state: Dict[str, Any], batch_size: int, width: int, device=None) -> "PoMState":
+        """From the reference form {'h': (B, 1, E) running mean, 'n': token count}."""
+        if not isinstance(state, dict) or "h" not in state or "n" not in state:
+            raise ValueError(f"pom_ext: argument 'state' must be a PoMState or a dict with keys 'h' and 'n', "
+                             f"got {type(state).__name__}")
+        n = torch.as_tensor(state["n"], device=device).to(torch.int64).expand(batch_size).clone()
+        h = torch.as_tensor(state["h"], device=device).to(torch.float32)
+        mean = h.reshape(batch_size, width) if h.numel() > 1 else h.expand(batch_size, width)
+        return cls(mean * n[:, None].to(torch.float32), n)
+
+    def to_reference(self) -> Dict[str, Any]:
+        return {"h": self.mean().unsqueeze(1), "n": self.count.clone()}
+
+    def mean(self) -> torch.Tensor:
+        """H = sum / count (0 where count == 0): (B, E)."""
+        c = self.count.to(self.sum.dtype)[:, None]
+        return torch.where(c > 0, self.sum / c.clamp_min(1), torch.zeros_like(self.sum))
+
+    def reset_(self) -> "PoMState":
+        self.sum.zero_()
+        self.count.zero_()
+        return self
+
+    def clone(self) -> "PoMState":
+        return PoMState(self.sum.clone(), self.count.clone())
+
+    @property
+    def batch_size(self) -> int:
+        return self.sum.shape[0]
+
+    def __repr__(self) -> str:
+        return f"PoMState(batch_size={self.sum.shape[0]}, width={self.sum.shape[1]}, count={self.count.tolist()})"
+
+
+class PoM(nn.Module):
+    """Polynomial Mixer: a linear-time drop-in for self-attention.
+
+    PoM(dim, degree, expand, n_groups=1, n_sel_heads=1, bias=False); E = expand * dim.
+    forward(xq: (B, T, D), xc: (B, N, D) | None, mask) -> (B, T, D), with mask None, "causal"
+    (block-causal with block_size=F), (B, N) weights or padding, or (B, T, N); packed sequences:
+    xq: (total, D) with cu_seqlens (B + 1,) and mask None or "causal".
+    Parameter names and shapes match the reference implementation (state dicts load both ways).
+    """
+
+    def __init__(self, dim: int, degree: int, expand: int, n_groups: int = 1, n_sel_heads: int = 1,
+                 bias: bool = False):
+        super().__init__()
+        _check_int("dim", dim, 1)
+        _check_int("degree", degree, 1)
+        _check_int("expand", expand, 1)
+        _check_int("n_groups", n_groups, 1)
+        _check_int("n_sel_heads", n_sel_heads, 0)
+        if dim % n_groups:
+            raise ValueError(f"pom_ext.PoM: 'dim' ({dim}) must be divisible by 'n_groups' ({n_groups})")
+        E = expand * dim
+        if n_sel_heads > 1 and E % n_sel_heads:
+            raise ValueError(f"pom_ext.PoM: 'n_sel_heads' ({n_sel_heads}) must divide expand * dim = {E}")
+        self.dim, self.degree, self.expand = dim, degree, expand
+        self.n_groups, self.n_sel_heads = n_groups, n_sel_heads
+        self.state_width = E
+        self.gate_width = n_sel_heads if n_sel_heads > 1 else E
+        # Creation order follows the reference so that one seed gives the same initial weights.
+        if n_groups > 1:
+            self.po_proj = nn.Conv1d(dim, E, kernel_size=1, bias=bias, groups=n_groups)
+            self.se_proj = nn.Linear(dim, self.gate_width, bias=True)
+        else:
+            self.qc_proj = nn.Linear(dim, E + self.gate_width, bias=False)
+            self.se_bias = nn.Parameter(torch.zeros(self.gate_width))
+        self.po_coeff = nn.Parameter(torch.randn(E, degree).clamp(-1e-3, 1e-3))
+        self.ag_proj = nn.Linear(E, dim, bias=bias)
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, degree={self.degree}, expand={self.expand}, n_groups={self.n_groups}, "
+                f"n_sel_heads={self.n_sel_heads}")
+
+    # ---- projections ----
+
+    def _check_x(self, name: str, x, packed: bool) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"pom_ext.PoM: argument '{name}' must be a tensor, got {type(x).__name__}")
+        want = 2 if packed else 3
+        if x.dim() != want or x.shape[-1] != self.dim:
+            layout = "(total, D)" if packed else "(B, T, D)" if name == "xq" else "(B, N, D)"
+            raise ValueError(f"pom_ext.PoM: argument '{name}' must be a {want}-D tensor {layout} with "
+                             f"D = {self.dim}, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"pom_ext.PoM: argument '{name}' must be floating point, got {x.dtype}")
+
+    def _context(self, xc: torch.Tensor) -> torch.Tensor:
+        if self.n_groups > 1:
+            g, E, D = self.n_groups, self.state_width, self.dim
+            w = self.po_proj.weight.view(g, E // g, D // g)
+            h = torch.einsum("...gd,ged->...ge", xc.unflatten(-1, (g, D // g)), w).flatten(-2)
+            return h if self.po_proj.bias is None else h + self.po_proj.bias
+        return F.linear(xc, self.qc_proj.weight[: self.state_width])
+
+    def _gate(self, xq: torch.Tensor) -> torch.Tensor:
+        if self.n_groups > 1:
+            return F.hardsigmoid(self.se_proj(xq))
+        return F.hardsigmoid(F.linear(xq, self.qc_proj.weight[self.state_width:]) + self.se_bias)
+
+    def project(self, xq: torch.Tensor, xc: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(h, s): context h (B, N, E) and gate s = hardsigmoid(.) (B, T, S).
+
+        With n_groups == 1 and self-mixing both come from one GEMM; h is then a strided view.
+        """
+        if xc is None and self.n_groups == 1:
+            z = F.linear(xq, self.qc_proj.weight)
+            E = self.state_width
+            return z[..., :E], F.hardsigmoid(z[..., E:] + self.se_bias)
+        return self._context(xq if xc is None else xc), self._gate(xq)
+
+    def _out(self, s: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+        """ag_proj(select(s, H)) for H: (B, E) shared by all T queries of s: (B, T, S) (SPEC §3)."""
+        W, b = self.ag_proj.weight, self.ag_proj.bias
+        B, T, _ = s.shape
+        G, E, D = self.n_sel_heads, self.state_width, self.dim
+        H = H.to(s.dtype)
+        if G > 1:
+            # Gamma_g = sum_{e in g} W[:, e] H[e]: out = s @ Gamma^T, T*G*D work instead of T*E*D.
+            gamma = torch.einsum("dgj,bgj->bgd", W.view(D, G, E // G), H.view(B, G, E // G))
+            out = torch.bmm(s, gamma)
+        elif T > D:
+            # W diag(H) applied to s: y = s * H is never formed.
+            out = torch.bmm(s, (W.unsqueeze(0) * H.unsqueeze(1)).transpose(1, 2))
+        else:
+            return F.linear(s * H.unsqueeze(1), W, b)
+        return out if b is None else out + b
+
+    # ---- forward ----
+
+    def forward(self, xq: torch.Tensor, xc: Optional[torch.Tensor] = None, mask=None, *,
+                block_size: Optional[int] = None, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """xq: (B, T, D), xc: (B, N, D) or None (self-mixing) -> (B, T, D); packed: (total, D) with cu_seqlens."""
+        packed = cu_seqlens is not None
+        self._check_x("xq", xq, packed)
+        if xc is xq:
+            xc = None
+        if xc is not None:
+            self._check_x("xc", xc, packed)
+            if xc.shape[0] != xq.shape[0]:
+                what = "packed tokens" if packed else "batch size"
+                raise ValueError(f"pom_ext.PoM: 'xc' and 'xq' must have the same {what}, got "
+                                 f"{xc.shape[0]} and {xq.shape[0]}")
+        if isinstance(mask, str) and mask == "causal" and not packed:
+            n = xq.shape[1] if xc is None else xc.shape[1]
+            if xq.shape[1] != n:
+                raise ValueError(f"pom_ext.PoM: a causal mask needs as many queries as context tokens, got "
+                                 f"xq with T = {xq.shape[1]} and xc with N = {n}")
+        h, s = self.project(xq, xc)
+        if mask is None and not packed:
+            return self._out(s, PF.aggregate(h, self.po_coeff, None)[:, 0])
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not packed:
+            return self._out(s, PF.aggregate(h, self.po_coeff, mask)[:, 0])
+        y = PF.pom(h, s, self.po_coeff, mask, n_sel_heads=self.n_sel_heads, block_size=block_size,
+                   cu_seqlens=cu_seqlens)
+        return self.ag_proj(y)
+
+    # ---- recurrent state ----
+
+    def allocate_state(self, batch_size: int, device=None) -> PoMState:
+        """A zero state for `step`, on the layer's device unless given."""
+        if device is None:
+            device = self.po_coeff.device
+        return PoMState.allocate(batch_size, self.state_width, device=device)
+
+    def _as_state(self, state, batch: int, device) -> Tuple[PoMState, bool]:
+        if state is None:
+            return self.allocate_state(batch, device), False
+        if isinstance(state, PoMState):
+            if tuple(state.sum.shape) != (batch, self.state_width):
+                raise ValueError(f"pom_ext.PoM: argument 'state' holds a sum of shape {tuple(state.sum.shape)}, "
+                                 f"expected (B, E) = {(batch, self.state_width)}")
+            return state, False
+        return PoMState.from_reference(state, batch, self.state_width, device), True
+
+    def state_forward(self, xq: torch.Tensor, xc: Optional[torch.Tensor] = None,
+                      state: Union[None, PoMState, Dict[str, Any]] = None):
+        """Append a chunk and read it: every token of the chunk sees the state including the whole chunk.
+
+        xq: (B, T, D), xc: (B, N, D) or None. Returns (out (B, T, D), new_state); the state is not modified
+        (autograd flows through it). A reference-style dict {'h', 'n'} is accepted and returned as such.
+        """
+        self._check_x("xq", xq, False)
+        if xc is not None:
+            self._check_x("xc", xc, False)
+        st, as_dict = self._as_state(state, xq.shape[0], xq.device)
+        h, s = self.project(xq, xc)
+        PF.check_state(h, self.po_coeff, st.sum, st.count)
+        H, new_sum, new_count = ops.poly_state_update(h, self.po_coeff, st.sum, st.count)
+        new = PoMState(new_sum, new_count)
+        return self._out(s, H), (new.to_reference() if as_dict else new)
+
+    def step(self, x: torch.Tensor, state: PoMState) -> torch.Tensor:
+        """Decode: x (B, T, D) (usually T = 1) appended to `state`, which is updated in place."""
+        if not isinstance(state, PoMState):
+            raise ValueError(f"pom_ext.PoM.step: argument 'state' must be a PoMState (see allocate_state), "
+                             f"got {type(state).__name__}")
+        self._check_x("x", x, False)
+        h, s = self.project(x)
+        PF.check_state(h, self.po_coeff, state.sum, state.count)
+        if torch.is_grad_enabled() and (h.requires_grad or state.sum.requires_grad):
+            H, state.sum, state.count = ops.poly_state_update(h, self.po_coeff, state.sum, state.count)
+        else:
+            H = ops.poly_state_step_(h, self.po_coeff, state.sum, state.count)
+        return self._out(s, H)

@@ -1,0 +1,188 @@
+"""The pom_ext ops: fake (meta) implementations, autograd, and the Python entry points.
+
+Kernels live in the compiled library (`pom_ext._C`, schemas in csrc/registration.cpp,
+one implementation per device registered with the dispatcher). When that library
+cannot be loaded, the same entry points run `pom_ext.reference` and warn once, at
+first use, with the command that rebuilds it.
+"""
+import warnings
+from typing import Optional, Tuple
+
+import torch
+
+from . import reference
+
+REBUILD = "pip install --no-build-isolation --no-deps --force-reinstall ."
+
+_load_error: Optional[BaseException] = None
+try:
+    from . import _C  # noqa: F401  (loads the library, which registers the ops)
+except (ImportError, OSError) as e:  # missing or broken build
+    _load_error = e
+
+_warned = False
+
+
+def native_available() -> bool:
+    """True when the compiled kernels are loaded."""
+    return _load_error is None
+
+
+def _native() -> bool:
+    global _warned
+    if _load_error is None:
+        return True
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            f"pom_ext: the compiled kernels could not be loaded ({_load_error}); running the pure-PyTorch "
+            f"reference instead, which is much slower. Rebuild from the source tree with:\n    {REBUILD}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return False
+
+
+def _batch(h: torch.Tensor, cu_seqlens: Optional[torch.Tensor]) -> int:
+    return cu_seqlens.shape[0] - 1 if cu_seqlens is not None else h.shape[0]
+
+
+def _weight_grad_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    return h.dtype if weight.dtype == torch.bool else weight.dtype
+
+
+if native_available():
+    _ops = torch.ops.pom_ext
+
+    # ---- fake implementations (shapes only) ----
+
+    @torch.library.register_fake("pom_ext::poly_eval")
+    def _(h, coeff):
+        return h.new_empty(h.shape)
+
+    @torch.library.register_fake("pom_ext::poly_eval_backward")
+    def _(grad_p, h, coeff):
+        return h.new_empty(h.shape), coeff.new_empty(coeff.shape)
+
+    @torch.library.register_fake("pom_ext::poly_mean")
+    def _(h, coeff, weight=None, cu_seqlens=None):
+        return h.new_empty((_batch(h, cu_seqlens), h.shape[-1]))
+
+    @torch.library.register_fake("pom_ext::poly_mean_backward")
+    def _(grad_H, H, h, coeff, weight, cu_seqlens, weight_grad):
+        if weight_grad:
+            gw = h.new_empty(weight.shape, dtype=_weight_grad_dtype(h, weight))
+        else:
+            gw = h.new_empty((0,))
+        return h.new_empty(h.shape), coeff.new_empty(coeff.shape), gw
+
+    @torch.library.register_fake("pom_ext::poly_causal")
+    def _(h, coeff, block_size=1, cu_seqlens=None):
+        return h.new_empty(h.shape)
+
+    @torch.library.register_fake("pom_ext::poly_causal_backward")
+    def _(grad_H, h, coeff, block_size, cu_seqlens):
+        return h.new_empty(h.shape), coeff.new_empty(coeff.shape)
+
+    @torch.library.register_fake("pom_ext::poly_state_update")
+    def _(h, coeff, state_sum, count):
+        return h.new_empty((h.shape[0], h.shape[2])), state_sum.new_empty(state_sum.shape), count.new_empty(count.shape)
+
+    @torch.library.register_fake("pom_ext::poly_state_update_backward")
+    def _(grad_H, grad_state_sum, h, coeff, count):
+        return h.new_empty(h.shape), coeff.new_empty(coeff.shape), grad_state_sum.new_empty(grad_state_sum.shape)
+
+    @torch.library.register_fake("pom_ext::poly_state_step_")
+    def _(h, coeff, state_sum, count):
+        return h.new_empty((h.shape[0], h.shape[2]))
+
+    # ---- autograd: every backward is an op too ----
+
+    def _eval_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def _eval_backward(ctx, grad_p):
+        h, coeff = ctx.saved_tensors
+        gh, gc = _ops.poly_eval_backward(grad_p, h, coeff)
+        return gh, gc
+
+    torch.library.register_autograd("pom_ext::poly_eval", _eval_backward, setup_context=_eval_setup)
+
+    def _mean_setup(ctx, inputs, output):
+        h, coeff, weight, cu_seqlens = inputs
+        ctx.save_for_backward(h, coeff, weight, cu_seqlens, output)
+
+    def _mean_backward(ctx, grad_H):
+        h, coeff, weight, cu_seqlens, H = ctx.saved_tensors
+        weight_grad = weight is not None and ctx.needs_input_grad[2]
+        gh, gc, gw = _ops.poly_mean_backward(grad_H, H, h, coeff, weight, cu_seqlens, weight_grad)
+        return gh, gc, gw if weight_grad else None, None
+
+    torch.library.register_autograd("pom_ext::poly_mean", _mean_backward, setup_context=_mean_setup)
+
+    def _causal_setup(ctx, inputs, output):
+        h, coeff, block_size, cu_seqlens = inputs
+        ctx.block_size = block_size
+        ctx.save_for_backward(h, coeff, cu_seqlens)
+
+    def _causal_backward(ctx, grad_H):
+        h, coeff, cu_seqlens = ctx.saved_tensors
+        gh, gc = _ops.poly_causal_backward(grad_H, h, coeff, ctx.block_size, cu_seqlens)
+        return gh, gc, None, None
+
+    torch.library.register_autograd("pom_ext::poly_causal", _causal_backward, setup_context=_causal_setup)
+
+    def _state_setup(ctx, inputs, output):
+        h, coeff, state_sum, count = inputs
+        ctx.save_for_backward(h, coeff, state_sum, count)
+
+    def _state_backward(ctx, grad_H, grad_sum, grad_count):
+        h, coeff, state_sum, count = ctx.saved_tensors
+        if grad_H is None:
+            grad_H = h.new_zeros((h.shape[0], h.shape[2]))
+        if grad_sum is None:
+            grad_sum = torch.zeros_like(state_sum)
+        gh, gc, gs = _ops.poly_state_update_backward(grad_H, grad_sum, h, coeff, count)
+        return gh, gc, gs, None
+
+    torch.library.register_autograd("pom_ext::poly_state_update", _state_backward, setup_context=_state_setup)
+
+
+# ---- entry points ----
+
+def poly_eval(h: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
+    """p = poly(act(h)) element-wise. h: (..., E), coeff: (E, K) -> (..., E)."""
+    if _native():
+        return torch.ops.pom_ext.poly_eval(h, coeff)
+    return reference.poly_eval(h, coeff)
+
+
+def poly_mean(h, coeff, weight=None, cu_seqlens=None) -> torch.Tensor:
+    """Weighted mean of p over the sequence. h: (B, N, E) or packed (total, E) -> (B, E)."""
+    if _native():
+        return torch.ops.pom_ext.poly_mean(h, coeff, weight, cu_seqlens)
+    return reference.poly_mean(h, coeff, weight, cu_seqlens)
+
+
+def poly_causal(h, coeff, block_size: int = 1, cu_seqlens=None) -> torch.Tensor:
+    """Block-causal prefix mean of p (block_size 1: token-causal); output has h's shape."""
+    if _native():
+        return torch.ops.pom_ext.poly_causal(h, coeff, block_size, cu_seqlens)
+    return reference.poly_causal(h, coeff, block_size, cu_seqlens)
+
+
+def poly_state_update(h, coeff, state_sum, count) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Append h: (B, T, E) to (state_sum (B, E), count (B,)) -> (H (B, E), new_sum, new_count)."""
+    if _native():
+        return torch.ops.pom_ext.poly_state_update(h, coeff, state_sum, count)
+    return reference.poly_state_update(h, coeff, state_sum, count)
+
+
+def poly_state_step_(h, coeff, state_sum, count) -> torch.Tensor:
+    """In-place form of poly_state_update for decoding (no autograd): updates state_sum and count, returns H."""
+    if _native():
+        return torch.ops.pom_ext.poly_state_step_(h, coeff, state_sum, count)
+    H, new_sum, new_count = reference.poly_state_update(h, coeff, state_sum, count)
+    state_sum.copy_(new_sum)
+    count.copy_(new_count)
+    return H

@@ -1,0 +1,126 @@
+"""Pure-PyTorch reference of every pom_ext op (SPEC §1-2).
+
+Short and obviously right: the oracle of the tests and the fallback when the
+compiled library is unavailable. Low-precision inputs are computed in float32
+(float64 stays float64) and cast back, as the kernels do.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def act(u: torch.Tensor) -> torch.Tensor:
+    """clamp(leaky_relu(u, 0.01), -0.1, 6); slope 1 on [0, 6], 0.01 on [-10, 0)."""
+    return torch.where(u >= 0, u, 0.01 * u).clamp(-0.1, 6.0)
+
+
+def _poly(h: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
+    """p = sum_k coeff[:, k] act(h)^(k+1), in the accumulation dtype."""
+    a = act(h.to(_acc(h.dtype)))
+    c = coeff.to(a.dtype)
+    p, pw = torch.zeros_like(a), torch.ones_like(a)
+    for k in range(c.shape[1]):
+        pw = pw * a
+        p = p + c[:, k] * pw
+    return p
+
+
+def _divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den, and 0 where den == 0."""
+    safe = torch.where(den == 0, torch.ones_like(den), den)
+    return torch.where(den == 0, torch.zeros_like(num), num / safe)
+
+
+def _segments(cu_seqlens: torch.Tensor):
+    cu = cu_seqlens.tolist()
+    return list(zip(cu[:-1], cu[1:]))
+
+
+def poly_eval(h: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
+    """h: (..., E), coeff: (E, K) -> p: (..., E)."""
+    return _poly(h, coeff).to(h.dtype)
+
+
+def poly_mean(h, coeff, weight=None, cu_seqlens=None) -> torch.Tensor:
+    """h: (B, N, E) [or (total, E) packed] -> H: (B, E) = sum_n w p / sum_n w (0 where sum_n w == 0)."""
+    if cu_seqlens is not None:
+        rows = [poly_mean(h[a:b][None], coeff, None if weight is None else weight[a:b][None])
+                for a, b in _segments(cu_seqlens)]
+        return torch.cat(rows, 0)
+    p = _poly(h, coeff)
+    w = torch.ones(p.shape[:2], dtype=p.dtype, device=p.device) if weight is None else weight.to(p.dtype)
+    return _divide((p * w[..., None]).sum(1), w.sum(1, keepdim=True)).to(h.dtype)
+
+
+def poly_causal(h, coeff, block_size: int = 1, cu_seqlens=None) -> torch.Tensor:
+    """Block-causal prefix mean: H_t = mean of p_n over n < min(N, (t // F + 1) F)."""
+    if cu_seqlens is not None:
+        return torch.cat([poly_causal(h[a:b][None], coeff, block_size)[0] for a, b in _segments(cu_seqlens)], 0)
+    p = _poly(h, coeff)
+    n = p.shape[1]
+    end = torch.clamp((torch.arange(n, device=p.device) // block_size + 1) * block_size, max=n)
+    return (p.cumsum(1)[:, end - 1] / end.to(p.dtype)[:, None]).to(h.dtype)
+
+
+def poly_masked(h, coeff, mask) -> torch.Tensor:
+    """h: (B, N, E), mask: (B, T, N) -> H: (B, T, E) = sum_n M_tn p_n / sum_n M_tn (0 on empty rows)."""
+    p = _poly(h, coeff)
+    m = mask.to(p.dtype)
+    return _divide(torch.bmm(m, p), m.sum(-1, keepdim=True)).to(h.dtype)
+
+
+def poly_state_update(h, coeff, state_sum, count) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Append h: (B, T, E) to the state (sum (B, E), count (B,)): H = (sum + sum_t p_t) / (count + T)."""
+    p = _poly(h, coeff).to(torch.promote_types(state_sum.dtype, _acc(h.dtype)))
+    new_sum = state_sum.to(p.dtype) + p.sum(1)
+    new_count = count + h.shape[1]
+    H = _divide(new_sum, new_count.to(new_sum.dtype)[:, None])
+    return H.to(h.dtype), new_sum.to(state_sum.dtype), new_count
+
+
+def select(s: torch.Tensor, H: torch.Tensor, n_sel_heads: int) -> torch.Tensor:
+    """y = s * H, with s: (..., G) broadcast over E/G contiguous channels when n_sel_heads > 1."""
+    if n_sel_heads <= 1:
+        return s * H
+    shape = torch.broadcast_shapes(s.shape[:-1], H.shape[:-1]) + (H.shape[-1],)
+    g = s.shape[-1]
+    return (s.unsqueeze(-1) * H.unflatten(-1, (g, H.shape[-1] // g))).reshape(shape)
+
+
+def pom_layer(layer, xq, xc=None, mask=None, block_size: Optional[int] = None, cu_seqlens=None) -> torch.Tensor:
+    """The whole PoM layer of SPEC §1, read off `layer`'s parameters, without shortcuts."""
+    xc = xq if xc is None else xc
+    E, G = layer.state_width, layer.n_sel_heads
+    if layer.n_groups > 1:
+        w = layer.po_proj.weight  # (E, D / groups, 1): a grouped 1x1 convolution
+        g = layer.n_groups
+        xg = xc.unflatten(-1, (g, xc.shape[-1] // g))
+        h = torch.einsum("...gd,ged->...ge", xg, w[..., 0].unflatten(0, (g, E // g))).flatten(-2)
+        if layer.po_proj.bias is not None:
+            h = h + layer.po_proj.bias
+        s = F.hardsigmoid(F.linear(xq, layer.se_proj.weight, layer.se_proj.bias))
+    else:
+        w = layer.qc_proj.weight
+        h = F.linear(xc, w[:E])
+        s = F.hardsigmoid(F.linear(xq, w[E:]) + layer.se_bias)
+    c = layer.po_coeff
+    if cu_seqlens is not None:
+        if mask == "causal":
+            H = poly_causal(h, c, block_size or 1, cu_seqlens)
+        else:
+            lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+            H = poly_mean(h, c, None, cu_seqlens).repeat_interleave(lengths.long(), 0)
+    elif mask is None:
+        H = poly_mean(h, c)[:, None]
+    elif isinstance(mask, str):
+        H = poly_causal(h, c, block_size or 1)
+    elif mask.dim() == 2:
+        H = poly_mean(h, c, mask)[:, None]
+    else:
+        H = poly_masked(h, c, mask)
+    return layer.ag_proj(select(s, H, G))

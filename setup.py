@@ -1,0 +1,65 @@
+"""Build of pom_ext._C: C++ CPU kernels always, CUDA kernels when the toolchain has them.
+
+CUDA is decided from the toolchain, never from the presence of a GPU:
+  POM_EXT_CUDA=1   build the CUDA kernels (fail if torch or the toolkit lacks CUDA)
+  POM_EXT_CUDA=0   CPU only
+  unset            CUDA when torch is a CUDA build and a CUDA toolkit (nvcc) is found
+TORCH_CUDA_ARCH_LIST, MAX_JOBS and NVCC_THREADS are honoured.
+"""
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError:  # pragma: no cover - message for a build without torch
+    sys.exit(
+        "pom_ext needs PyTorch at build time. Install torch first, then build without isolation:\n"
+        "    pip install --no-build-isolation ."
+    )
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda() -> bool:
+    flag = os.environ.get("POM_EXT_CUDA", "").strip().lower()
+    have = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if flag in ("0", "false", "no", "off"):
+        return False
+    if flag in ("1", "true", "yes", "on"):
+        if not have:
+            sys.exit(
+                "POM_EXT_CUDA=1 but CUDA kernels cannot be built: torch.version.cuda="
+                f"{torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME}"
+            )
+        return True
+    if torch.version.cuda is not None and cpp_extension.CUDA_HOME is None:
+        print("pom_ext: torch has CUDA but no CUDA toolkit (nvcc) was found; building CPU kernels only")
+    return have
+
+
+def _extension():
+    rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
+    cxx = ["-O3", "-fvisibility=hidden"]
+    include_dirs = [os.path.join(ROOT, "csrc", "include")]
+    if _want_cuda():
+        nvcc = ["-O3", "-lineinfo", "--threads", os.environ.get("NVCC_THREADS", "4")]
+        return cpp_extension.CUDAExtension(
+            "pom_ext._C",
+            sources + rel("csrc/cuda/*.cu"),
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx + ["-DPOM_EXT_WITH_CUDA"], "nvcc": nvcc + ["-DPOM_EXT_WITH_CUDA"]},
+        )
+    return cpp_extension.CppExtension(
+        "pom_ext._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx}
+    )
+
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
