@@ -43,8 +43,18 @@ def _want_cuda() -> bool:
 
 def _extension():
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
-    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-fvisibility=hidden"]
+    # The baseline CPU kernels come first: the linker keeps the first copy of any shared inline code,
+    # so nothing compiled for AVX2 (poly_cpu_avx2.cpp) can stand in for it.
+    cpu = ["csrc/cpu/poly_cpu_base.cpp"] + [p for p in rel("csrc/cpu/*.cpp") if not p.endswith("_base.cpp")]
+    sources = rel("csrc/*.cpp") + cpu
+    # -fno-trapping-math lets the channel loops (selects on comparisons) vectorize; it never reassociates.
+    cxx = ["-O3", "-fno-trapping-math", "-fvisibility=hidden"]
+    link = []
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        # at::parallel_for is inline OpenMP code: without -fopenmp it runs on one thread. The loader
+        # resolves libgomp.so.1 to the copy torch already loaded, so there is one OpenMP runtime.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     if _want_cuda():
         nvcc = ["-O3", "-lineinfo", "--threads", os.environ.get("NVCC_THREADS", "4")]
@@ -53,9 +63,10 @@ def _extension():
             sources + rel("csrc/cuda/*.cu"),
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx + ["-DPOM_EXT_WITH_CUDA"], "nvcc": nvcc + ["-DPOM_EXT_WITH_CUDA"]},
+            extra_link_args=link,
         )
     return cpp_extension.CppExtension(
-        "pom_ext._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx}
+        "pom_ext._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx}, extra_link_args=link
     )
 
 

@@ -1,42 +1,34 @@
-// CPU kernels of the pom_ext ops.
+// CPU kernels of the pom_ext ops, written once and compiled once per instruction
+// set (poly_cpu_base.cpp, poly_cpu_avx2.cpp) into the namespace POM_CPU_ARCH;
+// register_cpu.cpp picks one at run time. Include only after every header it
+// needs, so that the instruction-set pragma of a TU applies to this code alone.
 //
 // Layout: every op walks rows of h, either dense (B, N, E) or packed (total, E)
 // with per-sequence offsets, through one `Rows` descriptor that carries element
 // strides, so strided views run without copies. Each row is loaded into an
 // fp32 (fp64 for double) buffer and the channel loops compile to vector code.
 //
-// Work split, fixed by the shape alone so results are bitwise reproducible for
-// any thread count:
+// Work split (results are bitwise reproducible run to run at a fixed thread count):
 //  - mean-type reductions (mean, weighted mean, state update): tasks are
 //    (sequence, chunk of rows) over all channels; each writes fp64 partial sums
 //    that are reduced in task order (a two-stage reduction, no atomics);
 //  - causal and block-causal: tasks are (sequence, block of kEB channels) and
-//    walk the sequence with a Kahan-compensated running sum. When there are too
-//    few such tasks to keep the cores busy, the sequence is cut into chunks
+//    walk the sequence with a Kahan-compensated running sum. When there are fewer
+//    such tasks than threads, the sequence is cut into chunks
 //    (aligned to the block size): a first pass sums each chunk, the carries are
 //    prefix-summed in fp64, and a second pass runs every chunk from its carry.
 //    The backward pass is the same scan in reverse.
 //  - grad_coeff is accumulated per task (fp32 for kFlushRows rows, then fp64)
 //    and reduced in task order.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
-#include <algorithm>
-#include <vector>
-
-#include "pom_ext/checks.h"
-#include "pom_ext/dispatch.h"
-#include "pom_ext/poly_math.h"
+#ifndef POM_CPU_ARCH
+#error "define POM_CPU_ARCH before including poly_cpu_impl.h"
+#endif
 
 namespace pom_ext {
 namespace cpu {
-namespace {
+namespace POM_CPU_ARCH {
 
-constexpr int64_t kEB = 64;              // channels per causal task
-constexpr int64_t kMinTasks = 16;        // fewer (sequence, channel block) tasks: split the sequence
+constexpr int64_t kEB = 512;             // channels per causal task (rows stay long and contiguous)
 constexpr int64_t kMinSplitRows = 2048;  // never cut a sequence into chunks shorter than this
 constexpr int64_t kFlushRows = 256;      // fp32 partial sums are flushed into fp64 this often
 constexpr int64_t kMaxRowChunks = 64;    // row chunks per sequence for mean-type reductions
@@ -67,7 +59,7 @@ Rows rows_of(const at::Tensor& t, const int64_t* cu) {
 }
 
 template <typename scalar_t, typename acc_t>
-inline void load(const scalar_t* p, int64_t s, int64_t n, acc_t* out) {
+inline void load(const scalar_t* __restrict p, int64_t s, int64_t n, acc_t* __restrict out) {
   if (s == 1) {
     for (int64_t i = 0; i < n; ++i) out[i] = static_cast<acc_t>(p[i]);
   } else {
@@ -76,12 +68,29 @@ inline void load(const scalar_t* p, int64_t s, int64_t n, acc_t* out) {
 }
 
 template <typename scalar_t, typename acc_t>
-inline void store(scalar_t* p, int64_t n, const acc_t* in) {
+inline void store(scalar_t* __restrict p, int64_t n, const acc_t* __restrict in) {
   for (int64_t i = 0; i < n; ++i) p[i] = static_cast<scalar_t>(in[i]);
 }
 
+// Scans read a few cache lines per row at a large stride, which the hardware prefetchers
+// follow poorly: ask for the row kPrefetchRows ahead explicitly.
+constexpr int64_t kPrefetchRows = 12;
+
+template <typename scalar_t>
+inline void prefetch_row(const scalar_t* p, int64_t s, int64_t n, bool write) {
+  const char* c = reinterpret_cast<const char*>(p);
+  const int64_t bytes = (s == 1 ? n : (n - 1) * s + 1) * static_cast<int64_t>(sizeof(scalar_t));
+  for (int64_t o = 0; o < bytes; o += 64) {
+    if (write) {
+      __builtin_prefetch(c + o, 1);
+    } else {
+      __builtin_prefetch(c + o, 0);
+    }
+  }
+}
+
 template <typename acc_t>
-inline void flush(acc_t* f, double* d, int64_t n) {
+inline void flush(acc_t* __restrict f, double* __restrict d, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     d[i] += static_cast<double>(f[i]);
     f[i] = acc_t(0);
@@ -97,28 +106,40 @@ std::vector<acc_t> coeff_table(const at::Tensor& coeff) {
 
 // p = poly(act(x)) for one row of n channels starting at channel e0.
 template <int K, typename acc_t>
-inline void poly_row(const acc_t* x, acc_t* p, const acc_t* cT, int64_t E, int64_t e0, int64_t n, int deg) {
+inline void poly_row(const acc_t* __restrict x, acc_t* __restrict p, const acc_t* __restrict cT, int64_t E,
+                     int64_t e0, int64_t n, int deg) {
   for (int64_t e = 0; e < n; ++e) p[e] = math::poly<K>(math::act(x[e]), cT + e0 + e, E, deg);
 }
 
-// Backward of one row of n channels: gx = g * s * dp/dh and f[k] += (g if g_in_f else 1) * s * act^(k+1);
-// p receives poly(act(x)) when given.
-template <int K, typename acc_t>
-inline void poly_row_backward(const acc_t* x, const acc_t* g, acc_t s, bool g_in_f, acc_t* gx, acc_t* f, acc_t* p,
-                              const acc_t* cT, int64_t E, int64_t e0, int64_t n, int deg) {
+// One row of a forward scan: (run, comp) += p(x) (Kahan); with OUT also o = (run - comp) * inv.
+template <int K, bool OUT, typename acc_t>
+inline void scan_row(const acc_t* __restrict x, acc_t* __restrict run, acc_t* __restrict comp, acc_t* __restrict o,
+                     acc_t inv, const acc_t* __restrict cT, int64_t E, int64_t e0, int64_t n, int deg) {
+  for (int64_t e = 0; e < n; ++e) {
+    math::kahan_add(run[e], comp[e], math::poly<K>(math::act(x[e]), cT + e0 + e, E, deg));
+    if (OUT) o[e] = (run[e] - comp[e]) * inv;
+  }
+}
+
+// Backward of one row of n channels: gx = g * s * dp/dh and f[k] += (g if G_IN_F else 1) * s * act^(k+1);
+// with WANT_P, p receives poly(act(x)).
+template <int K, bool G_IN_F, bool WANT_P, typename acc_t>
+inline void poly_row_backward(const acc_t* __restrict x, const acc_t* __restrict g, acc_t s, acc_t* __restrict gx,
+                              acc_t* __restrict f, acc_t* __restrict p, const acc_t* __restrict cT, int64_t E,
+                              int64_t e0, int64_t n, int deg) {
   for (int64_t e = 0; e < n; ++e) {
     const acc_t u = x[e];
     const acc_t a = math::act(u);
     acc_t pv, dp;
     math::poly_and_slope<K>(a, cT + e0 + e, E, deg, pv, dp);
     gx[e] = g[e] * s * math::act_grad(u) * dp;
-    acc_t pw = g_in_f ? g[e] * s : s;
+    acc_t pw = G_IN_F ? g[e] * s : s;
     POM_UNROLL
     for (int k = 0; k < math::degree_of<K>(deg); ++k) {
       pw *= a;
       f[k * n + e] += pw;
     }
-    if (p) p[e] = pv;
+    if (WANT_P) p[e] = pv;
   }
 }
 
@@ -196,8 +217,8 @@ void eval_backward(const at::Tensor& g2, const at::Tensor& h2, const std::vector
       for (int64_t m = c * R; m < m1; ++m) {
         load(hp + m * h2.stride(0), h2.stride(1), E, x.data());
         load(gp + m * g2.stride(0), g2.stride(1), E, g.data());
-        poly_row_backward<K, acc_t>(x.data(), g.data(), acc_t(1), true, gx.data(), f.data(), nullptr, cT.data(), E, 0, E,
-                             deg);
+        poly_row_backward<K, true, false, acc_t>(x.data(), g.data(), acc_t(1), gx.data(), f.data(), nullptr, cT.data(), E, 0,
+                                          E, deg);
         store(ghp + m * E, E, gx.data());
         if ((m - c * R + 1) % kFlushRows == 0) flush(f.data(), d, deg * E);
       }
@@ -324,8 +345,11 @@ void mean_backward(const scalar_t* h, const Rows& hr, int64_t E, const std::vect
       for (int64_t n = ch.n0; n < ch.n1; ++n) {
         const acc_t wn = w ? w[wr.off(ch.b, n)] : acc_t(1);
         load(h + hr.off(ch.b, n), hr.sE, E, x.data());
-        poly_row_backward<K, acc_t>(x.data(), g, wn, false, gx.data(), f.data(), gw ? p.data() : nullptr, cT.data(), E, 0, E,
-                             deg);
+        if (gw) {
+          poly_row_backward<K, false, true, acc_t>(x.data(), g, wn, gx.data(), f.data(), p.data(), cT.data(), E, 0, E, deg);
+        } else {
+          poly_row_backward<K, false, false, acc_t>(x.data(), g, wn, gx.data(), f.data(), nullptr, cT.data(), E, 0, E, deg);
+        }
         store(gh + ghr.off(ch.b, n), E, gx.data());
         if (gw) {
           acc_t dot = 0;
@@ -570,11 +594,12 @@ struct ScanTask {
 std::vector<ScanTask> scan_tasks(const Rows& r, int64_t B, int64_t E, int64_t F) {
   const int64_t nEB = std::max<int64_t>(1, ceil_div(E, kEB));
   const int64_t base = B * nEB;
+  const int64_t threads = at::get_num_threads();
   std::vector<ScanTask> tasks;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t L = r.len(b);
     int64_t S = 1;
-    if (base < kMinTasks) S = std::max<int64_t>(1, std::min(ceil_div(kMinTasks, base), L / kMinSplitRows));
+    if (base < threads) S = std::max<int64_t>(1, std::min(ceil_div(threads, base), L / kMinSplitRows));
     const int64_t R = std::max<int64_t>(F, ceil_div(ceil_div(L, S), F) * F);
     for (int64_t eb = 0; eb < nEB; ++eb) {
       const int64_t g0 = static_cast<int64_t>(tasks.size());
@@ -610,7 +635,7 @@ void causal_forward(const scalar_t* h, const Rows& hr, int64_t E, const std::vec
   });
   // Pass 2: every chunk from its carry, Kahan-compensated.
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
-    acc_t x[kEB], p[kEB], run[kEB], comp[kEB], o[kEB];
+    acc_t x[kEB], run[kEB], comp[kEB], o[kEB];
     scalar_t os[kEB];
     for (int64_t i = t0; i < t1; ++i) {
       const ScanTask& t = tasks[i];
@@ -620,12 +645,23 @@ void causal_forward(const scalar_t* h, const Rows& hr, int64_t E, const std::vec
         run[e] = static_cast<acc_t>(carry);
         comp[e] = static_cast<acc_t>(static_cast<double>(run[e]) - carry);
       }
+      if (F == 1) {
+        for (int64_t n = t.n0; n < t.n1; ++n) {
+          if (n + kPrefetchRows < t.n1) {
+            prefetch_row(h + hr.off(t.b, n + kPrefetchRows) + t.e0 * hr.sE, hr.sE, t.width, false);
+            prefetch_row(out + outr.off(t.b, n + kPrefetchRows) + t.e0, 1, t.width, true);
+          }
+          load(h + hr.off(t.b, n) + t.e0 * hr.sE, hr.sE, t.width, x);
+          scan_row<K, true>(x, run, comp, o, acc_t(1) / static_cast<acc_t>(n + 1), cT.data(), E, t.e0, t.width, deg);
+          store(out + outr.off(t.b, n) + t.e0, t.width, o);
+        }
+        continue;
+      }
       for (int64_t blk = t.n0; blk < t.n1; blk += F) {
         const int64_t bend = std::min(blk + F, t.n1);
         for (int64_t n = blk; n < bend; ++n) {
           load(h + hr.off(t.b, n) + t.e0 * hr.sE, hr.sE, t.width, x);
-          poly_row<K>(x, p, cT.data(), E, t.e0, t.width, deg);
-          for (int64_t e = 0; e < t.width; ++e) math::kahan_add(run[e], comp[e], p[e]);
+          scan_row<K, false>(x, run, comp, o, acc_t(0), cT.data(), E, t.e0, t.width, deg);
         }
         const acc_t inv = acc_t(1) / static_cast<acc_t>(bend);
         for (int64_t e = 0; e < t.width; ++e) o[e] = (run[e] - comp[e]) * inv;
@@ -646,6 +682,7 @@ void causal_backward(const scalar_t* g, const Rows& gr, const scalar_t* h, const
   auto block_grad = [&](const ScanTask& t, int64_t blk, int64_t bend, acc_t* G, acc_t* x) {
     std::fill(G, G + t.width, acc_t(0));
     for (int64_t n = blk; n < bend; ++n) {
+      if (n - kPrefetchRows >= t.n0) prefetch_row(g + gr.off(t.b, n - kPrefetchRows) + t.e0 * gr.sE, gr.sE, t.width, false);
       load(g + gr.off(t.b, n) + t.e0 * gr.sE, gr.sE, t.width, x);
       for (int64_t e = 0; e < t.width; ++e) G[e] += x[e];
     }
@@ -695,8 +732,12 @@ void causal_backward(const scalar_t* g, const Rows& gr, const scalar_t* h, const
           gb[e] = acc[e] - comp[e];
         }
         for (int64_t n = blk; n < bend; ++n) {
+          if (n - kPrefetchRows >= t.n0) {
+            prefetch_row(h + hr.off(t.b, n - kPrefetchRows) + t.e0 * hr.sE, hr.sE, t.width, false);
+            prefetch_row(gh + ghr.off(t.b, n - kPrefetchRows) + t.e0, 1, t.width, true);
+          }
           load(h + hr.off(t.b, n) + t.e0 * hr.sE, hr.sE, t.width, x);
-          poly_row_backward<K, acc_t>(x, gb, acc_t(1), true, gx, f.data(), nullptr, cT.data(), E, t.e0, t.width, deg);
+          poly_row_backward<K, true, false, acc_t>(x, gb, acc_t(1), gx, f.data(), nullptr, cT.data(), E, t.e0, t.width, deg);
           store(gh + ghr.off(t.b, n) + t.e0, t.width, gx);
           if (++rows % kFlushRows == 0) flush(f.data(), d, deg * t.width);
         }
@@ -771,19 +812,6 @@ std::tuple<at::Tensor, at::Tensor> poly_causal_backward_cpu(const at::Tensor& gr
   return {gh, gc};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(pom_ext, CPU, m) {
-  m.impl("poly_eval", &poly_eval_cpu);
-  m.impl("poly_eval_backward", &poly_eval_backward_cpu);
-  m.impl("poly_mean", &poly_mean_cpu);
-  m.impl("poly_mean_backward", &poly_mean_backward_cpu);
-  m.impl("poly_causal", &poly_causal_cpu);
-  m.impl("poly_causal_backward", &poly_causal_backward_cpu);
-  m.impl("poly_state_update", &poly_state_update_cpu);
-  m.impl("poly_state_update_backward", &poly_state_update_backward_cpu);
-  m.impl("poly_state_step_", &poly_state_step_cpu);
-}
-
+}  // namespace POM_CPU_ARCH
 }  // namespace cpu
 }  // namespace pom_ext

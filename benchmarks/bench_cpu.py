@@ -1,0 +1,165 @@
+"""CPU benchmark of pom_ext against its targets (fp32, 2 threads by default).
+
+Measures in one run: the machine's copy bandwidth; the aggregation ops (causal and
+mean) forward+backward against the pure-PyTorch reference, with their achieved
+bandwidth (bytes that must move / median time); and the PoM layer against torch's
+scaled_dot_product_attention multi-head attention with its projections.
+Prints a table and writes JSON to benchmarks/results/.
+
+    python benchmarks/bench_cpu.py [--threads 2] [--n 16384] [--quick]
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import pom_ext
+from pom_ext import ops, reference
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def median_time(fn, repeat: int, warmup: int = 1):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), min(times), max(times)
+
+
+def copy_bandwidth(repeat: int) -> float:
+    """Bytes read + written per second by a large fp32 tensor copy."""
+    n = 64 * 1024 * 1024  # 256 MiB
+    src = torch.randn(n)
+    dst = torch.empty_like(src)
+    t, _, _ = median_time(lambda: dst.copy_(src), repeat, warmup=2)
+    return 2 * src.numel() * 4 / t
+
+
+class MHA(nn.Module):
+    """Multi-head attention with q/k/v/out projections through scaled_dot_product_attention."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x, causal: bool):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return self.out(y.transpose(1, 2).reshape(B, N, D))
+
+
+def fwd_bwd(fn, *inputs):
+    def run():
+        for t in inputs:
+            t.grad = None
+        out = fn()
+        out.backward(torch.ones_like(out))
+    return run
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
+    except Exception:
+        return "unknown"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--n", type=int, default=16384)
+    ap.add_argument("--width", type=int, default=512, help="E for the op benchmark")
+    ap.add_argument("--degree", type=int, default=3)
+    ap.add_argument("--dim", type=int, default=256, help="model width for the layer benchmark")
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "cpu_bench.json"))
+    args = ap.parse_args()
+    if args.quick:
+        args.n, args.repeat = 2048, 3
+    torch.set_num_threads(args.threads)
+    if not pom_ext.native_available():
+        print("pom_ext: compiled kernels are not loaded; rebuild with: " + ops.REBUILD, file=sys.stderr)
+        return 1
+    torch.manual_seed(0)
+    B, N, E, K = args.batch, args.n, args.width, args.degree
+
+    bw = copy_bandwidth(args.repeat)
+    rows = []
+    h = (torch.randn(B, N, E) * 2).requires_grad_()
+    c = (torch.randn(E, K) * 0.1).requires_grad_()
+    elem = B * N * E * 4
+    # Bytes that must move, forward + backward: causal reads h, writes H, reads grad_H and h, writes grad_h;
+    # mean reads h, then reads h and writes grad_h (grad_H is (B, E), negligible).
+    for name, native, ref, nbytes in [
+        ("causal", lambda: ops.poly_causal(h, c), lambda: reference.poly_causal(h, c), 5 * elem),
+        ("mean", lambda: ops.poly_mean(h, c), lambda: reference.poly_mean(h, c), 3 * elem),
+    ]:
+        t_nat = median_time(fwd_bwd(native, h, c), args.repeat)
+        t_ref = median_time(fwd_bwd(ref, h, c), max(2, args.repeat // 2))
+        rows.append({
+            "bench": f"op {name} fwd+bwd", "shape": f"B={B} N={N} E={E} K={K}",
+            "pom_ext_s": t_nat[0], "baseline": "pure-PyTorch reference", "baseline_s": t_ref[0],
+            "speedup": t_ref[0] / t_nat[0], "bytes": nbytes, "achieved_GBps": nbytes / t_nat[0] / 1e9,
+            "fraction_of_copy_bw": nbytes / t_nat[0] / bw,
+            "targets": {"speedup": 8.0, "fraction_of_copy_bw": 0.5},
+        })
+
+    D = args.dim
+    x = torch.randn(B, N, D, requires_grad=True)
+    layer = pom_ext.PoM(D, K, 2, n_sel_heads=1)
+    attn = MHA(D, args.heads)
+    for causal in (True, False):
+        mask = "causal" if causal else None
+        t_pom = median_time(fwd_bwd(lambda: layer(x, mask=mask), x), args.repeat)
+        t_att = median_time(fwd_bwd(lambda: attn(x, causal), x), max(2, args.repeat // 2))
+        rows.append({
+            "bench": f"layer {'causal' if causal else 'non-causal'} fwd+bwd", "shape": f"B={B} N={N} D={D} expand=2",
+            "pom_ext_s": t_pom[0], "baseline": f"SDPA MHA ({args.heads} heads)", "baseline_s": t_att[0],
+            "speedup": t_att[0] / t_pom[0], "targets": {"speedup": 10.0} if causal else {},
+        })
+
+    print(f"\ncopy bandwidth: {bw / 1e9:.2f} GB/s (read + write), threads={args.threads}\n")
+    hdr = f"{'benchmark':28s} {'shape':26s} {'pom_ext':>10s} {'baseline':>10s} {'speedup':>8s} {'GB/s':>7s} {'of copy':>8s}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        gbps = f"{r['achieved_GBps']:7.2f}" if "achieved_GBps" in r else " " * 7
+        frac = f"{100 * r['fraction_of_copy_bw']:7.1f}%" if "fraction_of_copy_bw" in r else " " * 8
+        print(f"{r['bench']:28s} {r['shape']:26s} {r['pom_ext_s'] * 1e3:8.1f}ms {r['baseline_s'] * 1e3:8.1f}ms "
+              f"{r['speedup']:7.1f}x {gbps} {frac}")
+    print("baselines: ops vs the pure-PyTorch reference; layers vs SDPA multi-head attention with projections")
+
+    result = {
+        "device": platform.processor() or platform.machine(), "threads": args.threads,
+        "torch": torch.__version__, "python": platform.python_version(), "git_commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "copy_bandwidth_GBps": bw / 1e9, "results": rows,
+    }
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+// CPU kernels for the baseline instruction set of the build (SSE2 on x86-64, NEON on arm64).
+#include "poly_cpu_headers.h"
+
+#define POM_CPU_ARCH base
+#include "poly_cpu_impl.h"

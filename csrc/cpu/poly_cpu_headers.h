@@ -1,0 +1,16 @@
+// Everything poly_cpu_impl.h uses, included before any instruction-set pragma.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "pom_ext/checks.h"
+#include "pom_ext/dispatch.h"
+#include "pom_ext/poly_math.h"
+#include "poly_cpu.h"
