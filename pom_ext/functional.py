@@ -109,9 +109,10 @@ def aggregate(h: torch.Tensor, coeff: torch.Tensor, mask: Mask = None, *, block_
         if mask.shape[0] != B or mask.shape[2] != N:
             _fail("mask", f"(B, T, N) with B = {B}, N = {N}", _shape(mask))
         p = ops.poly_eval(h, coeff)
-        m = mask.to(p.dtype)
+        acc = torch.float64 if p.dtype == torch.float64 else torch.float32  # accumulate in fp32 at least
+        m = mask.to(acc)
         den = m.sum(-1, keepdim=True)
-        return torch.bmm(m, p) / torch.where(den == 0, torch.ones_like(den), den)
+        return (torch.bmm(m, p.to(acc)) / torch.where(den == 0, torch.ones_like(den), den)).to(h.dtype)
     _fail("mask", "None, 'causal', a (B, N) or a (B, T, N) tensor", _shape(mask))
 
 

@@ -178,13 +178,11 @@ class PoM(nn.Module):
         if isinstance(mask, str) and mask == "causal" and not packed:
             n = xq.shape[1] if xc is None else xc.shape[1]
             if xq.shape[1] != n:
-                raise ValueError(f"pom_ext.PoM: a causal mask needs as many queries as context tokens, got "
-                                 f"xq with T = {xq.shape[1]} and xc with N = {n}")
+                raise ValueError(f"pom_ext.PoM: with mask='causal', argument 'xq' must have as many tokens as "
+                                 f"'xc', got T = {xq.shape[1]} and N = {n}")
         h, s = self.project(xq, xc)
-        if mask is None and not packed:
-            return self._out(s, PF.aggregate(h, self.po_coeff, None)[:, 0])
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not packed:
-            return self._out(s, PF.aggregate(h, self.po_coeff, mask)[:, 0])
+        if not packed and (mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2)):
+            return self._out(s, PF.aggregate(h, self.po_coeff, mask, block_size=block_size)[:, 0])
         y = PF.pom(h, s, self.po_coeff, mask, n_sel_heads=self.n_sel_heads, block_size=block_size,
                    cu_seqlens=cu_seqlens)
         return self.ag_proj(y)

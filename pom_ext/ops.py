@@ -147,6 +147,14 @@ if native_available():
 
     torch.library.register_autograd("pom_ext::poly_state_update", _state_backward, setup_context=_state_setup)
 
+    def _no_double_backward(name):
+        def backward(ctx, *grads):
+            raise RuntimeError(f"pom_ext::{name}: double backward (a gradient of a gradient) is not supported")
+        return backward
+
+    for _name in ("poly_eval_backward", "poly_mean_backward", "poly_causal_backward", "poly_state_update_backward"):
+        torch.library.register_autograd(f"pom_ext::{_name}", _no_double_backward(_name))
+
 
 # ---- entry points ----
 

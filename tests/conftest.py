@@ -1,0 +1,52 @@
+"""Shared fixtures: devices, CPU instruction sets, tolerances and NaN-poisoned allocations."""
+import pytest
+import torch
+import torch.utils.deterministic
+
+import pom_ext
+
+# SPEC §4: relative error against the float64 reference.
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64; inf when a holds a NaN or inf that b does not."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    if not torch.equal(torch.isfinite(a), torch.isfinite(b)):
+        return float("inf")
+    a, b = a[torch.isfinite(b)], b[torch.isfinite(b)]
+    nb = b.norm().item()
+    return (a - b).norm().item() / (nb if nb > 0 else 1.0)
+
+
+def assert_close(a, b, dtype, what=""):
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+    err = rel_err(a, b)
+    assert err < TOL[dtype], f"{what}: relative error {err:.3e} >= {TOL[dtype]:.0e} ({dtype})"
+
+
+@pytest.fixture(autouse=True)
+def poisoned_memory():
+    """Every uninitialised allocation (torch.empty, at::empty in the kernels) is filled with NaN,
+    so an output element a kernel forgot to write shows up as NaN in the comparisons."""
+    old_det = torch.are_deterministic_algorithms_enabled()
+    old_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(old_det)
+    torch.utils.deterministic.fill_uninitialized_memory = old_fill
+
+
+@pytest.fixture(params=["native", "base"] if pom_ext.native_available() else ["reference"])
+def cpu_isa(request, monkeypatch):
+    """Runs a test on the best CPU kernels of this machine and again on the baseline build."""
+    if request.param == "base":
+        monkeypatch.setenv("POM_EXT_CPU_ISA", "base")
+    return request.param
+
+
+def pytest_report_header(config):
+    return f"pom_ext native kernels: {pom_ext.native_available()}, torch {torch.__version__}, devices {DEVICES}"
