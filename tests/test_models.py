@@ -1,0 +1,237 @@
+"""Polymorpher models: recurrent decoding equals the causal forward, constant PoM decode memory, encoder masks,
+a few training steps, argument errors."""
+import pytest
+import torch
+
+from pom_ext.models import (AttentionBlock, PolymorpherBlock, PolymorpherEncoder, PolymorpherLM,
+                            resolve_layer_pattern)
+
+V = 37
+MODELS = {
+    "pom": dict(),
+    "pom_heads_noconv": dict(n_sel_heads=4, conv_size=0, expand=1, degree=3),
+    "hybrid_local": dict(layer_pattern="PA", n_heads=2, window=6),
+    "hybrid_every": dict(attn_every=2, n_heads=4),
+    "attention": dict(layer_pattern="A", n_heads=2),
+}
+
+
+def make_lm(name: str, depth: int = 2, dim: int = 32) -> PolymorpherLM:
+    torch.manual_seed(0)
+    model = PolymorpherLM(V, dim, depth, **MODELS[name]).eval()
+    with torch.no_grad():  # larger PoM coefficients than the tiny initial ones, so that mixing matters
+        for m in model.modules():
+            if isinstance(m, PolymorpherBlock):
+                m.mixer.po_coeff.normal_(0, 0.5)
+    return model
+
+
+def cache_tensors(cache):
+    return [t for c in cache for t in c.tensors()]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_chunked_steps_equal_forward(name):
+    model = make_lm(name)
+    x = torch.randint(0, V, (3, 17))
+    ref = model(x)
+    cache = model.allocate_cache(3)
+    outs = [model.step(x[:, a:b], cache) for a, b in ((0, 7), (7, 8), (8, 11), (11, 12), (12, 17))]
+    torch.testing.assert_close(torch.cat(outs, 1), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_greedy_generation_with_cache_equals_recompute(name):
+    model = make_lm(name)
+    prompt = torch.randint(0, V, (2, 9))
+    fast = model.generate(prompt, 24, temperature=0)
+    slow = model.generate(prompt, 24, temperature=0, use_cache=False)
+    assert fast.shape == (2, 33)
+    assert torch.equal(fast[:, :9], prompt)
+    assert torch.equal(fast, slow)
+    manual = prompt
+    for _ in range(24):
+        manual = torch.cat([manual, model(manual)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(fast, manual)
+
+
+def test_sampling_is_seeded_and_top_k_restricts():
+    model = make_lm("hybrid_local")
+    prompt = torch.randint(0, V, (2, 5))
+    a = model.generate(prompt, 12, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(1))
+    b = model.generate(prompt, 12, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    one = model.generate(prompt, 12, temperature=1.0, top_k=1)
+    assert torch.equal(one, model.generate(prompt, 12, temperature=0))
+
+
+def test_prefill_state_equals_causal_state():
+    model = make_lm("pom")
+    x = torch.randint(0, V, (2, 13))
+    parallel, serial = model.allocate_cache(2), model.allocate_cache(2)
+    model.step(x, parallel)
+    for t in range(x.shape[1]):
+        model.step(x[:, t:t + 1], serial)
+    emb = model.embed(x)
+    for block, p, s in zip(model.blocks, parallel, serial):
+        assert torch.equal(p.state.count, torch.full((2,), 13))
+        torch.testing.assert_close(p.state.sum, s.state.sum, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p.conv, s.conv)
+        # the state's mean is the causal mean at the last position
+        u = block._conv(block.norm1(emb))
+        h, _ = block.mixer.project(u)
+        from pom_ext import functional as PF
+        H = PF.aggregate(h, block.mixer.po_coeff, "causal")[:, -1]
+        torch.testing.assert_close(p.state.mean(), H.float(), rtol=1e-5, atol=1e-6)
+        emb = block(emb, mask="causal")
+
+
+def test_pom_decode_memory_is_constant():
+    model = make_lm("pom", depth=3)
+    cache = model.allocate_cache(2)
+    tok = torch.randint(0, V, (2, 1))
+    sizes = {}
+    with torch.no_grad():
+        for t in range(1, 1001):
+            tok = model.step(tok, cache)[:, -1].argmax(-1, keepdim=True)
+            if t in (10, 1000):
+                sizes[t] = [(tuple(x.shape), x.numel() * x.element_size()) for x in cache_tensors(cache)]
+    assert sizes[10] == sizes[1000]
+    assert sum(b for _, b in sizes[1000]) == sum(b for _, b in sizes[10])
+    assert all(int(c.state.count[0]) == 1000 for c in cache)
+
+
+def test_local_attention_kv_cache_is_bounded():
+    model = make_lm("hybrid_local")
+    cache = model.allocate_cache(1)
+    model.step(torch.randint(0, V, (1, 20)), cache)
+    with torch.no_grad():
+        for _ in range(30):
+            model.step(torch.randint(0, V, (1, 1)), cache)
+    kv = [c for c, kind in zip(cache, model.pattern) if kind == "A"]
+    assert all(c.k.shape[2] == 6 and c.pos == 50 for c in kv)
+
+
+def test_block_forward_modes():
+    torch.manual_seed(0)
+    x = torch.randn(2, 11, 24)
+    for block in (PolymorpherBlock(24, 3, 2, conv_size=3), AttentionBlock(24, 4, window=4)):
+        block.eval()
+        for mask in (None, "causal", torch.rand(2, 11) > 0.3, torch.rand(2, 11, 11) > 0.5):
+            assert block(x, mask=mask).shape == x.shape
+        cache = block.allocate_cache(2)
+        torch.testing.assert_close(torch.cat([block.step(x[:, :5], cache), block.step(x[:, 5:], cache)], 1),
+                                   block(x, mask="causal"), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("pattern", ["P", "PA"])
+@pytest.mark.parametrize("pool", ["mean", "cls"])
+def test_encoder_tokens_padding_is_ignored(pattern, pool):
+    torch.manual_seed(0)
+    enc = PolymorpherEncoder(5, 32, 2, num_tokens=V, max_len=16, layer_pattern=pattern, n_heads=2, pool=pool).eval()
+    x = torch.randint(0, V, (3, 12))
+    mask = torch.ones(3, 12, dtype=torch.bool)
+    mask[0, 7:] = False
+    mask[2, 3:] = False
+    out = enc(x, mask)
+    assert out.shape == (3, 5)
+    y = x.clone()
+    y[~mask] = (y[~mask] + 1) % V
+    torch.testing.assert_close(enc(y, mask), out)
+    torch.testing.assert_close(enc(x[:1, :7]), out[:1], rtol=1e-4, atol=1e-5)
+    assert enc.features(x, mask).shape == (3, 12 + (pool == "cls"), 32)
+    weights = mask.float() * (0.5 if pool == "mean" else 1.0)  # the class token has weight 1
+    torch.testing.assert_close(enc(x, weights), out, rtol=1e-4, atol=1e-5)
+
+
+def test_encoder_images():
+    torch.manual_seed(0)
+    enc = PolymorpherEncoder(10, 48, 2, image_size=(16, 24), patch_size=4, in_chans=3, attn_every=2, n_heads=3)
+    img = torch.randn(2, 3, 16, 24)
+    out = enc(img)
+    assert out.shape == (2, 10)
+    assert enc.features(img).shape == (2, 4 * 6, 48)
+    out.sum().backward()
+    assert enc.embed.proj.weight.grad is not None
+
+
+def test_lm_trains_on_toy_task():
+    torch.manual_seed(0)
+    model = PolymorpherLM(16, 48, 2, degree=2, expand=2)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        start = torch.randint(0, 16, (16, 1))
+        seq = (start + torch.arange(33)) % 16  # counting modulo 16: next token is determined by the last
+        _, loss = model(seq[:, :-1], seq[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+
+
+def test_hybrid_lm_gradients_reach_every_parameter():
+    model = make_lm("hybrid_local").train()
+    x = torch.randint(0, V, (2, 10))
+    _, loss = model(x, x)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_layer_patterns():
+    assert resolve_layer_pattern(8, "PPPA") == "PPPAPPPA"
+    assert resolve_layer_pattern(6, attn_every=3) == "PPAPPA"
+    assert resolve_layer_pattern(3) == "PPP"
+    assert make_lm("hybrid_every", depth=4).pattern == "PAPA"
+    assert PolymorpherLM(V, 32, 4, layer_pattern="pa", n_heads=2).pattern == "PAPA"
+
+
+@pytest.mark.parametrize("kwargs, arg", [
+    (dict(layer_pattern="PXA"), "layer_pattern"),
+    (dict(layer_pattern="PPA"), "layer_pattern"),
+    (dict(layer_pattern="PA", attn_every=2), "attn_every"),
+    (dict(attn_every=0), "attn_every"),
+    (dict(window=4), "window"),
+    (dict(layer_pattern="A", n_heads=3), "n_heads"),
+    (dict(layer_pattern="A", window=0), "window"),
+    (dict(degree=0), "degree"),
+    (dict(expand=1.5), "expand"),
+    (dict(conv_size=-1), "conv_size"),
+    (dict(dropout=1.0), "dropout"),
+])
+def test_lm_bad_arguments(kwargs, arg):
+    with pytest.raises(ValueError, match=f"'{arg}'"):
+        PolymorpherLM(V, 32, 4, **kwargs)
+
+
+def test_bad_call_arguments():
+    model = make_lm("pom")
+    prompt = torch.randint(0, V, (1, 4))
+    with pytest.raises(ValueError, match="'tokens'"):
+        model(torch.randn(1, 4))
+    with pytest.raises(ValueError, match="'targets'"):
+        model(prompt, prompt[:, :2])
+    with pytest.raises(ValueError, match="'max_new_tokens'"):
+        model.generate(prompt, -1)
+    with pytest.raises(ValueError, match="'temperature'"):
+        model.generate(prompt, 3, temperature=-1.0)
+    with pytest.raises(ValueError, match="'top_k'"):
+        model.generate(prompt, 3, top_k=0)
+    with pytest.raises(ValueError, match="'prompt'"):
+        model.generate(prompt[0], 3)
+    with pytest.raises(ValueError, match="'cache'"):
+        model.step(prompt, model.allocate_cache(1)[:1])
+    with pytest.raises(ValueError, match="'num_tokens'"):
+        PolymorpherEncoder(3, 32, 2, num_tokens=V, max_len=8, patch_size=4, image_size=16)
+    with pytest.raises(ValueError, match="'max_len'"):
+        PolymorpherEncoder(3, 32, 2, num_tokens=V)
+    with pytest.raises(ValueError, match="'patch_size'"):
+        PolymorpherEncoder(3, 32, 2, patch_size=5, image_size=16)
+    with pytest.raises(ValueError, match="'pool'"):
+        PolymorpherEncoder(3, 32, 2, num_tokens=V, max_len=8, pool="max")
+    enc = PolymorpherEncoder(3, 32, 2, num_tokens=V, max_len=8)
+    with pytest.raises(ValueError, match="'x'"):
+        enc(torch.randint(0, V, (2, 9)))
+    with pytest.raises(ValueError, match="'mask'"):
+        enc(torch.randint(0, V, (2, 8)), torch.ones(2, 7, dtype=torch.bool))
