@@ -1,9 +1,18 @@
 """Shared fixtures: devices, CPU instruction sets, tolerances and NaN-poisoned allocations."""
+import os
+
 import pytest
 import torch
 import torch.utils.deterministic
 
 import pom_ext
+
+if not pom_ext.native_available() and os.environ.get("POM_EXT_ALLOW_REFERENCE") != "1":
+    raise pytest.UsageError(
+        "pom_ext's compiled kernels are not loaded, so the tests would only exercise the pure-PyTorch reference. "
+        "Build them first (pip install --no-build-isolation -e .), or set POM_EXT_ALLOW_REFERENCE=1 to test the "
+        "fallback on purpose."
+    )
 
 # SPEC §4: relative error against the float64 reference.
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
