@@ -278,6 +278,9 @@ class Attention(nn.Module):
             out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                   dropout_p=self.dropout if self.training else 0.0, causal=causal,
                                   window_size=(w, 0 if causal else w)).transpose(1, 2)
+        elif causal and self.window is None:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                                 is_causal=True)
         else:
             pos = torch.arange(N, device=x.device)
             allowed = self._window_mask(pos, pos, causal)
