@@ -44,15 +44,14 @@ def test_chunked_steps_equal_forward(name):
 def test_greedy_generation_with_cache_equals_recompute(name):
     model = make_lm(name)
     prompt = torch.randint(0, V, (2, 9))
-    fast = model.generate(prompt, 24, temperature=0)
-    slow = model.generate(prompt, 24, temperature=0, use_cache=False)
-    assert fast.shape == (2, 33)
-    assert torch.equal(fast[:, :9], prompt)
-    assert torch.equal(fast, slow)
+    fast = model.generate(prompt, 20, temperature=0)
     manual = prompt
-    for _ in range(24):
+    for _ in range(20):  # recompute the full causal forward at every step
         manual = torch.cat([manual, model(manual)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert fast.shape == (2, 29)
     assert torch.equal(fast, manual)
+    if name == "pom":
+        assert torch.equal(model.generate(prompt, 20, temperature=0, use_cache=False), manual)
 
 
 def test_sampling_is_seeded_and_top_k_restricts():
@@ -87,7 +86,7 @@ def test_prefill_state_equals_causal_state():
 
 
 def test_pom_decode_memory_is_constant():
-    model = make_lm("pom", depth=3)
+    model = make_lm("pom", depth=2, dim=16)
     cache = model.allocate_cache(2)
     tok = torch.randint(0, V, (2, 1))
     sizes = {}

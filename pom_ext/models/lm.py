@@ -131,21 +131,16 @@ class PolymorpherLM(nn.Module):
                              f"{temperature!r}")
         if top_k is not None:
             check_int(owner, "top_k", top_k, 1)
-        out = [prompt]
-        if max_new_tokens == 0:
-            return prompt
-        if use_cache:
-            cache = self.allocate_cache(prompt.shape[0], prompt.device)
-            logits = self.step(prompt, cache)[:, -1]
-            for i in range(max_new_tokens):
-                nxt = self._sample(logits, temperature, top_k, generator)
-                out.append(nxt)
-                if i + 1 < max_new_tokens:
-                    logits = self.step(nxt, cache)[:, -1]
-        else:
+        if not use_cache:
             seq = prompt
             for _ in range(max_new_tokens):
-                nxt = self._sample(self(seq)[:, -1], temperature, top_k, generator)
-                seq = torch.cat([seq, nxt], dim=1)
+                seq = torch.cat([seq, self._sample(self(seq)[:, -1], temperature, top_k, generator)], dim=1)
             return seq
+        cache = self.allocate_cache(prompt.shape[0], prompt.device)
+        logits = self.step(prompt, cache)[:, -1]  # prefill: one parallel causal pass
+        out = [prompt]
+        for i in range(max_new_tokens):
+            out.append(self._sample(logits, temperature, top_k, generator))
+            if i + 1 < max_new_tokens:
+                logits = self.step(out[-1], cache)[:, -1]
         return torch.cat(out, dim=1)
