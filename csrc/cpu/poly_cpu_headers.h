@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "pom_ext/checks.h"

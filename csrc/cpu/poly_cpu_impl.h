@@ -72,6 +72,33 @@ inline void store(scalar_t* __restrict p, int64_t n, const acc_t* __restrict in)
   for (int64_t i = 0; i < n; ++i) p[i] = static_cast<scalar_t>(in[i]);
 }
 
+// A row as acc_t values: the tensor's memory itself when it already is (contiguous, same type),
+// else `buf` filled by a converting load.
+template <typename scalar_t, typename acc_t>
+inline const acc_t* in_row(const scalar_t* p, int64_t s, int64_t n, acc_t* buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (s == 1) return p;
+  }
+  load(p, s, n, buf);
+  return buf;
+}
+
+// Where to compute an output row (always contiguous): in place when the types agree, else in
+// `buf`, which commit_row then converts into the tensor.
+template <typename scalar_t, typename acc_t>
+inline acc_t* out_row(scalar_t* p, acc_t* buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return p;
+  } else {
+    return buf;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void commit_row(scalar_t* p, int64_t n, const acc_t* buf) {
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) store(p, n, buf);
+}
+
 // Scans read a few cache lines per row at a large stride, which the hardware prefetchers
 // follow poorly: ask for the row kPrefetchRows ahead explicitly.
 constexpr int64_t kPrefetchRows = 12;
@@ -192,9 +219,9 @@ void eval_forward(const at::Tensor& h2, const std::vector<at::opmath_type<scalar
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(E, 1)), [&](int64_t m0, int64_t m1) {
     std::vector<acc_t> x(E), p(E);
     for (int64_t m = m0; m < m1; ++m) {
-      load(h + m * sM, sE, E, x.data());
-      poly_row<K>(x.data(), p.data(), cT.data(), E, 0, E, deg);
-      store(o + m * E, E, p.data());
+      acc_t* pr = out_row(o + m * E, p.data());
+      poly_row<K>(in_row(h + m * sM, sE, E, x.data()), pr, cT.data(), E, 0, E, deg);
+      commit_row(o + m * E, E, pr);
     }
   });
 }
@@ -215,11 +242,11 @@ void eval_backward(const at::Tensor& g2, const at::Tensor& h2, const std::vector
       double* d = part.data() + static_cast<size_t>(c) * deg * E;
       const int64_t m1 = std::min(M, (c + 1) * R);
       for (int64_t m = c * R; m < m1; ++m) {
-        load(hp + m * h2.stride(0), h2.stride(1), E, x.data());
-        load(gp + m * g2.stride(0), g2.stride(1), E, g.data());
-        poly_row_backward<K, true, false, acc_t>(x.data(), g.data(), acc_t(1), gx.data(), f.data(), nullptr, cT.data(), E, 0,
-                                          E, deg);
-        store(ghp + m * E, E, gx.data());
+        const acc_t* xr = in_row(hp + m * h2.stride(0), h2.stride(1), E, x.data());
+        const acc_t* gr = in_row(gp + m * g2.stride(0), g2.stride(1), E, g.data());
+        acc_t* gxr = out_row(ghp + m * E, gx.data());
+        poly_row_backward<K, true, false, acc_t>(xr, gr, acc_t(1), gxr, f.data(), nullptr, cT.data(), E, 0, E, deg);
+        commit_row(ghp + m * E, E, gxr);
         if ((m - c * R + 1) % kFlushRows == 0) flush(f.data(), d, deg * E);
       }
       flush(f.data(), d, deg * E);
@@ -306,8 +333,7 @@ void mean_partials(const scalar_t* h, const Rows& hr, int64_t E, const std::vect
       double wsum = 0;
       for (int64_t n = ch.n0; n < ch.n1; ++n) {
         const acc_t wn = w ? w[wr.off(ch.b, n)] : acc_t(1);
-        load(h + hr.off(ch.b, n), hr.sE, E, x.data());
-        poly_row<K>(x.data(), p.data(), cT.data(), E, 0, E, deg);
+        poly_row<K>(in_row(h + hr.off(ch.b, n), hr.sE, E, x.data()), p.data(), cT.data(), E, 0, E, deg);
         for (int64_t e = 0; e < E; ++e) f[e] += wn * p[e];
         wsum += wn;
         if ((n - ch.n0 + 1) % kFlushRows == 0) flush(f.data(), s, E);
@@ -344,13 +370,14 @@ void mean_backward(const scalar_t* h, const Rows& hr, int64_t E, const std::vect
       };
       for (int64_t n = ch.n0; n < ch.n1; ++n) {
         const acc_t wn = w ? w[wr.off(ch.b, n)] : acc_t(1);
-        load(h + hr.off(ch.b, n), hr.sE, E, x.data());
+        const acc_t* xr = in_row(h + hr.off(ch.b, n), hr.sE, E, x.data());
+        acc_t* gxr = out_row(gh + ghr.off(ch.b, n), gx.data());
         if (gw) {
-          poly_row_backward<K, false, true, acc_t>(x.data(), g, wn, gx.data(), f.data(), p.data(), cT.data(), E, 0, E, deg);
+          poly_row_backward<K, false, true, acc_t>(xr, g, wn, gxr, f.data(), p.data(), cT.data(), E, 0, E, deg);
         } else {
-          poly_row_backward<K, false, false, acc_t>(x.data(), g, wn, gx.data(), f.data(), nullptr, cT.data(), E, 0, E, deg);
+          poly_row_backward<K, false, false, acc_t>(xr, g, wn, gxr, f.data(), nullptr, cT.data(), E, 0, E, deg);
         }
-        store(gh + ghr.off(ch.b, n), E, gx.data());
+        commit_row(gh + ghr.off(ch.b, n), E, gxr);
         if (gw) {
           acc_t dot = 0;
           for (int64_t e = 0; e < E; ++e) dot += g[e] * p[e];
@@ -625,8 +652,8 @@ void causal_forward(const scalar_t* h, const Rows& hr, int64_t E, const std::vec
       if (i == t.group_last) continue;
       std::fill(f, f + kEB, acc_t(0));
       for (int64_t n = t.n0; n < t.n1; ++n) {
-        load(h + hr.off(t.b, n) + t.e0 * hr.sE, hr.sE, t.width, x);
-        poly_row<K>(x, p, cT.data(), E, t.e0, t.width, deg);
+        poly_row<K>(in_row(h + hr.off(t.b, n) + t.e0 * hr.sE, hr.sE, t.width, x), p, cT.data(), E, t.e0, t.width,
+                    deg);
         for (int64_t e = 0; e < t.width; ++e) f[e] += p[e];
         if ((n - t.n0 + 1) % kFlushRows == 0) flush(f, &tot[i * kEB], t.width);
       }
@@ -651,17 +678,18 @@ void causal_forward(const scalar_t* h, const Rows& hr, int64_t E, const std::vec
             prefetch_row(h + hr.off(t.b, n + kPrefetchRows) + t.e0 * hr.sE, hr.sE, t.width, false);
             prefetch_row(out + outr.off(t.b, n + kPrefetchRows) + t.e0, 1, t.width, true);
           }
-          load(h + hr.off(t.b, n) + t.e0 * hr.sE, hr.sE, t.width, x);
-          scan_row<K, true>(x, run, comp, o, acc_t(1) / static_cast<acc_t>(n + 1), cT.data(), E, t.e0, t.width, deg);
-          store(out + outr.off(t.b, n) + t.e0, t.width, o);
+          acc_t* orow = out_row(out + outr.off(t.b, n) + t.e0, o);
+          scan_row<K, true>(in_row(h + hr.off(t.b, n) + t.e0 * hr.sE, hr.sE, t.width, x), run, comp, orow,
+                            acc_t(1) / static_cast<acc_t>(n + 1), cT.data(), E, t.e0, t.width, deg);
+          commit_row(out + outr.off(t.b, n) + t.e0, t.width, orow);
         }
         continue;
       }
       for (int64_t blk = t.n0; blk < t.n1; blk += F) {
         const int64_t bend = std::min(blk + F, t.n1);
         for (int64_t n = blk; n < bend; ++n) {
-          load(h + hr.off(t.b, n) + t.e0 * hr.sE, hr.sE, t.width, x);
-          scan_row<K, false>(x, run, comp, o, acc_t(0), cT.data(), E, t.e0, t.width, deg);
+          scan_row<K, false>(in_row(h + hr.off(t.b, n) + t.e0 * hr.sE, hr.sE, t.width, x), run, comp, o, acc_t(0),
+                             cT.data(), E, t.e0, t.width, deg);
         }
         const acc_t inv = acc_t(1) / static_cast<acc_t>(bend);
         for (int64_t e = 0; e < t.width; ++e) o[e] = (run[e] - comp[e]) * inv;
@@ -683,8 +711,8 @@ void causal_backward(const scalar_t* g, const Rows& gr, const scalar_t* h, const
     std::fill(G, G + t.width, acc_t(0));
     for (int64_t n = blk; n < bend; ++n) {
       if (n - kPrefetchRows >= t.n0) prefetch_row(g + gr.off(t.b, n - kPrefetchRows) + t.e0 * gr.sE, gr.sE, t.width, false);
-      load(g + gr.off(t.b, n) + t.e0 * gr.sE, gr.sE, t.width, x);
-      for (int64_t e = 0; e < t.width; ++e) G[e] += x[e];
+      const acc_t* xr = in_row(g + gr.off(t.b, n) + t.e0 * gr.sE, gr.sE, t.width, x);
+      for (int64_t e = 0; e < t.width; ++e) G[e] += xr[e];
     }
     const acc_t inv = acc_t(1) / static_cast<acc_t>(bend);
     for (int64_t e = 0; e < t.width; ++e) G[e] *= inv;
@@ -736,9 +764,10 @@ void causal_backward(const scalar_t* g, const Rows& gr, const scalar_t* h, const
             prefetch_row(h + hr.off(t.b, n - kPrefetchRows) + t.e0 * hr.sE, hr.sE, t.width, false);
             prefetch_row(gh + ghr.off(t.b, n - kPrefetchRows) + t.e0, 1, t.width, true);
           }
-          load(h + hr.off(t.b, n) + t.e0 * hr.sE, hr.sE, t.width, x);
-          poly_row_backward<K, true, false, acc_t>(x, gb, acc_t(1), gx, f.data(), nullptr, cT.data(), E, t.e0, t.width, deg);
-          store(gh + ghr.off(t.b, n) + t.e0, t.width, gx);
+          acc_t* gxr = out_row(gh + ghr.off(t.b, n) + t.e0, gx);
+          poly_row_backward<K, true, false, acc_t>(in_row(h + hr.off(t.b, n) + t.e0 * hr.sE, hr.sE, t.width, x), gb,
+                                                   acc_t(1), gxr, f.data(), nullptr, cT.data(), E, t.e0, t.width, deg);
+          commit_row(gh + ghr.off(t.b, n) + t.e0, t.width, gxr);
           if (++rows % kFlushRows == 0) flush(f.data(), d, deg * t.width);
         }
       }
