@@ -1,0 +1,165 @@
+// Kernels shared by every op family: chunk offsets of packed sequences, the
+// scan of chunk totals, and the fixed-order reduction of grad_coeff partials.
+#include "common.cuh"
+
+#include <mutex>
+#include <vector>
+
+namespace pom_ext {
+namespace cuda {
+
+int sm_count(int device) {
+  static std::mutex mu;
+  static std::vector<int> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  if (device >= static_cast<int>(cache.size())) cache.resize(device + 1, 0);
+  if (cache[device] == 0) {
+    int v = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device));
+    cache[device] = v > 0 ? v : 1;
+  }
+  return cache[device];
+}
+
+namespace {
+
+constexpr int kOffThreads = 1024;
+
+// off[b] = sum_{j < b} ceil(len_j / R), off[B] = the number of chunks; validates the offsets.
+__global__ void __launch_bounds__(kOffThreads)
+    chunk_offsets_kernel(const void* cu, bool cu64, int64_t B, int64_t R, int64_t total, int64_t* __restrict__ off) {
+  __shared__ int64_t part[kOffThreads];
+  auto at = [&](int64_t i) -> int64_t {
+    return cu64 ? static_cast<const int64_t*>(cu)[i] : static_cast<int64_t>(static_cast<const int32_t*>(cu)[i]);
+  };
+  const int t = threadIdx.x;
+  const int64_t per = (B + kOffThreads - 1) / kOffThreads;
+  const int64_t lo = t * per;
+  const int64_t hi = lo + per < B ? lo + per : B;
+  int64_t local = 0;
+  for (int64_t b = lo; b < hi; ++b) {
+    const int64_t len = at(b + 1) - at(b);
+    CUDA_KERNEL_ASSERT(len >= 0 && "cu_seqlens must be non-decreasing");
+    local += (len + R - 1) / R;
+  }
+  part[t] = local;
+  __syncthreads();
+  if (t == 0) {
+    CUDA_KERNEL_ASSERT(at(0) == 0 && "cu_seqlens must start at 0");
+    CUDA_KERNEL_ASSERT(at(B) == total && "cu_seqlens must end at the number of rows of h");
+    int64_t run = 0;
+    for (int i = 0; i < kOffThreads; ++i) {
+      const int64_t v = part[i];
+      part[i] = run;
+      run += v;
+    }
+    off[B] = run;
+  }
+  __syncthreads();
+  int64_t run = part[t];
+  for (int64_t b = lo; b < hi; ++b) {
+    off[b] = run;
+    run += (at(b + 1) - at(b) + R - 1) / R;
+  }
+}
+
+// Per sequence and channel: carries of the chunk totals. Block (32, 16): lane y
+// owns a contiguous run of chunks.
+__global__ void __launch_bounds__(512)
+    chunk_scan_kernel(const double* __restrict__ tot, double* __restrict__ carry, Layout L, int64_t E, bool reverse) {
+  __shared__ double sh[16][33];
+  const int64_t eblocks = (E + 31) / 32;
+  const int64_t b = blockIdx.x / eblocks;
+  const int64_t e = (blockIdx.x - b * eblocks) * 32 + threadIdx.x;
+  const bool active = e < E;
+  int64_t c0, c1;
+  L.chunks_of(b, c0, c1);
+  const int64_t n = c1 - c0;
+  const int64_t seg = (n + 15) / 16;
+  // Lane y's chunks in scan order are positions [y * seg, (y + 1) * seg) of the sequence's chunks,
+  // counted from the first chunk (forward) or from the last (reverse).
+  const int64_t p0 = threadIdx.y * seg;
+  const int64_t p1 = p0 + seg < n ? p0 + seg : n;
+  auto chunk_at = [&](int64_t p) { return reverse ? c1 - 1 - p : c0 + p; };
+  double s = 0.0;
+  if (active)
+    for (int64_t p = p0; p < p1 && p < n - 1; ++p) s += tot[chunk_at(p) * E + e];
+  sh[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  double run = 0.0;
+  for (int y = 0; y < static_cast<int>(threadIdx.y); ++y) run += sh[y][threadIdx.x];
+  if (active)
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t c = chunk_at(p);
+      carry[c * E + e] = run;
+      if (p < n - 1) run += tot[c * E + e];
+    }
+}
+
+// out[e, k] = sum over slots of part[slot, k, e], in slot order (fp64).
+template <typename acc_t>
+__global__ void __launch_bounds__(256)
+    reduce_coeff_kernel(const acc_t* __restrict__ part, int64_t nslots, int deg, int64_t E, double* __restrict__ out) {
+  __shared__ double sh[8][33];
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;  // k * E + e
+  const bool active = i < deg * E;
+  const double s = sum_slots(part + (active ? i : 0), static_cast<int64_t>(deg) * E, 0, nslots, active, sh);
+  if (threadIdx.y == 0 && active) {
+    const int64_t k = i / E, e = i - k * E;
+    out[e * deg + k] = s;
+  }
+}
+
+}  // namespace
+
+Layout make_layout(const at::Tensor& h, const c10::optional<at::Tensor>& cu, int64_t R, LayoutKeep& keep,
+                   cudaStream_t stream) {
+  Layout L;
+  L.R = R;
+  if (!cu.has_value()) {
+    L.B = h.size(0);
+    L.N = h.size(1);
+    L.ncps = ceil_div(L.N, R);
+    L.nchunks = L.B * L.ncps;
+    return L;
+  }
+  keep.cu = cu->contiguous();
+  const int64_t total = h.size(0);
+  L.B = keep.cu.size(0) - 1;
+  L.cu = keep.cu.data_ptr();
+  L.cu64 = keep.cu.scalar_type() == at::kLong;
+  L.nchunks = ceil_div(total, R) + L.B;
+  keep.off = at::empty({L.B + 1}, h.options().dtype(at::kLong));
+  chunk_offsets_kernel<<<1, kOffThreads, 0, stream>>>(L.cu, L.cu64, L.B, R, total, keep.off.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  L.chunk_off = keep.off.data_ptr<int64_t>();
+  return L;
+}
+
+void launch_chunk_scan(const double* tot, double* carry, const Layout& L, int64_t E, bool reverse,
+                       cudaStream_t stream) {
+  if (L.B == 0 || E == 0) return;
+  const dim3 grid(static_cast<unsigned>(ceil_div(E, 32) * L.B));
+  chunk_scan_kernel<<<grid, dim3(32, 16), 0, stream>>>(tot, carry, L, E, reverse);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor reduce_coeff_grad(const at::Tensor& part, int64_t nslots, int deg, int64_t E, const at::Tensor& coeff,
+                             cudaStream_t stream) {
+  auto out = at::empty({E, deg}, coeff.options().dtype(at::kDouble));
+  if (E > 0) {
+    const dim3 grid(static_cast<unsigned>(ceil_div(static_cast<int64_t>(deg) * E, 32)));
+    if (part.scalar_type() == at::kDouble) {
+      reduce_coeff_kernel<double><<<grid, dim3(32, 8), 0, stream>>>(part.data_ptr<double>(), nslots, deg, E,
+                                                                   out.data_ptr<double>());
+    } else {
+      reduce_coeff_kernel<float><<<grid, dim3(32, 8), 0, stream>>>(part.data_ptr<float>(), nslots, deg, E,
+                                                                  out.data_ptr<double>());
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return out.to(coeff.scalar_type());
+}
+
+}  // namespace cuda
+}  // namespace pom_ext

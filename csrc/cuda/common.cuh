@@ -1,0 +1,367 @@
+// Shared pieces of the CUDA kernels of pom_ext.
+//
+// Work split. Rows of h (dense (B, N, E) or packed (total, E) with cu_seqlens)
+// are cut into chunks of R rows that never cross a sequence; channel tiles of
+// blockDim.x * V channels (V elements = 16 bytes per thread) cover E. A block
+// is one (chunk, tile) pair, so the grid fills the GPU even for B = 1.
+//  - Reductions over rows (mean, state update, grad_coeff) write one partial
+//    per (chunk, row lane) to a workspace; a second kernel reduces the partials
+//    of each sequence (or of everything, for grad_coeff) in a fixed order.
+//  - Scans (causal, block-causal) run in three passes: chunk totals, an
+//    exclusive (or, backward, suffix) scan of the totals per sequence in fp64,
+//    then every chunk rescans from its carry with a Kahan-compensated sum.
+// Packed layouts find a chunk's sequence by binary search over per-sequence
+// chunk offsets computed on the device (no host synchronisation).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/macros/Macros.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "pom_ext/checks.h"
+#include "pom_ext/dispatch.h"
+#include "pom_ext/poly_math.h"
+
+namespace pom_ext {
+namespace cuda {
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Elements per 16-byte vector.
+template <typename scalar_t>
+struct Vec {
+  static constexpr int value = static_cast<int>(16 / sizeof(scalar_t));
+};
+
+// Element strides of a row-major view: sequence (dense batch), row, channel.
+struct Strides {
+  int64_t b = 0, n = 0, e = 1;
+};
+
+// Sequences and their chunks of R rows.
+struct Layout {
+  int64_t B = 0;                        // sequences
+  int64_t N = 0;                        // dense: rows per sequence
+  const void* cu = nullptr;             // packed: offsets (B + 1), int32 or int64
+  bool cu64 = false;
+  const int64_t* chunk_off = nullptr;   // packed: first chunk of each sequence (B + 1)
+  int64_t R = 1;                        // rows per chunk
+  int64_t ncps = 0;                     // dense: chunks per sequence
+  int64_t nchunks = 0;                  // chunks in the grid (an upper bound when packed)
+
+  __device__ __forceinline__ int64_t cu_at(int64_t i) const {
+    return cu64 ? static_cast<const int64_t*>(cu)[i] : static_cast<int64_t>(static_cast<const int32_t*>(cu)[i]);
+  }
+  __device__ __forceinline__ int64_t base(int64_t b) const { return cu ? cu_at(b) : 0; }
+  __device__ __forceinline__ int64_t len(int64_t b) const { return cu ? cu_at(b + 1) - cu_at(b) : N; }
+  __device__ __forceinline__ int64_t off(const Strides& s, int64_t b, int64_t n) const {
+    return b * s.b + (base(b) + n) * s.n;
+  }
+  // Sequence and rows [n0, n1) of chunk c; false for a chunk past the last one.
+  __device__ __forceinline__ bool chunk(int64_t c, int64_t& b, int64_t& n0, int64_t& n1) const {
+    if (!cu) {
+      if (ncps == 0) return false;
+      b = c / ncps;
+      if (b >= B) return false;
+      n0 = (c - b * ncps) * R;
+      n1 = n0 + R < N ? n0 + R : N;
+      return true;
+    }
+    if (c >= chunk_off[B]) return false;
+    int64_t lo = 0, hi = B;  // chunk_off[lo] <= c < chunk_off[hi]
+    while (hi - lo > 1) {
+      const int64_t mid = (lo + hi) / 2;
+      if (chunk_off[mid] <= c) {
+        lo = mid;
+      } else {
+        hi = mid;
+      }
+    }
+    b = lo;
+    n0 = (c - chunk_off[b]) * R;
+    const int64_t L = len(b);
+    n1 = n0 + R < L ? n0 + R : L;
+    return true;
+  }
+  __device__ __forceinline__ void chunks_of(int64_t b, int64_t& c0, int64_t& c1) const {
+    if (!cu) {
+      c0 = b * ncps;
+      c1 = c0 + ncps;
+    } else {
+      c0 = chunk_off[b];
+      c1 = chunk_off[b + 1];
+    }
+  }
+  // Sequence and position of a global row index (dense: b * N + n; packed: the packed row).
+  __device__ __forceinline__ void row(int64_t r, int64_t& b, int64_t& n) const {
+    if (!cu) {
+      b = r / N;
+      n = r - b * N;
+      return;
+    }
+    int64_t lo = 0, hi = B;  // cu[lo] <= r < cu[hi]
+    while (hi - lo > 1) {
+      const int64_t mid = (lo + hi) / 2;
+      if (cu_at(mid) <= r) {
+        lo = mid;
+      } else {
+        hi = mid;
+      }
+    }
+    b = lo;
+    n = r - cu_at(lo);
+  }
+};
+
+// Coefficients (E, K) of any floating dtype, read with strides. The generic
+// degree (K == 0) reads a (deg, E) table in the accumulation type instead.
+template <typename acc_t>
+struct CoeffArg {
+  const void* raw = nullptr;
+  int64_t s_e = 0, s_k = 0;
+  int dtype = 0;  // 0 float32, 1 float64, 2 float16, 3 bfloat16
+  const acc_t* tab = nullptr;
+  int64_t E = 0;
+  int deg = 0;
+
+  __device__ __forceinline__ acc_t get(int64_t e, int k) const {
+    const int64_t i = e * s_e + k * s_k;
+    switch (dtype) {
+      case 0: return static_cast<acc_t>(static_cast<const float*>(raw)[i]);
+      case 1: return static_cast<acc_t>(static_cast<const double*>(raw)[i]);
+      case 2: return static_cast<acc_t>(static_cast<float>(static_cast<const c10::Half*>(raw)[i]));
+      default: return static_cast<acc_t>(static_cast<float>(static_cast<const c10::BFloat16*>(raw)[i]));
+    }
+  }
+};
+
+// Host: the coefficient argument; `keep` holds the generic-degree table alive.
+template <typename acc_t>
+CoeffArg<acc_t> coeff_arg(const at::Tensor& coeff, at::Tensor& keep) {
+  CoeffArg<acc_t> a;
+  a.raw = coeff.data_ptr();
+  a.s_e = coeff.stride(0);
+  a.s_k = coeff.stride(1);
+  const auto t = coeff.scalar_type();
+  a.dtype = t == at::kFloat ? 0 : t == at::kDouble ? 1 : t == at::kHalf ? 2 : 3;
+  a.E = coeff.size(0);
+  a.deg = static_cast<int>(coeff.size(1));
+  if (a.deg > 4) {
+    keep = coeff.to(c10::CppTypeToScalarType<acc_t>::value).t().contiguous();
+    a.tab = keep.data_ptr<acc_t>();
+  }
+  return a;
+}
+
+// The coefficients of V consecutive channels e0 .. e0 + nv - 1 of one thread.
+template <int K, int V, typename acc_t>
+struct ChanCoeff {
+  acc_t c[K > 0 ? K * V : 1];
+  const acc_t* tab;
+  int64_t E, e0;
+  int nv, deg;
+
+  __device__ __forceinline__ void load(const CoeffArg<acc_t>& a, int64_t e0_, int nv_) {
+    tab = a.tab;
+    E = a.E;
+    e0 = e0_;
+    nv = nv_;
+    deg = a.deg;
+    if constexpr (K > 0) {
+#pragma unroll
+      for (int k = 0; k < K; ++k)
+#pragma unroll
+        for (int j = 0; j < V; ++j) c[k * V + j] = j < nv ? a.get(e0 + j, k) : acc_t(0);
+    }
+  }
+  __device__ __forceinline__ int degree() const { return K > 0 ? K : deg; }
+  __device__ __forceinline__ acc_t poly(int j, acc_t x) const {
+    if constexpr (K > 0) {
+      return math::poly<K>(x, c + j, V, K);
+    } else {
+      return j < nv ? math::poly<0>(x, tab + e0 + j, E, deg) : acc_t(0);
+    }
+  }
+  __device__ __forceinline__ void poly_and_slope(int j, acc_t x, acc_t& p, acc_t& dp) const {
+    if constexpr (K > 0) {
+      math::poly_and_slope<K>(x, c + j, V, K, p, dp);
+    } else if (j < nv) {
+      math::poly_and_slope<0>(x, tab + e0 + j, E, deg, p, dp);
+    } else {
+      p = acc_t(0);
+      dp = acc_t(0);
+    }
+  }
+};
+
+// grad_coeff partials of V channels: registers for a fixed degree, the
+// thread's own workspace slot (deg rows of stride E) for the generic degree.
+template <int K, int V, typename acc_t>
+struct CoeffGradAcc {
+  acc_t r[K > 0 ? K * V : 1];
+  acc_t* dst;
+  int64_t E;
+  int nv, deg;
+
+  __device__ __forceinline__ void init(acc_t* dst_, int64_t E_, int nv_, int deg_) {
+    dst = dst_;
+    E = E_;
+    nv = nv_;
+    deg = deg_;
+    if constexpr (K > 0) {
+#pragma unroll
+      for (int i = 0; i < K * V; ++i) r[i] = acc_t(0);
+    } else {
+      for (int k = 0; k < deg; ++k)
+        for (int j = 0; j < nv; ++j) dst[k * E + j] = acc_t(0);
+    }
+  }
+  // Adds s * a^(k+1) for k < degree.
+  __device__ __forceinline__ void add_powers(int j, acc_t s, acc_t a) {
+    if constexpr (K > 0) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        s *= a;
+        r[k * V + j] += s;
+      }
+    } else if (j < nv) {
+      for (int k = 0; k < deg; ++k) {
+        s *= a;
+        dst[k * E + j] += s;
+      }
+    }
+  }
+  __device__ __forceinline__ void finish() {
+    if constexpr (K > 0) {
+#pragma unroll
+      for (int k = 0; k < K; ++k)
+#pragma unroll
+        for (int j = 0; j < V; ++j)
+          if (j < nv) dst[k * E + j] = r[k * V + j];
+    }
+  }
+};
+
+// V elements of one row at channel e0: one 16-byte load when `vec`, else strided scalar loads.
+template <int V, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_row(const scalar_t* __restrict__ row, int64_t e0, int64_t sE, int nv, bool vec,
+                                         acc_t (&x)[V]) {
+  if (vec) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(row + e0);
+    const scalar_t* s = reinterpret_cast<const scalar_t*>(&raw);
+#pragma unroll
+    for (int j = 0; j < V; ++j) x[j] = static_cast<acc_t>(s[j]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j) x[j] = j < nv ? static_cast<acc_t>(row[(e0 + j) * sE]) : acc_t(0);
+  }
+}
+
+template <int V, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void store_row(scalar_t* __restrict__ row, int64_t e0, int64_t sE, int nv, bool vec,
+                                          const acc_t (&x)[V]) {
+  if (vec) {
+    uint4 raw;
+    scalar_t* s = reinterpret_cast<scalar_t*>(&raw);
+#pragma unroll
+    for (int j = 0; j < V; ++j) s[j] = static_cast<scalar_t>(x[j]);
+    *reinterpret_cast<uint4*>(row + e0) = raw;
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j)
+      if (j < nv) row[(e0 + j) * sE] = static_cast<scalar_t>(x[j]);
+  }
+}
+
+// ---- host helpers ----
+
+inline Strides strides_of(const at::Tensor& t, bool packed) {
+  Strides s;
+  if (packed) {
+    s.b = 0;
+    s.n = t.stride(0);
+    s.e = t.dim() > 1 ? t.stride(1) : 1;
+  } else {
+    s.b = t.stride(0);
+    s.n = t.stride(1);
+    s.e = t.dim() > 2 ? t.stride(2) : 1;
+  }
+  return s;
+}
+
+// 16-byte vector access is valid: channels contiguous, every row start aligned.
+template <typename scalar_t>
+bool vectorizable(const void* ptr, const Strides& s, int64_t E) {
+  constexpr int V = Vec<scalar_t>::value;
+  return s.e == 1 && E % V == 0 && s.n % V == 0 && s.b % V == 0 &&
+         reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
+}
+
+int sm_count(int device);
+
+// Threads across channels for a width of E channels at V per thread (32..max_tx).
+inline int threads_x(int64_t E, int V, int max_tx) {
+  const int64_t need = ceil_div(ceil_div(E, V), 32) * 32;
+  return static_cast<int>(std::max<int64_t>(32, std::min<int64_t>(max_tx, need)));
+}
+
+// Rows per chunk: enough chunks that tiles x chunks fill about one wave of
+// `blocks_per_sm` blocks on every SM; at least min_rows, a multiple of `multiple`.
+inline int64_t rows_per_chunk(int64_t avg_len, int64_t B, int64_t tiles, int64_t min_rows, int64_t multiple,
+                              int device, int blocks_per_sm) {
+  const int64_t target = static_cast<int64_t>(sm_count(device)) * blocks_per_sm;
+  const int64_t want = std::max<int64_t>(1, target / std::max<int64_t>(1, B * tiles));
+  int64_t R = std::max<int64_t>(min_rows, ceil_div(std::max<int64_t>(avg_len, 1), want));
+  return ceil_div(R, multiple) * multiple;
+}
+
+// Device buffers a packed Layout points into.
+struct LayoutKeep {
+  at::Tensor off, cu;
+};
+
+// Layout of h (dense or packed) cut into chunks of R rows. For packed inputs this
+// launches a kernel computing the per-sequence chunk offsets into `keep`.
+Layout make_layout(const at::Tensor& h, const c10::optional<at::Tensor>& cu, int64_t R, LayoutKeep& keep,
+                   cudaStream_t stream);
+
+// carry[c] (nchunks x E, fp64) = sum of tot over the chunks before c in its sequence
+// (after c when reverse). tot of the last (first, when reverse) chunk of a sequence is never read.
+void launch_chunk_scan(const double* tot, double* carry, const Layout& L, int64_t E, bool reverse,
+                       cudaStream_t stream);
+
+// grad_coeff (E, deg) in coeff's dtype from partials (nslots, deg, E) of the accumulation
+// type, summed over the slots in order.
+at::Tensor reduce_coeff_grad(const at::Tensor& part, int64_t nslots, int deg, int64_t E, const at::Tensor& coeff,
+                             cudaStream_t stream);
+
+// Sum over slots [s0, s1) of v[s * stride] in fp64, by a (32, 8) block: lane y sums
+// a contiguous segment, then the segments are added in order. Valid in threadIdx.y == 0.
+template <typename T>
+__device__ __forceinline__ double sum_slots(const T* __restrict__ v, int64_t stride, int64_t s0, int64_t s1, bool active,
+                                            double (*sh)[33]) {
+  const int64_t n = s1 - s0;
+  const int64_t seg = (n + blockDim.y - 1) / blockDim.y;
+  const int64_t a = s0 + threadIdx.y * seg;
+  const int64_t b = a + seg < s1 ? a + seg : s1;
+  double s = 0.0;
+  if (active)
+    for (int64_t i = a; i < b; ++i) s += static_cast<double>(v[i * stride]);
+  sh[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  double t = 0.0;
+  if (threadIdx.y == 0)
+    for (int y = 0; y < static_cast<int>(blockDim.y); ++y) t += sh[y][threadIdx.x];
+  __syncthreads();
+  return t;
+}
+
+}  // namespace cuda
+}  // namespace pom_ext

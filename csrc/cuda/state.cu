@@ -1,0 +1,189 @@
+// Recurrent state on CUDA: poly_state_update, its backward, and the in-place
+// decode step poly_state_step_.
+//
+// Short chunks (T <= kSmallT, the decode case T == 1 included): one launch,
+// one block per batch row; each thread owns channels, sums p over the T tokens,
+// and writes H, the new sum and (after a barrier, so every thread of the row
+// has read the old value) the new count. No workspace, no host sync: the step
+// can be captured in a CUDA graph and runs in place.
+// Long chunks: row_partials (grid (chunks, channel tiles), slot partials, and a
+// copy of the counts) then state_finish (grid (E / 32 x B), fixed-order fp64
+// reduction of the slots of each row); in-place safe because the counts are
+// read from the copy.
+// Backward: gbar = grad_H / (count + T) + grad_sum (B, E), then row_backward
+// (grad_h = gbar * dp/dh, grad_coeff from slot partials in fixed order).
+#include <torch/library.h>
+
+#include "rows.cuh"
+
+namespace pom_ext {
+namespace cuda {
+namespace {
+
+constexpr int64_t kSmallT = 32;
+
+__device__ __forceinline__ double read_sum(const void* p, bool f64, int64_t i) {
+  return f64 ? static_cast<const double*>(p)[i] : static_cast<double>(static_cast<const float*>(p)[i]);
+}
+
+__device__ __forceinline__ void write_sum(void* p, bool f64, int64_t i, double v) {
+  if (f64) {
+    static_cast<double*>(p)[i] = v;
+  } else {
+    static_cast<float*>(p)[i] = static_cast<float>(v);
+  }
+}
+
+template <typename scalar_t, int K>
+__global__ void __launch_bounds__(256)
+    state_small_kernel(const scalar_t* __restrict__ h, Strides hs, int64_t T, int64_t E,
+                       CoeffArg<at::opmath_type<scalar_t>> ca, const void* sum_in, int64_t ss0, int64_t ss1,
+                       const int64_t* count_in, int64_t cs, bool sum64, scalar_t* __restrict__ H, void* sum_out,
+                       int64_t* count_out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t b = blockIdx.x;
+  const int64_t cnt = count_in[b * cs] + T;
+  const double inv = cnt > 0 ? 1.0 / static_cast<double>(cnt) : 0.0;
+  for (int64_t e = threadIdx.x; e < E; e += blockDim.x) {
+    ChanCoeff<K, 1, acc_t> cc;
+    cc.load(ca, e, 1);
+    acc_t f = acc_t(0);
+    for (int64_t t = 0; t < T; ++t) f += cc.poly(0, math::act(static_cast<acc_t>(h[b * hs.b + t * hs.n + e * hs.e])));
+    const double s = read_sum(sum_in, sum64, b * ss0 + e * ss1) + static_cast<double>(f);
+    H[b * E + e] = static_cast<scalar_t>(s * inv);
+    write_sum(sum_out, sum64, b * E + e, s);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) count_out[b] = cnt;
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(256)
+    state_finish_kernel(const at::opmath_type<scalar_t>* __restrict__ S, Layout L, int lanes, int64_t T, int64_t E,
+                        const void* sum_in, int64_t ss0, int64_t ss1, const int64_t* __restrict__ cnt_ws, bool sum64,
+                        scalar_t* __restrict__ H, void* sum_out, int64_t* count_out) {
+  __shared__ double sh[8][33];
+  const int64_t eblocks = (E + 31) / 32;
+  const int64_t b = blockIdx.x / eblocks;
+  const int64_t eb = blockIdx.x - b * eblocks;
+  const int64_t e = eb * 32 + threadIdx.x;
+  const bool active = e < E;
+  int64_t c0, c1;
+  L.chunks_of(b, c0, c1);
+  const double part = sum_slots(S + (active ? e : 0), E, c0 * lanes, c1 * lanes, active, sh);
+  const int64_t cnt = cnt_ws[b] + T;
+  if (threadIdx.y == 0 && active) {
+    const double inv = cnt > 0 ? 1.0 / static_cast<double>(cnt) : 0.0;
+    const double s = read_sum(sum_in, sum64, b * ss0 + e * ss1) + part;
+    H[b * E + e] = static_cast<scalar_t>(s * inv);
+    write_sum(sum_out, sum64, b * E + e, s);
+  }
+  if (eb == 0 && threadIdx.x == 0 && threadIdx.y == 0) count_out[b] = cnt;
+}
+
+void check_state_args(const char* op, const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& sum,
+                      const at::Tensor& count) {
+  checks::floating(op, "h", h);
+  checks::rank(op, "h", h, 3, "(B, T, E)");
+  checks::coeff(op, h, coeff);
+  checks::state(op, h, sum, count);
+}
+
+// H = (sum + sum_t p_t) / (count + T) and the new state; sum_out and count_out are
+// contiguous and may alias sum_in and count_in.
+void state_into(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& sum_in, const at::Tensor& count_in,
+                at::Tensor& H, at::Tensor& sum_out, at::Tensor& count_out) {
+  c10::cuda::CUDAGuard guard(h.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int deg = static_cast<int>(coeff.size(1));
+  const int64_t B = h.size(0), T = h.size(1), E = h.size(2);
+  if (B == 0) return;
+  const bool sum64 = sum_in.scalar_type() == at::kDouble;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "poly_state_update_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::Tensor keep;
+    auto ca = coeff_arg<acc_t>(coeff, keep);
+    if (T <= kSmallT || E == 0) {
+      const Strides hs{h.stride(0), h.stride(1), h.stride(2)};
+      dispatch_degree(deg, [&](auto Kc) {
+        state_small_kernel<scalar_t, decltype(Kc)::value><<<static_cast<unsigned>(B), 256, 0, stream>>>(
+            h.data_ptr<scalar_t>(), hs, T, E, ca, sum_in.data_ptr(), sum_in.stride(0), sum_in.stride(1),
+            count_in.data_ptr<int64_t>(), count_in.stride(0), sum64, H.data_ptr<scalar_t>(), sum_out.data_ptr(),
+            count_out.data_ptr<int64_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+      return;
+    }
+    auto cnt_ws = at::empty({B}, count_in.options());
+    RowPartials rp = row_partials(h, coeff, nullptr, c10::nullopt, count_in.data_ptr<int64_t>(), count_in.stride(0),
+                                  cnt_ws.data_ptr<int64_t>(), stream);
+    const dim3 grid(static_cast<unsigned>(ceil_div(E, 32) * B));
+    state_finish_kernel<scalar_t><<<grid, dim3(32, 8), 0, stream>>>(
+        rp.S.data_ptr<acc_t>(), rp.L, rp.lanes, T, E, sum_in.data_ptr(), sum_in.stride(0), sum_in.stride(1),
+        cnt_ws.data_ptr<int64_t>(), sum64, H.data_ptr<scalar_t>(), sum_out.data_ptr(), count_out.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_state_update_cuda(const at::Tensor& h, const at::Tensor& coeff,
+                                                                      const at::Tensor& state_sum,
+                                                                      const at::Tensor& count) {
+  const char* op = "pom_ext::poly_state_update";
+  check_state_args(op, h, coeff, state_sum, count);
+  auto H = at::empty({h.size(0), h.size(2)}, h.options());
+  auto sum_out = at::empty({h.size(0), h.size(2)}, state_sum.options());
+  auto count_out = at::empty({h.size(0)}, count.options());
+  state_into(h, coeff, state_sum, count, H, sum_out, count_out);
+  return {H, sum_out, count_out};
+}
+
+at::Tensor poly_state_step_cuda(const at::Tensor& h, const at::Tensor& coeff, at::Tensor& state_sum,
+                                at::Tensor& count) {
+  const char* op = "pom_ext::poly_state_step_";
+  check_state_args(op, h, coeff, state_sum, count);
+  TORCH_CHECK(state_sum.is_contiguous() && count.is_contiguous(), op,
+              ": arguments 'state_sum' and 'count' are updated in place and must be contiguous");
+  auto H = at::empty({h.size(0), h.size(2)}, h.options());
+  state_into(h, coeff, state_sum, count, H, state_sum, count);
+  return H;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_state_update_backward_cuda(const at::Tensor& grad_H,
+                                                                               const at::Tensor& grad_sum,
+                                                                               const at::Tensor& h,
+                                                                               const at::Tensor& coeff,
+                                                                               const at::Tensor& count) {
+  const char* op = "pom_ext::poly_state_update_backward";
+  checks::floating(op, "h", h);
+  checks::rank(op, "h", h, 3, "(B, T, E)");
+  checks::coeff(op, h, coeff);
+  const int64_t B = h.size(0), T = h.size(1), E = h.size(2);
+  checks::same_shape(op, "grad_H", grad_H, {B, E}, "the output H (B, E)");
+  checks::same_shape(op, "grad_state_sum", grad_sum, {B, E}, "the state sum (B, E)");
+  checks::same_shape(op, "count", count, {B}, "the batch (B,)");
+  checks::same_device(op, "grad_H", grad_H, h);
+  checks::same_device(op, "grad_state_sum", grad_sum, h);
+  checks::same_device(op, "count", count, h);
+  c10::cuda::CUDAGuard guard(h.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  // d(new_sum)/d(sum) = 1 and dH/d(sum) = 1 / (count + T): both reach every token of the chunk too.
+  auto cnt = (count.to(at::kDouble) + static_cast<double>(T)).unsqueeze(1);
+  auto gbar_t = at::where(cnt > 0, grad_H.to(at::kDouble) / cnt.clamp_min(1), at::zeros_like(cnt)) +
+                grad_sum.to(at::kDouble);
+  const at::ScalarType acc = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto gbar = gbar_t.to(acc).contiguous();
+  auto gh = at::empty(h.sizes(), h.options());
+  at::Tensor gc = row_backward(h, coeff, nullptr, c10::nullopt, gbar, gh, stream);
+  return {gh, gc, gbar_t.to(grad_sum.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pom_ext, CUDA, m) {
+  m.impl("poly_state_update", &poly_state_update_cuda);
+  m.impl("poly_state_update_backward", &poly_state_update_backward_cuda);
+  m.impl("poly_state_step_", &poly_state_step_cuda);
+}
+
+}  // namespace cuda
+}  // namespace pom_ext
