@@ -36,9 +36,20 @@ class PoMState:
         if not isinstance(state, dict) or "h" not in state or "n" not in state:
             raise ValueError(f"pom_ext: argument 'state' must be a PoMState or a dict with keys 'h' and 'n', "
                              f"got {type(state).__name__}")
-        n = torch.as_tensor(state["n"], device=device).to(torch.int64).expand(batch_size).clone()
-        h = torch.as_tensor(state["h"], device=device).to(torch.float32)
-        mean = h.reshape(batch_size, width) if h.numel() > 1 else h.expand(batch_size, width)
+        try:
+            n = torch.as_tensor(state["n"], device=device)
+            h = torch.as_tensor(state["h"], device=device)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"pom_ext: argument 'state' must hold tensors (or numbers) 'h' and 'n', got {e}") from e
+        if n.numel() not in (1, batch_size) or n.is_floating_point() or n.is_complex() or (n < 0).any():
+            raise ValueError(f"pom_ext: argument 'state' must hold a token count 'n' >= 0, one integer or one per "
+                             f"batch row ({batch_size}), got {n.dtype} of shape {tuple(n.shape)}")
+        if h.numel() not in (1, batch_size * width) or not (h.is_floating_point() or h.numel() == 1):
+            raise ValueError(f"pom_ext: argument 'state' must hold a running mean 'h' of shape (B, 1, E) = "
+                             f"{(batch_size, 1, width)}, got {h.dtype} of shape {tuple(h.shape)}")
+        n = n.to(torch.int64).reshape(-1).expand(batch_size).clone()
+        h = h.to(torch.float32)
+        mean = h.reshape(batch_size, width) if h.numel() > 1 else h.reshape(1, 1).expand(batch_size, width)
         return cls(mean * n[:, None].to(torch.float32), n)
 
     def to_reference(self) -> Dict[str, Any]:
@@ -118,6 +129,13 @@ class PoM(nn.Module):
                              f"D = {self.dim}, got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"pom_ext.PoM: argument '{name}' must be floating point, got {x.dtype}")
+        param = self.po_coeff
+        if x.device != param.device:
+            raise ValueError(f"pom_ext.PoM: argument '{name}' is on {x.device} but the layer's parameters are on "
+                             f"{param.device}; move both to one device")
+        if x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"pom_ext.PoM: argument '{name}' is {x.dtype} but the layer's parameters are "
+                             f"{param.dtype}; convert one of them (or run under torch.autocast)")
 
     def _context(self, xc: torch.Tensor) -> torch.Tensor:
         if self.n_groups > 1:
@@ -215,6 +233,9 @@ class PoM(nn.Module):
         self._check_x("xq", xq, False)
         if xc is not None:
             self._check_x("xc", xc, False)
+            if xc.shape[0] != xq.shape[0]:
+                raise ValueError(f"pom_ext.PoM: 'xc' and 'xq' must have the same batch size, got "
+                                 f"{xc.shape[0]} and {xq.shape[0]}")
         st, as_dict = self._as_state(state, xq.shape[0], xq.device)
         h, s = self.project(xq, xc)
         PF.check_state(h, self.po_coeff, st.sum, st.count)

@@ -59,3 +59,23 @@ def cpu_isa(request, monkeypatch):
 
 def pytest_report_header(config):
     return f"pom_ext native kernels: {pom_ext.native_available()}, torch {torch.__version__}, devices {DEVICES}"
+
+
+# ---- slow tests: skipped unless `--runslow` or POM_EXT_SLOW=1 ----
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False,
+                     help="run tests marked @pytest.mark.slow (also enabled by POM_EXT_SLOW=1)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long-running test, skipped unless --runslow or POM_EXT_SLOW=1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow") or os.environ.get("POM_EXT_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow or POM_EXT_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

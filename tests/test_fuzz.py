@@ -1,0 +1,452 @@
+"""Property-based tests: every op and the layer, forward and backward, on random shapes, dtypes, degrees,
+masks, block sizes, packed offsets and strided views, against the float64 reference.
+
+The reference sees the same inputs as the kernels, rounded to their dtype and upcast to float64, so a
+comparison measures the kernels' arithmetic and not the rounding of their inputs (SPEC §4 tolerances).
+
+Profiles (env POM_EXT_FUZZ): "fast" (default, derandomized, for CI) and "long" (many more examples).
+"""
+import copy
+import os
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+import pom_ext
+from pom_ext import PoM, functional as PF, ops, reference as R
+
+from conftest import TOL, rel_err
+
+pytestmark = pytest.mark.skipif(not pom_ext.native_available(), reason="compiled kernels not built")
+
+_common = dict(deadline=None, suppress_health_check=list(HealthCheck), print_blob=True,
+               phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink])
+settings.register_profile("pom_fast", max_examples=50, derandomize=True, database=None, **_common)
+settings.register_profile("pom_long", max_examples=1000, **_common)
+PROFILE = os.environ.get("POM_EXT_FUZZ", "fast")
+if PROFILE not in ("fast", "long"):
+    raise pytest.UsageError(f"POM_EXT_FUZZ must be 'fast' or 'long', got {PROFILE!r}")
+FUZZ = settings(settings.get_profile(f"pom_{PROFILE}"))
+
+LOW = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+
+@contextmanager
+def isa(name):
+    """Runs the kernels of the machine's best instruction set ("native") or the baseline build ("base")."""
+    old = os.environ.get("POM_EXT_CPU_ISA")
+    if name == "base":
+        os.environ["POM_EXT_CPU_ISA"] = "base"
+    else:
+        os.environ.pop("POM_EXT_CPU_ISA", None)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("POM_EXT_CPU_ISA", None)
+        else:
+            os.environ["POM_EXT_CPU_ISA"] = old
+
+
+def coeffs(g, E, K, scale=4.0):
+    """(E, K) float64, coefficient k scaled by scale^-(k+1): degree 16 stays finite in float16 for |act| <= 6."""
+    s = torch.tensor([scale ** -(k + 1) for k in range(K)], dtype=torch.float64)
+    return torch.randn(E, K, generator=g, dtype=torch.float64) * s
+
+
+def tol_of(*dtypes):
+    return max(TOL[d] for d in dtypes if d in TOL)
+
+
+# ---- views: strided layouts of h, applied to the reference's copy and the kernel's leaf alike ----
+
+def view_fn(kind, dim, pad=(3, 2)):
+    if kind == "contig":
+        return lambda t: t
+    if kind == "sliced":  # a channel window of a wider tensor: row stride > E
+        return lambda t: F.pad(t, pad)[..., pad[0]:pad[0] + t.shape[-1]]
+    if kind == "transposed":  # channel stride > 1
+        return lambda t: t.transpose(-1, -2).contiguous().transpose(-1, -2) if t.dim() >= 2 else t
+    if kind == "batch_minor" and dim == 3:  # B stride < N stride
+        return lambda t: t.transpose(0, 1).contiguous().transpose(0, 1)
+    if kind == "rows_step2":  # every other row of a longer tensor
+        return lambda t: t.repeat_interleave(2, dim=-2)[..., ::2, :] if t.dim() >= 2 else t
+    return lambda t: t
+
+
+VIEWS = ["contig", "sliced", "transposed", "batch_minor", "rows_step2"]
+
+
+# ---- one op call: kernel and reference on the same (rounded) inputs, forward and backward ----
+
+def check(fn, inputs, dtypes, diff, view, gseed, expand_grad=False, what="", floors=None):
+    """fn(list_of_inputs, impl) -> output(s). inputs: float64 (or int/bool) master tensors; dtypes[i]: the dtype
+    the kernel sees; diff[i]: differentiate w.r.t. input i; view applies to input 0 (h).
+
+    floors[j](ref_inputs, ref_seeds) -> the scale of the terms that cancel in the gradient of the j-th
+    differentiable input, used as the denominator when larger than the gradient itself."""
+    ref_in, ker_in, ref_leaves, ker_leaves = [], [], [], []
+    for i, (t, d) in enumerate(zip(inputs, dtypes)):
+        if t is None or not t.is_floating_point():
+            ref_in.append(t)
+            ker_in.append(t)
+            continue
+        low = t.to(d)
+        r = low.double().requires_grad_(diff[i])
+        k = low.detach().clone().requires_grad_(diff[i])
+        if diff[i]:
+            ref_leaves.append(r)
+            ker_leaves.append(k)
+        ref_in.append(view(r) if i == 0 else r)
+        ker_in.append(view(k) if i == 0 else k)
+    ref = fn(ref_in, R)
+    got = fn(ker_in, ops)
+    ref = list(ref) if isinstance(ref, (tuple, list)) else [ref]
+    got = list(got) if isinstance(got, (tuple, list)) else [got]
+    tol = tol_of(*[d for t, d in zip(inputs, dtypes) if t is not None and t.is_floating_point()])
+    for i, (a, b) in enumerate(zip(got, ref)):
+        assert a.shape == b.shape, f"{what} output {i}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+        if not b.is_floating_point():
+            assert torch.equal(a, b), f"{what} output {i}: {a} != {b}"
+            continue
+        err = rel_err(a, b)
+        assert err < max(tol, TOL[a.dtype]), f"{what} output {i} ({a.dtype}): relative error {err:.3e}"
+    if not ker_leaves:
+        return
+    outs = [(a, b) for a, b in zip(got, ref) if b.is_floating_point() and b.requires_grad]
+    seeds_k, seeds_r = [], []
+    for a, b in outs:
+        shape = (1,) * (b.dim() - 1) + b.shape[-1:] if expand_grad and b.dim() >= 2 else b.shape
+        s = torch.randn(shape, generator=gseed, dtype=torch.float64).expand(b.shape).to(a.dtype)
+        seeds_k.append(s)
+        seeds_r.append(s.double())
+    gk = torch.autograd.grad([a for a, _ in outs], ker_leaves, seeds_k, allow_unused=True)
+    gr = torch.autograd.grad([b for _, b in outs], ref_leaves, seeds_r, allow_unused=True)
+    for i, (a, b) in enumerate(zip(gk, gr)):
+        if b is None:
+            continue
+        assert a is not None, f"{what}: no gradient for differentiable input {i}"
+        assert a.dtype == ker_leaves[i].dtype, f"{what} grad {i}: dtype {a.dtype} != {ker_leaves[i].dtype}"
+        err = rel_err(a, b)
+        if floors and i in floors and err < float("inf"):
+            floor = floors[i]([t.detach() if isinstance(t, torch.Tensor) else t for t in ref_in], seeds_r)
+            err = (a.double() - b.double()).norm().item() / max(b.double().norm().item(), floor, 1e-300)
+        assert err < max(tol, TOL[a.dtype]), f"{what} grad {i} ({a.dtype}): relative error {err:.3e}"
+
+
+# ---- strategies ----
+
+dtype_st = st.sampled_from(LOW)
+width_st = st.one_of(st.integers(1, 40), st.sampled_from([7, 15, 17, 31, 33, 63, 65, 511, 513, 520]))
+degree_st = st.integers(1, 16)
+seed_st = st.integers(0, 2 ** 31 - 1)
+scale_st = st.sampled_from([0.3, 1.0, 3.0, 12.0])  # 12: many values beyond the clamps at -10 and 6
+isa_st = st.sampled_from(["native", "base"])
+
+
+@st.composite
+def coeff_dtype(draw, h_dtype, K):
+    """float64, float32, bfloat16, or h's dtype; float16 coefficients only at low degree (their gradients,
+    sums of act^K over every token, overflow float16 otherwise)."""
+    options = [torch.float64, torch.float32, torch.bfloat16, h_dtype]
+    if h_dtype == torch.float16 and K > 3:
+        options.remove(h_dtype)
+    return draw(st.sampled_from(options))
+
+
+def small(draw, E):
+    """Keeps B * N * E modest for wide E."""
+    return draw(st.integers(1, 3)), draw(st.integers(1, 24 if E <= 64 else 5))
+
+
+@st.composite
+def sequence_shape(draw, E):
+    """(B, N): short, or occasionally long with B = 1 so the causal scan is cut into chunks with carries."""
+    if E <= 8 and draw(st.integers(0, 9)) == 0:
+        return 1, draw(st.integers(4096, 9000))
+    return small(draw, E)
+
+
+@given(st.data(), dtype_st, width_st, degree_st, seed_st, scale_st, isa_st, st.integers(1, 4),
+       st.sampled_from(["contig", "sliced", "transposed", "rows_step2"]), st.booleans())
+@FUZZ
+def test_fuzz_eval(data, dtype, E, K, seed, scale, which, rank, view, expand_grad):
+    g = torch.Generator().manual_seed(seed)
+    lead = [data.draw(st.integers(0 if rank > 2 else 1, 5)) for _ in range(rank - 1)]
+    h = torch.randn(*lead, E, generator=g, dtype=torch.float64) * scale
+    cd = data.draw(coeff_dtype(dtype, K))
+    with isa(which):
+        check(lambda x, impl: impl.poly_eval(x[0], x[1]), [h, coeffs(g, E, K)], [dtype, cd], [True, True],
+              view_fn(view, h.dim()), g, expand_grad, "eval")
+
+
+@st.composite
+def weights(draw, B, N, h_dtype, g):
+    """(B, N) weights: float (dtype float64, float32 or h's) or bool; each row random, all-zero, one-token or ones."""
+    kind = draw(st.sampled_from(["float", "bool"]))
+    rows = draw(st.lists(st.sampled_from(["random", "zero", "one", "ones"]), min_size=B, max_size=B))
+    w = torch.rand(B, N, generator=g, dtype=torch.float64)
+    if kind == "bool":
+        w = (w > 0.4).double()
+    for b, r in enumerate(rows):
+        if r == "zero":
+            w[b] = 0
+        elif r == "one":
+            w[b] = 0
+            w[b, draw(st.integers(0, N - 1))] = draw(st.sampled_from([1.0, 0.37]))
+        elif r == "ones":
+            w[b] = 1
+    if kind == "bool":
+        return w > 0, None
+    return w, draw(st.sampled_from([torch.float64, torch.float32, h_dtype]))
+
+
+@st.composite
+def packed_offsets(draw, max_len=12):
+    """cu_seqlens (B + 1,) int32 or int64 with empty sequences allowed; the total may be 0."""
+    lengths = draw(st.lists(st.integers(0, max_len), min_size=1, max_size=5))
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    return torch.tensor(cu, dtype=draw(st.sampled_from([torch.int32, torch.int64])))
+
+
+@given(st.data(), dtype_st, width_st, degree_st, seed_st, scale_st, isa_st, st.sampled_from(VIEWS),
+       st.sampled_from(["none", "weights", "varlen"]), st.booleans())
+@FUZZ
+def test_fuzz_mean(data, dtype, E, K, seed, scale, which, view, mask, expand_grad):
+    g = torch.Generator().manual_seed(seed)
+    cd = data.draw(coeff_dtype(dtype, K))
+    c = coeffs(g, E, K)
+    if mask == "varlen":
+        cu = data.draw(packed_offsets())
+        h = torch.randn(int(cu[-1]), E, generator=g, dtype=torch.float64) * scale
+        fn = lambda x, impl: impl.poly_mean(x[0], x[1], None, cu)
+        inputs, dtypes, diff = [h, c], [dtype, cd], [True, True]
+    else:
+        B, N = data.draw(sequence_shape(E))
+        h = torch.randn(B, N, E, generator=g, dtype=torch.float64) * scale
+        if mask == "none":
+            fn = lambda x, impl: impl.poly_mean(x[0], x[1])
+            inputs, dtypes, diff = [h, c], [dtype, cd], [True, True]
+        else:
+            w, wd = data.draw(weights(B, N, dtype, g))
+            fn = lambda x, impl: impl.poly_mean(x[0], x[1], x[2])
+            inputs = [h, c, w]
+            dtypes, diff = [dtype, cd, wd], [True, True, wd is not None]
+    with isa(which):
+        check(fn, inputs, dtypes, diff, view_fn(view, h.dim()), g, expand_grad, f"mean/{mask}",
+              floors={2: weight_grad_scale})
+
+
+def weight_grad_scale(ref_in, seeds):
+    """d H_b / d w_bn = (p_bn - H_b) / sum_n w_bn: the size of g . p_bn / sum_n w_bn, before the cancellation."""
+    h, c, w = ref_in[:3]
+    p = R._poly(h, c)
+    den = w.double().sum(1, keepdim=True)
+    den = torch.where(den == 0, torch.ones_like(den), den)
+    return (torch.einsum("bne,be->bn", p, seeds[0]) / den).norm().item()
+
+
+@given(st.data(), dtype_st, width_st, degree_st, seed_st, scale_st, isa_st, st.sampled_from(VIEWS),
+       st.booleans(), st.booleans())
+@FUZZ
+def test_fuzz_causal(data, dtype, E, K, seed, scale, which, view, packed, expand_grad):
+    g = torch.Generator().manual_seed(seed)
+    cd = data.draw(coeff_dtype(dtype, K))
+    c = coeffs(g, E, K)
+    if packed:
+        cu = data.draw(packed_offsets())
+        h = torch.randn(int(cu[-1]), E, generator=g, dtype=torch.float64) * scale
+        F_ = data.draw(st.integers(1, 14))
+        fn = lambda x, impl: impl.poly_causal(x[0], x[1], F_, cu)
+    else:
+        B, N = data.draw(sequence_shape(E))
+        h = torch.randn(B, N, E, generator=g, dtype=torch.float64) * scale
+        F_ = data.draw(st.one_of(st.integers(1, N + 3), st.sampled_from([1, 2048, 3000])))
+        fn = lambda x, impl: impl.poly_causal(x[0], x[1], F_)
+    with isa(which):
+        check(fn, [h, c], [dtype, cd], [True, True], view_fn(view, h.dim()), g, expand_grad,
+              f"causal F={F_} packed={packed}")
+
+
+@given(st.data(), dtype_st, st.integers(1, 40), degree_st, seed_st, scale_st, isa_st,
+       st.sampled_from(["contig", "sliced", "transposed"]), st.sampled_from(["bool", "float"]))
+@FUZZ
+def test_fuzz_masked(data, dtype, E, K, seed, scale, which, view, kind):
+    """The (B, T, N) mask of functional.aggregate, with empty and one-token rows."""
+    g = torch.Generator().manual_seed(seed)
+    B, N = small(data.draw, E)
+    T = data.draw(st.integers(1, 12))
+    m = torch.rand(B, T, N, generator=g, dtype=torch.float64)
+    m[..., : data.draw(st.integers(0, T)), :] *= 0  # leading rows see nothing: H = 0
+    if T > 1:
+        m[:, -1] = 0
+        m[:, -1, data.draw(st.integers(0, N - 1))] = 1
+    m = m > 0.5 if kind == "bool" else m
+    cd = data.draw(coeff_dtype(dtype, K))
+    h = torch.randn(B, N, E, generator=g, dtype=torch.float64) * scale
+    fn = lambda x, impl: PF.aggregate(x[0], x[1], x[2]) if impl is ops else R.poly_masked(x[0], x[1], x[2])
+    with isa(which):
+        check(fn, [h, coeffs(g, E, K), m], [dtype, cd, torch.float64], [True, True, False],
+              view_fn(view, 3), g, False, f"masked/{kind}")
+
+
+@given(st.data(), dtype_st, width_st, degree_st, seed_st, scale_st, isa_st, st.sampled_from(VIEWS),
+       st.sampled_from([torch.float32, torch.float64]))
+@FUZZ
+def test_fuzz_state(data, dtype, E, K, seed, scale, which, view, sum_dtype):
+    """poly_state_update (forward and backward, also through the state sum) and the in-place step."""
+    g = torch.Generator().manual_seed(seed)
+    B, _ = small(data.draw, E)
+    T = data.draw(st.integers(0, 9))
+    h = torch.randn(B, T, E, generator=g, dtype=torch.float64) * scale
+    s = torch.randn(B, E, generator=g, dtype=torch.float64) * data.draw(st.sampled_from([0.0, 1.0, 100.0]))
+    n = torch.tensor(data.draw(st.lists(st.integers(0, 10 ** 6), min_size=B, max_size=B)), dtype=torch.int64)
+    c = coeffs(g, E, K)
+    cd = data.draw(coeff_dtype(dtype, K))
+    with isa(which):
+        check(lambda x, impl: impl.poly_state_update(x[0], x[1], x[2], x[3]), [h, c, s, n],
+              [dtype, cd, sum_dtype, None], [True, True, True, False], view_fn(view, 3), g, False, "state")
+        hk, ck = view_fn(view, 3)(h.to(dtype)), c.to(cd)
+        sk, nk = s.to(sum_dtype), n.clone()
+        H_ref, s_ref, n_ref = R.poly_state_update(hk.double(), ck.double(), sk.double(), n)
+        H = ops.poly_state_step_(hk, ck, sk, nk)
+        tol = tol_of(dtype, cd, sum_dtype)
+        assert rel_err(H, H_ref) < tol and rel_err(sk, s_ref) < tol and torch.equal(nk, n_ref)
+
+
+# ---- the layer ----
+
+@st.composite
+def layer_config(draw):
+    n_groups = draw(st.sampled_from([1, 1, 2, 3]))
+    dim = n_groups * draw(st.integers(1, 8))
+    expand = draw(st.integers(1, 3))
+    E = dim * expand
+    heads = draw(st.sampled_from([0, 1] + [d for d in range(2, E + 1) if E % d == 0][:4]))
+    return dim, draw(degree_st), expand, n_groups, heads, draw(st.booleans())
+
+
+def layer_call(layer, x, xc, mask, block, cu, ref):
+    if ref:
+        return R.pom_layer(layer, x, xc, mask, block, cu)
+    kw = {}
+    if block is not None:
+        kw["block_size"] = block
+    if cu is not None:
+        kw["cu_seqlens"] = cu
+    return layer(x, xc, mask=mask, **kw)
+
+
+@given(st.data(), layer_config(), dtype_st, seed_st, isa_st,
+       st.sampled_from(["none", "weights", "padding", "causal", "block", "full", "varlen", "varlen_causal"]),
+       st.booleans())
+@FUZZ
+def test_fuzz_layer(data, config, dtype, seed, which, mask_kind, cross):
+    """PoM forward and backward (input, context, weights and every parameter), self- and cross-mixing.
+
+    float64/float32 against the float64 reference of the same (rounded) parameters within the SPEC tolerance;
+    float16/bfloat16, whose projections round h itself, within twice the error of the plain-PyTorch reference
+    run in that dtype (or the SPEC tolerance, whichever is larger)."""
+    dim, degree, expand, n_groups, heads, bias = config
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    layer = PoM(dim, degree, expand, n_groups=n_groups, n_sel_heads=heads, bias=bias).double()
+    with torch.no_grad():
+        layer.po_coeff.copy_(coeffs(g, layer.state_width, degree, 1.5))
+        for p in layer.parameters():
+            if p is not layer.po_coeff and p.dim() == 1:
+                p.normal_(generator=g)
+    x_scale = 1.0 if dtype == torch.float16 else 3.0
+    B = data.draw(st.integers(1, 3))
+    T = data.draw(st.integers(1, 12))
+    N = T if mask_kind in ("causal", "block") else data.draw(st.integers(1, 12))
+    block, cu, w = None, None, None
+    if mask_kind.startswith("varlen"):
+        cu = data.draw(packed_offsets(8))
+        xq = torch.randn(int(cu[-1]), dim, generator=g, dtype=torch.float64) * x_scale
+        xc = torch.randn_like(xq) * x_scale if cross else None
+        mask = "causal" if mask_kind == "varlen_causal" else None
+        if mask is not None:
+            block = data.draw(st.sampled_from([None, 1, 2, 5]))
+    else:
+        xq = torch.randn(B, T, dim, generator=g, dtype=torch.float64) * x_scale
+        xc = torch.randn(B, N, dim, generator=g, dtype=torch.float64) * x_scale if cross or N != T else None
+        mask = {"none": None, "causal": "causal", "block": "causal"}.get(mask_kind)
+        if mask_kind == "block":
+            block = data.draw(st.integers(1, T + 2))
+        elif mask_kind == "weights":
+            w = torch.rand(B, N, generator=g, dtype=torch.float64)
+            w[0] = 0
+        elif mask_kind == "padding":
+            w = torch.rand(B, N, generator=g) > 0.3
+            w[0] = False
+        elif mask_kind == "full":
+            w = torch.rand(B, T, N, generator=g) > 0.5
+    low = copy.deepcopy(layer).to(dtype)
+    ref_layer = copy.deepcopy(low).double()
+    tensors = [xq] + ([xc] if xc is not None else []) + ([w] if w is not None and w.is_floating_point() else [])
+    ker_x = [t.to(dtype).requires_grad_() for t in tensors]
+    ref_x = [t.to(dtype).double().requires_grad_() for t in tensors]
+    plain_x = [t.to(dtype).requires_grad_() for t in tensors]
+
+    def run(lay, xs, ref):
+        it = iter(xs)
+        q = next(it)
+        c = next(it) if xc is not None else None
+        m = next(it) if w is not None and w.is_floating_point() else w
+        return layer_call(lay, q, c, mask if w is None else m, block, cu, ref)
+
+    with isa(which):
+        out = run(low, ker_x, False)
+    ref = run(ref_layer, ref_x, True)
+    plain = run(low, plain_x, True)
+    assert out.dtype == dtype and out.shape == ref.shape
+
+    def bound(err_plain):
+        if dtype in (torch.float64, torch.float32):
+            return TOL[dtype]
+        return max(TOL[dtype], 2 * err_plain)
+
+    what = f"layer {config} {dtype} mask={mask_kind} block={block} cross={cross}"
+    assert rel_err(out, ref) < bound(rel_err(plain, ref)), f"{what}: forward {rel_err(out, ref):.3e}"
+    seed_g = torch.randn(out.shape, generator=g, dtype=torch.float64).to(dtype)
+    with isa(which):
+        gk = torch.autograd.grad(out, ker_x + list(low.parameters()), seed_g)
+    gr = torch.autograd.grad(ref, ref_x + list(ref_layer.parameters()), seed_g.double())
+    gp = torch.autograd.grad(plain, plain_x + list(low.parameters()), seed_g)
+    names = [f"input{i}" for i in range(len(ker_x))] + [n for n, _ in low.named_parameters()]
+    for n, a, b, c in zip(names, gk, gr, gp):
+        err = rel_err(a, b)
+        assert err < bound(rel_err(c, b)), f"{what}: grad {n} {err:.3e} (plain {rel_err(c, b):.3e})"
+
+
+@given(layer_config(), seed_st, st.lists(st.integers(1, 5), min_size=1, max_size=6), st.booleans())
+@FUZZ
+def test_fuzz_state_chunks(config, seed, chunks, as_dict):
+    """Chunks of unequal sizes through state_forward (and step for chunks of 1) equal the block-causal
+    forward where every block ends at a chunk boundary: here, the causal forward at each chunk's end."""
+    dim, degree, expand, n_groups, heads, bias = config
+    torch.manual_seed(seed)
+    layer = PoM(dim, degree, expand, n_groups=n_groups, n_sel_heads=heads, bias=bias).double()
+    with torch.no_grad():
+        layer.po_coeff.normal_(0, 0.3)
+    B = 2
+    x = torch.randn(B, sum(chunks), dim, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    full = R.pom_layer(layer, x, mask="causal")
+    state, t0 = ({"h": torch.zeros(B, 1, layer.state_width, dtype=torch.float64), "n": 0} if as_dict else None), 0
+    for n in chunks:
+        out, state = layer.state_forward(x[:, t0:t0 + n], state=state)
+        # the chunk's last token sees exactly the causal prefix up to itself
+        assert rel_err(out[:, -1], full[:, t0 + n - 1]) < 1e-5  # the state's sum is float32
+        t0 += n
+    st_ = layer.allocate_state(B)
+    st_.sum = st_.sum.double()
+    for t in range(x.shape[1]):
+        y = layer.step(x[:, t:t + 1], st_)
+        assert rel_err(y[:, 0], full[:, t]) < 1e-10
