@@ -19,13 +19,16 @@
 //     order (reduce_coeff_grad). Reads g and h once, writes grad_h once.
 #include <torch/library.h>
 
+#include <limits>
+
 #include "common.cuh"
 
 namespace pom_ext {
 namespace cuda {
 namespace {
 
-constexpr int kU = 4;  // rows loaded ahead of the sequential scan
+constexpr int kU = 4;                  // rows loaded ahead of the sequential scan
+constexpr int64_t kMaxBwdRows = 4096;  // rows per chunk of the backward scan
 
 // fn(n, x) for rows n = na .. nb - 1 in order, loads issued kU rows at a time.
 template <int V, typename scalar_t, typename acc_t, typename Fn>
@@ -276,7 +279,8 @@ struct ScanPlan {
 };
 
 template <typename scalar_t>
-ScanPlan plan_scan(const at::Tensor& h, const c10::optional<at::Tensor>& cu, int64_t F, cudaStream_t stream) {
+ScanPlan plan_scan(const at::Tensor& h, const c10::optional<at::Tensor>& cu, int64_t F, int64_t max_rows,
+                   cudaStream_t stream) {
   constexpr int V = Vec<scalar_t>::value;
   ScanPlan p;
   const int64_t E = h.size(-1), B = checks::batch_of(h, cu);
@@ -285,7 +289,7 @@ ScanPlan plan_scan(const at::Tensor& h, const c10::optional<at::Tensor>& cu, int
   const int64_t rows = cu.has_value() ? h.size(0) : h.size(0) * h.size(1);
   const int64_t avg = B > 0 ? ceil_div(rows, B) : 0;
   p.F = std::min<int64_t>(F, std::max<int64_t>(rows, 1));
-  const int64_t R = rows_per_chunk(avg, B, p.tiles, 64, p.F, h.get_device(), std::min(32, 2048 / p.tx));
+  const int64_t R = rows_per_chunk(avg, B, p.tiles, 64, p.F, h.get_device(), std::min(32, 2048 / p.tx), max_rows);
   p.L = make_layout(h, cu, R, p.keep, stream);
   p.single = !cu.has_value() && p.L.ncps <= 1;
   return p;
@@ -306,7 +310,8 @@ at::Tensor poly_causal_cuda(const at::Tensor& h, const at::Tensor& coeff, int64_
   if (h.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "poly_causal_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    ScanPlan p = plan_scan<scalar_t>(h, cu_seqlens, block_size, stream);
+    // Outputs come from Kahan-compensated scans: chunks may be as long as the sequence.
+    ScanPlan p = plan_scan<scalar_t>(h, cu_seqlens, block_size, std::numeric_limits<int64_t>::max(), stream);
     if (p.L.nchunks == 0) return;
     at::Tensor keep;
     auto ca = coeff_arg<acc_t>(coeff, keep);
@@ -354,7 +359,8 @@ std::tuple<at::Tensor, at::Tensor> poly_causal_backward_cuda(const at::Tensor& g
   at::Tensor gc;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "poly_causal_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    ScanPlan p = plan_scan<scalar_t>(h, cu_seqlens, block_size, stream);
+    // grad_coeff partials are plain fp32 sums per chunk: keep chunks short.
+    ScanPlan p = plan_scan<scalar_t>(h, cu_seqlens, block_size, kMaxBwdRows, stream);
     const int64_t nslots = h.numel() == 0 ? 0 : p.L.nchunks;
     auto part = at::empty({std::max<int64_t>(nslots, 1), deg, E},
                           h.options().dtype(c10::CppTypeToScalarType<acc_t>::value));

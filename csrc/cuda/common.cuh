@@ -313,13 +313,16 @@ inline int threads_x(int64_t E, int V, int max_tx) {
 }
 
 // Rows per chunk: enough chunks that tiles x chunks fill about one wave of
-// `blocks_per_sm` blocks on every SM; at least min_rows, a multiple of `multiple`.
+// `blocks_per_sm` blocks on every SM; at least min_rows, a multiple of `multiple`,
+// and at most max_rows (rounded down to a multiple, never below one multiple) so
+// that fp32 partial sums stay short.
 inline int64_t rows_per_chunk(int64_t avg_len, int64_t B, int64_t tiles, int64_t min_rows, int64_t multiple,
-                              int device, int blocks_per_sm) {
+                              int device, int blocks_per_sm, int64_t max_rows) {
   const int64_t target = static_cast<int64_t>(sm_count(device)) * blocks_per_sm;
   const int64_t want = std::max<int64_t>(1, target / std::max<int64_t>(1, B * tiles));
   int64_t R = std::max<int64_t>(min_rows, ceil_div(std::max<int64_t>(avg_len, 1), want));
-  return ceil_div(R, multiple) * multiple;
+  R = std::min(R, max_rows);
+  return std::max<int64_t>(multiple, R / multiple * multiple);
 }
 
 // Device buffers a packed Layout points into.

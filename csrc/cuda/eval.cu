@@ -133,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor> poly_eval_backward_cuda(const at::Tensor& gra
     const int tx = threads_x(E, V, 64);
     const int ty = kTY * 64 / tx;
     const int64_t tiles = E == 0 ? 0 : ceil_div(E, static_cast<int64_t>(tx) * V);
-    const int64_t R = rows_per_chunk(M, 1, tiles, 64, ty, h.get_device(), 8);
+    const int64_t R = rows_per_chunk(M, 1, tiles, 64, ty, h.get_device(), 8, 256 * ty);
     const int64_t nchunks = ceil_div(M, R);
     const int64_t nslots = nchunks * ty;
     auto part = at::empty({std::max<int64_t>(nslots, 1), deg, E}, h.options().dtype(c10::CppTypeToScalarType<acc_t>::value));

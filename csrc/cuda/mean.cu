@@ -200,7 +200,7 @@ template <typename scalar_t>
 int64_t row_chunk_rows(const at::Tensor& h, bool packed, int64_t B, const Geo& g) {
   const int64_t rows = packed ? h.size(0) : h.size(0) * h.size(1);
   const int64_t avg = B > 0 ? ceil_div(rows, B) : 0;
-  return rows_per_chunk(avg, B, g.tiles, 64, g.ty, h.get_device(), 8);
+  return rows_per_chunk(avg, B, g.tiles, 64, g.ty, h.get_device(), 8, 256 * g.ty);
 }
 
 at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
