@@ -24,8 +24,9 @@ rm -rf "$WORK/pkg/pom_ext"
 cp -r "$ROOT/pom_ext" "$WORK/pkg/pom_ext"
 find "$WORK/pkg/pom_ext" \( -name '*.so' -o -name '__pycache__' \) -prune -exec rm -rf {} +
 
-# Same sources and flags as setup.py's CPU build, with the sanitizers and -O1 instead of -O3.
-python - "$ROOT" "$WORK" <<'EOF'
+# Same sources and flags as setup.py's CPU build, with the sanitizers and -O1 instead of -O3. The build
+# loads the library it made, so it runs with the ASan runtime preloaded too.
+LD_PRELOAD="$LIBASAN" ASAN_OPTIONS="detect_leaks=0" python - "$ROOT" "$WORK" <<'EOF'
 import glob, os, shutil, sys
 from torch.utils import cpp_extension
 root, work = sys.argv[1], sys.argv[2]
