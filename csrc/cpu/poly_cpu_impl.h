@@ -255,10 +255,7 @@ void eval_backward(const at::Tensor& g2, const at::Tensor& h2, const std::vector
 }
 
 at::Tensor poly_eval_cpu(const at::Tensor& h, const at::Tensor& coeff) {
-  const char* op = "pom_ext::poly_eval";
-  checks::floating(op, "h", h);
-  TORCH_CHECK(h.dim() >= 1, op, ": argument 'h' must have at least 1 dim (..., E), got a 0-D tensor");
-  checks::coeff(op, h, coeff);
+  checks::eval_args("pom_ext::poly_eval", h, coeff);
   const int deg = static_cast<int>(coeff.size(1));
   auto h2 = as_matrix(h);
   auto out = at::empty(h2.sizes(), h.options());
@@ -271,11 +268,7 @@ at::Tensor poly_eval_cpu(const at::Tensor& h, const at::Tensor& coeff) {
 
 std::tuple<at::Tensor, at::Tensor> poly_eval_backward_cpu(const at::Tensor& grad_p, const at::Tensor& h,
                                                           const at::Tensor& coeff) {
-  const char* op = "pom_ext::poly_eval_backward";
-  checks::floating(op, "h", h);
-  checks::coeff(op, h, coeff);
-  checks::same_device(op, "grad_p", grad_p, h);
-  checks::same_shape(op, "grad_p", grad_p, h.sizes(), "h");
+  checks::eval_backward_args("pom_ext::poly_eval_backward", grad_p, h, coeff);
   const int deg = static_cast<int>(coeff.size(1));
   auto h2 = as_matrix(h);
   auto g2 = as_matrix(grad_p.to(h.scalar_type()));
@@ -400,9 +393,7 @@ at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDo
 at::Tensor poly_mean_cpu(const at::Tensor& h, const at::Tensor& coeff, const c10::optional<at::Tensor>& weight,
                          const c10::optional<at::Tensor>& cu_seqlens) {
   const char* op = "pom_ext::poly_mean";
-  checks::h_and_layout(op, h, cu_seqlens);
-  checks::coeff(op, h, coeff);
-  if (weight.has_value()) checks::weight(op, h, *weight, cu_seqlens);
+  checks::mean_args(op, h, coeff, weight, cu_seqlens);
   const int deg = static_cast<int>(coeff.size(1));
   const int64_t E = h.size(-1), B = checks::batch_of(h, cu_seqlens);
   auto cu = host_offsets(op, cu_seqlens, h.size(0));
@@ -438,14 +429,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_mean_backward_cpu(
     const at::Tensor& grad_H, const at::Tensor& H, const at::Tensor& h, const at::Tensor& coeff,
     const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& cu_seqlens, bool weight_grad) {
   const char* op = "pom_ext::poly_mean_backward";
-  checks::h_and_layout(op, h, cu_seqlens);
-  checks::coeff(op, h, coeff);
-  if (weight.has_value()) checks::weight(op, h, *weight, cu_seqlens);
-  TORCH_CHECK(!weight_grad || weight.has_value(), op, ": 'weight_grad' is true but no 'weight' was given");
+  checks::mean_backward_args(op, grad_H, H, h, coeff, weight, cu_seqlens, weight_grad);
   const int deg = static_cast<int>(coeff.size(1));
   const int64_t E = h.size(-1), B = checks::batch_of(h, cu_seqlens);
-  checks::same_shape(op, "grad_H", grad_H, {B, E}, "the output H (B, E)");
-  checks::same_shape(op, "H", H, {B, E}, "the output H (B, E)");
   auto cu = host_offsets(op, cu_seqlens, h.size(0));
   const int64_t* cup = cu_seqlens ? cu.data() : nullptr;
   const Rows hr = rows_of(h, cup);
@@ -512,7 +498,7 @@ void state_finish(int64_t B, int64_t E, int64_t T, const std::vector<double>& S,
   }
 }
 
-void state_update_into(const char* op, const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& sum_in,
+void state_update_into(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& sum_in,
                        const at::Tensor& count_in, at::Tensor& H, at::Tensor& sum_out, at::Tensor& count_out) {
   const int deg = static_cast<int>(coeff.size(1));
   const int64_t B = h.size(0), T = h.size(1), E = h.size(2);
@@ -538,34 +524,26 @@ void state_update_into(const char* op, const at::Tensor& h, const at::Tensor& co
   });
 }
 
-void check_state_args(const char* op, const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& sum,
-                      const at::Tensor& count) {
-  checks::floating(op, "h", h);
-  checks::rank(op, "h", h, 3, "(B, T, E)");
-  checks::coeff(op, h, coeff);
-  checks::state(op, h, sum, count);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_state_update_cpu(const at::Tensor& h, const at::Tensor& coeff,
                                                                      const at::Tensor& state_sum,
                                                                      const at::Tensor& count) {
   const char* op = "pom_ext::poly_state_update";
-  check_state_args(op, h, coeff, state_sum, count);
+  checks::state_args(op, h, coeff, state_sum, count);
   auto H = at::empty({h.size(0), h.size(2)}, h.options());
   auto sum_out = at::empty({h.size(0), h.size(2)}, state_sum.options());
   auto count_out = at::empty({h.size(0)}, count.options());
-  state_update_into(op, h, coeff, state_sum, count, H, sum_out, count_out);
+  state_update_into(h, coeff, state_sum, count, H, sum_out, count_out);
   return {H, sum_out, count_out};
 }
 
 at::Tensor poly_state_step_cpu(const at::Tensor& h, const at::Tensor& coeff, at::Tensor& state_sum,
                                at::Tensor& count) {
   const char* op = "pom_ext::poly_state_step_";
-  check_state_args(op, h, coeff, state_sum, count);
+  checks::state_args(op, h, coeff, state_sum, count);
   TORCH_CHECK(state_sum.is_contiguous() && count.is_contiguous(), op,
               ": arguments 'state_sum' and 'count' are updated in place and must be contiguous");
   auto H = at::empty({h.size(0), h.size(2)}, h.options());
-  state_update_into(op, h, coeff, state_sum, count, H, state_sum, count);
+  state_update_into(h, coeff, state_sum, count, H, state_sum, count);
   return H;
 }
 
@@ -574,15 +552,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_state_update_backward_cpu(co
                                                                               const at::Tensor& h,
                                                                               const at::Tensor& coeff,
                                                                               const at::Tensor& count) {
-  const char* op = "pom_ext::poly_state_update_backward";
-  checks::floating(op, "h", h);
-  checks::rank(op, "h", h, 3, "(B, T, E)");
-  checks::coeff(op, h, coeff);
+  checks::state_backward_args("pom_ext::poly_state_update_backward", grad_H, grad_sum, h, coeff, count);
   const int deg = static_cast<int>(coeff.size(1));
   const int64_t B = h.size(0), T = h.size(1), E = h.size(2);
-  checks::same_shape(op, "grad_H", grad_H, {B, E}, "the output H (B, E)");
-  checks::same_shape(op, "grad_state_sum", grad_sum, {B, E}, "the state sum (B, E)");
-  checks::same_shape(op, "count", count, {B}, "the batch (B,)");
   const Rows hr = rows_of(h, nullptr);
   std::vector<int64_t> first;
   auto chunks = row_chunks(hr, B, first);
@@ -779,9 +751,7 @@ void causal_backward(const scalar_t* g, const Rows& gr, const scalar_t* h, const
 at::Tensor poly_causal_cpu(const at::Tensor& h, const at::Tensor& coeff, int64_t block_size,
                            const c10::optional<at::Tensor>& cu_seqlens) {
   const char* op = "pom_ext::poly_causal";
-  checks::h_and_layout(op, h, cu_seqlens);
-  checks::coeff(op, h, coeff);
-  checks::block_size(op, block_size);
+  checks::causal_args(op, h, coeff, block_size, cu_seqlens);
   const int deg = static_cast<int>(coeff.size(1));
   const int64_t E = h.size(-1), B = checks::batch_of(h, cu_seqlens);
   auto cu = host_offsets(op, cu_seqlens, h.size(0));
@@ -804,11 +774,7 @@ std::tuple<at::Tensor, at::Tensor> poly_causal_backward_cpu(const at::Tensor& gr
                                                             const at::Tensor& coeff, int64_t block_size,
                                                             const c10::optional<at::Tensor>& cu_seqlens) {
   const char* op = "pom_ext::poly_causal_backward";
-  checks::h_and_layout(op, h, cu_seqlens);
-  checks::coeff(op, h, coeff);
-  checks::block_size(op, block_size);
-  checks::same_device(op, "grad_H", grad_H, h);
-  checks::same_shape(op, "grad_H", grad_H, h.sizes(), "the output H");
+  checks::causal_backward_args(op, grad_H, h, coeff, block_size, cu_seqlens);
   const int deg = static_cast<int>(coeff.size(1));
   const int64_t E = h.size(-1), B = checks::batch_of(h, cu_seqlens);
   auto cu = host_offsets(op, cu_seqlens, h.size(0));

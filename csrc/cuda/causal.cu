@@ -298,9 +298,7 @@ ScanPlan plan_scan(const at::Tensor& h, const c10::optional<at::Tensor>& cu, int
 at::Tensor poly_causal_cuda(const at::Tensor& h, const at::Tensor& coeff, int64_t block_size,
                             const c10::optional<at::Tensor>& cu_seqlens) {
   const char* op = "pom_ext::poly_causal";
-  checks::h_and_layout(op, h, cu_seqlens);
-  checks::coeff(op, h, coeff);
-  checks::block_size(op, block_size);
+  checks::causal_args(op, h, coeff, block_size, cu_seqlens);
   c10::cuda::CUDAGuard guard(h.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int deg = static_cast<int>(coeff.size(1));
@@ -344,11 +342,7 @@ std::tuple<at::Tensor, at::Tensor> poly_causal_backward_cuda(const at::Tensor& g
                                                              const at::Tensor& coeff, int64_t block_size,
                                                              const c10::optional<at::Tensor>& cu_seqlens) {
   const char* op = "pom_ext::poly_causal_backward";
-  checks::h_and_layout(op, h, cu_seqlens);
-  checks::coeff(op, h, coeff);
-  checks::block_size(op, block_size);
-  checks::same_device(op, "grad_H", grad_H, h);
-  checks::same_shape(op, "grad_H", grad_H, h.sizes(), "the output H");
+  checks::causal_backward_args(op, grad_H, h, coeff, block_size, cu_seqlens);
   c10::cuda::CUDAGuard guard(h.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int deg = static_cast<int>(coeff.size(1));

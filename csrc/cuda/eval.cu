@@ -79,10 +79,7 @@ at::Tensor as_matrix(const at::Tensor& t) {
 }
 
 at::Tensor poly_eval_cuda(const at::Tensor& h, const at::Tensor& coeff) {
-  const char* op = "pom_ext::poly_eval";
-  checks::floating(op, "h", h);
-  TORCH_CHECK(h.dim() >= 1, op, ": argument 'h' must have at least 1 dim (..., E), got a 0-D tensor");
-  checks::coeff(op, h, coeff);
+  checks::eval_args("pom_ext::poly_eval", h, coeff);
   c10::cuda::CUDAGuard guard(h.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int deg = static_cast<int>(coeff.size(1));
@@ -114,11 +111,7 @@ at::Tensor poly_eval_cuda(const at::Tensor& h, const at::Tensor& coeff) {
 
 std::tuple<at::Tensor, at::Tensor> poly_eval_backward_cuda(const at::Tensor& grad_p, const at::Tensor& h,
                                                            const at::Tensor& coeff) {
-  const char* op = "pom_ext::poly_eval_backward";
-  checks::floating(op, "h", h);
-  checks::coeff(op, h, coeff);
-  checks::same_device(op, "grad_p", grad_p, h);
-  checks::same_shape(op, "grad_p", grad_p, h.sizes(), "h");
+  checks::eval_backward_args("pom_ext::poly_eval_backward", grad_p, h, coeff);
   c10::cuda::CUDAGuard guard(h.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int deg = static_cast<int>(coeff.size(1));

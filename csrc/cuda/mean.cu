@@ -283,9 +283,7 @@ namespace {
 at::Tensor poly_mean_cuda(const at::Tensor& h, const at::Tensor& coeff, const c10::optional<at::Tensor>& weight,
                           const c10::optional<at::Tensor>& cu_seqlens) {
   const char* op = "pom_ext::poly_mean";
-  checks::h_and_layout(op, h, cu_seqlens);
-  checks::coeff(op, h, coeff);
-  if (weight.has_value()) checks::weight(op, h, *weight, cu_seqlens);
+  checks::mean_args(op, h, coeff, weight, cu_seqlens);
   c10::cuda::CUDAGuard guard(h.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t E = h.size(-1), B = checks::batch_of(h, cu_seqlens);
@@ -308,16 +306,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_mean_backward_cuda(
     const at::Tensor& grad_H, const at::Tensor& H, const at::Tensor& h, const at::Tensor& coeff,
     const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& cu_seqlens, bool weight_grad) {
   const char* op = "pom_ext::poly_mean_backward";
-  checks::h_and_layout(op, h, cu_seqlens);
-  checks::coeff(op, h, coeff);
-  if (weight.has_value()) checks::weight(op, h, *weight, cu_seqlens);
-  TORCH_CHECK(!weight_grad || weight.has_value(), op, ": 'weight_grad' is true but no 'weight' was given");
+  checks::mean_backward_args(op, grad_H, H, h, coeff, weight, cu_seqlens, weight_grad);
   const int deg = static_cast<int>(coeff.size(1));
   const int64_t E = h.size(-1), B = checks::batch_of(h, cu_seqlens);
-  checks::same_shape(op, "grad_H", grad_H, {B, E}, "the output H (B, E)");
-  checks::same_shape(op, "H", H, {B, E}, "the output H (B, E)");
-  checks::same_device(op, "grad_H", grad_H, h);
-  checks::same_device(op, "H", H, h);
   c10::cuda::CUDAGuard guard(h.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool packed = cu_seqlens.has_value();

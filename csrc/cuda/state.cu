@@ -81,14 +81,6 @@ __global__ void __launch_bounds__(256)
   if (eb == 0 && threadIdx.x == 0 && threadIdx.y == 0) count_out[b] = cnt;
 }
 
-void check_state_args(const char* op, const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& sum,
-                      const at::Tensor& count) {
-  checks::floating(op, "h", h);
-  checks::rank(op, "h", h, 3, "(B, T, E)");
-  checks::coeff(op, h, coeff);
-  checks::state(op, h, sum, count);
-}
-
 // H = (sum + sum_t p_t) / (count + T) and the new state; sum_out and count_out are
 // contiguous and may alias sum_in and count_in.
 void state_into(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& sum_in, const at::Tensor& count_in,
@@ -129,7 +121,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_state_update_cuda(const at::
                                                                       const at::Tensor& state_sum,
                                                                       const at::Tensor& count) {
   const char* op = "pom_ext::poly_state_update";
-  check_state_args(op, h, coeff, state_sum, count);
+  checks::state_args(op, h, coeff, state_sum, count);
   auto H = at::empty({h.size(0), h.size(2)}, h.options());
   auto sum_out = at::empty({h.size(0), h.size(2)}, state_sum.options());
   auto count_out = at::empty({h.size(0)}, count.options());
@@ -140,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_state_update_cuda(const at::
 at::Tensor poly_state_step_cuda(const at::Tensor& h, const at::Tensor& coeff, at::Tensor& state_sum,
                                 at::Tensor& count) {
   const char* op = "pom_ext::poly_state_step_";
-  check_state_args(op, h, coeff, state_sum, count);
+  checks::state_args(op, h, coeff, state_sum, count);
   TORCH_CHECK(state_sum.is_contiguous() && count.is_contiguous(), op,
               ": arguments 'state_sum' and 'count' are updated in place and must be contiguous");
   auto H = at::empty({h.size(0), h.size(2)}, h.options());
@@ -153,17 +145,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_state_update_backward_cuda(c
                                                                                const at::Tensor& h,
                                                                                const at::Tensor& coeff,
                                                                                const at::Tensor& count) {
-  const char* op = "pom_ext::poly_state_update_backward";
-  checks::floating(op, "h", h);
-  checks::rank(op, "h", h, 3, "(B, T, E)");
-  checks::coeff(op, h, coeff);
+  checks::state_backward_args("pom_ext::poly_state_update_backward", grad_H, grad_sum, h, coeff, count);
   const int64_t B = h.size(0), T = h.size(1), E = h.size(2);
-  checks::same_shape(op, "grad_H", grad_H, {B, E}, "the output H (B, E)");
-  checks::same_shape(op, "grad_state_sum", grad_sum, {B, E}, "the state sum (B, E)");
-  checks::same_shape(op, "count", count, {B}, "the batch (B,)");
-  checks::same_device(op, "grad_H", grad_H, h);
-  checks::same_device(op, "grad_state_sum", grad_sum, h);
-  checks::same_device(op, "count", count, h);
   c10::cuda::CUDAGuard guard(h.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   // d(new_sum)/d(sum) = 1 and dH/d(sum) = 1 / (count + T): both reach every token of the chunk too.

@@ -115,5 +115,75 @@ inline void state(const char* op, const at::Tensor& h, const at::Tensor& sum, co
   size_is(op, "count", count, 0, h.size(0), "the batch B of 'h'");
 }
 
+
+// ---- Whole-op argument checks: one per op, called by every backend (CPU, CUDA). ----
+
+inline void eval_args(const char* op, const at::Tensor& h, const at::Tensor& c) {
+  floating(op, "h", h);
+  TORCH_CHECK(h.dim() >= 1, op, ": argument 'h' must have at least 1 dim (..., E), got a 0-D tensor");
+  coeff(op, h, c);
+}
+
+inline void eval_backward_args(const char* op, const at::Tensor& grad_p, const at::Tensor& h, const at::Tensor& c) {
+  eval_args(op, h, c);
+  same_device(op, "grad_p", grad_p, h);
+  same_shape(op, "grad_p", grad_p, h.sizes(), "h");
+}
+
+inline void mean_args(const char* op, const at::Tensor& h, const at::Tensor& c, const c10::optional<at::Tensor>& w,
+                      const c10::optional<at::Tensor>& cu) {
+  h_and_layout(op, h, cu);
+  coeff(op, h, c);
+  if (w.has_value()) weight(op, h, *w, cu);
+}
+
+inline void mean_backward_args(const char* op, const at::Tensor& grad_H, const at::Tensor& H, const at::Tensor& h,
+                               const at::Tensor& c, const c10::optional<at::Tensor>& w,
+                               const c10::optional<at::Tensor>& cu, bool weight_grad) {
+  mean_args(op, h, c, w, cu);
+  TORCH_CHECK(!weight_grad || w.has_value(), op, ": 'weight_grad' is true but no 'weight' was given");
+  const int64_t B = batch_of(h, cu), E = h.size(-1);
+  same_shape(op, "grad_H", grad_H, {B, E}, "the output H (B, E)");
+  same_shape(op, "H", H, {B, E}, "the output H (B, E)");
+  same_device(op, "grad_H", grad_H, h);
+  same_device(op, "H", H, h);
+}
+
+inline void causal_args(const char* op, const at::Tensor& h, const at::Tensor& c, int64_t f,
+                        const c10::optional<at::Tensor>& cu) {
+  h_and_layout(op, h, cu);
+  coeff(op, h, c);
+  block_size(op, f);
+}
+
+inline void causal_backward_args(const char* op, const at::Tensor& grad_H, const at::Tensor& h, const at::Tensor& c,
+                                 int64_t f, const c10::optional<at::Tensor>& cu) {
+  causal_args(op, h, c, f, cu);
+  same_device(op, "grad_H", grad_H, h);
+  same_shape(op, "grad_H", grad_H, h.sizes(), "the output H");
+}
+
+inline void state_args(const char* op, const at::Tensor& h, const at::Tensor& c, const at::Tensor& sum,
+                       const at::Tensor& count) {
+  floating(op, "h", h);
+  rank(op, "h", h, 3, "(B, T, E)");
+  coeff(op, h, c);
+  state(op, h, sum, count);
+}
+
+inline void state_backward_args(const char* op, const at::Tensor& grad_H, const at::Tensor& grad_sum,
+                                const at::Tensor& h, const at::Tensor& c, const at::Tensor& count) {
+  floating(op, "h", h);
+  rank(op, "h", h, 3, "(B, T, E)");
+  coeff(op, h, c);
+  const int64_t B = h.size(0), E = h.size(2);
+  same_shape(op, "grad_H", grad_H, {B, E}, "the output H (B, E)");
+  same_shape(op, "grad_state_sum", grad_sum, {B, E}, "the state sum (B, E)");
+  same_shape(op, "count", count, {B}, "the batch (B,)");
+  same_device(op, "grad_H", grad_H, h);
+  same_device(op, "grad_state_sum", grad_sum, h);
+  same_device(op, "count", count, h);
+}
+
 }  // namespace checks
 }  // namespace pom_ext
