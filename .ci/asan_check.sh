@@ -47,7 +47,10 @@ EOF
 echo "asan_check: built in $(( $(date +%s) - start ))s"
 
 if [[ $# -eq 0 ]]; then
-  set -- "$ROOT/tests/test_ops.py" "$ROOT/tests/test_extremes.py" -x -q
+  # test_double_backward_is_a_clear_error is left out: the RuntimeError it expects is raised in Python inside
+  # torch's autograd engine, and under the preloaded ASan runtime that throw aborts the process (no sanitizer
+  # report, no pom_ext code on the stack).
+  set -- "$ROOT/tests/test_ops.py" "$ROOT/tests/test_extremes.py" -x -q -k "not double_backward"
 fi
 # Paths given relative to the repository root are resolved there; the tests run from $WORK so that the
 # scratch package, not the source tree's, is the pom_ext that gets imported.
@@ -57,16 +60,12 @@ for a in "$@"; do
 done
 cd "$WORK"
 status=0
-env LD_PRELOAD="$LIBASAN" \
-  ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:allocator_may_return_null=1" \
-  UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1" \
-  PYTHONPATH="$WORK/pkg" POM_EXT_ASAN_CHECK=1 \
-  python -m pytest -p no:cacheprovider --rootdir "$ROOT" "${args[@]}" || status=$?
-python - "$WORK/pkg" <<'EOF' || status=3
-import sys
-sys.path.insert(0, sys.argv[1])
-import pom_ext.ops as o
-assert o.__file__.startswith(sys.argv[1]), o.__file__
-EOF
+export LD_PRELOAD="$LIBASAN" PYTHONPATH="$WORK/pkg"
+export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:allocator_may_return_null=1"
+export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
+# The scratch package (and so the sanitized library) is the one imported.
+python -c "import sys, pom_ext; assert pom_ext.__file__.startswith(sys.argv[1]) and pom_ext.native_available()" \
+  "$WORK/pkg" || status=3
+python -m pytest -p no:cacheprovider --rootdir "$ROOT" "${args[@]}" || status=$?
 echo "asan_check: $([[ $status -eq 0 ]] && echo clean || echo "FAILED (status $status)") in $(( $(date +%s) - start ))s"
 exit $status
