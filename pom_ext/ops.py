@@ -51,6 +51,15 @@ def _weight_grad_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return h.dtype if weight.dtype == torch.bool else weight.dtype
 
 
+def _one_device(op: str, h: torch.Tensor, **others) -> None:
+    """The device rule of the kernels, for the fake implementations too: a call with one argument on the
+    meta device (or under fake tensors) is routed here, and must fail as the kernels would."""
+    for name, t in others.items():
+        if isinstance(t, torch.Tensor) and t.device != h.device:
+            raise RuntimeError(f"pom_ext::{op}: argument '{name}' is on {t.device} but 'h' is on {h.device}; "
+                               f"move both to one device")
+
+
 if native_available():
     _ops = torch.ops.pom_ext
 
@@ -58,18 +67,22 @@ if native_available():
 
     @torch.library.register_fake("pom_ext::poly_eval")
     def _(h, coeff):
+        _one_device("poly_eval", h, coeff=coeff)
         return h.new_empty(h.shape)
 
     @torch.library.register_fake("pom_ext::poly_eval_backward")
     def _(grad_p, h, coeff):
+        _one_device("poly_eval_backward", h, coeff=coeff, grad_p=grad_p)
         return h.new_empty(h.shape), coeff.new_empty(coeff.shape)
 
     @torch.library.register_fake("pom_ext::poly_mean")
     def _(h, coeff, weight=None, cu_seqlens=None):
+        _one_device("poly_mean", h, coeff=coeff, weight=weight, cu_seqlens=cu_seqlens)
         return h.new_empty((_batch(h, cu_seqlens), h.shape[-1]))
 
     @torch.library.register_fake("pom_ext::poly_mean_backward")
     def _(grad_H, H, h, coeff, weight, cu_seqlens, weight_grad):
+        _one_device("poly_mean_backward", h, coeff=coeff, weight=weight, cu_seqlens=cu_seqlens, grad_H=grad_H, H=H)
         if weight_grad:
             gw = h.new_empty(weight.shape, dtype=_weight_grad_dtype(h, weight))
         else:
@@ -78,22 +91,28 @@ if native_available():
 
     @torch.library.register_fake("pom_ext::poly_causal")
     def _(h, coeff, block_size=1, cu_seqlens=None):
+        _one_device("poly_causal", h, coeff=coeff, cu_seqlens=cu_seqlens)
         return h.new_empty(h.shape)
 
     @torch.library.register_fake("pom_ext::poly_causal_backward")
     def _(grad_H, h, coeff, block_size, cu_seqlens):
+        _one_device("poly_causal_backward", h, coeff=coeff, cu_seqlens=cu_seqlens, grad_H=grad_H)
         return h.new_empty(h.shape), coeff.new_empty(coeff.shape)
 
     @torch.library.register_fake("pom_ext::poly_state_update")
     def _(h, coeff, state_sum, count):
+        _one_device("poly_state_update", h, coeff=coeff, state_sum=state_sum, count=count)
         return h.new_empty((h.shape[0], h.shape[2])), state_sum.new_empty(state_sum.shape), count.new_empty(count.shape)
 
     @torch.library.register_fake("pom_ext::poly_state_update_backward")
     def _(grad_H, grad_state_sum, h, coeff, count):
+        _one_device("poly_state_update_backward", h, coeff=coeff, count=count, grad_H=grad_H,
+                    grad_state_sum=grad_state_sum)
         return h.new_empty(h.shape), coeff.new_empty(coeff.shape), grad_state_sum.new_empty(grad_state_sum.shape)
 
     @torch.library.register_fake("pom_ext::poly_state_step_")
     def _(h, coeff, state_sum, count):
+        _one_device("poly_state_step_", h, coeff=coeff, state_sum=state_sum, count=count)
         return h.new_empty((h.shape[0], h.shape[2]))
 
     # ---- autograd: every backward is an op too ----

@@ -346,19 +346,7 @@ def _ids():
     return list(range(len(case_names())))
 
 
-def known_gap(name):
-    """Ops called with one argument on the 'meta' device: the dispatcher routes the call to the fake (meta)
-    implementations of pom_ext/ops.py, which compute shapes without checking that every argument is on one
-    device, so a meta tensor comes back instead of an error."""
-    return "meta" in name and name.startswith(("torch.ops.pom_ext.", "pom_ext.ops.", "poly_"))
-
-
-def _params():
-    return [pytest.param(i, marks=pytest.mark.xfail(strict=True, reason=known_gap.__doc__))
-            if known_gap(case_names()[i]) else i for i in _ids()]
-
-
-@pytest.mark.parametrize("i", _params(), ids=lambda i: case_names()[i])
+@pytest.mark.parametrize("i", _ids(), ids=lambda i: case_names()[i])
 def test_bad_input(results, i):
     r = results.get(i)
     assert r is not None, f"case {case_names()[i]}: no result"
