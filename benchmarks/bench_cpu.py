@@ -82,6 +82,17 @@ def fwd_bwd(fn, *inputs):
     return run
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def git_commit() -> str:
     try:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
@@ -163,7 +174,7 @@ def main() -> int:
     print("'of copy': achieved bandwidth over the preallocated copy bandwidth")
 
     result = {
-        "device": platform.processor() or platform.machine(), "threads": args.threads,
+        "device": cpu_name(), "threads": args.threads,
         "torch": torch.__version__, "python": platform.python_version(), "git_commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "copy_bandwidth_GBps": bw / 1e9, "copy_bandwidth_fresh_output_GBps": bw_fresh / 1e9, "results": rows,
