@@ -131,10 +131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_state_update_cuda(const at::
 
 at::Tensor poly_state_step_cuda(const at::Tensor& h, const at::Tensor& coeff, at::Tensor& state_sum,
                                 at::Tensor& count) {
-  const char* op = "pom_ext::poly_state_step_";
-  checks::state_args(op, h, coeff, state_sum, count);
-  TORCH_CHECK(state_sum.is_contiguous() && count.is_contiguous(), op,
-              ": arguments 'state_sum' and 'count' are updated in place and must be contiguous");
+  checks::state_step_args("pom_ext::poly_state_step_", h, coeff, state_sum, count);
   auto H = at::empty({h.size(0), h.size(2)}, h.options());
   state_into(h, coeff, state_sum, count, H, state_sum, count);
   return H;

@@ -171,6 +171,14 @@ inline void state_args(const char* op, const at::Tensor& h, const at::Tensor& c,
   state(op, h, sum, count);
 }
 
+// The in-place decode step also needs a state it can write without a copy.
+inline void state_step_args(const char* op, const at::Tensor& h, const at::Tensor& c, const at::Tensor& sum,
+                            const at::Tensor& count) {
+  state_args(op, h, c, sum, count);
+  TORCH_CHECK(sum.is_contiguous() && count.is_contiguous(), op,
+              ": arguments 'state_sum' and 'count' are updated in place and must be contiguous");
+}
+
 inline void state_backward_args(const char* op, const at::Tensor& grad_H, const at::Tensor& grad_sum,
                                 const at::Tensor& h, const at::Tensor& c, const at::Tensor& count) {
   floating(op, "h", h);
