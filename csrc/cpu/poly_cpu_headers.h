@@ -14,4 +14,5 @@
 #include "pom_ext/checks.h"
 #include "pom_ext/dispatch.h"
 #include "pom_ext/poly_math.h"
+#include "pom_ext/state_grad.h"
 #include "poly_cpu.h"

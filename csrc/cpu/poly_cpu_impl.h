@@ -557,10 +557,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_state_update_backward_cpu(co
   auto chunks = row_chunks(hr, B, first);
   auto gh = at::empty(h.sizes(), h.options());
   const Rows ghr = rows_of(gh, nullptr);
-  // d(new_sum)/d(sum) = 1 and dH/d(sum) = 1 / (count + T): both reach every token of the chunk too.
-  auto cnt = (count.to(at::kDouble) + static_cast<double>(T)).unsqueeze(1);
-  auto gbar_t = at::where(cnt > 0, grad_H.to(at::kDouble) / cnt.clamp_min(1), at::zeros_like(cnt)) +
-                grad_sum.to(at::kDouble);
+  auto gbar_t = state_chunk_grad(grad_H, grad_sum, count, T);
   at::Tensor gc;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "poly_state_update_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

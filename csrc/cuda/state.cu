@@ -14,6 +14,7 @@
 // (grad_h = gbar * dp/dh, grad_coeff from slot partials in fixed order).
 #include <torch/library.h>
 
+#include "pom_ext/state_grad.h"
 #include "rows.cuh"
 
 namespace pom_ext {
@@ -146,10 +147,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_state_update_backward_cuda(c
   const int64_t B = h.size(0), T = h.size(1), E = h.size(2);
   c10::cuda::CUDAGuard guard(h.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  // d(new_sum)/d(sum) = 1 and dH/d(sum) = 1 / (count + T): both reach every token of the chunk too.
-  auto cnt = (count.to(at::kDouble) + static_cast<double>(T)).unsqueeze(1);
-  auto gbar_t = at::where(cnt > 0, grad_H.to(at::kDouble) / cnt.clamp_min(1), at::zeros_like(cnt)) +
-                grad_sum.to(at::kDouble);
+  auto gbar_t = state_chunk_grad(grad_H, grad_sum, count, T);
   const at::ScalarType acc = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto gbar = gbar_t.to(acc).contiguous();
   auto gh = at::empty(h.sizes(), h.options());
