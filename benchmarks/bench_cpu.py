@@ -18,30 +18,15 @@ import argparse
 import datetime
 import json
 import platform
-import statistics
-import subprocess
 import sys
-import time
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import pom_ext
 from pom_ext import ops, reference
+from pom_ext.bench.common import MHA, cpu_name, fwd_bwd, git_commit, median_time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def median_time(fn, repeat: int, warmup: int = 1):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), min(times), max(times)
 
 
 def copy_bandwidth(repeat: int):
@@ -53,51 +38,6 @@ def copy_bandwidth(repeat: int):
     t, _, _ = median_time(lambda: dst.copy_(src), repeat, warmup=2)
     t_fresh, _, _ = median_time(lambda: src.clone(), repeat, warmup=2)
     return 2 * n * 4 / t, 2 * n * 4 / t_fresh
-
-
-class MHA(nn.Module):
-    """Multi-head attention with q/k/v/out projections through scaled_dot_product_attention."""
-
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.out = nn.Linear(dim, dim, bias=False)
-
-    def forward(self, x, causal: bool):
-        B, N, D = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        return self.out(y.transpose(1, 2).reshape(B, N, D))
-
-
-def fwd_bwd(fn, *inputs):
-    """Forward then backward with a fixed upstream gradient (made once, outside the timing)."""
-    grad = torch.randn_like(fn())
-
-    def run():
-        for t in inputs:
-            t.grad = None
-        fn().backward(grad)
-    return run
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
-    except Exception:
-        return "unknown"
 
 
 def main() -> int:
