@@ -22,6 +22,8 @@ def _fail(arg: str, expected: str, got) -> None:
 
 
 def _shape(t: torch.Tensor) -> str:
+    if torch.jit.is_scripting():
+        return f"shape {t.shape}"
     return f"shape {tuple(t.shape)}"
 
 
@@ -64,14 +66,24 @@ def _check_block_size(block_size) -> int:
     return block_size
 
 
-def aggregate(h: torch.Tensor, coeff: torch.Tensor, mask: Mask = None, *, block_size: Optional[int] = None,
-              cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """H from h: (B, N, E), coeff: (E, K).
+def is_causal(mask: Mask) -> bool:
+    """mask == "causal" (block-causal with a block_size)."""
+    if isinstance(mask, str):
+        return mask == "causal"
+    return False
 
-    mask None -> (B, 1, E); (B, N) weights -> (B, 1, E); "causal" [block_size F] -> (B, N, E);
-    (B, T, N) -> (B, T, E). Packed h: (total, E) with cu_seqlens (B + 1,): mask None -> (B, E) per
-    sequence, "causal" -> (total, E).
-    """
+
+def is_pooled(mask: Mask) -> bool:
+    """True when aggregate pools the context into one H row shared by all queries: mask None or (B, N)."""
+    if mask is None:
+        return True
+    if isinstance(mask, torch.Tensor):
+        return mask.dim() == 2
+    return False
+
+
+def _check_aggregate(h, coeff, mask, block_size, cu_seqlens) -> None:
+    """The argument checks of aggregate, with Python-only messages (skipped under TorchScript)."""
     packed = cu_seqlens is not None
     _check_h(h, packed)
     check_coeff(coeff, h.shape[-1])
@@ -83,63 +95,95 @@ def aggregate(h: torch.Tensor, coeff: torch.Tensor, mask: Mask = None, *, block_
             _fail("block_size", "given only with mask='causal'", f"mask={mask!r}")
     if packed:
         check_cu_seqlens(cu_seqlens, h.shape[0], h.device)
-        if mask is None:
-            return ops.poly_mean(h, coeff, None, cu_seqlens)
-        if isinstance(mask, str) and mask == "causal":
-            return ops.poly_causal(h, coeff, block_size or 1, cu_seqlens)
-        _fail("mask", "None or 'causal' when cu_seqlens is given", repr(mask))
-    B, N, _ = h.shape
+        if mask is not None and not (isinstance(mask, str) and mask == "causal"):
+            _fail("mask", "None or 'causal' when cu_seqlens is given", repr(mask))
+        return
     if mask is None:
-        return ops.poly_mean(h, coeff).unsqueeze(1)
+        return
     if isinstance(mask, str):
         if mask != "causal":
             _fail("mask", "None, 'causal', a (B, N) or a (B, T, N) tensor", repr(mask))
-        return ops.poly_causal(h, coeff, block_size or 1)
+        return
     if not isinstance(mask, torch.Tensor):
         _fail("mask", "None, 'causal', a (B, N) or a (B, T, N) tensor", type(mask))
     if mask.device != h.device:
         _fail("mask", f"on {h.device} like the input", mask.device)
     if mask.dtype != torch.bool and not mask.is_floating_point():
         _fail("mask", "bool or floating point", mask.dtype)
+    B, N, _ = h.shape
     if mask.dim() == 2:
         if tuple(mask.shape) != (B, N):
             _fail("mask", f"(B, N) = {(B, N)} for a padding/weight mask", _shape(mask))
-        return ops.poly_mean(h, coeff, mask).unsqueeze(1)
-    if mask.dim() == 3:
+    elif mask.dim() == 3:
         if mask.shape[0] != B or mask.shape[2] != N:
             _fail("mask", f"(B, T, N) with B = {B}, N = {N}", _shape(mask))
-        p = ops.poly_eval(h, coeff)
-        acc = torch.float64 if p.dtype == torch.float64 else torch.float32  # accumulate in fp32 at least
-        m = mask.to(acc)
-        den = m.sum(-1, keepdim=True)
-        return (torch.bmm(m, p.to(acc)) / torch.where(den == 0, torch.ones_like(den), den)).to(h.dtype)
-    _fail("mask", "None, 'causal', a (B, N) or a (B, T, N) tensor", _shape(mask))
+    else:
+        _fail("mask", "None, 'causal', a (B, N) or a (B, T, N) tensor", _shape(mask))
+
+
+def aggregate(h: torch.Tensor, coeff: torch.Tensor, mask: Mask = None, block_size: Optional[int] = None,
+              cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """H from h: (B, N, E), coeff: (E, K).
+
+    mask None -> (B, 1, E); (B, N) weights -> (B, 1, E); "causal" [block_size F] -> (B, N, E);
+    (B, T, N) -> (B, T, E). Packed h: (total, E) with cu_seqlens (B + 1,): mask None -> (B, E) per
+    sequence, "causal" -> (total, E). Pass block_size and cu_seqlens by keyword.
+    """
+    if not torch.jit.is_scripting():
+        _check_aggregate(h, coeff, mask, block_size, cu_seqlens)
+    # The raises below are reached only under TorchScript (eager calls were checked above). Every type test of
+    # mask returns: a refined mask that lives on after an `if` does not survive torch.jit.save / load.
+    if isinstance(mask, str):
+        if mask != "causal":
+            raise ValueError(f"pom_ext: argument 'mask' must be None, 'causal', a (B, N) or a (B, T, N) tensor, "
+                             f"got the string '{mask}'")
+        return ops.poly_causal(h, coeff, 1 if block_size is None else block_size, cu_seqlens)
+    if block_size is not None:
+        raise ValueError("pom_ext: argument 'block_size' must be given only with mask='causal'")
+    if mask is None:
+        H = ops.poly_mean(h, coeff, None, cu_seqlens)
+        return H if cu_seqlens is not None else H.unsqueeze(1)
+    if cu_seqlens is not None:
+        raise ValueError("pom_ext: argument 'mask' must be None or 'causal' when cu_seqlens is given, got a tensor")
+    if mask.dim() == 2:
+        return ops.poly_mean(h, coeff, mask).unsqueeze(1)
+    if mask.dim() != 3:
+        raise ValueError(f"pom_ext: argument 'mask' must be None, 'causal', a (B, N) or a (B, T, N) tensor, "
+                         f"got a {mask.dim()}-D tensor")
+    p = ops.poly_eval(h, coeff)
+    acc = torch.float64 if p.dtype == torch.float64 else torch.float32  # accumulate in fp32 at least
+    m = mask.to(acc)
+    den = m.sum(-1, keepdim=True)
+    return (torch.bmm(m, p.to(acc)) / torch.where(den == 0, torch.ones_like(den), den)).to(h.dtype)
 
 
 def select(s: torch.Tensor, H: torch.Tensor, n_sel_heads: int = 1) -> torch.Tensor:
     """y = s * H. s: (..., S), H: (..., E) broadcastable; S = E, or S = G heads of E / G channels."""
     G = n_sel_heads
-    if G > 1:
-        if s.shape[-1] != G or H.shape[-1] % G:
-            _fail("s", f"(..., {G}) gates for n_sel_heads={G} over a width divisible by {G}",
-                  f"s {_shape(s)}, H {_shape(H)}")
-    elif s.shape[-1] != H.shape[-1]:
-        _fail("s", f"(..., E) with E = {H.shape[-1]} (the width of H)", _shape(s))
+    if not torch.jit.is_scripting():
+        if G > 1:
+            if s.shape[-1] != G or H.shape[-1] % G:
+                _fail("s", f"(..., {G}) gates for n_sel_heads={G} over a width divisible by {G}",
+                      f"s {_shape(s)}, H {_shape(H)}")
+        elif s.shape[-1] != H.shape[-1]:
+            _fail("s", f"(..., E) with E = {H.shape[-1]} (the width of H)", _shape(s))
     return reference.select(s, H, G)
 
 
-def pom(h: torch.Tensor, s: torch.Tensor, coeff: torch.Tensor, mask: Mask = None, *, n_sel_heads: int = 1,
+def pom(h: torch.Tensor, s: torch.Tensor, coeff: torch.Tensor, mask: Mask = None, n_sel_heads: int = 1,
         block_size: Optional[int] = None, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The mixer: y = s * aggregate(poly(h)). h: (B, N, E), s: (B, T, S) -> y: (B, T, E).
 
-    Packed: h: (total, E), s: (total, S) with cu_seqlens -> (total, E).
+    Packed: h: (total, E), s: (total, S) with cu_seqlens -> (total, E). Pass the arguments after mask by keyword.
     """
-    H = aggregate(h, coeff, mask, block_size=block_size, cu_seqlens=cu_seqlens)
-    if cu_seqlens is not None and mask is None:
+    H = aggregate(h, coeff, mask, block_size, cu_seqlens)
+    if is_causal(mask):
+        if s.shape[-2] != H.shape[-2]:
+            raise ValueError(f"pom_ext: argument 's' must be {H.shape[-2]} query tokens for a causal mask "
+                             f"(T must equal N), got {_shape(s)}")
+    elif cu_seqlens is not None:  # packed mean: one row per sequence, repeated over its tokens
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
         H = H.repeat_interleave(lengths, dim=0, output_size=h.shape[0])
-    elif isinstance(mask, str) and s.shape[-2] != H.shape[-2]:
-        _fail("s", f"{H.shape[-2]} query tokens for a causal mask (T must equal N)", _shape(s))
     return select(s, H, n_sel_heads)
 
 

@@ -4,6 +4,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.jit import Final
 
 from . import functional as PF
 from . import ops
@@ -84,7 +85,16 @@ class PoM(nn.Module):
     (block-causal with block_size=F), (B, N) weights or padding, or (B, T, N); packed sequences:
     xq: (total, D) with cu_seqlens (B + 1,) and mask None or "causal".
     Parameter names and shapes match the reference implementation (state dicts load both ways).
+    torch.jit.script compiles forward (every mask form); scripted, the checks of xq / xc are left to the ops.
     """
+
+    dim: Final[int]
+    degree: Final[int]
+    expand: Final[int]
+    n_groups: Final[int]
+    n_sel_heads: Final[int]
+    state_width: Final[int]
+    gate_width: Final[int]
 
     def __init__(self, dim: int, degree: int, expand: int, n_groups: int = 1, n_sel_heads: int = 1,
                  bias: bool = False):
@@ -103,13 +113,16 @@ class PoM(nn.Module):
         self.n_groups, self.n_sel_heads = n_groups, n_sel_heads
         self.state_width = E
         self.gate_width = n_sel_heads if n_sel_heads > 1 else E
-        # Creation order follows the reference so that one seed gives the same initial weights.
+        # Creation order follows the reference so that one seed gives the same initial weights. The projections
+        # of the other n_groups form are None (plain attributes, not in the state dict), for TorchScript.
         if n_groups > 1:
             self.po_proj = nn.Conv1d(dim, E, kernel_size=1, bias=bias, groups=n_groups)
             self.se_proj = nn.Linear(dim, self.gate_width, bias=True)
+            self.qc_proj, self.se_bias = None, None
         else:
             self.qc_proj = nn.Linear(dim, E + self.gate_width, bias=False)
             self.se_bias = nn.Parameter(torch.zeros(self.gate_width))
+            self.po_proj, self.se_proj = None, None
         self.po_coeff = nn.Parameter(torch.randn(E, degree).clamp(-1e-3, 1e-3))
         self.ag_proj = nn.Linear(E, dim, bias=bias)
 
@@ -138,15 +151,16 @@ class PoM(nn.Module):
                              f"{param.dtype}; convert one of them (or run under torch.autocast)")
 
     def _context(self, xc: torch.Tensor) -> torch.Tensor:
-        if self.n_groups > 1:
+        if self.po_proj is not None:
             g, E, D = self.n_groups, self.state_width, self.dim
             w = self.po_proj.weight.view(g, E // g, D // g)
             h = torch.einsum("...gd,ged->...ge", xc.unflatten(-1, (g, D // g)), w).flatten(-2)
-            return h if self.po_proj.bias is None else h + self.po_proj.bias
+            b = self.po_proj.bias
+            return h if b is None else h + b
         return F.linear(xc, self.qc_proj.weight[: self.state_width])
 
     def _gate(self, xq: torch.Tensor) -> torch.Tensor:
-        if self.n_groups > 1:
+        if self.se_proj is not None:
             return F.hardsigmoid(self.se_proj(xq))
         return F.hardsigmoid(F.linear(xq, self.qc_proj.weight[self.state_width:]) + self.se_bias)
 
@@ -155,16 +169,17 @@ class PoM(nn.Module):
 
         With n_groups == 1 and self-mixing both come from one GEMM; h is then a strided view.
         """
-        if xc is None and self.n_groups == 1:
-            z = F.linear(xq, self.qc_proj.weight)
-            E = self.state_width
-            return z[..., :E], F.hardsigmoid(z[..., E:] + self.se_bias)
+        if self.qc_proj is not None:
+            if xc is None:
+                z = F.linear(xq, self.qc_proj.weight)
+                E = self.state_width
+                return z[..., :E], F.hardsigmoid(z[..., E:] + self.se_bias)
         return self._context(xq if xc is None else xc), self._gate(xq)
 
     def _out(self, s: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
         """ag_proj(select(s, H)) for H: (B, E) shared by all T queries of s: (B, T, S) (SPEC §3)."""
         W, b = self.ag_proj.weight, self.ag_proj.bias
-        B, T, _ = s.shape
+        B, T = s.shape[0], s.shape[1]
         G, E, D = self.n_sel_heads, self.state_width, self.dim
         H = H.to(s.dtype)
         if G > 1:
@@ -180,26 +195,30 @@ class PoM(nn.Module):
 
     # ---- forward ----
 
-    def forward(self, xq: torch.Tensor, xc: Optional[torch.Tensor] = None, mask=None, *,
+    def forward(self, xq: torch.Tensor, xc: Optional[torch.Tensor] = None, mask: PF.Mask = None,
                 block_size: Optional[int] = None, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """xq: (B, T, D), xc: (B, N, D) or None (self-mixing) -> (B, T, D); packed: (total, D) with cu_seqlens."""
+        """xq: (B, T, D), xc: (B, N, D) or None (self-mixing) -> (B, T, D); packed: (total, D) with cu_seqlens.
+
+        Pass block_size and cu_seqlens by keyword.
+        """
         packed = cu_seqlens is not None
-        self._check_x("xq", xq, packed)
         if xc is xq:
             xc = None
-        if xc is not None:
-            self._check_x("xc", xc, packed)
-            if xc.shape[0] != xq.shape[0]:
-                what = "packed tokens" if packed else "batch size"
-                raise ValueError(f"pom_ext.PoM: 'xc' and 'xq' must have the same {what}, got "
-                                 f"{xc.shape[0]} and {xq.shape[0]}")
-        if isinstance(mask, str) and mask == "causal" and not packed:
+        if not torch.jit.is_scripting():
+            self._check_x("xq", xq, packed)
+            if xc is not None:
+                self._check_x("xc", xc, packed)
+        if xc is not None and xc.shape[0] != xq.shape[0]:
+            what = "packed tokens" if packed else "batch size"
+            raise ValueError(f"pom_ext.PoM: 'xc' and 'xq' must have the same {what}, got "
+                             f"{xc.shape[0]} and {xq.shape[0]}")
+        if PF.is_causal(mask) and not packed:
             n = xq.shape[1] if xc is None else xc.shape[1]
             if xq.shape[1] != n:
                 raise ValueError(f"pom_ext.PoM: with mask='causal', argument 'xq' must have as many tokens as "
                                  f"'xc', got T = {xq.shape[1]} and N = {n}")
         h, s = self.project(xq, xc)
-        if not packed and (mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2)):
+        if PF.is_pooled(mask) and not packed:
             return self._out(s, PF.aggregate(h, self.po_coeff, mask, block_size=block_size)[:, 0])
         y = PF.pom(h, s, self.po_coeff, mask, n_sel_heads=self.n_sel_heads, block_size=block_size,
                    cu_seqlens=cu_seqlens)

@@ -3,7 +3,8 @@
 Kernels live in the compiled library (`pom_ext._C`, schemas in csrc/registration.cpp,
 one implementation per device registered with the dispatcher). When that library
 cannot be loaded, the same entry points run `pom_ext.reference` and warn once, at
-first use, with the command that rebuilds it.
+first use, with the command that rebuilds it. The entry points are scriptable: under
+torch.jit.script they call the registered ops (so scripting needs the compiled library).
 """
 import warnings
 from typing import Optional, Tuple
@@ -179,37 +180,46 @@ if native_available():
 
 def poly_eval(h: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
     """p = poly(act(h)) element-wise. h: (..., E), coeff: (E, K) -> (..., E)."""
-    if _native():
-        return torch.ops.pom_ext.poly_eval(h, coeff)
-    return reference.poly_eval(h, coeff)
+    if not torch.jit.is_scripting():
+        if not _native():
+            return reference.poly_eval(h, coeff)
+    return torch.ops.pom_ext.poly_eval(h, coeff)
 
 
-def poly_mean(h, coeff, weight=None, cu_seqlens=None) -> torch.Tensor:
+def poly_mean(h: torch.Tensor, coeff: torch.Tensor, weight: Optional[torch.Tensor] = None,
+              cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Weighted mean of p over the sequence. h: (B, N, E) or packed (total, E) -> (B, E)."""
-    if _native():
-        return torch.ops.pom_ext.poly_mean(h, coeff, weight, cu_seqlens)
-    return reference.poly_mean(h, coeff, weight, cu_seqlens)
+    if not torch.jit.is_scripting():
+        if not _native():
+            return reference.poly_mean(h, coeff, weight, cu_seqlens)
+    return torch.ops.pom_ext.poly_mean(h, coeff, weight, cu_seqlens)
 
 
-def poly_causal(h, coeff, block_size: int = 1, cu_seqlens=None) -> torch.Tensor:
+def poly_causal(h: torch.Tensor, coeff: torch.Tensor, block_size: int = 1,
+                cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Block-causal prefix mean of p (block_size 1: token-causal); output has h's shape."""
-    if _native():
-        return torch.ops.pom_ext.poly_causal(h, coeff, block_size, cu_seqlens)
-    return reference.poly_causal(h, coeff, block_size, cu_seqlens)
+    if not torch.jit.is_scripting():
+        if not _native():
+            return reference.poly_causal(h, coeff, block_size, cu_seqlens)
+    return torch.ops.pom_ext.poly_causal(h, coeff, block_size, cu_seqlens)
 
 
-def poly_state_update(h, coeff, state_sum, count) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def poly_state_update(h: torch.Tensor, coeff: torch.Tensor, state_sum: torch.Tensor,
+                      count: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Append h: (B, T, E) to (state_sum (B, E), count (B,)) -> (H (B, E), new_sum, new_count)."""
-    if _native():
-        return torch.ops.pom_ext.poly_state_update(h, coeff, state_sum, count)
-    return reference.poly_state_update(h, coeff, state_sum, count)
+    if not torch.jit.is_scripting():
+        if not _native():
+            return reference.poly_state_update(h, coeff, state_sum, count)
+    return torch.ops.pom_ext.poly_state_update(h, coeff, state_sum, count)
 
 
-def poly_state_step_(h, coeff, state_sum, count) -> torch.Tensor:
+def poly_state_step_(h: torch.Tensor, coeff: torch.Tensor, state_sum: torch.Tensor,
+                     count: torch.Tensor) -> torch.Tensor:
     """In-place form of poly_state_update for decoding (no autograd): updates state_sum and count, returns H."""
-    if _native():
-        return torch.ops.pom_ext.poly_state_step_(h, coeff, state_sum, count)
-    H, new_sum, new_count = reference.poly_state_update(h, coeff, state_sum, count)
-    state_sum.copy_(new_sum)
-    count.copy_(new_count)
-    return H
+    if not torch.jit.is_scripting():
+        if not _native():
+            H, new_sum, new_count = reference.poly_state_update(h, coeff, state_sum, count)
+            state_sum.copy_(new_sum)
+            count.copy_(new_count)
+            return H
+    return torch.ops.pom_ext.poly_state_step_(h, coeff, state_sum, count)

@@ -87,9 +87,8 @@ def select(s: torch.Tensor, H: torch.Tensor, n_sel_heads: int) -> torch.Tensor:
     """y = s * H, with s: (..., G) broadcast over E/G contiguous channels when n_sel_heads > 1."""
     if n_sel_heads <= 1:
         return s * H
-    shape = torch.broadcast_shapes(s.shape[:-1], H.shape[:-1]) + (H.shape[-1],)
     g = s.shape[-1]
-    return (s.unsqueeze(-1) * H.unflatten(-1, (g, H.shape[-1] // g))).reshape(shape)
+    return (s.unsqueeze(-1) * H.unflatten(-1, (g, H.shape[-1] // g))).flatten(-2)
 
 
 def pom_layer(layer, xq, xc=None, mask=None, block_size: Optional[int] = None, cu_seqlens=None) -> torch.Tensor:

@@ -131,6 +131,7 @@ class PolymorpherBlock(nn.Module):
     x + PoM(conv(norm1(x)), mask) then x + MLP(norm2(x)). conv_size > 1 adds a causal depthwise
     convolution over the last conv_size tokens before the PoM (local order; a fixed-size decoding buffer).
     forward(x: (B, N, D), mask=None | "causal" | (B, N) | (B, T, N), block_size=None) -> (B, N, D).
+    Scriptable with torch.jit.script (forward only; step keeps Python caches).
     """
 
     kind = "P"
@@ -161,7 +162,7 @@ class PolymorpherBlock(nn.Module):
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.mlp is None else x + self.mlp(self.norm2(x))
 
-    def forward(self, x: torch.Tensor, mask=None, *, block_size: Optional[int] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: PF.Mask = None, block_size: Optional[int] = None) -> torch.Tensor:
         x = x + self.drop(self.mixer(self._conv(self.norm1(x)), mask=mask, block_size=block_size))
         return self._mlp(x)
 
