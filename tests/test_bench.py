@@ -13,7 +13,8 @@ from pom_ext.bench import decode, layer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAT_FIELDS = ("median_s", "p10_s", "p90_s", "min_s", "max_s")
-ENV_FIELDS = ("device", "device_name", "cpu_model", "threads", "torch", "cuda", "pom_ext", "git_commit", "date")
+ENV_FIELDS = ("device", "device_name", "cpu_model", "threads", "torch", "cuda", "pom_ext", "git_commit", "date",
+              "loadavg_start", "loadavg_end")
 
 pytestmark = pytest.mark.skipif(not pom_ext.native_available(), reason="compiled kernels not built")
 
@@ -120,3 +121,16 @@ def test_decode_oom_is_recorded(monkeypatch):
     status = {(p["method"], p["context"]): p["status"] for p in res["points"]}
     assert status == {("pom_ext", 64): "ok", ("attention_sdpa", 64): "ok", ("pom_ext", 128): "ok",
                       ("attention_sdpa", 128): "oom"}
+
+
+def test_decode_cache_too_large_for_the_stack(monkeypatch):
+    """A KV cache that fits for one layer of two is measured on one and scaled; none fitting is 'oom'."""
+    cfg = decode.DecodeConfig(device=torch.device("cpu"), dtype=torch.float32, contexts=[64, 4096], batches=[1],
+                              layers=2, dim=16, heads=2, steps=2, warmup=1, methods=["attention_sdpa"])
+    one_layer = 2 * (64 + 4) * 16 * 4  # K and V of one layer at context 64, + warmup, steps and the memory step
+    free = int(1.5 * one_layer / decode._CACHE_SHARE["cpu"])
+    monkeypatch.setattr(decode, "available_memory_bytes", lambda device: free)
+    res = decode.run(cfg, progress=lambda msg: None)
+    small, large = res["points"]
+    assert small["status"] == "ok" and small["layers_measured"] == 1 and small["note"].startswith("extrapolated")
+    assert large["status"] == "oom" and large["layers_measured"] == 0 and "predicted" in large["note"]

@@ -22,7 +22,7 @@ import torch
 from . import decode as decode_bench
 from . import layer as layer_bench
 from . import report
-from .common import environment
+from .common import environment, load_average
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
@@ -182,6 +182,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             continue
         bench, table, targets, summary, plot = BENCHES[name]
         result = bench.run(CONFIGS[name](args, device, dtype), log)
+        env["loadavg_end"] = load_average()
         checks = targets(result, env)
         print(table(result) + report.targets_table(checks), flush=True)
         written += _write(args, name, env, result, {**summary(result), "targets": checks}, plot)

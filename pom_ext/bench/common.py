@@ -246,6 +246,14 @@ def git_commit() -> str:
         return os.environ.get("POM_EXT_COMMIT", "unknown")
 
 
+def load_average() -> Optional[List[float]]:
+    """The machine's 1, 5 and 15 minute load averages (other work competing for the CPU), if known."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def available_memory_bytes(device: torch.device) -> Optional[int]:
     """Free memory now: the GPU's free memory, or MemAvailable of /proc/meminfo on CPU (None: unknown)."""
     if device.type == "cuda":
@@ -279,6 +287,7 @@ def environment(device: torch.device) -> Dict[str, object]:
         "platform": platform.platform(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+        "loadavg_start": load_average(),
     }
     if flash_attn_func is not None:
         import flash_attn

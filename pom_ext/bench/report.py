@@ -202,8 +202,9 @@ def decode_table(result: Dict[str, object]) -> str:
             pom = idx.get(("pom_ext", b, c))
             kv = next((idx[(m, b, c)] for m in methods if m != "pom_ext" and (m, b, c) in idx), None)
             ratio = f"{r['tokens_per_s_ratio']:.1f}x" if "tokens_per_s_ratio" in r else "-"
-            lines.append(f"{b:4d} {c:8d} " + " ".join(f"{x:>16s}" for x in cells) + f" {ratio:>12s}"
-                         f" {_mib(pom['cache_bytes'] if pom else None):>10s} {_mib(kv['cache_bytes'] if kv else None):>10s}")
+            state, cache = _mib(pom["cache_bytes"] if pom else None), _mib(kv["cache_bytes"] if kv else None)
+            lines.append(f"{b:4d} {c:8d} " + " ".join(f"{x:>16s}" for x in cells)
+                         + f" {ratio:>12s} {state:>10s} {cache:>10s}")
     if extrapolated:
         lines.append("* the KV cache of the whole stack does not fit: measured on fewer layers, time scaled up")
     return "\n".join(lines)
@@ -322,8 +323,10 @@ def plot_layer(result: Dict[str, object], env: Dict[str, object], out_dir: str) 
                     ax.plot(*zip(*pts), marker="o", linestyle="-" if pas == "fwd+bwd" else ":",
                             label=f"vs {m}, {pas}")
         ax.axhline(1.0, color="black", linewidth=0.8)
-        _log_axes(ax, cfg["seq_lens"], "sequence length N", "speed-up of pom_ext (attention time / PoM time)", mode)
-    return files + [_save(plt, fig, "PoM speed-up over attention", env, cfg, os.path.join(out_dir, "layer_speedup.png"))]
+        _log_axes(ax, cfg["seq_lens"], "sequence length N", "speed-up of pom_ext (attention time / PoM time)",
+                  mode)
+    path = os.path.join(out_dir, "layer_speedup.png")
+    return files + [_save(plt, fig, "PoM speed-up over attention", env, cfg, path)]
 
 
 def plot_decode(result: Dict[str, object], env: Dict[str, object], out_dir: str) -> List[str]:
