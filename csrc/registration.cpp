@@ -17,6 +17,14 @@ TORCH_LIBRARY(pom_ext, m) {
   m.def(
       "poly_causal_backward(Tensor grad_H, Tensor h, Tensor coeff, int block_size, Tensor? cu_seqlens) "
       "-> (Tensor, Tensor)");
+  // Gated block-causal mixer: hs = [h | pre] (E + S columns, E = coeff.size(0)); y = hardsigmoid(pre + gate_bias)
+  // * H, one gate per channel (S = E) or per group of E / S channels; y has E columns. The backward returns the
+  // gradient of hs as one tensor (h and pre columns), of coeff and of gate_bias.
+  m.def("poly_causal_gated(Tensor hs, Tensor coeff, Tensor? gate_bias=None, int block_size=1, "
+        "Tensor? cu_seqlens=None) -> Tensor");
+  m.def(
+      "poly_causal_gated_backward(Tensor grad_y, Tensor hs, Tensor coeff, Tensor? gate_bias, int block_size, "
+      "Tensor? cu_seqlens) -> (Tensor, Tensor, Tensor)");
   // Recurrent state: append a chunk h (B, T, E) to (state_sum (B, E) fp32, count (B,) int64);
   // returns H (B, E) seen by every token of the chunk, and the new state.
   m.def("poly_state_update(Tensor h, Tensor coeff, Tensor state_sum, Tensor count) -> (Tensor, Tensor, Tensor)");

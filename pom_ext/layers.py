@@ -176,6 +176,29 @@ class PoM(nn.Module):
                 return z[..., :E], F.hardsigmoid(z[..., E:] + self.se_bias)
         return self._context(xq if xc is None else xc), self._gate(xq)
 
+    def _gated_input(self, xq: torch.Tensor, xc: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(hs, gate_bias) for the fused causal op: hs = [h | gate pre-activation] (B, N, E + S), the gate's
+        bias not yet added. With n_groups == 1 and self-mixing hs is the output of one GEMM."""
+        if self.qc_proj is not None:
+            W = self.qc_proj.weight
+            if xc is None:
+                return F.linear(xq, W), self.se_bias
+            E = self.state_width
+            return torch.cat([F.linear(xc, W[:E]), F.linear(xq, W[E:])], -1), self.se_bias
+        ctx = self._context(xq if xc is None else xc)
+        if self.se_proj is not None:
+            return torch.cat([ctx, F.linear(xq, self.se_proj.weight)], -1), self.se_proj.bias
+        raise RuntimeError("pom_ext.PoM: the layer has neither qc_proj nor se_proj")
+
+    def _causal_fused(self, xq: torch.Tensor, xc: Optional[torch.Tensor], block_size: Optional[int],
+                      cu_seqlens: Optional[torch.Tensor]) -> torch.Tensor:
+        """Causal mixing through the fused gated op: h and the gate are read once, y written once, and the
+        backward writes the gradient of the projection's output as one tensor."""
+        hs, bias = self._gated_input(xq, xc)
+        PF._check_aggregate(hs[..., : self.state_width], self.po_coeff, "causal", block_size, cu_seqlens)
+        y = ops.poly_causal_gated(hs, self.po_coeff, bias, 1 if block_size is None else block_size, cu_seqlens)
+        return self.ag_proj(y)
+
     def _out(self, s: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
         """ag_proj(select(s, H)) for H: (B, E) shared by all T queries of s: (B, T, S) (SPEC §3)."""
         W, b = self.ag_proj.weight, self.ag_proj.bias
@@ -217,6 +240,9 @@ class PoM(nn.Module):
             if xq.shape[1] != n:
                 raise ValueError(f"pom_ext.PoM: with mask='causal', argument 'xq' must have as many tokens as "
                                  f"'xc', got T = {xq.shape[1]} and N = {n}")
+        if not torch.jit.is_scripting():
+            if PF.is_causal(mask) and ops.has_kernel("poly_causal_gated", xq.device):
+                return self._causal_fused(xq, xc, block_size, cu_seqlens)
         h, s = self.project(xq, xc)
         if PF.is_pooled(mask) and not packed:
             return self._out(s, PF.aggregate(h, self.po_coeff, mask, block_size=block_size)[:, 0])

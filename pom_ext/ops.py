@@ -100,6 +100,19 @@ if native_available():
         _one_device("poly_causal_backward", h, coeff=coeff, cu_seqlens=cu_seqlens, grad_H=grad_H)
         return h.new_empty(h.shape), coeff.new_empty(coeff.shape)
 
+    @torch.library.register_fake("pom_ext::poly_causal_gated")
+    def _(hs, coeff, gate_bias=None, block_size=1, cu_seqlens=None):
+        _one_device("poly_causal_gated", hs, coeff=coeff, gate_bias=gate_bias, cu_seqlens=cu_seqlens)
+        return hs.new_empty(hs.shape[:-1] + (coeff.shape[0],))
+
+    @torch.library.register_fake("pom_ext::poly_causal_gated_backward")
+    def _(grad_y, hs, coeff, gate_bias, block_size, cu_seqlens):
+        _one_device("poly_causal_gated_backward", hs, coeff=coeff, gate_bias=gate_bias, cu_seqlens=cu_seqlens,
+                    grad_y=grad_y)
+        S = hs.shape[-1] - coeff.shape[0]
+        gb = hs.new_empty((S,), dtype=hs.dtype if gate_bias is None else gate_bias.dtype)
+        return hs.new_empty(hs.shape), coeff.new_empty(coeff.shape), gb
+
     @torch.library.register_fake("pom_ext::poly_state_update")
     def _(h, coeff, state_sum, count):
         _one_device("poly_state_update", h, coeff=coeff, state_sum=state_sum, count=count)
@@ -152,6 +165,18 @@ if native_available():
 
     torch.library.register_autograd("pom_ext::poly_causal", _causal_backward, setup_context=_causal_setup)
 
+    def _gated_setup(ctx, inputs, output):
+        hs, coeff, gate_bias, block_size, cu_seqlens = inputs
+        ctx.block_size = block_size
+        ctx.save_for_backward(hs, coeff, gate_bias, cu_seqlens)
+
+    def _gated_backward(ctx, grad_y):
+        hs, coeff, gate_bias, cu_seqlens = ctx.saved_tensors
+        ghs, gc, gb = _ops.poly_causal_gated_backward(grad_y, hs, coeff, gate_bias, ctx.block_size, cu_seqlens)
+        return ghs, gc, gb if gate_bias is not None else None, None, None
+
+    torch.library.register_autograd("pom_ext::poly_causal_gated", _gated_backward, setup_context=_gated_setup)
+
     def _state_setup(ctx, inputs, output):
         h, coeff, state_sum, count = inputs
         ctx.save_for_backward(h, coeff, state_sum, count)
@@ -172,7 +197,8 @@ if native_available():
             raise RuntimeError(f"pom_ext::{name}: double backward (a gradient of a gradient) is not supported")
         return backward
 
-    for _name in ("poly_eval_backward", "poly_mean_backward", "poly_causal_backward", "poly_state_update_backward"):
+    for _name in ("poly_eval_backward", "poly_mean_backward", "poly_causal_backward", "poly_causal_gated_backward",
+                  "poly_state_update_backward"):
         torch.library.register_autograd(f"pom_ext::{_name}", _no_double_backward(_name))
 
 
@@ -202,6 +228,34 @@ def poly_causal(h: torch.Tensor, coeff: torch.Tensor, block_size: int = 1,
         if not _native():
             return reference.poly_causal(h, coeff, block_size, cu_seqlens)
     return torch.ops.pom_ext.poly_causal(h, coeff, block_size, cu_seqlens)
+
+
+def poly_causal_gated(hs: torch.Tensor, coeff: torch.Tensor, gate_bias: Optional[torch.Tensor] = None,
+                      block_size: int = 1, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The causal mixer in one pass: hs = [h | pre] with E = coeff.shape[0] context columns then S gate columns
+    (S = E, or S dividing E: one gate per group of E / S channels) -> y = hardsigmoid(pre + gate_bias) * H,
+    H the block-causal prefix mean of p(h); y has E columns. Its gradient w.r.t. hs is one tensor."""
+    if not torch.jit.is_scripting():
+        if not _native():
+            return reference.poly_causal_gated(hs, coeff, gate_bias, block_size, cu_seqlens)
+    return torch.ops.pom_ext.poly_causal_gated(hs, coeff, gate_bias, block_size, cu_seqlens)
+
+
+def _kernel_devices():
+    """{op: device types with a compiled kernel}, read once from the dispatcher (a constant for torch.compile)."""
+    if not native_available():
+        return {}
+    ops = [name[len("pom_ext::"):] for name in torch._C._dispatch_get_all_op_names() if name.startswith("pom_ext::")]
+    return {op: frozenset(dev for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+                          if torch._C._dispatch_has_kernel_for_dispatch_key(f"pom_ext::{op}", key)) for op in ops}
+
+
+_KERNEL_DEVICES = _kernel_devices()
+
+
+def has_kernel(op: str, device: torch.device) -> bool:
+    """Whether the compiled library has a kernel of `op` (e.g. "poly_causal_gated") for `device`."""
+    return device.type in _KERNEL_DEVICES.get(op, ())
 
 
 def poly_state_update(h: torch.Tensor, coeff: torch.Tensor, state_sum: torch.Tensor,

@@ -91,6 +91,14 @@ def select(s: torch.Tensor, H: torch.Tensor, n_sel_heads: int) -> torch.Tensor:
     return (s.unsqueeze(-1) * H.unflatten(-1, (g, H.shape[-1] // g))).flatten(-2)
 
 
+def poly_causal_gated(hs, coeff, gate_bias=None, block_size: int = 1, cu_seqlens=None) -> torch.Tensor:
+    """hs = [h | pre] (E = coeff.shape[0], then S gate columns) -> hardsigmoid(pre + gate_bias) * poly_causal(h)."""
+    E = coeff.shape[0]
+    S = hs.shape[-1] - E
+    pre = hs[..., E:] if gate_bias is None else hs[..., E:] + gate_bias
+    return select(F.hardsigmoid(pre), poly_causal(hs[..., :E], coeff, block_size, cu_seqlens), S if S < E else 1)
+
+
 def pom_layer(layer, xq, xc=None, mask=None, block_size: Optional[int] = None, cu_seqlens=None) -> torch.Tensor:
     """The whole PoM layer of SPEC §1, read off `layer`'s parameters, without shortcuts."""
     xc = xq if xc is None else xc

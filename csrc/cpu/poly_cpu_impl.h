@@ -576,7 +576,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_state_update_backward_cpu(co
 }
 
 // ---------------------------------------------------------------------------
-// Causal and block-causal prefix means.
+// Causal and block-causal prefix means, plain and gated.
 // ---------------------------------------------------------------------------
 
 struct ScanTask {
@@ -584,8 +584,12 @@ struct ScanTask {
   int64_t group_first, group_last;  // task indices of this (sequence, channel block)
 };
 
-std::vector<ScanTask> scan_tasks(const Rows& r, int64_t B, int64_t E, int64_t F) {
-  const int64_t nEB = std::max<int64_t>(1, ceil_div(E, kEB));
+// Channel blocks hold whole gate groups of q channels (q = 1 without a gate), so no task shares a gate.
+int64_t block_width(int64_t E, int64_t q) { return std::min(E, q >= kEB ? q : (kEB / q) * q); }
+
+std::vector<ScanTask> scan_tasks(const Rows& r, int64_t B, int64_t E, int64_t F, int64_t q = 1) {
+  const int64_t W = std::max<int64_t>(1, block_width(E, q));
+  const int64_t nEB = std::max<int64_t>(1, ceil_div(E, W));
   const int64_t base = B * nEB;
   const int64_t threads = at::get_num_threads();
   std::vector<ScanTask> tasks;
@@ -597,56 +601,158 @@ std::vector<ScanTask> scan_tasks(const Rows& r, int64_t B, int64_t E, int64_t F)
     for (int64_t eb = 0; eb < nEB; ++eb) {
       const int64_t g0 = static_cast<int64_t>(tasks.size());
       for (int64_t n0 = 0; n0 < std::max<int64_t>(L, 1); n0 += R)
-        tasks.push_back({b, eb * kEB, std::min(kEB, E - eb * kEB), n0, std::min(L, n0 + R), g0, 0});
+        tasks.push_back({b, eb * W, std::min(W, E - eb * W), n0, std::min(L, n0 + R), g0, 0});
       for (size_t i = g0; i < tasks.size(); ++i) tasks[i].group_last = static_cast<int64_t>(tasks.size()) - 1;
     }
   }
   return tasks;
 }
 
+int64_t max_width(const std::vector<ScanTask>& tasks) {
+  int64_t w = 1;
+  for (const ScanTask& t : tasks) w = std::max(w, t.width);
+  return w;
+}
+
+// Per-thread row buffers of W channels.
+template <typename acc_t>
+struct RowBufs {
+  std::vector<acc_t> mem;
+  int64_t W;
+  RowBufs(int count, int64_t W) : mem(static_cast<size_t>(count) * W), W(W) {}
+  acc_t* operator[](int i) { return mem.data() + i * W; }
+};
+
+// The layer's gate, fused into the gated ops: channel e of a row is scaled by
+// s = hardsigmoid(pre[j] + bias[j]), j = e / q, where pre are the S gate columns of the row and
+// q = E / S (q = 1: one gate per channel).
+template <typename scalar_t>
+struct Gate {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* pre = nullptr;
+  Rows r;
+  int64_t q = 1;
+  std::vector<acc_t> bias;
+
+  // x[j] = pre + bias for the gate columns of channels [e0, e0 + w) of row n; returns their count.
+  int64_t inputs(int64_t b, int64_t n, int64_t e0, int64_t w, acc_t* __restrict x) const {
+    const int64_t j0 = e0 / q, nj = ceil_div(w, q);
+    const scalar_t* p = pre + r.off(b, n) + j0 * r.sE;
+    const acc_t* bj = bias.data() + j0;
+    if (r.sE == 1) {
+      for (int64_t j = 0; j < nj; ++j) x[j] = static_cast<acc_t>(p[j]) + bj[j];
+    } else {
+      for (int64_t j = 0; j < nj; ++j) x[j] = static_cast<acc_t>(p[j * r.sE]) + bj[j];
+    }
+    return nj;
+  }
+  void prefetch(int64_t b, int64_t n, int64_t e0, int64_t w) const {
+    prefetch_row(pre + r.off(b, n) + (e0 / q) * r.sE, r.sE, ceil_div(w, q), false);
+  }
+  // s for channels [e0, e0 + w) of row n (x is scratch).
+  void values(int64_t b, int64_t n, int64_t e0, int64_t w, acc_t* __restrict s, acc_t* __restrict x) const {
+    const int64_t nj = inputs(b, n, e0, w, x);
+    if (q == 1) {
+      for (int64_t e = 0; e < w; ++e) s[e] = math::hsig(x[e]);
+      return;
+    }
+    for (int64_t j = 0; j < nj; ++j) {
+      const acc_t v = math::hsig(x[j]);
+      std::fill(s + j * q, s + std::min(w, (j + 1) * q), v);
+    }
+  }
+};
+
+template <typename scalar_t>
+Gate<scalar_t> make_gate(const at::Tensor& pre, const int64_t* cu, int64_t E, const c10::optional<at::Tensor>& bias) {
+  using acc_t = at::opmath_type<scalar_t>;
+  Gate<scalar_t> g;
+  g.pre = pre.data_ptr<scalar_t>();
+  g.r = rows_of(pre, cu);
+  const int64_t S = pre.size(-1);
+  g.q = E / S;
+  if (bias.has_value()) {
+    at::Tensor bt = bias->detach().to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    g.bias.assign(bt.data_ptr<acc_t>(), bt.data_ptr<acc_t>() + S);
+  } else {
+    g.bias.assign(S, acc_t(0));
+  }
+  return g;
+}
+
+// Totals of p over every chunk that has a successor in its group (fp64, tasks x W): the carries of a
+// forward scan that was cut into chunks.
 template <typename scalar_t, int K>
-void causal_forward(const scalar_t* h, const Rows& hr, int64_t E, const std::vector<at::opmath_type<scalar_t>>& cT,
-                    int deg, int64_t F, const std::vector<ScanTask>& tasks, scalar_t* out, const Rows& outr) {
+std::vector<double> forward_carries(const scalar_t* h, const Rows& hr, int64_t E,
+                                    const std::vector<at::opmath_type<scalar_t>>& cT, int deg,
+                                    const std::vector<ScanTask>& tasks, int64_t W) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t nt = static_cast<int64_t>(tasks.size());
-  // Pass 1: totals of every chunk that has a successor in its group.
-  std::vector<double> tot(nt * kEB, 0.0);
+  std::vector<double> tot(nt * W, 0.0);
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
-    acc_t x[kEB], p[kEB], f[kEB];
+    RowBufs<acc_t> buf(3, W);
+    acc_t *x = buf[0], *p = buf[1], *f = buf[2];
     for (int64_t i = t0; i < t1; ++i) {
       const ScanTask& t = tasks[i];
       if (i == t.group_last) continue;
-      std::fill(f, f + kEB, acc_t(0));
+      std::fill(f, f + W, acc_t(0));
       for (int64_t n = t.n0; n < t.n1; ++n) {
         poly_row<K>(in_row(h + hr.off(t.b, n) + t.e0 * hr.sE, hr.sE, t.width, x), p, cT.data(), E, t.e0, t.width,
                     deg);
         for (int64_t e = 0; e < t.width; ++e) f[e] += p[e];
-        if ((n - t.n0 + 1) % kFlushRows == 0) flush(f, &tot[i * kEB], t.width);
+        if ((n - t.n0 + 1) % kFlushRows == 0) flush(f, &tot[i * W], t.width);
       }
-      flush(f, &tot[i * kEB], t.width);
+      flush(f, &tot[i * W], t.width);
     }
   });
-  // Pass 2: every chunk from its carry, Kahan-compensated.
+  return tot;
+}
+
+// (run, comp) of task i from the carries of the tasks before it (step -1: after it) in its group.
+template <typename acc_t>
+void start_from_carry(const std::vector<double>& tot, int64_t W, const ScanTask& t, int64_t i, bool reverse,
+                      acc_t* run, acc_t* comp) {
+  for (int64_t e = 0; e < t.width; ++e) {
+    double carry = 0;
+    if (reverse) {
+      for (int64_t j = t.group_last; j > i; --j) carry += tot[j * W + e];
+    } else {
+      for (int64_t j = t.group_first; j < i; ++j) carry += tot[j * W + e];
+    }
+    run[e] = static_cast<acc_t>(carry);
+    comp[e] = static_cast<acc_t>(static_cast<double>(run[e]) - carry);
+  }
+}
+
+// out = H (plain) or gate * H (gated), H the block-causal prefix mean of p(h).
+template <typename scalar_t, int K>
+void causal_forward(const scalar_t* h, const Rows& hr, int64_t E, const std::vector<at::opmath_type<scalar_t>>& cT,
+                    int deg, int64_t F, const std::vector<ScanTask>& tasks, const Gate<scalar_t>* gate,
+                    scalar_t* out, const Rows& outr) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t nt = static_cast<int64_t>(tasks.size());
+  const int64_t W = max_width(tasks);
+  const std::vector<double> tot = forward_carries<scalar_t, K>(h, hr, E, cT, deg, tasks, W);
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
-    acc_t x[kEB], run[kEB], comp[kEB], o[kEB];
-    scalar_t os[kEB];
+    RowBufs<acc_t> buf(6, W);
+    acc_t *x = buf[0], *run = buf[1], *comp = buf[2], *o = buf[3], *s = buf[4], *gx = buf[5];
     for (int64_t i = t0; i < t1; ++i) {
       const ScanTask& t = tasks[i];
-      for (int64_t e = 0; e < t.width; ++e) {
-        double carry = 0;
-        for (int64_t j = t.group_first; j < i; ++j) carry += tot[j * kEB + e];
-        run[e] = static_cast<acc_t>(carry);
-        comp[e] = static_cast<acc_t>(static_cast<double>(run[e]) - carry);
-      }
+      start_from_carry(tot, W, t, i, false, run, comp);
       if (F == 1) {
         for (int64_t n = t.n0; n < t.n1; ++n) {
           if (n + kPrefetchRows < t.n1) {
             prefetch_row(h + hr.off(t.b, n + kPrefetchRows) + t.e0 * hr.sE, hr.sE, t.width, false);
             prefetch_row(out + outr.off(t.b, n + kPrefetchRows) + t.e0, 1, t.width, true);
+            if (gate) gate->prefetch(t.b, n + kPrefetchRows, t.e0, t.width);
           }
           acc_t* orow = out_row(out + outr.off(t.b, n) + t.e0, o);
           scan_row<K, true>(in_row(h + hr.off(t.b, n) + t.e0 * hr.sE, hr.sE, t.width, x), run, comp, orow,
                             acc_t(1) / static_cast<acc_t>(n + 1), cT.data(), E, t.e0, t.width, deg);
+          if (gate) {
+            gate->values(t.b, n, t.e0, t.width, s, gx);
+            for (int64_t e = 0; e < t.width; ++e) orow[e] *= s[e];
+          }
           commit_row(out + outr.off(t.b, n) + t.e0, t.width, orow);
         }
         continue;
@@ -659,68 +765,83 @@ void causal_forward(const scalar_t* h, const Rows& hr, int64_t E, const std::vec
         }
         const acc_t inv = acc_t(1) / static_cast<acc_t>(bend);
         for (int64_t e = 0; e < t.width; ++e) o[e] = (run[e] - comp[e]) * inv;
-        store(os, t.width, o);
-        for (int64_t n = blk; n < bend; ++n) std::copy(os, os + t.width, out + outr.off(t.b, n) + t.e0);
+        for (int64_t n = blk; n < bend; ++n) {
+          scalar_t* dst = out + outr.off(t.b, n) + t.e0;
+          if (gate) {
+            gate->values(t.b, n, t.e0, t.width, s, gx);
+            for (int64_t e = 0; e < t.width; ++e) x[e] = o[e] * s[e];
+            store(dst, t.width, x);
+          } else {
+            store(dst, t.width, o);
+          }
+        }
       }
     }
   });
 }
 
+// Reverse scan: gh = dp/dh * sum_{t >= n} ghat_t and grad_coeff partials, where ghat is g (plain) or
+// g * gate (gated) summed over each block and divided by the block's end.
 template <typename scalar_t, int K>
 void causal_backward(const scalar_t* g, const Rows& gr, const scalar_t* h, const Rows& hr, int64_t E,
                      const std::vector<at::opmath_type<scalar_t>>& cT, int deg, int64_t F,
-                     const std::vector<ScanTask>& tasks, scalar_t* gh, const Rows& ghr, std::vector<double>& part) {
+                     const std::vector<ScanTask>& tasks, const Gate<scalar_t>* gate, scalar_t* gh, const Rows& ghr,
+                     std::vector<double>& part) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t nt = static_cast<int64_t>(tasks.size());
-  // Sum of the block's gradient rows, each block weighted by 1 / (its end).
-  auto block_grad = [&](const ScanTask& t, int64_t blk, int64_t bend, acc_t* G, acc_t* x) {
+  const int64_t W = max_width(tasks);
+  // Sum of the block's (gated) gradient rows, divided by the block's end.
+  auto block_grad = [&](const ScanTask& t, int64_t blk, int64_t bend, acc_t* G, acc_t* x, acc_t* s, acc_t* sx) {
     std::fill(G, G + t.width, acc_t(0));
     for (int64_t n = blk; n < bend; ++n) {
       if (n - kPrefetchRows >= t.n0) prefetch_row(g + gr.off(t.b, n - kPrefetchRows) + t.e0 * gr.sE, gr.sE, t.width, false);
       const acc_t* xr = in_row(g + gr.off(t.b, n) + t.e0 * gr.sE, gr.sE, t.width, x);
-      for (int64_t e = 0; e < t.width; ++e) G[e] += xr[e];
+      if (gate) {
+        gate->values(t.b, n, t.e0, t.width, s, sx);
+        for (int64_t e = 0; e < t.width; ++e) G[e] += xr[e] * s[e];
+      } else {
+        for (int64_t e = 0; e < t.width; ++e) G[e] += xr[e];
+      }
     }
     const acc_t inv = acc_t(1) / static_cast<acc_t>(bend);
     for (int64_t e = 0; e < t.width; ++e) G[e] *= inv;
   };
   // Pass 1: totals of every chunk that has a predecessor in its group (the reverse scan's carries).
-  std::vector<double> tot(nt * kEB, 0.0);
+  std::vector<double> tot(nt * W, 0.0);
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
-    acc_t x[kEB], G[kEB], f[kEB];
+    RowBufs<acc_t> buf(5, W);
+    acc_t *x = buf[0], *G = buf[1], *f = buf[2], *s = buf[3], *sx = buf[4];
     for (int64_t i = t0; i < t1; ++i) {
       const ScanTask& t = tasks[i];
       if (i == t.group_first) continue;
-      std::fill(f, f + kEB, acc_t(0));
+      std::fill(f, f + W, acc_t(0));
       int64_t rows = 0;
       for (int64_t blk = t.n0; blk < t.n1; blk += F) {
         const int64_t bend = std::min(blk + F, t.n1);
-        block_grad(t, blk, bend, G, x);
+        block_grad(t, blk, bend, G, x, s, sx);
         for (int64_t e = 0; e < t.width; ++e) f[e] += G[e];
-        if (++rows % kFlushRows == 0) flush(f, &tot[i * kEB], t.width);
+        if (++rows % kFlushRows == 0) flush(f, &tot[i * W], t.width);
       }
-      flush(f, &tot[i * kEB], t.width);
+      flush(f, &tot[i * W], t.width);
     }
   });
-  part.assign(nt * deg * kEB, 0.0);
+  part.assign(nt * deg * W, 0.0);
   // Pass 2: reverse scan of every chunk from its carry.
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
-    acc_t x[kEB], G[kEB], acc[kEB], comp[kEB], gb[kEB], gx[kEB];
-    std::vector<acc_t> f(static_cast<size_t>(deg) * kEB);
+    RowBufs<acc_t> buf(8, W);
+    acc_t *x = buf[0], *G = buf[1], *acc = buf[2], *comp = buf[3], *gb = buf[4], *gx = buf[5], *s = buf[6],
+          *sx = buf[7];
+    std::vector<acc_t> f(static_cast<size_t>(deg) * W);
     for (int64_t i = t0; i < t1; ++i) {
       const ScanTask& t = tasks[i];
-      double* d = &part[i * deg * kEB];
+      double* d = &part[i * deg * W];
       std::fill(f.begin(), f.end(), acc_t(0));
-      for (int64_t e = 0; e < t.width; ++e) {
-        double carry = 0;
-        for (int64_t j = t.group_last; j > i; --j) carry += tot[j * kEB + e];
-        acc[e] = static_cast<acc_t>(carry);
-        comp[e] = static_cast<acc_t>(static_cast<double>(acc[e]) - carry);
-      }
+      start_from_carry(tot, W, t, i, true, acc, comp);
       int64_t rows = 0;
       const int64_t nblocks = t.n1 > t.n0 ? ceil_div(t.n1 - t.n0, F) : 0;
       for (int64_t j = nblocks - 1; j >= 0; --j) {
         const int64_t blk = t.n0 + j * F, bend = std::min(blk + F, t.n1);
-        block_grad(t, blk, bend, G, x);
+        block_grad(t, blk, bend, G, x, s, sx);
         for (int64_t e = 0; e < t.width; ++e) {
           math::kahan_add(acc[e], comp[e], G[e]);
           gb[e] = acc[e] - comp[e];
@@ -742,6 +863,76 @@ void causal_backward(const scalar_t* g, const Rows& gr, const scalar_t* h, const
   });
 }
 
+// Gradient of the gate inputs of the gated op, by a forward scan that recomputes H:
+// gpre[j] = hardsigmoid'(pre[j] + bias[j]) * sum_{e in gate j} g[e] H[e]; bias partials per task (fp64, tasks x W).
+template <typename scalar_t, int K>
+void causal_gate_backward(const scalar_t* g, const Rows& gr, const scalar_t* h, const Rows& hr, int64_t E,
+                          const std::vector<at::opmath_type<scalar_t>>& cT, int deg, int64_t F,
+                          const std::vector<ScanTask>& tasks, const Gate<scalar_t>& gate, scalar_t* gpre,
+                          const Rows& gpr, std::vector<double>& bpart) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t nt = static_cast<int64_t>(tasks.size());
+  const int64_t W = max_width(tasks), q = gate.q;
+  const std::vector<double> tot = forward_carries<scalar_t, K>(h, hr, E, cT, deg, tasks, W);
+  bpart.assign(nt * W, 0.0);
+  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+    RowBufs<acc_t> buf(7, W);
+    acc_t *x = buf[0], *run = buf[1], *comp = buf[2], *Hb = buf[3], *gxs = buf[4], *gp = buf[5], *fb = buf[6];
+    for (int64_t i = t0; i < t1; ++i) {
+      const ScanTask& t = tasks[i];
+      start_from_carry(tot, W, t, i, false, run, comp);
+      std::fill(fb, fb + W, acc_t(0));
+      int64_t rows = 0;
+      for (int64_t blk = t.n0; blk < t.n1; blk += F) {
+        const int64_t bend = std::min(blk + F, t.n1);
+        for (int64_t n = blk; n < bend; ++n) {
+          if (F == 1 && n + kPrefetchRows < t.n1) {
+            prefetch_row(h + hr.off(t.b, n + kPrefetchRows) + t.e0 * hr.sE, hr.sE, t.width, false);
+            prefetch_row(g + gr.off(t.b, n + kPrefetchRows) + t.e0 * gr.sE, gr.sE, t.width, false);
+          }
+          scan_row<K, false>(in_row(h + hr.off(t.b, n) + t.e0 * hr.sE, hr.sE, t.width, x), run, comp, Hb, acc_t(0),
+                             cT.data(), E, t.e0, t.width, deg);
+        }
+        const acc_t inv = acc_t(1) / static_cast<acc_t>(bend);
+        for (int64_t e = 0; e < t.width; ++e) Hb[e] = (run[e] - comp[e]) * inv;
+        for (int64_t n = blk; n < bend; ++n) {
+          const acc_t* gy = in_row(g + gr.off(t.b, n) + t.e0 * gr.sE, gr.sE, t.width, x);
+          const int64_t nj = gate.inputs(t.b, n, t.e0, t.width, gxs);
+          if (q == 1) {
+            for (int64_t e = 0; e < t.width; ++e) gp[e] = gy[e] * Hb[e] * math::hsig_grad(gxs[e]);
+          } else {
+            for (int64_t j = 0; j < nj; ++j) {
+              acc_t sum = 0;
+              for (int64_t e = j * q; e < std::min(t.width, (j + 1) * q); ++e) sum += gy[e] * Hb[e];
+              gp[j] = sum * math::hsig_grad(gxs[j]);
+            }
+          }
+          for (int64_t j = 0; j < nj; ++j) fb[j] += gp[j];
+          scalar_t* dst = gpre + gpr.off(t.b, n) + (t.e0 / q) * gpr.sE;
+          for (int64_t j = 0; j < nj; ++j) dst[j * gpr.sE] = static_cast<scalar_t>(gp[j]);
+          if (++rows % kFlushRows == 0) flush(fb, &bpart[i * W], nj);
+        }
+      }
+      flush(fb, &bpart[i * W], W);
+    }
+  });
+}
+
+// Each task owns deg * W slots of `part`, of which the first deg * width are used: their sum into (E, K).
+at::Tensor scan_coeff_grad(const std::vector<double>& part, const std::vector<ScanTask>& tasks, int deg, int64_t E,
+                           const at::Tensor& coeff) {
+  const int64_t W = max_width(tasks);
+  std::vector<int64_t> e0s, widths;
+  std::vector<double> packed;
+  packed.reserve(part.size());
+  for (size_t i = 0; i < tasks.size(); ++i) {
+    e0s.push_back(tasks[i].e0);
+    widths.push_back(tasks[i].width);
+    packed.insert(packed.end(), part.begin() + i * deg * W, part.begin() + i * deg * W + deg * tasks[i].width);
+  }
+  return reduce_coeff_grad(packed, e0s, widths, deg, E, coeff);
+}
+
 at::Tensor poly_causal_cpu(const at::Tensor& h, const at::Tensor& coeff, int64_t block_size,
                            const c10::optional<at::Tensor>& cu_seqlens) {
   const char* op = "pom_ext::poly_causal";
@@ -758,7 +949,7 @@ at::Tensor poly_causal_cpu(const at::Tensor& h, const at::Tensor& coeff, int64_t
     auto cT = coeff_table<at::opmath_type<scalar_t>>(coeff);
     dispatch_degree(deg, [&](auto Kc) {
       causal_forward<scalar_t, decltype(Kc)::value>(h.data_ptr<scalar_t>(), hr, E, cT, deg, block_size, tasks,
-                                                    out.data_ptr<scalar_t>(), outr);
+                                                    nullptr, out.data_ptr<scalar_t>(), outr);
     });
   });
   return out;
@@ -785,20 +976,98 @@ std::tuple<at::Tensor, at::Tensor> poly_causal_backward_cpu(const at::Tensor& gr
     std::vector<double> part;
     dispatch_degree(deg, [&](auto Kc) {
       causal_backward<scalar_t, decltype(Kc)::value>(g.data_ptr<scalar_t>(), gr, h.data_ptr<scalar_t>(), hr, E, cT,
-                                                     deg, block_size, tasks, gh.data_ptr<scalar_t>(), ghr, part);
+                                                     deg, block_size, tasks, nullptr, gh.data_ptr<scalar_t>(), ghr,
+                                                     part);
     });
-    // Each task owns deg * kEB slots of `part`, of which the first deg * width are used.
-    std::vector<int64_t> e0s, widths;
-    std::vector<double> packed;
-    packed.reserve(part.size());
-    for (size_t i = 0; i < tasks.size(); ++i) {
-      e0s.push_back(tasks[i].e0);
-      widths.push_back(tasks[i].width);
-      packed.insert(packed.end(), part.begin() + i * deg * kEB, part.begin() + i * deg * kEB + deg * tasks[i].width);
-    }
-    gc = reduce_coeff_grad(packed, e0s, widths, deg, E, coeff);
+    gc = scan_coeff_grad(part, tasks, deg, E, coeff);
   });
   return {gh, gc};
+}
+
+// What both gated ops derive from their arguments: the split of hs = [h | pre], the packed offsets and the
+// scan tasks (whole gate groups per task). Not copyable: cup points into cu.
+struct GatedSetup {
+  int deg;
+  int64_t E, S, B;
+  std::vector<int64_t> cu;
+  const int64_t* cup;
+  at::Tensor h, pre;
+  Rows hr;
+  std::vector<ScanTask> tasks;
+  GatedSetup(const char* op, const at::Tensor& hs, const at::Tensor& coeff, int64_t block_size,
+             const c10::optional<at::Tensor>& cu_seqlens)
+      : deg(static_cast<int>(coeff.size(1))), E(coeff.size(0)), S(hs.size(-1) - E),
+        B(checks::batch_of(hs, cu_seqlens)), cu(host_offsets(op, cu_seqlens, hs.size(0))),
+        cup(cu_seqlens ? cu.data() : nullptr), h(hs.narrow(-1, 0, E)), pre(hs.narrow(-1, E, S)),
+        hr(rows_of(h, cup)), tasks(scan_tasks(hr, B, E, block_size, E / S)) {}
+  GatedSetup(const GatedSetup&) = delete;
+  GatedSetup& operator=(const GatedSetup&) = delete;
+};
+
+// Gated: hs = [h | pre] (E + S columns), y = hardsigmoid(pre + bias) (per gate group) * H.
+at::Tensor poly_causal_gated_cpu(const at::Tensor& hs, const at::Tensor& coeff,
+                                 const c10::optional<at::Tensor>& gate_bias, int64_t block_size,
+                                 const c10::optional<at::Tensor>& cu_seqlens) {
+  checks::causal_gated_args("pom_ext::poly_causal_gated", hs, coeff, gate_bias, block_size, cu_seqlens);
+  const GatedSetup a("pom_ext::poly_causal_gated", hs, coeff, block_size, cu_seqlens);
+  auto sizes = hs.sizes().vec();
+  sizes.back() = a.E;
+  auto out = at::empty(sizes, hs.options());
+  const Rows outr = rows_of(out, a.cup);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hs.scalar_type(), "poly_causal_gated_cpu", [&] {
+    auto cT = coeff_table<at::opmath_type<scalar_t>>(coeff);
+    const Gate<scalar_t> gate = make_gate<scalar_t>(a.pre, a.cup, a.E, gate_bias);
+    dispatch_degree(a.deg, [&](auto Kc) {
+      causal_forward<scalar_t, decltype(Kc)::value>(a.h.data_ptr<scalar_t>(), a.hr, a.E, cT, a.deg, block_size,
+                                                    a.tasks, &gate, out.data_ptr<scalar_t>(), outr);
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_causal_gated_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& hs, const at::Tensor& coeff,
+    const c10::optional<at::Tensor>& gate_bias, int64_t block_size, const c10::optional<at::Tensor>& cu_seqlens) {
+  const char* op = "pom_ext::poly_causal_gated_backward";
+  checks::causal_gated_backward_args(op, grad_y, hs, coeff, gate_bias, block_size, cu_seqlens);
+  const GatedSetup a(op, hs, coeff, block_size, cu_seqlens);
+  const int deg = a.deg;
+  const int64_t E = a.E, S = a.S;
+  const int64_t* cup = a.cup;
+  const at::Tensor &h = a.h, &pre = a.pre;
+  const Rows& hr = a.hr;
+  const std::vector<ScanTask>& tasks = a.tasks;
+  auto g = grad_y.scalar_type() == hs.scalar_type() ? grad_y : grad_y.to(hs.scalar_type());
+  const Rows gr = rows_of(g, cup);
+  // One buffer for both gradients, with the layout of a contiguous hs.
+  auto ghs = at::empty(hs.sizes(), hs.options());
+  const at::Tensor gh = ghs.narrow(-1, 0, E), gpre = ghs.narrow(-1, E, S);
+  const Rows ghr = rows_of(gh, cup), gpr = rows_of(gpre, cup);
+  at::Tensor gc, gbias;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hs.scalar_type(), "poly_causal_gated_backward_cpu", [&] {
+    auto cT = coeff_table<at::opmath_type<scalar_t>>(coeff);
+    const Gate<scalar_t> gate = make_gate<scalar_t>(pre, cup, E, gate_bias);
+    std::vector<double> part, bpart;
+    dispatch_degree(deg, [&](auto Kc) {
+      constexpr int Kv = decltype(Kc)::value;
+      causal_gate_backward<scalar_t, Kv>(g.data_ptr<scalar_t>(), gr, h.data_ptr<scalar_t>(), hr, E, cT, deg,
+                                         block_size, tasks, gate, gpre.data_ptr<scalar_t>(), gpr, bpart);
+      causal_backward<scalar_t, Kv>(g.data_ptr<scalar_t>(), gr, h.data_ptr<scalar_t>(), hr, E, cT, deg, block_size,
+                                    tasks, &gate, gh.data_ptr<scalar_t>(), ghr, part);
+    });
+    gc = scan_coeff_grad(part, tasks, deg, E, coeff);
+    // Bias: the per-task partials of each gate column, summed in task order.
+    const int64_t W = max_width(tasks), q = E / S;
+    std::vector<double> bsum(S, 0.0);
+    for (size_t i = 0; i < tasks.size(); ++i) {
+      const int64_t j0 = tasks[i].e0 / q, nj = ceil_div(tasks[i].width, q);
+      for (int64_t j = 0; j < nj; ++j) bsum[j0 + j] += bpart[i * W + j];
+    }
+    auto bt = at::empty({S}, hs.options().dtype(at::kDouble));
+    std::copy(bsum.begin(), bsum.end(), bt.data_ptr<double>());
+    gbias = bt.to(gate_bias.has_value() ? gate_bias->scalar_type() : hs.scalar_type());
+  });
+  return {ghs, gc, gbias};
 }
 
 }  // namespace POM_CPU_ARCH

@@ -49,6 +49,13 @@ at::Tensor causal(const at::Tensor& h, const at::Tensor& c, int64_t f, const Opt
 T2 causal_bwd(const at::Tensor& g, const at::Tensor& h, const at::Tensor& c, int64_t f, const OptT& cu) {
   return POM_CPU_PICK(poly_causal_backward_cpu, g, h, c, f, cu);
 }
+at::Tensor causal_gated(const at::Tensor& hs, const at::Tensor& c, const OptT& b, int64_t f, const OptT& cu) {
+  return POM_CPU_PICK(poly_causal_gated_cpu, hs, c, b, f, cu);
+}
+T3 causal_gated_bwd(const at::Tensor& g, const at::Tensor& hs, const at::Tensor& c, const OptT& b, int64_t f,
+                    const OptT& cu) {
+  return POM_CPU_PICK(poly_causal_gated_backward_cpu, g, hs, c, b, f, cu);
+}
 T3 state_update(const at::Tensor& h, const at::Tensor& c, const at::Tensor& s, const at::Tensor& n) {
   return POM_CPU_PICK(poly_state_update_cpu, h, c, s, n);
 }
@@ -69,6 +76,8 @@ TORCH_LIBRARY_IMPL(pom_ext, CPU, m) {
   m.impl("poly_mean_backward", &mean_bwd);
   m.impl("poly_causal", &causal);
   m.impl("poly_causal_backward", &causal_bwd);
+  m.impl("poly_causal_gated", &causal_gated);
+  m.impl("poly_causal_gated_backward", &causal_gated_bwd);
   m.impl("poly_state_update", &state_update);
   m.impl("poly_state_update_backward", &state_update_bwd);
   m.impl("poly_state_step_", &state_step);

@@ -44,10 +44,11 @@ inline void coeff(const char* op, const at::Tensor& h, const at::Tensor& c) {
 }
 
 // h: (B, N, E) dense, or (total, E) when cu_seqlens packs several sequences.
-inline void h_and_layout(const char* op, const at::Tensor& h, const c10::optional<at::Tensor>& cu) {
-  floating(op, "h", h);
+inline void h_and_layout(const char* op, const at::Tensor& h, const c10::optional<at::Tensor>& cu,
+                         const char* arg = "h") {
+  floating(op, arg, h);
   if (cu.has_value()) {
-    rank(op, "h", h, 2, "(total, E) when 'cu_seqlens' is given");
+    rank(op, arg, h, 2, "(total, E) when 'cu_seqlens' is given");
     const at::Tensor& c = *cu;
     same_device(op, "cu_seqlens", c, h);
     TORCH_CHECK(c.scalar_type() == at::kInt || c.scalar_type() == at::kLong, op,
@@ -56,7 +57,7 @@ inline void h_and_layout(const char* op, const at::Tensor& h, const c10::optiona
     TORCH_CHECK(c.size(0) >= 2, op, ": argument 'cu_seqlens' must hold at least 2 offsets (B + 1 with B >= 1), got ",
                 c.size(0));
   } else {
-    rank(op, "h", h, 3, "(B, N, E)");
+    rank(op, arg, h, 3, "(B, N, E)");
   }
 }
 
@@ -161,6 +162,39 @@ inline void causal_backward_args(const char* op, const at::Tensor& grad_H, const
   causal_args(op, h, c, f, cu);
   same_device(op, "grad_H", grad_H, h);
   same_shape(op, "grad_H", grad_H, h.sizes(), "the output H");
+}
+
+// Gated causal: hs = [h | pre] holds E = coeff.size(0) context columns then S gate columns, S = E or a
+// divisor of E (one gate per group of E / S channels); gate_bias: (S,).
+inline void causal_gated_args(const char* op, const at::Tensor& hs, const at::Tensor& c,
+                              const c10::optional<at::Tensor>& bias, int64_t f,
+                              const c10::optional<at::Tensor>& cu) {
+  h_and_layout(op, hs, cu, "hs");
+  floating(op, "coeff", c);
+  same_device(op, "coeff", c, hs);
+  rank(op, "coeff", c, 2, "(E, K)");
+  TORCH_CHECK(c.size(1) >= 1, op, ": argument 'coeff' must have degree K >= 1 columns, got shape ", c.sizes());
+  const int64_t E = c.size(0), S = hs.size(-1) - E;
+  TORCH_CHECK(E >= 1 && S >= 1 && E % S == 0, op, ": argument 'hs' must hold E + S columns, E = ", E,
+              " context columns (the rows of 'coeff') then S gate columns with S = E or S dividing E, got ",
+              hs.size(-1), " columns (shape ", hs.sizes(), ")");
+  if (bias.has_value()) {
+    floating(op, "gate_bias", *bias);
+    same_device(op, "gate_bias", *bias, hs);
+    rank(op, "gate_bias", *bias, 1, "(S,)");
+    size_is(op, "gate_bias", *bias, 0, S, "the number of gate columns S of 'hs'");
+  }
+  block_size(op, f);
+}
+
+inline void causal_gated_backward_args(const char* op, const at::Tensor& grad_y, const at::Tensor& hs,
+                                       const at::Tensor& c, const c10::optional<at::Tensor>& bias, int64_t f,
+                                       const c10::optional<at::Tensor>& cu) {
+  causal_gated_args(op, hs, c, bias, f, cu);
+  same_device(op, "grad_y", grad_y, hs);
+  auto sizes = hs.sizes().vec();
+  sizes.back() = c.size(0);
+  same_shape(op, "grad_y", grad_y, sizes, "the output y");
 }
 
 inline void state_args(const char* op, const at::Tensor& h, const at::Tensor& c, const at::Tensor& sum,

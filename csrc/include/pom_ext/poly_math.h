@@ -5,6 +5,7 @@
 //   p(h)    = sum_{k=1..K} c[k-1] * act(h)^k            (no constant term)
 //   dp/dh   = act'(h) * sum_{k=1..K} k * c[k-1] * act(h)^(k-1)
 //   dp/dc[k-1] = act(h)^k
+//   gate    = hardsigmoid(x) (the selection of the layer, fused into the gated ops)
 //
 // Coefficients are read as c[k * cs] so a caller can pass a transposed (K, E)
 // table and keep loads over the channel index contiguous. The degree is a
@@ -38,6 +39,22 @@ POM_HD T act(T u) {
 template <typename T>
 POM_HD T act_grad(T u) {
   return (u >= T(0) && u <= T(6)) ? T(1) : ((u >= T(-10) && u < T(0)) ? T(0.01) : T(0));
+}
+
+// The gate: hardsigmoid(x) = min(max(x + 3, 0), 6) / 6, as torch computes it (NaN propagates).
+template <typename T>
+POM_HD T hsig(T x) {
+  T v = x + T(3);
+  v = v < T(0) ? T(0) : v;
+  v = v > T(6) ? T(6) : v;
+  return v / T(6);
+}
+
+// d hardsigmoid / dx: 1/6 on (-3, 3), 0 elsewhere, with torch's conventions (open interval, and the slope
+// is the float 1/6 in every dtype) so the fused gate has the gradient of F.hardsigmoid exactly.
+template <typename T>
+POM_HD T hsig_grad(T x) {
+  return (x > T(-3) && x < T(3)) ? T(1.0f / 6.0f) : T(0);
 }
 
 template <int K>
