@@ -185,9 +185,9 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [("pom", L, k, e) for L in args.seq_lens for k, e in args.configs]
-    if args.baseline:
-        jobs += [("attention", L, 0, 0) for L in args.seq_lens]
+    # Shortest sequences first, every model at a length before the next length, so a partial sweep is usable.
+    jobs = [job for L in args.seq_lens
+            for job in [("pom", L, k, e) for k, e in args.configs] + ([("attention", L, 0, 0)] if args.baseline else [])]
     results = []
     for i, (kind, L, k, e) in enumerate(jobs, 1):
         r = run_one(args, kind, L, k, e)
