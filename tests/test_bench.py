@@ -134,3 +134,14 @@ def test_decode_cache_too_large_for_the_stack(monkeypatch):
     small, large = res["points"]
     assert small["status"] == "ok" and small["layers_measured"] == 1 and small["note"].startswith("extrapolated")
     assert large["status"] == "oom" and large["layers_measured"] == 0 and "predicted" in large["note"]
+
+
+def test_failed_cuda_graph_capture_falls_back_to_eager_steps():
+    calls = []
+    step, why_not = decode._graphed(lambda: calls.append(1))
+    if torch.cuda.is_available():
+        assert why_not is None
+    else:
+        assert "capture failed" in why_not
+        step()
+        assert calls  # the eager step is what runs

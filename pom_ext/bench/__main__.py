@@ -111,6 +111,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--steps", type=int, help="timed decoding steps per point")
     g.add_argument("--decode-warmup", type=int, help="untimed steps before them")
     g.add_argument("--decode-methods", type=names, help=f"among {','.join(decode_bench.METHODS)}")
+    g.add_argument("--cuda-graph", action="store_true",
+                   help="replay each decoding step from a CUDA graph (pom_ext, attention_flash; SDPA over a "
+                        "growing cache prefix cannot be captured and runs eagerly)")
     args = ap.parse_args(argv)
     bad = [p for p in args.passes if p not in layer_bench.PASSES]
     if bad or not args.passes:
@@ -149,7 +152,7 @@ def _decode_config(args, device: torch.device, dtype: torch.dtype) -> decode_ben
         device=device, dtype=dtype, contexts=args.contexts, batches=args.decode_batches, layers=args.layers,
         dim=args.dim, heads=args.heads, degree=args.degree, expand=args.expand, steps=args.steps,
         warmup=args.decode_warmup, methods=args.decode_methods or decode_bench.default_methods(device),
-        seed=args.seed)
+        cuda_graph=args.cuda_graph, seed=args.seed)
 
 
 CONFIGS = {"layer": _layer_config, "decode": _decode_config}

@@ -50,13 +50,14 @@ class DecodeConfig:
     steps: int = 20
     warmup: int = 3
     methods: List[str] = field(default_factory=list)
+    cuda_graph: bool = False  # replay each step from a CUDA graph where the method allows it
     seed: int = 0
 
     def describe(self) -> Dict[str, object]:
         return {"dtype": str(self.dtype).replace("torch.", ""), "contexts": self.contexts, "batches": self.batches,
                 "layers": self.layers, "dim": self.dim, "heads": self.heads, "n_sel_heads": self.heads,
                 "degree": self.degree, "expand": self.expand, "steps": self.steps, "warmup": self.warmup,
-                "methods": self.methods}
+                "methods": self.methods, "cuda_graph": self.cuda_graph}
 
 
 def method_unavailable(method: str, device: torch.device) -> Optional[str]:
@@ -67,6 +68,8 @@ def method_unavailable(method: str, device: torch.device) -> Optional[str]:
 
 
 class PoMStack(nn.Module):
+    graphable = True  # a step has fixed shapes and updates its state in place
+
     def __init__(self, cfg: DecodeConfig):
         super().__init__()
         self.norms = nn.ModuleList(nn.LayerNorm(cfg.dim) for _ in range(cfg.layers))
@@ -103,6 +106,9 @@ class AttentionStack(nn.Module):
     def __init__(self, cfg: DecodeConfig, flash: bool):
         super().__init__()
         self.heads, self.dim, self.flash = cfg.heads, cfg.dim, flash
+        # flash_attn_with_kvcache reads the cache length from a device tensor; SDPA over a growing prefix
+        # changes shape every step.
+        self.graphable = flash
         self.norms = nn.ModuleList(nn.LayerNorm(cfg.dim) for _ in range(cfg.layers))
         self.mixers = nn.ModuleList(MHA(cfg.dim, cfg.heads) for _ in range(cfg.layers))
 
@@ -196,18 +202,25 @@ def run(cfg: DecodeConfig, progress: Callable[[str], None] = _progress) -> Dict[
 
 
 def _measure(stack: nn.Module, cfg: DecodeConfig, x: torch.Tensor, batch: int, context: int) -> Dict[str, object]:
-    capacity = context + cfg.warmup + cfg.steps + 1  # + 1: the step whose peak memory is measured
+    graph = cfg.cuda_graph and cfg.device.type == "cuda" and stack.graphable
+    # + 1: the step whose peak memory is measured; + _GRAPH_WARMUP + 1: the steps run to capture a graph
+    capacity = context + cfg.warmup + cfg.steps + 1 + (_GRAPH_WARMUP + 1 if graph else 0)
     layers = _layers_that_fit(stack, cfg, batch, capacity)
     if layers < 1:
         need = stack.cache_bytes_per_layer(batch, capacity) / 2**30
         return {"status": "oom", "layers_measured": 0,
                 "note": f"predicted: one layer's cache needs {need:.1f} GiB, more than "
                         f"{_CACHE_SHARE.get(cfg.device.type, 0.6):.0%} of the free memory"}
-    cache = None
+    cache, notes = None, []
     try:
         cache = stack.allocate(layers, batch, context, capacity)
         with torch.no_grad():
-            r = measure(lambda: stack.step(x, cache), cfg.device, cfg.steps, cfg.warmup)
+            step, why_not = lambda: stack.step(x, cache), None
+            if graph:
+                step, why_not = _graphed(step)
+            r = measure(step, cfg.device, cfg.steps, cfg.warmup)
+        r["cuda_graph"] = graph and why_not is None
+        notes = [why_not] if why_not else []
     except Exception as e:  # noqa: BLE001 - out of memory while allocating the cache: recorded
         if not is_oom(e):
             raise
@@ -221,16 +234,40 @@ def _measure(stack: nn.Module, cfg: DecodeConfig, x: torch.Tensor, batch: int, c
             scale = cfg.layers / layers
             for k in ("median_s", "p10_s", "p90_s", "min_s", "max_s"):
                 r[k] *= scale
-            r["note"] = (f"extrapolated: the KV cache of {cfg.layers} layers does not fit the free memory; "
-                         f"{layers} layers measured, time x {scale:.2f}")
+            notes.insert(0, f"extrapolated: the KV cache of {cfg.layers} layers does not fit the free memory; "
+                            f"{layers} layers measured, time x {scale:.2f}")
         r["tokens_per_s"] = batch / r["median_s"]
+    if notes:
+        r["note"] = "; ".join(notes)
     return r
+
+
+_GRAPH_WARMUP = 2
+
+
+def _graphed(fn: Callable[[], object]):
+    """(replay of fn captured in a CUDA graph, None), or (fn, why not) when the capture fails."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up on a side stream before capture, as torch.cuda.graph asks
+            for _ in range(_GRAPH_WARMUP):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as e:  # noqa: BLE001 - recorded; the step is then measured without a graph
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return fn, f"CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); eager steps"
+    return graph.replay, None
 
 
 def _fmt_point(p: Dict[str, object]) -> str:
     mem = f"cache {p['cache_bytes'] / 2**20:.2f} MiB"
     if p["status"] != "ok":
         return f"{p['status']} ({mem})"
-    star = " *" if p.get("note", "").startswith("extrapolated") else ""
+    star = " *" if "extrapolated" in p.get("note", "") else ""
     return (f"{p['median_s'] * 1e3:.3f} ms/step (p10 {p['p10_s'] * 1e3:.3f}, p90 {p['p90_s'] * 1e3:.3f}), "
             f"{p['tokens_per_s']:.0f} tok/s, {mem}{star}")

@@ -194,7 +194,7 @@ def decode_table(result: Dict[str, object]) -> str:
             for m in methods:
                 p = idx.get((m, b, c))
                 cell = _ms(p)
-                if p is not None and p.get("note", "").startswith("extrapolated"):
+                if p is not None and "extrapolated" in p.get("note", ""):
                     cell += "*"
                     extrapolated = True
                 cells.append(cell)
