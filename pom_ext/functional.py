@@ -150,11 +150,12 @@ def aggregate(h: torch.Tensor, coeff: torch.Tensor, mask: Mask = None, block_siz
     if mask.dim() != 3:
         raise ValueError(f"pom_ext: argument 'mask' must be None, 'causal', a (B, N) or a (B, T, N) tensor, "
                          f"got a {mask.dim()}-D tensor")
-    p = ops.poly_eval(h, coeff)
-    acc = torch.float64 if p.dtype == torch.float64 else torch.float32  # accumulate in fp32 at least
+    # p in fp32 at least, never rounded to a 16-bit dtype before the fp32 matmul (nor its gradient after).
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    p = ops.poly_eval(h.to(acc), coeff)
     m = mask.to(acc)
     den = m.sum(-1, keepdim=True)
-    return (torch.bmm(m, p.to(acc)) / torch.where(den == 0, torch.ones_like(den), den)).to(h.dtype)
+    return (torch.bmm(m, p) / torch.where(den == 0, torch.ones_like(den), den)).to(h.dtype)
 
 
 def select(s: torch.Tensor, H: torch.Tensor, n_sel_heads: int = 1) -> torch.Tensor:
