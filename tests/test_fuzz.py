@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 
 import pom_ext
@@ -429,6 +429,10 @@ def test_fuzz_layer(data, config, dtype, seed, which, mask_kind, cross):
             return TOL[dtype]
         return max(TOL[dtype], 2 * err_plain)
 
+    # A 16-bit case whose exact result lies beyond the dtype's range (high powers of act <= 6 in float16) is
+    # outside what the dtype can hold, for plain PyTorch as for the kernels: not a test of either.
+    lim = torch.finfo(dtype).max
+    assume(bool(ref.detach().abs().max() <= lim) if ref.numel() else True)
     what = f"layer {config} {dtype} mask={mask_kind} block={block} cross={cross}"
     assert rel_err(out, ref) < bound(rel_err(plain, ref)), f"{what}: forward {rel_err(out, ref):.3e}"
     seed_g = torch.randn(out.shape, generator=g, dtype=torch.float64).to(dtype)
@@ -436,6 +440,7 @@ def test_fuzz_layer(data, config, dtype, seed, which, mask_kind, cross):
         gk = torch.autograd.grad(out, ker_x + list(low.parameters()), seed_g)
     gr = torch.autograd.grad(ref, ref_x + list(ref_layer.parameters()), seed_g.double())
     gp = torch.autograd.grad(plain, plain_x + list(low.parameters()), seed_g)
+    assume(all(bool(b.abs().max() <= lim) for b in gr if b.numel()))
     names = [f"input{i}" for i in range(len(ker_x))] + [n for n, _ in low.named_parameters()]
     floor = {}
     if w is not None and w.is_floating_point():
