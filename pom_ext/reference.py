@@ -99,8 +99,12 @@ def poly_causal_gated(hs, coeff, gate_bias=None, block_size: int = 1, cu_seqlens
     return select(F.hardsigmoid(pre), poly_causal(hs[..., :E], coeff, block_size, cu_seqlens), S if S < E else 1)
 
 
-def pom_layer(layer, xq, xc=None, mask=None, block_size: Optional[int] = None, cu_seqlens=None) -> torch.Tensor:
-    """The whole PoM layer of SPEC §1, read off `layer`'s parameters, without shortcuts."""
+def pom_layer(layer, xq, xc=None, mask=None, block_size: Optional[int] = None, cu_seqlens=None,
+              h_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The whole PoM layer of SPEC §1, read off `layer`'s parameters, without shortcuts.
+
+    h_dtype: round the context projection h to this dtype (as a layer run in that dtype stores it), the
+    rest staying in the input's precision: the error that storing h in a 16-bit dtype costs by itself."""
     xc = xq if xc is None else xc
     E, G = layer.state_width, layer.n_sel_heads
     if layer.n_groups > 1:
@@ -115,6 +119,8 @@ def pom_layer(layer, xq, xc=None, mask=None, block_size: Optional[int] = None, c
         w = layer.qc_proj.weight
         h = F.linear(xc, w[:E])
         s = F.hardsigmoid(F.linear(xq, w[E:]) + layer.se_bias)
+    if h_dtype is not None:
+        h = h.to(h_dtype).to(xc.dtype)
     c = layer.po_coeff
     if cu_seqlens is not None:
         if mask == "causal":

@@ -348,9 +348,9 @@ def layer_config(draw):
     return dim, draw(degree_st), expand, n_groups, heads, draw(st.booleans())
 
 
-def layer_call(layer, x, xc, mask, block, cu, ref):
+def layer_call(layer, x, xc, mask, block, cu, ref, h_dtype=None):
     if ref:
-        return R.pom_layer(layer, x, xc, mask, block, cu)
+        return R.pom_layer(layer, x, xc, mask, block, cu, h_dtype)
     kw = {}
     if block is not None:
         kw["block_size"] = block
@@ -411,35 +411,40 @@ def test_fuzz_layer(data, config, dtype, seed, which, mask_kind, cross):
     ref_x = [t.to(dtype).double().requires_grad_() for t in tensors]
     plain_x = [t.to(dtype).requires_grad_() for t in tensors]
 
-    def run(lay, xs, ref):
+    def run(lay, xs, ref, h_dtype=None):
         it = iter(xs)
         q = next(it)
         c = next(it) if xc is not None else None
         m = next(it) if w is not None and w.is_floating_point() else w
-        return layer_call(lay, q, c, mask if w is None else m, block, cu, ref)
+        return layer_call(lay, q, c, mask if w is None else m, block, cu, ref, h_dtype)
 
     with isa(which):
         out = run(low, ker_x, False)
     ref = run(ref_layer, ref_x, True)
     plain = run(low, plain_x, True)
+    # 16-bit: the float64 reference with only h rounded to the dtype, the error storing h costs by itself
+    # (amplified by high degrees), which no implementation of a 16-bit layer avoids.
+    hq_x = [t.detach().clone().requires_grad_() for t in ref_x]
+    hq = run(ref_layer, hq_x, True, dtype if dtype in (torch.float16, torch.bfloat16) else None)
     assert out.dtype == dtype and out.shape == ref.shape
 
-    def bound(err_plain):
+    def bound(err_plain, err_hq=0.0):
         if dtype in (torch.float64, torch.float32):
             return TOL[dtype]
-        return max(TOL[dtype], 2 * err_plain)
+        return max(TOL[dtype], 2 * err_plain, 2 * err_hq)
 
     # A 16-bit case whose exact result lies beyond the dtype's range (high powers of act <= 6 in float16) is
     # outside what the dtype can hold, for plain PyTorch as for the kernels: not a test of either.
     lim = torch.finfo(dtype).max
     assume(bool(ref.detach().abs().max() <= lim) if ref.numel() else True)
     what = f"layer {config} {dtype} mask={mask_kind} block={block} cross={cross}"
-    assert rel_err(out, ref) < bound(rel_err(plain, ref)), f"{what}: forward {rel_err(out, ref):.3e}"
+    assert rel_err(out, ref) < bound(rel_err(plain, ref), rel_err(hq, ref)), f"{what}: forward {rel_err(out, ref):.3e}"
     seed_g = torch.randn(out.shape, generator=g, dtype=torch.float64).to(dtype)
     with isa(which):
         gk = torch.autograd.grad(out, ker_x + list(low.parameters()), seed_g)
     gr = torch.autograd.grad(ref, ref_x + list(ref_layer.parameters()), seed_g.double())
     gp = torch.autograd.grad(plain, plain_x + list(low.parameters()), seed_g)
+    gq = torch.autograd.grad(hq, hq_x + list(ref_layer.parameters()), seed_g.double())
     assume(all(bool(b.abs().max() <= lim) for b in gr if b.numel()))
     names = [f"input{i}" for i in range(len(ker_x))] + [n for n, _ in low.named_parameters()]
     floor = {}
@@ -447,11 +452,12 @@ def test_fuzz_layer(data, config, dtype, seed, which, mask_kind, cross):
         # The gradient of the mask weights is a sum of terms that cancel (exactly, for a one-token row): judge
         # it relative to the size of those terms, as the op-level weighted-mean test does.
         floor[len(ker_x) - 1] = layer_weight_grad_scale(ref_layer, ref_x, xc is not None, seed_g.double())
-    for i, (n, a, b, c) in enumerate(zip(names, gk, gr, gp)):
+    for i, (n, a, b, c, q) in enumerate(zip(names, gk, gr, gp, gq)):
         err = rel_err(a, b)
         if i in floor and err < float("inf"):
             err = (a.double() - b.double()).norm().item() / max(b.double().norm().item(), floor[i], 1e-300)
-        assert err < bound(rel_err(c, b)), f"{what}: grad {n} {err:.3e} (plain {rel_err(c, b):.3e})"
+        assert err < bound(rel_err(c, b), rel_err(q, b)), \
+            f"{what}: grad {n} {err:.3e} (plain {rel_err(c, b):.3e}, h rounded {rel_err(q, b):.3e})"
 
 
 def layer_weight_grad_scale(layer, xs, cross, seed):
