@@ -303,7 +303,13 @@ def run_all():
     """Results per case index; a case during which the child died is recorded as a crash."""
     n_cases = len(build_cases())
     results, start = {}, 0
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+    # The child imports the same pom_ext as this process (e.g. the sanitized scratch copy of .ci/asan_check.sh),
+    # then the repository's.
+    import pom_ext
+    path = [os.path.dirname(os.path.dirname(os.path.abspath(pom_ext.__file__))), os.path.dirname(HERE)]
+    if os.environ.get("PYTHONPATH"):
+        path.append(os.environ["PYTHONPATH"])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
     while start < n_cases:
         p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", str(start)], capture_output=True,
                            text=True, timeout=600, env=env)
