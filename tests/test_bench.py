@@ -52,13 +52,14 @@ def quick_run(tmp_path_factory):
 
 def test_quick_run_writes_results(quick_run):
     out, proc = quick_run
-    names = ["layer.json", "layer.csv", "decode.json", "decode.csv"]
+    names = ["layer.json", "layer.csv", "decode.json", "decode.csv", "summary.md"]
     if HAVE_MPL:
         names += ["layer_time.png", "layer_memory.png", "layer_speedup.png", "decode.png"]
     for name in names:
         assert (out / name).stat().st_size > 0, name
     assert "non-causal, fwd+bwd" in proc.stdout and "decode, 2 layers" in proc.stdout  # tables on stdout
     assert "[  1/" in proc.stderr  # progress on stderr
+    assert "| N | B | pom_ext |" in (out / "summary.md").read_text()
 
     lay = json.loads((out / "layer.json").read_text())
     assert lay["schema"] == "pom-bench/1"

@@ -179,7 +179,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     log(f"pom-bench: {env['device_name']} ({device}), torch {env['torch']}, CUDA {env['cuda']}, "
         f"{env['threads']} threads, pom_ext {env['pom_ext']} (compiled kernels: {env['pom_ext_native']}), "
         f"commit {env['git_commit']}")
-    written, errors = [], 0
+    written, errors, summary_md = [], 0, []
     for name in ("layer", "decode"):
         if args.what not in (name, "all"):
             continue
@@ -188,8 +188,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         env["loadavg_end"] = load_average()
         checks = targets(result, env)
         print(table(result) + report.targets_table(checks), flush=True)
+        summary_md.append(table(result, markdown=True) + report.targets_table(checks, markdown=True))
         written += _write(args, name, env, result, {**summary(result), "targets": checks}, plot)
         errors += sum(p["status"].startswith("error") for p in result["points"])
+    written.append(os.path.join(args.out, "summary.md"))
+    with open(written[-1], "w") as f:
+        f.write(report.summary_header(env) + "\n".join(summary_md) + "\n")
     log("wrote " + ", ".join(written))
     if errors:
         log(f"pom-bench: {errors} point(s) failed with an error (status 'error: ...' in the JSON)")

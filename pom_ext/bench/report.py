@@ -145,7 +145,27 @@ def _mib(nbytes: Optional[float]) -> str:
     return "-" if nbytes is None else f"{nbytes / 2**20:.1f}"
 
 
-def layer_table(result: Dict[str, object]) -> str:
+def _render(title: str, head: List[str], rows: List[List[str]], markdown: bool) -> List[str]:
+    """A titled table as aligned text, or as a markdown table under a bold title."""
+    if markdown:
+        return [f"\n**{title}**\n", "| " + " | ".join(head) + " |", "|" + "---:|" * len(head)] + \
+            ["| " + " | ".join(r) + " |" for r in rows]
+    width = [max(len(x) for x in col) for col in zip(head, *rows)]
+    line = lambda cells: " ".join(c.rjust(w) for c, w in zip(cells, width))  # noqa: E731
+    text = line(head)
+    return [f"\n{title}", text, "-" * len(text)] + [line(r) for r in rows]
+
+
+def _bytes(nbytes: Optional[float]) -> str:
+    if nbytes is None:
+        return "-"
+    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= div:
+            return f"{nbytes / div:.1f} {unit}"
+    return f"{nbytes:.0f} B"
+
+
+def layer_table(result: Dict[str, object], markdown: bool = False) -> str:
     cfg = result["config"]
     methods = [m for m, v in result["methods"].items() if v["status"] == "ok"]
     idx = _index(result["points"], "method", "mode", "pass", "n")
@@ -153,68 +173,69 @@ def layer_table(result: Dict[str, object]) -> str:
     lines = []
     for mode in cfg["modes"]:
         for pas in cfg["passes"]:
-            lines.append(f"\n{mode}, {pas}: median ms (peak MiB for pom_ext and the fastest attention)")
-            head = f"{'N':>7s} {'B':>4s} " + " ".join(f"{m:>17s}" for m in methods) + \
-                f" {'speed-up':>9s} {'vs':>15s} {'MiB pom':>8s} {'MiB attn':>9s}"
-            lines.append(head)
-            lines.append("-" * len(head))
+            rows = []
             for n in cfg["seq_lens"]:
                 row = [idx.get((m, mode, pas, n)) for m in methods]
                 batch = next((p["batch"] for p in row if p is not None), "")
                 s = sp.get((mode, pas, n))
                 pom = idx.get(("pom_ext", mode, pas, n))
                 best = idx.get((s["fastest_attention"], mode, pas, n)) if s else None
-                speedup = f"{s['speedup']:.1f}x" if s else "-"
-                rival = s["fastest_attention"] if s else "-"
-                mem_pom = _mib(pom.get("peak_bytes") if pom and _ok(pom) else None)
-                mem_att = _mib(best.get("peak_bytes") if best else None)
-                lines.append(f"{n:7d} {batch!s:>4s} " + " ".join(f"{_ms(p):>17s}" for p in row)
-                             + f" {speedup:>9s} {rival:>15s} {mem_pom:>8s} {mem_att:>9s}")
-    skipped = {m: v["status"] for m, v in result["methods"].items() if v["status"] != "ok"}
-    for m, why in skipped.items():
-        lines.append(f"{m}: {why}")
+                rows.append([str(n), str(batch)] + [_ms(p) for p in row] + [
+                    f"{s['speedup']:.1f}x" if s else "-", s["fastest_attention"] if s else "-",
+                    _mib(pom.get("peak_bytes") if pom and _ok(pom) else None),
+                    _mib(best.get("peak_bytes") if best else None)])
+            head = ["N", "B"] + methods + ["speed-up", "vs", "MiB pom", "MiB attn"]
+            lines += _render(f"{mode}, {pas}: median ms (peak MiB for pom_ext and the fastest attention)", head,
+                             rows, markdown)
+    for m, v in result["methods"].items():
+        if v["status"] != "ok":
+            lines.append(f"\n{m}: {v['status']}" if markdown else f"{m}: {v['status']}")
     return "\n".join(lines)
 
 
-def decode_table(result: Dict[str, object]) -> str:
+def decode_table(result: Dict[str, object], markdown: bool = False) -> str:
     cfg = result["config"]
     methods = [m for m, v in result["methods"].items() if v["status"] == "ok"]
     idx = _index(result["points"], "method", "batch", "context")
     ratios = _index(decode_ratios(result), "batch", "context")
-    lines = [f"\ndecode, {cfg['layers']} layers: ms per step (one token per sequence), tokens/s ratio PoM / "
-             f"fastest attention, context memory (MiB)"]
-    head = f"{'B':>4s} {'context':>8s} " + " ".join(f"{m:>16s}" for m in methods) + \
-        f" {'tok/s ratio':>12s} {'MiB state':>10s} {'MiB KV':>10s}"
-    lines.append(head)
-    lines.append("-" * len(head))
-    extrapolated = False
+    rows, extrapolated = [], False
     for b in cfg["batches"]:
         for c in cfg["contexts"]:
             cells = []
             for m in methods:
                 p = idx.get((m, b, c))
-                cell = _ms(p)
-                if p is not None and "extrapolated" in p.get("note", ""):
-                    cell += "*"
-                    extrapolated = True
-                cells.append(cell)
+                star = p is not None and "extrapolated" in p.get("note", "")
+                extrapolated |= star
+                cells.append(_ms(p) + ("*" if star else ""))
             r = ratios.get((b, c), {})
             pom = idx.get(("pom_ext", b, c))
             kv = next((idx[(m, b, c)] for m in methods if m != "pom_ext" and (m, b, c) in idx), None)
-            ratio = f"{r['tokens_per_s_ratio']:.1f}x" if "tokens_per_s_ratio" in r else "-"
-            state, cache = _mib(pom["cache_bytes"] if pom else None), _mib(kv["cache_bytes"] if kv else None)
-            lines.append(f"{b:4d} {c:8d} " + " ".join(f"{x:>16s}" for x in cells)
-                         + f" {ratio:>12s} {state:>10s} {cache:>10s}")
+            rows.append([str(b), str(c)] + cells + [
+                f"{r['tokens_per_s_ratio']:.1f}x" if "tokens_per_s_ratio" in r else "-",
+                _bytes(pom["cache_bytes"] if pom else None), _bytes(kv["cache_bytes"] if kv else None)])
+    head = ["B", "context"] + methods + ["tok/s ratio", "PoM state", "KV cache"]
+    lines = _render(f"decode, {cfg['layers']} layers: ms per step (one token per sequence), tokens/s ratio PoM / "
+                    f"fastest attention, memory holding the context", head, rows, markdown)
     if extrapolated:
-        lines.append("* the KV cache of the whole stack does not fit: measured on fewer layers, time scaled up")
+        lines.append("\n* the KV cache of the whole stack does not fit: measured on fewer layers, time scaled up")
     return "\n".join(lines)
 
 
-def targets_table(checks: List[Dict[str, object]]) -> str:
+def targets_table(checks: List[Dict[str, object]], markdown: bool = False) -> str:
     if not checks:
         return ""
     mark = {True: "met", False: "NOT met", None: "n/a"}
+    if markdown:
+        return "\n\ntargets:\n\n" + "\n".join(f"- {mark[c['met']]}: {c['target']} ({c['detail']})" for c in checks)
     return "\ntargets:\n" + "\n".join(f"  [{mark[c['met']]:>7s}] {c['target']}: {c['detail']}" for c in checks)
+
+
+def summary_header(env: Dict[str, object]) -> str:
+    """The machine and software of a run, for the head of summary.md."""
+    load = env.get("loadavg_start")
+    return (f"pom-bench on {env['device_name']} ({env['device']}, {env['threads']} threads), torch {env['torch']}, "
+            f"CUDA {env['cuda']}, pom_ext {env['pom_ext']} at commit {env['git_commit']}, {env['date']}"
+            + (f"; load average at the start {load[0]:.2f}" if load else "") + "\n")
 
 
 # ---- files ----
