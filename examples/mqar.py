@@ -12,6 +12,7 @@ projections 2 D (E + S) + 2 E D and the polynomial ~2 E K, E = expand D (SPEC §
 
     PYTHONPATH=. python examples/mqar.py --quick --out runs/mqar_quick
     PYTHONPATH=. python examples/mqar.py --out runs/mqar
+    PYTHONPATH=. python examples/mqar.py --merge runs/a/mqar.json runs/b/mqar.json --out runs/all
 """
 import argparse
 import json
@@ -45,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="runs/mqar")
+    p.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                   help="train nothing: combine the mqar.json files of earlier runs into --out and plot them")
     args = p.parse_args(argv)
     if args.quick:
         args.seq_lens, args.configs = "64,128", "1x2,4x2,2x4"
@@ -185,6 +188,14 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        runs = [json.loads(pathlib.Path(f).read_text()) for f in args.merge]
+        results = [r for run in runs for r in run["results"]]
+        (out / "mqar.json").write_text(json.dumps({"runs": [run["args"] for run in runs], "results": results},
+                                                  indent=1))
+        plot(results, out / "mqar.png")
+        print(f"merged {len(results)} results from {len(runs)} runs into {out / 'mqar.json'} and {out / 'mqar.png'}")
+        return
     # Shortest sequences first, every model at a length before the next length, so a partial sweep is usable.
     jobs = [job for L in args.seq_lens
             for job in [("pom", L, k, e) for k, e in args.configs] + ([("attention", L, 0, 0)] if args.baseline else [])]
