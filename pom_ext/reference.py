@@ -99,12 +99,33 @@ def poly_causal_gated(hs, coeff, gate_bias=None, block_size: int = 1, cu_seqlens
     return select(F.hardsigmoid(pre), poly_causal(hs[..., :E], coeff, block_size, cu_seqlens), S if S < E else 1)
 
 
+class _RoundGrad(torch.autograd.Function):
+    """Identity whose gradient is rounded to `dtype` (as autograd stores the gradient of a tensor of it)."""
+
+    @staticmethod
+    def forward(ctx, x, dtype):
+        ctx.dtype = dtype
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.to(ctx.dtype).to(g.dtype), None
+
+
+def _stored(x: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """x and its gradient rounded to dtype, the arithmetic staying in x's precision (None: unchanged)."""
+    if dtype is None:
+        return x
+    return _RoundGrad.apply(x.to(dtype).to(x.dtype), dtype)
+
+
 def pom_layer(layer, xq, xc=None, mask=None, block_size: Optional[int] = None, cu_seqlens=None,
               h_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """The whole PoM layer of SPEC §1, read off `layer`'s parameters, without shortcuts.
 
-    h_dtype: round the context projection h to this dtype (as a layer run in that dtype stores it), the
-    rest staying in the input's precision: the error that storing h in a 16-bit dtype costs by itself."""
+    h_dtype: the tensors a layer run in that dtype must store — the projections (h and the gate's
+    pre-activation) and the mixer's output y, and the gradients reaching them — rounded to it, every
+    computation staying in the input's precision: the error of a 16-bit layer that is due to its dtype alone."""
     xc = xq if xc is None else xc
     E, G = layer.state_width, layer.n_sel_heads
     if layer.n_groups > 1:
@@ -114,13 +135,12 @@ def pom_layer(layer, xq, xc=None, mask=None, block_size: Optional[int] = None, c
         h = torch.einsum("...gd,ged->...ge", xg, w[..., 0].unflatten(0, (g, E // g))).flatten(-2)
         if layer.po_proj.bias is not None:
             h = h + layer.po_proj.bias
-        s = F.hardsigmoid(F.linear(xq, layer.se_proj.weight, layer.se_proj.bias))
+        s = F.hardsigmoid(_stored(F.linear(xq, layer.se_proj.weight, layer.se_proj.bias), h_dtype))
     else:
         w = layer.qc_proj.weight
         h = F.linear(xc, w[:E])
-        s = F.hardsigmoid(F.linear(xq, w[E:]) + layer.se_bias)
-    if h_dtype is not None:
-        h = h.to(h_dtype).to(xc.dtype)
+        s = F.hardsigmoid(_stored(F.linear(xq, w[E:]), h_dtype) + layer.se_bias)
+    h = _stored(h, h_dtype)
     c = layer.po_coeff
     if cu_seqlens is not None:
         if mask == "causal":
@@ -136,4 +156,4 @@ def pom_layer(layer, xq, xc=None, mask=None, block_size: Optional[int] = None, c
         H = poly_mean(h, c, mask)[:, None]
     else:
         H = poly_masked(h, c, mask)
-    return layer.ag_proj(select(s, H, G))
+    return layer.ag_proj(_stored(select(s, H, G), h_dtype))

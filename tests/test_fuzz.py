@@ -422,8 +422,9 @@ def test_fuzz_layer(data, config, dtype, seed, which, mask_kind, cross):
         out = run(low, ker_x, False)
     ref = run(ref_layer, ref_x, True)
     plain = run(low, plain_x, True)
-    # 16-bit: the float64 reference with only h rounded to the dtype, the error storing h costs by itself
-    # (amplified by high degrees), which no implementation of a 16-bit layer avoids.
+    # 16-bit: the float64 reference with the tensors a 16-bit layer stores (projections, mixer output, their
+    # gradients) rounded to the dtype: the error due to the dtype alone (amplified by high degrees), which no
+    # implementation of a 16-bit layer avoids.
     hq_x = [t.detach().clone().requires_grad_() for t in ref_x]
     hq = run(ref_layer, hq_x, True, dtype if dtype in (torch.float16, torch.bfloat16) else None)
     assert out.dtype == dtype and out.shape == ref.shape
@@ -457,7 +458,7 @@ def test_fuzz_layer(data, config, dtype, seed, which, mask_kind, cross):
         if i in floor and err < float("inf"):
             err = (a.double() - b.double()).norm().item() / max(b.double().norm().item(), floor[i], 1e-300)
         assert err < bound(rel_err(c, b), rel_err(q, b)), \
-            f"{what}: grad {n} {err:.3e} (plain {rel_err(c, b):.3e}, h rounded {rel_err(q, b):.3e})"
+            f"{what}: grad {n} {err:.3e} (plain {rel_err(c, b):.3e}, dtype-rounded {rel_err(q, b):.3e})"
 
 
 def layer_weight_grad_scale(layer, xs, cross, seed):
