@@ -1031,39 +1031,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_causal_gated_backward_cpu(
   const char* op = "pom_ext::poly_causal_gated_backward";
   checks::causal_gated_backward_args(op, grad_y, hs, coeff, gate_bias, block_size, cu_seqlens);
   const GatedSetup a(op, hs, coeff, block_size, cu_seqlens);
-  const int deg = a.deg;
-  const int64_t E = a.E, S = a.S;
-  const int64_t* cup = a.cup;
-  const at::Tensor &h = a.h, &pre = a.pre;
-  const Rows& hr = a.hr;
-  const std::vector<ScanTask>& tasks = a.tasks;
   auto g = grad_y.scalar_type() == hs.scalar_type() ? grad_y : grad_y.to(hs.scalar_type());
-  const Rows gr = rows_of(g, cup);
+  const Rows gr = rows_of(g, a.cup);
   // One buffer for both gradients, with the layout of a contiguous hs.
   auto ghs = at::empty(hs.sizes(), hs.options());
-  const at::Tensor gh = ghs.narrow(-1, 0, E), gpre = ghs.narrow(-1, E, S);
-  const Rows ghr = rows_of(gh, cup), gpr = rows_of(gpre, cup);
+  const at::Tensor gh = ghs.narrow(-1, 0, a.E), gpre = ghs.narrow(-1, a.E, a.S);
+  const Rows ghr = rows_of(gh, a.cup), gpr = rows_of(gpre, a.cup);
   at::Tensor gc, gbias;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hs.scalar_type(), "poly_causal_gated_backward_cpu", [&] {
     auto cT = coeff_table<at::opmath_type<scalar_t>>(coeff);
-    const Gate<scalar_t> gate = make_gate<scalar_t>(pre, cup, E, gate_bias);
+    const Gate<scalar_t> gate = make_gate<scalar_t>(a.pre, a.cup, a.E, gate_bias);
     std::vector<double> part, bpart;
-    dispatch_degree(deg, [&](auto Kc) {
+    dispatch_degree(a.deg, [&](auto Kc) {
       constexpr int Kv = decltype(Kc)::value;
-      causal_gate_backward<scalar_t, Kv>(g.data_ptr<scalar_t>(), gr, h.data_ptr<scalar_t>(), hr, E, cT, deg,
-                                         block_size, tasks, gate, gpre.data_ptr<scalar_t>(), gpr, bpart);
-      causal_backward<scalar_t, Kv>(g.data_ptr<scalar_t>(), gr, h.data_ptr<scalar_t>(), hr, E, cT, deg, block_size,
-                                    tasks, &gate, gh.data_ptr<scalar_t>(), ghr, part);
+      causal_gate_backward<scalar_t, Kv>(g.data_ptr<scalar_t>(), gr, a.h.data_ptr<scalar_t>(), a.hr, a.E, cT, a.deg,
+                                         block_size, a.tasks, gate, gpre.data_ptr<scalar_t>(), gpr, bpart);
+      causal_backward<scalar_t, Kv>(g.data_ptr<scalar_t>(), gr, a.h.data_ptr<scalar_t>(), a.hr, a.E, cT, a.deg,
+                                    block_size, a.tasks, &gate, gh.data_ptr<scalar_t>(), ghr, part);
     });
-    gc = scan_coeff_grad(part, tasks, deg, E, coeff);
+    gc = scan_coeff_grad(part, a.tasks, a.deg, a.E, coeff);
     // Bias: the per-task partials of each gate column, summed in task order.
-    const int64_t W = max_width(tasks), q = E / S;
-    std::vector<double> bsum(S, 0.0);
-    for (size_t i = 0; i < tasks.size(); ++i) {
-      const int64_t j0 = tasks[i].e0 / q, nj = ceil_div(tasks[i].width, q);
+    const int64_t W = max_width(a.tasks), q = a.E / a.S;
+    std::vector<double> bsum(a.S, 0.0);
+    for (size_t i = 0; i < a.tasks.size(); ++i) {
+      const int64_t j0 = a.tasks[i].e0 / q, nj = ceil_div(a.tasks[i].width, q);
       for (int64_t j = 0; j < nj; ++j) bsum[j0 + j] += bpart[i * W + j];
     }
-    auto bt = at::empty({S}, hs.options().dtype(at::kDouble));
+    auto bt = at::empty({a.S}, hs.options().dtype(at::kDouble));
     std::copy(bsum.begin(), bsum.end(), bt.data_ptr<double>());
     gbias = bt.to(gate_bias.has_value() ? gate_bias->scalar_type() : hs.scalar_type());
   });

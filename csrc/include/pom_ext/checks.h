@@ -34,12 +34,17 @@ inline void size_is(const char* op, const char* arg, const at::Tensor& t, int64_
               " but ", what, " is ", expected, " (shape ", t.sizes(), ")");
 }
 
-// coeff: (E, K) with K >= 1 and E matching the last dim of h.
-inline void coeff(const char* op, const at::Tensor& h, const at::Tensor& c) {
+// coeff: an (E, K) floating table with K >= 1 on the device of h (any E).
+inline void coeff_shape(const char* op, const at::Tensor& h, const at::Tensor& c) {
   floating(op, "coeff", c);
   same_device(op, "coeff", c, h);
   rank(op, "coeff", c, 2, "(E, K)");
   TORCH_CHECK(c.size(1) >= 1, op, ": argument 'coeff' must have degree K >= 1 columns, got shape ", c.sizes());
+}
+
+// coeff: (E, K) with K >= 1 and E matching the last dim of h.
+inline void coeff(const char* op, const at::Tensor& h, const at::Tensor& c) {
+  coeff_shape(op, h, c);
   size_is(op, "coeff", c, 0, h.size(-1), "the width E of 'h'");
 }
 
@@ -170,10 +175,7 @@ inline void causal_gated_args(const char* op, const at::Tensor& hs, const at::Te
                               const c10::optional<at::Tensor>& bias, int64_t f,
                               const c10::optional<at::Tensor>& cu) {
   h_and_layout(op, hs, cu, "hs");
-  floating(op, "coeff", c);
-  same_device(op, "coeff", c, hs);
-  rank(op, "coeff", c, 2, "(E, K)");
-  TORCH_CHECK(c.size(1) >= 1, op, ": argument 'coeff' must have degree K >= 1 columns, got shape ", c.sizes());
+  coeff_shape(op, hs, c);
   const int64_t E = c.size(0), S = hs.size(-1) - E;
   TORCH_CHECK(E >= 1 && S >= 1 && E % S == 0, op, ": argument 'hs' must hold E + S columns, E = ", E,
               " context columns (the rows of 'coeff') then S gate columns with S = E or S dividing E, got ",
