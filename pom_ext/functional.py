@@ -91,11 +91,11 @@ def _check_aggregate(h, coeff, mask, block_size, cu_seqlens) -> None:
         _fail("coeff", f"on {h.device} like 'h'", coeff.device)
     if block_size is not None:
         _check_block_size(block_size)
-        if not (isinstance(mask, str) and mask == "causal"):
+        if not is_causal(mask):
             _fail("block_size", "given only with mask='causal'", f"mask={mask!r}")
     if packed:
         check_cu_seqlens(cu_seqlens, h.shape[0], h.device)
-        if mask is not None and not (isinstance(mask, str) and mask == "causal"):
+        if mask is not None and not is_causal(mask):
             _fail("mask", "None or 'causal' when cu_seqlens is given", repr(mask))
         return
     if mask is None:

@@ -179,16 +179,13 @@ class PoM(nn.Module):
     def _gated_input(self, xq: torch.Tensor, xc: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(hs, gate_bias) for the fused causal op: hs = [h | gate pre-activation] (B, N, E + S), the gate's
         bias not yet added. With n_groups == 1 and self-mixing hs is the output of one GEMM."""
+        if self.qc_proj is not None and xc is None:
+            return F.linear(xq, self.qc_proj.weight), self.se_bias
         if self.qc_proj is not None:
-            W = self.qc_proj.weight
-            if xc is None:
-                return F.linear(xq, W), self.se_bias
-            E = self.state_width
-            return torch.cat([F.linear(xc, W[:E]), F.linear(xq, W[E:])], -1), self.se_bias
-        ctx = self._context(xq if xc is None else xc)
-        if self.se_proj is not None:
-            return torch.cat([ctx, F.linear(xq, self.se_proj.weight)], -1), self.se_proj.bias
-        raise RuntimeError("pom_ext.PoM: the layer has neither qc_proj nor se_proj")
+            pre, bias = F.linear(xq, self.qc_proj.weight[self.state_width:]), self.se_bias
+        else:
+            pre, bias = F.linear(xq, self.se_proj.weight), self.se_proj.bias
+        return torch.cat([self._context(xq if xc is None else xc), pre], -1), bias
 
     def _causal_fused(self, xq: torch.Tensor, xc: Optional[torch.Tensor], block_size: Optional[int],
                       cu_seqlens: Optional[torch.Tensor]) -> torch.Tensor:

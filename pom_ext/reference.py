@@ -120,10 +120,10 @@ def _stored(x: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
 
 
 def pom_layer(layer, xq, xc=None, mask=None, block_size: Optional[int] = None, cu_seqlens=None,
-              h_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+              store_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """The whole PoM layer of SPEC §1, read off `layer`'s parameters, without shortcuts.
 
-    h_dtype: the tensors a layer run in that dtype must store — the projections (h and the gate's
+    store_dtype: the tensors a layer run in that dtype must store — the projections (h and the gate's
     pre-activation) and the mixer's output y, and the gradients reaching them — rounded to it, every
     computation staying in the input's precision: the error of a 16-bit layer that is due to its dtype alone."""
     xc = xq if xc is None else xc
@@ -135,12 +135,12 @@ def pom_layer(layer, xq, xc=None, mask=None, block_size: Optional[int] = None, c
         h = torch.einsum("...gd,ged->...ge", xg, w[..., 0].unflatten(0, (g, E // g))).flatten(-2)
         if layer.po_proj.bias is not None:
             h = h + layer.po_proj.bias
-        s = F.hardsigmoid(_stored(F.linear(xq, layer.se_proj.weight, layer.se_proj.bias), h_dtype))
+        s = F.hardsigmoid(_stored(F.linear(xq, layer.se_proj.weight, layer.se_proj.bias), store_dtype))
     else:
         w = layer.qc_proj.weight
         h = F.linear(xc, w[:E])
-        s = F.hardsigmoid(_stored(F.linear(xq, w[E:]), h_dtype) + layer.se_bias)
-    h = _stored(h, h_dtype)
+        s = F.hardsigmoid(_stored(F.linear(xq, w[E:]), store_dtype) + layer.se_bias)
+    h = _stored(h, store_dtype)
     c = layer.po_coeff
     if cu_seqlens is not None:
         if mask == "causal":
@@ -156,4 +156,4 @@ def pom_layer(layer, xq, xc=None, mask=None, block_size: Optional[int] = None, c
         H = poly_mean(h, c, mask)[:, None]
     else:
         H = poly_masked(h, c, mask)
-    return layer.ag_proj(_stored(select(s, H, G), h_dtype))
+    return layer.ag_proj(_stored(select(s, H, G), store_dtype))

@@ -348,9 +348,9 @@ def layer_config(draw):
     return dim, draw(degree_st), expand, n_groups, heads, draw(st.booleans())
 
 
-def layer_call(layer, x, xc, mask, block, cu, ref, h_dtype=None):
+def layer_call(layer, x, xc, mask, block, cu, ref, store_dtype=None):
     if ref:
-        return R.pom_layer(layer, x, xc, mask, block, cu, h_dtype)
+        return R.pom_layer(layer, x, xc, mask, block, cu, store_dtype)
     kw = {}
     if block is not None:
         kw["block_size"] = block
@@ -411,12 +411,12 @@ def test_fuzz_layer(data, config, dtype, seed, which, mask_kind, cross):
     ref_x = [t.to(dtype).double().requires_grad_() for t in tensors]
     plain_x = [t.to(dtype).requires_grad_() for t in tensors]
 
-    def run(lay, xs, ref, h_dtype=None):
+    def run(lay, xs, ref, store_dtype=None):
         it = iter(xs)
         q = next(it)
         c = next(it) if xc is not None else None
         m = next(it) if w is not None and w.is_floating_point() else w
-        return layer_call(lay, q, c, mask if w is None else m, block, cu, ref, h_dtype)
+        return layer_call(lay, q, c, mask if w is None else m, block, cu, ref, store_dtype)
 
     with isa(which):
         out = run(low, ker_x, False)
