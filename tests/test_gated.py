@@ -13,6 +13,14 @@ from conftest import DEVICES, DTYPES, assert_close
 
 native = pytest.mark.skipif(not pom_ext.native_available(), reason="compiled kernels not built")
 
+
+def needs_kernel(device, cpu_isa="native"):
+    """Skips a device without a gated kernel, and the baseline CPU build on other devices (it is CPU-only)."""
+    if not ops.has_kernel("poly_causal_gated", torch.device(device)):
+        pytest.skip(f"no poly_causal_gated kernel for {device} (the layer takes the unfused path there)")
+    if device != "cpu" and cpu_isa == "base":
+        pytest.skip("the baseline ISA build is a CPU variant")
+
 # (E, S): per-channel gating, 4 gate heads, and groups wider than a CPU channel block.
 GATINGS = [(48, 48), (48, 4), (1200, 2)]
 
@@ -42,8 +50,7 @@ def run(hs, c, b, F, cu, impl, seed_grad):
 
 
 def check(B, N, E, S, K, F, dtype, bias=True, packed=False, device="cpu"):
-    if not ops.has_kernel("poly_causal_gated", torch.device(device)):
-        pytest.skip(f"no poly_causal_gated kernel for {device} (the layer takes the unfused path there)")
+    needs_kernel(device)
     hs, c, b, cu = make(B, N, E, S, K, bias, packed, device)
     hs_q = hs.to(dtype).double()  # the reference sees h rounded as the kernel does
     g = torch.randn((hs.shape[:-1] + (E,)), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -67,56 +74,67 @@ def test_gated_matches_reference(dtype, E, S, F, device):
 
 
 @native
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("N", [1, 129])
 @pytest.mark.parametrize("K", [1, 2, 5, 13])
 @pytest.mark.parametrize("bias", [True, False])
-def test_gated_shapes_degrees(N, K, bias):
-    check(3, N, 96, 96, K, 1, torch.float64, bias=bias)
-    check(2, N, 96, 8, K, 3, torch.float32, bias=bias)
+def test_gated_shapes_degrees(N, K, bias, device):
+    check(3, N, 96, 96, K, 1, torch.float64, bias=bias, device=device)
+    check(2, N, 96, 8, K, 3, torch.float32, bias=bias, device=device)
+    check(2, N, 45, 3, K, 2, torch.float32, bias=bias, device=device)  # no 16-byte rows: scalar loads
 
 
 @native
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("E,S", GATINGS)
 @pytest.mark.parametrize("F", [1, 3])
-def test_gated_packed(E, S, F):
-    check(2, 40, E, S, 3, F, torch.float64, packed=True)
-    check(2, 40, E, S, 3, F, torch.float32, packed=True)
+def test_gated_packed(E, S, F, device):
+    check(2, 40, E, S, 3, F, torch.float64, packed=True, device=device)
+    check(2, 40, E, S, 3, F, torch.float32, packed=True, device=device)
 
 
 @native
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("E,S,F", [(40, 40, 1), (40, 8, 7), (1200, 2, 1)])
-def test_gated_long_sequence_split(cpu_isa, E, S, F):
+def test_gated_long_sequence_split(cpu_isa, E, S, F, device):
     """Batch 1: the sequence is cut into chunks with carries, forward and both backward scans."""
-    check(1, 9000, E, S, 3, F, torch.float32)
-    check(1, 5000, E, S, 2, F, torch.float64)
+    needs_kernel(device, cpu_isa)
+    check(1, 9000, E, S, 3, F, torch.float32, device=device)
+    check(1, 5000, E, S, 2, F, torch.float64, device=device)
 
 
 @native
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("E,S,F,packed", [(6, 6, 1, False), (8, 2, 3, False), (6, 3, 2, True)])
-def test_gated_gradcheck(E, S, F, packed):
-    hs, c, b, cu = make(2, 7, E, S, 3, True, packed)
+def test_gated_gradcheck(E, S, F, packed, device):
+    needs_kernel(device)
+    hs, c, b, cu = make(2, 7, E, S, 3, True, packed, device)
     inputs = [t.requires_grad_() for t in (hs, c, b)]
     assert torch.autograd.gradcheck(lambda hs, c, b: ops.poly_causal_gated(hs, c, b, F, cu), inputs)
 
 
 @native
-def test_gated_opcheck():
-    hs, c, b, cu = make(2, 17, 8, 4, 3, True)
+@pytest.mark.parametrize("device", DEVICES)
+def test_gated_opcheck(device):
+    needs_kernel(device)
+    hs, c, b, cu = make(2, 17, 8, 4, 3, True, device=device)
     for args in [(hs, c, b, 1, None), (hs.float(), c.float(), None, 3, None)]:
         args = [t.requires_grad_() if isinstance(t, torch.Tensor) else t for t in args]
         torch.library.opcheck(torch.ops.pom_ext.poly_causal_gated.default, tuple(args))
-    hp, c, b, cu = make(2, 9, 8, 8, 2, True, packed=True)
+    hp, c, b, cu = make(2, 9, 8, 8, 2, True, packed=True, device=device)
     torch.library.opcheck(torch.ops.pom_ext.poly_causal_gated.default,
                           (hp.requires_grad_(), c.requires_grad_(), b.requires_grad_(), 2, cu))
 
 
 @native
-def test_gated_strided_hs(cpu_isa):
+@pytest.mark.parametrize("device", DEVICES)
+def test_gated_strided_hs(cpu_isa, device):
     """hs as a slice of a wider tensor (row stride > E + S) and as a transposed view (channel stride > 1)."""
-    hs, c, b, _ = make(2, 33, 24, 6, 3)
-    g = torch.randn(2, 33, 24, dtype=torch.float64)
+    needs_kernel(device, cpu_isa)
+    hs, c, b, _ = make(2, 33, 24, 6, 3, device=device)
+    g = torch.randn(2, 33, 24, dtype=torch.float64).to(device)
     y_ref, g_ref = run(hs, c, b, 2, None, R, g)
-    wide = torch.randn(2, 33, 40, dtype=torch.float64)
+    wide = torch.randn(2, 33, 40, dtype=torch.float64).to(device)
     wide[..., 5:35] = hs
     for view in (wide[..., 5:35], hs.transpose(1, 2).contiguous().transpose(1, 2)):
         assert not view.is_contiguous()
@@ -127,9 +145,11 @@ def test_gated_strided_hs(cpu_isa):
 
 
 @native
-def test_gated_bitwise_deterministic(cpu_isa):
-    hs, c, b, _ = make(2, 700, 96, 4, 3)
-    g = torch.randn(2, 700, 96, dtype=torch.float64)
+@pytest.mark.parametrize("device", DEVICES)
+def test_gated_bitwise_deterministic(cpu_isa, device):
+    needs_kernel(device, cpu_isa)
+    hs, c, b, _ = make(2, 700, 96, 4, 3, device=device)
+    g = torch.randn(2, 700, 96, dtype=torch.float64).to(device)
     a = run(hs.float(), c.float(), b.float(), 1, None, ops, g)
     r = run(hs.float(), c.float(), b.float(), 1, None, ops, g)
     assert torch.equal(a[0], r[0])
@@ -138,8 +158,10 @@ def test_gated_bitwise_deterministic(cpu_isa):
 
 
 @native
-def test_gated_nan_propagates_like_the_reference():
-    hs, c, b, _ = make(1, 9, 6, 6, 2)
+@pytest.mark.parametrize("device", DEVICES)
+def test_gated_nan_propagates_like_the_reference(device):
+    needs_kernel(device)
+    hs, c, b, _ = make(1, 9, 6, 6, 2, device=device)
     hs[0, 4, 1] = float("nan")  # context channel 1 of token 4: H from token 4 on
     hs[0, 2, 6 + 3] = float("inf")  # gate 3 of token 2 saturates to 1
     assert_close(ops.poly_causal_gated(hs, c, b), R.poly_causal_gated(hs, c, b), torch.float64, "nan/inf")
@@ -171,3 +193,5 @@ def test_gated_errors_name_the_argument():
 def test_has_kernel():
     assert ops.has_kernel("poly_causal_gated", torch.device("cpu"))
     assert not ops.has_kernel("poly_causal_gated", torch.device("meta"))
+    if torch._C._dispatch_has_kernel_for_dispatch_key("pom_ext::poly_causal", "CUDA"):  # a build with CUDA kernels
+        assert ops.has_kernel("poly_causal_gated", torch.device("cuda"))

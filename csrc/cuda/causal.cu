@@ -1,4 +1,5 @@
-// Causal and block-causal prefix means (poly_causal) and their backward on CUDA.
+// Causal and block-causal prefix means (poly_causal), the gated mixer (poly_causal_gated) and their
+// backward on CUDA.
 //
 // Rows are cut into chunks of R rows (R a multiple of the block size F, so an
 // F-block never straddles two chunks; chunks never cross a sequence). Grid
@@ -17,9 +18,15 @@
 //  3. causal_bwd_scan: F-blocks in reverse, gbar = running suffix sum of G;
 //     grad_h = gbar * dp/dh; grad_coeff partials per chunk, reduced in chunk
 //     order (reduce_coeff_grad). Reads g and h once, writes grad_h once.
+// Gated (hs = [h | pre], y = hardsigmoid(pre + bias) * H, one gate per q = E / S channels): the same kernels
+// with a GateArg: the forward scales each output row by its gate, the backward scans g * gate. A third
+// backward pass (causal_gate_bwd) recomputes H from forward carries and writes the gate's gradient:
+// directly for q = 1 (with per-chunk bias partials), through per-row sums of g * H over runs of channels
+// reduced per gate group for q > 1.
 #include <torch/library.h>
 
 #include <limits>
+#include <numeric>
 
 #include "common.cuh"
 
@@ -74,6 +81,56 @@ __device__ __forceinline__ void for_rows2_rev(const scalar_t* __restrict__ p1, c
   }
 }
 
+// The layer's gate fused into the kernels: channel e of row n is scaled by
+// s = hardsigmoid(pre[n, e / q] + bias[e / q]) (math::hsig), pre the S gate columns of hs, q = E / S.
+// pre == nullptr: no gate (the plain op).
+template <typename scalar_t>
+struct GateArg {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* pre = nullptr;
+  Strides s;
+  bool vec = false;             // q == 1 and 16-byte loads of pre are valid
+  int64_t q = 1;
+  const acc_t* bias = nullptr;  // (S,) in the accumulation type, or null
+
+  // x[j] = pre + bias of the gate of channel e0 + j of row n (0 for j >= nv).
+  template <int V>
+  __device__ __forceinline__ void inputs(const Layout& L, int64_t b, int64_t n, int64_t e0, int nv,
+                                         acc_t (&x)[V]) const {
+    const scalar_t* row = pre + L.off(s, b, n);
+    if (q == 1) {
+      load_row<V>(row, e0, s.e, nv, vec, x);
+      if (bias) {
+#pragma unroll
+        for (int j = 0; j < V; ++j) x[j] += j < nv ? bias[e0 + j] : acc_t(0);
+      }
+      return;
+    }
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const int64_t gi = (e0 + j) / q;
+      x[j] = j < nv ? static_cast<acc_t>(row[gi * s.e]) + (bias ? bias[gi] : acc_t(0)) : acc_t(0);
+    }
+  }
+  template <int V>
+  __device__ __forceinline__ void values(const Layout& L, int64_t b, int64_t n, int64_t e0, int nv,
+                                         acc_t (&v)[V]) const {
+    inputs<V>(L, b, n, e0, nv, v);
+#pragma unroll
+    for (int j = 0; j < V; ++j) v[j] = math::hsig(v[j]);
+  }
+  // x *= s of row n (nothing without a gate).
+  template <int V>
+  __device__ __forceinline__ void apply(const Layout& L, int64_t b, int64_t n, int64_t e0, int nv,
+                                        acc_t (&x)[V]) const {
+    if (!pre) return;
+    acc_t v[V];
+    values<V>(L, b, n, e0, nv, v);
+#pragma unroll
+    for (int j = 0; j < V; ++j) x[j] *= v[j];
+  }
+};
+
 template <typename scalar_t, int K>
 __global__ void __launch_bounds__(128)
     causal_tot_kernel(const scalar_t* __restrict__ h, Strides hs, bool vin, Layout L, int64_t E,
@@ -82,9 +139,9 @@ __global__ void __launch_bounds__(128)
   constexpr int V = Vec<scalar_t>::value;
   int64_t b, n0, n1;
   if (!L.chunk(blockIdx.x, b, n0, n1) || n1 >= L.len(b)) return;  // the last chunk's total is never used
-  const int64_t e0 = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * V;
-  if (e0 >= E) return;
-  const int nv = E - e0 < V ? static_cast<int>(E - e0) : V;
+  int64_t e0;
+  int nv;
+  if (!thread_channels<V>(E, e0, nv)) return;
   ChanCoeff<K, V, acc_t> cc;
   cc.load(ca, e0, nv);
   acc_t run[V], comp[V];
@@ -111,32 +168,25 @@ __device__ __forceinline__ void start_from_carry(const double* carry, int64_t c,
   }
 }
 
-template <typename scalar_t, int K>
-__global__ void __launch_bounds__(128)
-    causal_scan_kernel(const scalar_t* __restrict__ h, Strides hs, bool vin, scalar_t* __restrict__ out, Strides os,
-                       bool vout, Layout L, int64_t E, int64_t F, CoeffArg<at::opmath_type<scalar_t>> ca,
-                       const double* __restrict__ carry) {
-  using acc_t = at::opmath_type<scalar_t>;
-  constexpr int V = Vec<scalar_t>::value;
-  int64_t b, n0, n1;
-  if (!L.chunk(blockIdx.x, b, n0, n1)) return;
-  const int64_t e0 = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * V;
-  if (e0 >= E) return;
-  const int nv = E - e0 < V ? static_cast<int>(E - e0) : V;
-  ChanCoeff<K, V, acc_t> cc;
-  cc.load(ca, e0, nv);
+// fn(n, H) for rows n = n0 .. n1 - 1 of chunk blockIdx.x in order, H the mean of p over rows 0 .. n (F = 1)
+// or over rows 0 .. the end of n's F-block; the scan starts from the chunk's carry (none for a sequence's first).
+template <int V, typename scalar_t, int K, typename acc_t, typename Fn>
+__device__ __forceinline__ void prefix_means(const scalar_t* __restrict__ h, const Strides& hs, bool vin,
+                                             const Layout& L, int64_t b, int64_t n0, int64_t n1, int64_t E,
+                                             int64_t e0, int nv, int64_t F, const ChanCoeff<K, V, acc_t>& cc,
+                                             const double* carry, Fn&& fn) {
   acc_t run[V], comp[V];
   start_from_carry<acc_t, V>(n0 > 0 ? carry : nullptr, blockIdx.x, E, e0, nv, run, comp);
   if (F == 1) {
     for_rows<V, scalar_t, acc_t>(h, hs, vin, L, b, n0, n1, e0, nv, [&](int64_t n, const acc_t (&x)[V]) {
       const acc_t inv = acc_t(1) / static_cast<acc_t>(n + 1);
-      acc_t o[V];
+      acc_t H[V];
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         math::kahan_add(run[j], comp[j], cc.poly(j, math::act(x[j])));
-        o[j] = (run[j] - comp[j]) * inv;
+        H[j] = (run[j] - comp[j]) * inv;
       }
-      store_row<V>(out + L.off(os, b, n), e0, os.e, nv, vout, o);
+      fn(n, H);
     });
     return;
   }
@@ -147,22 +197,50 @@ __global__ void __launch_bounds__(128)
       for (int j = 0; j < V; ++j) math::kahan_add(run[j], comp[j], cc.poly(j, math::act(x[j])));
     });
     const acc_t inv = acc_t(1) / static_cast<acc_t>(bend);
-    acc_t o[V];
+    acc_t H[V];
 #pragma unroll
-    for (int j = 0; j < V; ++j) o[j] = (run[j] - comp[j]) * inv;
-    for (int64_t n = blk; n < bend; ++n) store_row<V>(out + L.off(os, b, n), e0, os.e, nv, vout, o);
+    for (int j = 0; j < V; ++j) H[j] = (run[j] - comp[j]) * inv;
+    for (int64_t n = blk; n < bend; ++n) fn(n, H);
   }
 }
 
-// Sum of the gradient rows of F-block [blk, bend), divided by bend.
+template <typename scalar_t, int K>
+__global__ void __launch_bounds__(128)
+    causal_scan_kernel(const scalar_t* __restrict__ h, Strides hs, bool vin, scalar_t* __restrict__ out, Strides os,
+                       bool vout, Layout L, int64_t E, int64_t F, CoeffArg<at::opmath_type<scalar_t>> ca,
+                       const double* __restrict__ carry, GateArg<scalar_t> gate) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int V = Vec<scalar_t>::value;
+  int64_t b, n0, n1;
+  if (!L.chunk(blockIdx.x, b, n0, n1)) return;
+  int64_t e0;
+  int nv;
+  if (!thread_channels<V>(E, e0, nv)) return;
+  ChanCoeff<K, V, acc_t> cc;
+  cc.load(ca, e0, nv);
+  prefix_means<V>(h, hs, vin, L, b, n0, n1, E, e0, nv, F, cc, carry, [&](int64_t n, const acc_t (&H)[V]) {
+    acc_t y[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) y[j] = H[j];
+    gate.template apply<V>(L, b, n, e0, nv, y);
+    store_row<V>(out + L.off(os, b, n), e0, os.e, nv, vout, y);
+  });
+}
+
+// Sum of the (gated) gradient rows of F-block [blk, bend), divided by bend.
 template <int V, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void block_grad(const scalar_t* g, const Strides& gs, bool vg, const Layout& L, int64_t b,
-                                           int64_t blk, int64_t bend, int64_t e0, int nv, acc_t (&G)[V]) {
+__device__ __forceinline__ void block_grad(const scalar_t* g, const Strides& gs, bool vg, const GateArg<scalar_t>& gate,
+                                           const Layout& L, int64_t b, int64_t blk, int64_t bend, int64_t e0, int nv,
+                                           acc_t (&G)[V]) {
 #pragma unroll
   for (int j = 0; j < V; ++j) G[j] = acc_t(0);
-  for_rows<V, scalar_t, acc_t>(g, gs, vg, L, b, blk, bend, e0, nv, [&](int64_t, const acc_t (&x)[V]) {
+  for_rows<V, scalar_t, acc_t>(g, gs, vg, L, b, blk, bend, e0, nv, [&](int64_t n, const acc_t (&x)[V]) {
+    acc_t y[V];
 #pragma unroll
-    for (int j = 0; j < V; ++j) G[j] += x[j];
+    for (int j = 0; j < V; ++j) y[j] = x[j];
+    gate.template apply<V>(L, b, n, e0, nv, y);
+#pragma unroll
+    for (int j = 0; j < V; ++j) G[j] += y[j];
   });
   const acc_t inv = acc_t(1) / static_cast<acc_t>(bend);
 #pragma unroll
@@ -171,29 +249,33 @@ __device__ __forceinline__ void block_grad(const scalar_t* g, const Strides& gs,
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(128)
-    causal_bwd_tot_kernel(const scalar_t* __restrict__ g, Strides gs, bool vg, Layout L, int64_t E, int64_t F,
-                          double* __restrict__ tot) {
+    causal_bwd_tot_kernel(const scalar_t* __restrict__ g, Strides gs, bool vg, GateArg<scalar_t> gate, Layout L,
+                          int64_t E, int64_t F, double* __restrict__ tot) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = Vec<scalar_t>::value;
   int64_t b, n0, n1;
   if (!L.chunk(blockIdx.x, b, n0, n1) || n0 == 0) return;  // the first chunk's total is never used
-  const int64_t e0 = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * V;
-  if (e0 >= E) return;
-  const int nv = E - e0 < V ? static_cast<int>(E - e0) : V;
+  int64_t e0;
+  int nv;
+  if (!thread_channels<V>(E, e0, nv)) return;
   acc_t run[V], comp[V];
 #pragma unroll
   for (int j = 0; j < V; ++j) run[j] = comp[j] = acc_t(0);
   if (F == 1) {
     for_rows<V, scalar_t, acc_t>(g, gs, vg, L, b, n0, n1, e0, nv, [&](int64_t n, const acc_t (&x)[V]) {
       const acc_t inv = acc_t(1) / static_cast<acc_t>(n + 1);
+      acc_t y[V];
 #pragma unroll
-      for (int j = 0; j < V; ++j) math::kahan_add(run[j], comp[j], x[j] * inv);
+      for (int j = 0; j < V; ++j) y[j] = x[j];
+      gate.template apply<V>(L, b, n, e0, nv, y);
+#pragma unroll
+      for (int j = 0; j < V; ++j) math::kahan_add(run[j], comp[j], y[j] * inv);
     });
   } else {
     for (int64_t blk = n0; blk < n1; blk += F) {
       const int64_t bend = blk + F < n1 ? blk + F : n1;
       acc_t G[V];
-      block_grad<V>(g, gs, vg, L, b, blk, bend, e0, nv, G);
+      block_grad<V>(g, gs, vg, gate, L, b, blk, bend, e0, nv, G);
 #pragma unroll
       for (int j = 0; j < V; ++j) math::kahan_add(run[j], comp[j], G[j]);
     }
@@ -206,17 +288,18 @@ __global__ void __launch_bounds__(128)
 
 template <typename scalar_t, int K>
 __global__ void __launch_bounds__(128)
-    causal_bwd_scan_kernel(const scalar_t* __restrict__ g, Strides gs, bool vg, const scalar_t* __restrict__ h,
-                           Strides hs, bool vin, scalar_t* __restrict__ gh, Strides ghs, bool vout, Layout L,
+    causal_bwd_scan_kernel(const scalar_t* __restrict__ g, Strides gs, bool vg, GateArg<scalar_t> gate,
+                           const scalar_t* __restrict__ h, Strides hs, bool vin, scalar_t* __restrict__ gh,
+                           Strides ghs, bool vout, Layout L,
                            int64_t E, int64_t F, CoeffArg<at::opmath_type<scalar_t>> ca,
                            const double* __restrict__ carry, at::opmath_type<scalar_t>* __restrict__ part) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = Vec<scalar_t>::value;
   int64_t b = 0, n0 = 0, n1 = 0;
   const bool valid = L.chunk(blockIdx.x, b, n0, n1);
-  const int64_t e0 = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * V;
-  if (e0 >= E) return;
-  const int nv = E - e0 < V ? static_cast<int>(E - e0) : V;
+  int64_t e0;
+  int nv;
+  if (!thread_channels<V>(E, e0, nv)) return;
   CoeffGradAcc<K, V, acc_t> f;
   f.init(part + static_cast<int64_t>(blockIdx.x) * ca.deg * E + e0, E, nv, ca.deg);
   if (valid) {
@@ -241,10 +324,13 @@ __global__ void __launch_bounds__(128)
       for_rows2_rev<V, scalar_t, acc_t>(g, gs, vg, h, hs, vin, L, b, n0, n1, e0, nv,
                                         [&](int64_t n, const acc_t (&gv)[V], const acc_t (&x)[V]) {
                                           const acc_t inv = acc_t(1) / static_cast<acc_t>(n + 1);
-                                          acc_t gb[V];
+                                          acc_t y[V], gb[V];
+#pragma unroll
+                                          for (int j = 0; j < V; ++j) y[j] = gv[j];
+                                          gate.template apply<V>(L, b, n, e0, nv, y);
 #pragma unroll
                                           for (int j = 0; j < V; ++j) {
-                                            math::kahan_add(run[j], comp[j], gv[j] * inv);
+                                            math::kahan_add(run[j], comp[j], y[j] * inv);
                                             gb[j] = run[j] - comp[j];
                                           }
                                           row_backward(n, gb, x);
@@ -255,7 +341,7 @@ __global__ void __launch_bounds__(128)
         const int64_t blk = n0 + jb * F;
         const int64_t bend = blk + F < n1 ? blk + F : n1;
         acc_t G[V], gb[V];
-        block_grad<V>(g, gs, vg, L, b, blk, bend, e0, nv, G);
+        block_grad<V>(g, gs, vg, gate, L, b, blk, bend, e0, nv, G);
 #pragma unroll
         for (int j = 0; j < V; ++j) {
           math::kahan_add(run[j], comp[j], G[j]);
@@ -267,6 +353,70 @@ __global__ void __launch_bounds__(128)
     }
   }
   f.finish();
+}
+
+// Gradient of the gate inputs, by a forward scan that recomputes H from the forward carries; P = g * H.
+// q == 1: gpre = hsig'(pre + bias) * P into the gate columns, and per-chunk sums of gpre (the bias
+// gradient) into bpart (chunks, E). q > 1: sums of P over runs of u channels (u divides q and V, so a run
+// lies in one gate group) into gsum (rows, E / u); the host reduces the runs of each group.
+template <typename scalar_t, int K>
+__global__ void __launch_bounds__(128)
+    causal_gate_bwd_kernel(const scalar_t* __restrict__ g, Strides gs, bool vg, const scalar_t* __restrict__ h,
+                           Strides hs, bool vin, GateArg<scalar_t> gate, Layout L, int64_t E, int64_t F,
+                           CoeffArg<at::opmath_type<scalar_t>> ca, const double* __restrict__ carry,
+                           scalar_t* __restrict__ gpre, Strides gps, bool vgp,
+                           at::opmath_type<scalar_t>* __restrict__ bpart, at::opmath_type<scalar_t>* __restrict__ gsum,
+                           Strides gss, int u) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int V = Vec<scalar_t>::value;
+  int64_t b = 0, n0 = 0, n1 = 0;
+  const bool valid = L.chunk(blockIdx.x, b, n0, n1);
+  int64_t e0;
+  int nv;
+  if (!thread_channels<V>(E, e0, nv)) return;
+  acc_t fb[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) fb[j] = acc_t(0);
+  if (valid) {
+    ChanCoeff<K, V, acc_t> cc;
+    cc.load(ca, e0, nv);
+    // Row n of the gate's gradient from H (the row's prefix or block mean).
+    prefix_means<V>(h, hs, vin, L, b, n0, n1, E, e0, nv, F, cc, carry, [&](int64_t n, const acc_t (&H)[V]) {
+      acc_t P[V];
+      load_row<V>(g + L.off(gs, b, n), e0, gs.e, nv, vg, P);
+#pragma unroll
+      for (int j = 0; j < V; ++j) P[j] *= H[j];
+      if (gate.q == 1) {
+        acc_t x[V];
+        gate.template inputs<V>(L, b, n, e0, nv, x);
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          P[j] *= math::hsig_grad(x[j]);
+          fb[j] += P[j];
+        }
+        store_row<V>(gpre + L.off(gps, b, n), e0, gps.e, nv, vgp, P);
+        return;
+      }
+      acc_t* dst = gsum + L.off(gss, b, n) + e0 / u;
+      acc_t t = acc_t(0);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        if (j < nv) {  // nv is a multiple of u: E is
+          t += P[j];
+          if ((j + 1) % u == 0) {
+            dst[j / u] = t;
+            t = acc_t(0);
+          }
+        }
+      }
+    });
+  }
+  if (bpart) {
+    acc_t* dst = bpart + static_cast<int64_t>(blockIdx.x) * E + e0;
+#pragma unroll
+    for (int j = 0; j < V; ++j)
+      if (j < nv) dst[j] = fb[j];
+  }
 }
 
 struct ScanPlan {
@@ -295,31 +445,134 @@ ScanPlan plan_scan(const at::Tensor& h, const c10::optional<at::Tensor>& cu, int
   return p;
 }
 
-at::Tensor poly_causal_cuda(const at::Tensor& h, const at::Tensor& coeff, int64_t block_size,
-                            const c10::optional<at::Tensor>& cu_seqlens) {
-  const char* op = "pom_ext::poly_causal";
-  checks::causal_args(op, h, coeff, block_size, cu_seqlens);
-  c10::cuda::CUDAGuard guard(h.device());
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+// The gate of hs = [h | pre]: pre's strides, q = E / S channels per gate, the bias in the accumulation type
+// (held by `keep`).
+template <typename scalar_t>
+GateArg<scalar_t> gate_arg(const at::Tensor& pre, bool packed, int64_t E, const c10::optional<at::Tensor>& bias,
+                           at::Tensor& keep) {
+  using acc_t = at::opmath_type<scalar_t>;
+  GateArg<scalar_t> a;
+  a.pre = pre.data_ptr<scalar_t>();
+  a.s = strides_of(pre, packed);
+  a.q = E / pre.size(-1);
+  a.vec = a.q == 1 && vectorizable<scalar_t>(pre.data_ptr(), a.s, E);
+  if (bias.has_value()) {
+    keep = bias->detach().to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    a.bias = keep.data_ptr<acc_t>();
+  }
+  return a;
+}
+
+// out (E columns, laid out like h) = H, or gate * H when the gate is set.
+template <typename scalar_t>
+void causal_forward(const at::Tensor& h, const at::Tensor& coeff, int64_t block_size,
+                    const c10::optional<at::Tensor>& cu, const GateArg<scalar_t>& gate, at::Tensor& out,
+                    cudaStream_t stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t E = h.size(-1);
+  const bool packed = cu.has_value();
+  // Outputs come from Kahan-compensated scans: chunks may be as long as the sequence.
+  ScanPlan p = plan_scan<scalar_t>(h, cu, block_size, std::numeric_limits<int64_t>::max(), stream);
+  if (p.L.nchunks == 0) return;
+  at::Tensor keep;
+  auto ca = coeff_arg<acc_t>(coeff, keep);
+  const Strides hs = strides_of(h, packed), os = strides_of(out, packed);
+  const bool vin = vectorizable<scalar_t>(h.data_ptr(), hs, E);
+  const bool vout = vectorizable<scalar_t>(out.data_ptr(), os, E);
+  const dim3 grid(static_cast<unsigned>(p.L.nchunks), static_cast<unsigned>(p.tiles));
+  at::Tensor tot, carry;
+  dispatch_degree(static_cast<int>(coeff.size(1)), [&](auto Kc) {
+    constexpr int K = decltype(Kc)::value;
+    if (!p.single) {
+      tot = at::empty({p.L.nchunks, E}, h.options().dtype(at::kDouble));
+      carry = at::empty({p.L.nchunks, E}, h.options().dtype(at::kDouble));
+      causal_tot_kernel<scalar_t, K><<<grid, p.tx, 0, stream>>>(h.data_ptr<scalar_t>(), hs, vin, p.L, E, ca,
+                                                                 tot.data_ptr<double>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_chunk_scan(tot.data_ptr<double>(), carry.data_ptr<double>(), p.L, E, false, stream);
+    }
+    causal_scan_kernel<scalar_t, K><<<grid, p.tx, 0, stream>>>(h.data_ptr<scalar_t>(), hs, vin,
+                                                                out.data_ptr<scalar_t>(), os, vout, p.L, E, p.F, ca,
+                                                                p.single ? nullptr : carry.data_ptr<double>(), gate);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// grad_h into gh (laid out like h) for the upstream gradient g, times the gate when it is set; returns
+// grad_coeff. p: the backward's plan (chunks of at most kMaxBwdRows rows).
+template <typename scalar_t>
+at::Tensor causal_backward(const at::Tensor& g, const at::Tensor& h, const at::Tensor& coeff, const ScanPlan& p,
+                           const GateArg<scalar_t>& gate, const at::Tensor& gh, bool packed, cudaStream_t stream) {
+  using acc_t = at::opmath_type<scalar_t>;
   const int deg = static_cast<int>(coeff.size(1));
   const int64_t E = h.size(-1);
-  const bool packed = cu_seqlens.has_value();
-  auto out = at::empty(h.sizes(), h.options());
-  if (h.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "poly_causal_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    // Outputs come from Kahan-compensated scans: chunks may be as long as the sequence.
-    ScanPlan p = plan_scan<scalar_t>(h, cu_seqlens, block_size, std::numeric_limits<int64_t>::max(), stream);
-    if (p.L.nchunks == 0) return;
+  const int64_t nslots = h.numel() == 0 ? 0 : p.L.nchunks;
+  at::Tensor part = at::empty({std::max<int64_t>(nslots, 1), deg, E},
+                               h.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  if (nslots > 0) {
     at::Tensor keep;
     auto ca = coeff_arg<acc_t>(coeff, keep);
-    const Strides hs = strides_of(h, packed), os = strides_of(out, packed);
+    const Strides hs = strides_of(h, packed), gs = strides_of(g, packed), ghs = strides_of(gh, packed);
     const bool vin = vectorizable<scalar_t>(h.data_ptr(), hs, E);
-    const bool vout = vectorizable<scalar_t>(out.data_ptr(), os, E);
+    const bool vg = vectorizable<scalar_t>(g.data_ptr(), gs, E);
+    const bool vout = vectorizable<scalar_t>(gh.data_ptr(), ghs, E);
     const dim3 grid(static_cast<unsigned>(p.L.nchunks), static_cast<unsigned>(p.tiles));
     at::Tensor tot, carry;
+    if (!p.single) {
+      tot = at::empty({p.L.nchunks, E}, h.options().dtype(at::kDouble));
+      carry = at::empty({p.L.nchunks, E}, h.options().dtype(at::kDouble));
+      causal_bwd_tot_kernel<scalar_t><<<grid, p.tx, 0, stream>>>(g.data_ptr<scalar_t>(), gs, vg, gate, p.L, E, p.F,
+                                                                  tot.data_ptr<double>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_chunk_scan(tot.data_ptr<double>(), carry.data_ptr<double>(), p.L, E, true, stream);
+    }
+    acc_t* const partp = part.data_ptr<acc_t>();
     dispatch_degree(deg, [&](auto Kc) {
+      causal_bwd_scan_kernel<scalar_t, decltype(Kc)::value><<<grid, p.tx, 0, stream>>>(
+          g.data_ptr<scalar_t>(), gs, vg, gate, h.data_ptr<scalar_t>(), hs, vin, gh.data_ptr<scalar_t>(), ghs, vout,
+          p.L, E, p.F, ca, p.single ? nullptr : carry.data_ptr<double>(), partp);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return reduce_coeff_grad(part, nslots, deg, E, coeff, stream);
+}
+
+// Gradient of the gate columns into gpre and of the bias (returned, in the dtype of `like`), recomputing H
+// by a forward scan on the backward's plan p. bias: the gate's bias in the accumulation type (or undefined).
+template <typename scalar_t>
+at::Tensor gate_backward(const at::Tensor& g, const at::Tensor& h, const at::Tensor& pre, const at::Tensor& coeff,
+                         const ScanPlan& p, const GateArg<scalar_t>& gate, const at::Tensor& bias,
+                         const at::Tensor& gpre, bool packed, const at::Tensor& like, cudaStream_t stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int V = Vec<scalar_t>::value;
+  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  const int64_t E = h.size(-1), S = pre.size(-1), q = gate.q;
+  const int64_t nslots = h.numel() == 0 ? 0 : p.L.nchunks;
+  const int u = static_cast<int>(std::gcd(q, static_cast<int64_t>(V)));
+  // q == 1: per-chunk partials of the bias gradient; q > 1: run sums of g * H, (rows, E / u).
+  at::Tensor bpart, gsum;
+  if (q == 1) {
+    bpart = at::empty({std::max<int64_t>(nslots, 1), 1, E}, h.options().dtype(acc_type));
+  } else {
+    auto sizes = h.sizes().vec();
+    sizes.back() = E / u;
+    gsum = at::empty(sizes, h.options().dtype(acc_type));
+  }
+  if (nslots > 0) {
+    at::Tensor keep;
+    auto ca = coeff_arg<acc_t>(coeff, keep);
+    const Strides hs = strides_of(h, packed), gs = strides_of(g, packed), gps = strides_of(gpre, packed);
+    const Strides gss = q == 1 ? Strides{} : strides_of(gsum, packed);
+    const bool vin = vectorizable<scalar_t>(h.data_ptr(), hs, E);
+    const bool vg = vectorizable<scalar_t>(g.data_ptr(), gs, E);
+    const bool vgp = q == 1 && vectorizable<scalar_t>(gpre.data_ptr(), gps, E);
+    const dim3 grid(static_cast<unsigned>(p.L.nchunks), static_cast<unsigned>(p.tiles));
+    scalar_t* const gpp = q == 1 ? gpre.data_ptr<scalar_t>() : nullptr;
+    acc_t* const bpp = q == 1 ? bpart.data_ptr<acc_t>() : nullptr;
+    acc_t* const gsp = q == 1 ? nullptr : gsum.data_ptr<acc_t>();
+    dispatch_degree(static_cast<int>(coeff.size(1)), [&](auto Kc) {
       constexpr int K = decltype(Kc)::value;
+      at::Tensor tot, carry;
       if (!p.single) {
         tot = at::empty({p.L.nchunks, E}, h.options().dtype(at::kDouble));
         carry = at::empty({p.L.nchunks, E}, h.options().dtype(at::kDouble));
@@ -328,12 +581,32 @@ at::Tensor poly_causal_cuda(const at::Tensor& h, const at::Tensor& coeff, int64_
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         launch_chunk_scan(tot.data_ptr<double>(), carry.data_ptr<double>(), p.L, E, false, stream);
       }
-      causal_scan_kernel<scalar_t, K><<<grid, p.tx, 0, stream>>>(h.data_ptr<scalar_t>(), hs, vin,
-                                                                  out.data_ptr<scalar_t>(), os, vout, p.L, E,
-                                                                  p.F, ca,
-                                                                  p.single ? nullptr : carry.data_ptr<double>());
+      causal_gate_bwd_kernel<scalar_t, K><<<grid, p.tx, 0, stream>>>(
+          g.data_ptr<scalar_t>(), gs, vg, h.data_ptr<scalar_t>(), hs, vin, gate, p.L, E, p.F, ca,
+          p.single ? nullptr : carry.data_ptr<double>(), gpp, gps, vgp, bpp, gsp, gss, u);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
+  }
+  if (q == 1) return reduce_coeff_grad(bpart, nslots, 1, E, like, stream).view({E});
+  // Per group: the sum of its runs times hardsigmoid'(pre + bias) (math::hsig_grad: the float 1/6 inside
+  // (-3, 3)); the bias gradient sums the rows in fp64.
+  at::Tensor x = pre.to(acc_type).reshape({-1, S});
+  if (bias.defined()) x = x + bias;
+  const at::Tensor slope = at::logical_and(x > -3, x < 3).to(acc_type) * static_cast<double>(1.0f / 6.0f);
+  const at::Tensor gp = gsum.reshape({-1, S, q / u}).sum(-1) * slope;
+  gpre.copy_(gp.view(gpre.sizes()));
+  return gp.to(at::kDouble).sum(0).to(like.scalar_type());
+}
+
+at::Tensor poly_causal_cuda(const at::Tensor& h, const at::Tensor& coeff, int64_t block_size,
+                            const c10::optional<at::Tensor>& cu_seqlens) {
+  checks::causal_args("pom_ext::poly_causal", h, coeff, block_size, cu_seqlens);
+  c10::cuda::CUDAGuard guard(h.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  auto out = at::empty(h.sizes(), h.options());
+  if (h.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "poly_causal_cuda", [&] {
+    causal_forward<scalar_t>(h, coeff, block_size, cu_seqlens, GateArg<scalar_t>{}, out, stream);
   });
   return out;
 }
@@ -341,50 +614,65 @@ at::Tensor poly_causal_cuda(const at::Tensor& h, const at::Tensor& coeff, int64_
 std::tuple<at::Tensor, at::Tensor> poly_causal_backward_cuda(const at::Tensor& grad_H, const at::Tensor& h,
                                                              const at::Tensor& coeff, int64_t block_size,
                                                              const c10::optional<at::Tensor>& cu_seqlens) {
-  const char* op = "pom_ext::poly_causal_backward";
-  checks::causal_backward_args(op, grad_H, h, coeff, block_size, cu_seqlens);
+  checks::causal_backward_args("pom_ext::poly_causal_backward", grad_H, h, coeff, block_size, cu_seqlens);
   c10::cuda::CUDAGuard guard(h.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int deg = static_cast<int>(coeff.size(1));
-  const int64_t E = h.size(-1);
-  const bool packed = cu_seqlens.has_value();
   auto g = grad_H.scalar_type() == h.scalar_type() ? grad_H : grad_H.to(h.scalar_type());
   auto gh = at::empty(h.sizes(), h.options());
   at::Tensor gc;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "poly_causal_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
     // grad_coeff partials are plain fp32 sums per chunk: keep chunks short.
-    ScanPlan p = plan_scan<scalar_t>(h, cu_seqlens, block_size, kMaxBwdRows, stream);
-    const int64_t nslots = h.numel() == 0 ? 0 : p.L.nchunks;
-    auto part = at::empty({std::max<int64_t>(nslots, 1), deg, E},
-                          h.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    if (nslots > 0) {
-      at::Tensor keep;
-      auto ca = coeff_arg<acc_t>(coeff, keep);
-      const Strides hs = strides_of(h, packed), gs = strides_of(g, packed), ghs = strides_of(gh, packed);
-      const bool vin = vectorizable<scalar_t>(h.data_ptr(), hs, E);
-      const bool vg = vectorizable<scalar_t>(g.data_ptr(), gs, E);
-      const bool vout = vectorizable<scalar_t>(gh.data_ptr(), ghs, E);
-      const dim3 grid(static_cast<unsigned>(p.L.nchunks), static_cast<unsigned>(p.tiles));
-      at::Tensor tot, carry;
-      if (!p.single) {
-        tot = at::empty({p.L.nchunks, E}, h.options().dtype(at::kDouble));
-        carry = at::empty({p.L.nchunks, E}, h.options().dtype(at::kDouble));
-        causal_bwd_tot_kernel<scalar_t><<<grid, p.tx, 0, stream>>>(g.data_ptr<scalar_t>(), gs, vg, p.L, E,
-                                                                    p.F, tot.data_ptr<double>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        launch_chunk_scan(tot.data_ptr<double>(), carry.data_ptr<double>(), p.L, E, true, stream);
-      }
-      dispatch_degree(deg, [&](auto Kc) {
-        causal_bwd_scan_kernel<scalar_t, decltype(Kc)::value><<<grid, p.tx, 0, stream>>>(
-            g.data_ptr<scalar_t>(), gs, vg, h.data_ptr<scalar_t>(), hs, vin, gh.data_ptr<scalar_t>(), ghs, vout, p.L,
-            E, p.F, ca, p.single ? nullptr : carry.data_ptr<double>(), part.data_ptr<acc_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    }
-    gc = reduce_coeff_grad(part, nslots, deg, E, coeff, stream);
+    const ScanPlan p = plan_scan<scalar_t>(h, cu_seqlens, block_size, kMaxBwdRows, stream);
+    gc = causal_backward<scalar_t>(g, h, coeff, p, GateArg<scalar_t>{}, gh, cu_seqlens.has_value(), stream);
   });
   return {gh, gc};
+}
+
+// Gated: hs = [h | pre] (E + S columns), y = hardsigmoid(pre + gate_bias) (per gate group) * H.
+at::Tensor poly_causal_gated_cuda(const at::Tensor& hs, const at::Tensor& coeff,
+                                  const c10::optional<at::Tensor>& gate_bias, int64_t block_size,
+                                  const c10::optional<at::Tensor>& cu_seqlens) {
+  checks::causal_gated_args("pom_ext::poly_causal_gated", hs, coeff, gate_bias, block_size, cu_seqlens);
+  c10::cuda::CUDAGuard guard(hs.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t E = coeff.size(0), S = hs.size(-1) - E;
+  auto sizes = hs.sizes().vec();
+  sizes.back() = E;
+  auto out = at::empty(sizes, hs.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor h = hs.narrow(-1, 0, E), pre = hs.narrow(-1, E, S);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hs.scalar_type(), "poly_causal_gated_cuda", [&] {
+    at::Tensor keep;
+    const auto gate = gate_arg<scalar_t>(pre, cu_seqlens.has_value(), E, gate_bias, keep);
+    causal_forward<scalar_t>(h, coeff, block_size, cu_seqlens, gate, out, stream);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_causal_gated_backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& hs, const at::Tensor& coeff,
+    const c10::optional<at::Tensor>& gate_bias, int64_t block_size, const c10::optional<at::Tensor>& cu_seqlens) {
+  const char* op = "pom_ext::poly_causal_gated_backward";
+  checks::causal_gated_backward_args(op, grad_y, hs, coeff, gate_bias, block_size, cu_seqlens);
+  c10::cuda::CUDAGuard guard(hs.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t E = coeff.size(0), S = hs.size(-1) - E;
+  const bool packed = cu_seqlens.has_value();
+  const at::Tensor h = hs.narrow(-1, 0, E), pre = hs.narrow(-1, E, S);
+  auto g = grad_y.scalar_type() == hs.scalar_type() ? grad_y : grad_y.to(hs.scalar_type());
+  // One buffer for both gradients, with the layout of a contiguous hs.
+  auto ghs = at::empty(hs.sizes(), hs.options());
+  const at::Tensor gh = ghs.narrow(-1, 0, E), gpre = ghs.narrow(-1, E, S);
+  const at::Tensor& like = gate_bias.has_value() ? *gate_bias : hs;
+  at::Tensor gc, gbias;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hs.scalar_type(), "poly_causal_gated_backward_cuda", [&] {
+    const ScanPlan p = plan_scan<scalar_t>(h, cu_seqlens, block_size, kMaxBwdRows, stream);
+    at::Tensor keep;
+    const auto gate = gate_arg<scalar_t>(pre, packed, E, gate_bias, keep);
+    gbias = gate_backward<scalar_t>(g, h, pre, coeff, p, gate, keep, gpre, packed, like, stream);
+    gc = causal_backward<scalar_t>(g, h, coeff, p, gate, gh, packed, stream);
+  });
+  return {ghs, gc, gbias};
 }
 
 }  // namespace
@@ -392,6 +680,8 @@ std::tuple<at::Tensor, at::Tensor> poly_causal_backward_cuda(const at::Tensor& g
 TORCH_LIBRARY_IMPL(pom_ext, CUDA, m) {
   m.impl("poly_causal", &poly_causal_cuda);
   m.impl("poly_causal_backward", &poly_causal_backward_cuda);
+  m.impl("poly_causal_gated", &poly_causal_gated_cuda);
+  m.impl("poly_causal_gated_backward", &poly_causal_gated_backward_cuda);
 }
 
 }  // namespace cuda

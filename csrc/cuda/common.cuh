@@ -249,6 +249,15 @@ struct CoeffGradAcc {
   }
 };
 
+// This thread's V channels [e0, e0 + nv) in channel tile blockIdx.y of a width-E row; false past the last one.
+template <int V>
+__device__ __forceinline__ bool thread_channels(int64_t E, int64_t& e0, int& nv) {
+  e0 = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * V;
+  if (e0 >= E) return false;
+  nv = E - e0 < V ? static_cast<int>(E - e0) : V;
+  return true;
+}
+
 // V elements of one row at channel e0: one 16-byte load when `vec`, else strided scalar loads.
 template <int V, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void load_row(const scalar_t* __restrict__ row, int64_t e0, int64_t sE, int nv, bool vec,

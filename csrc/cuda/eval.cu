@@ -21,9 +21,9 @@ __global__ void __launch_bounds__(256)
                     bool vout, int64_t M, int64_t E, CoeffArg<at::opmath_type<scalar_t>> ca) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = Vec<scalar_t>::value;
-  const int64_t e0 = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * V;
-  if (e0 >= E) return;
-  const int nv = E - e0 < V ? static_cast<int>(E - e0) : V;
+  int64_t e0;
+  int nv;
+  if (!thread_channels<V>(E, e0, nv)) return;
   ChanCoeff<K, V, acc_t> cc;
   cc.load(ca, e0, nv);
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
@@ -43,9 +43,9 @@ __global__ void __launch_bounds__(256)
                     int64_t R, CoeffArg<at::opmath_type<scalar_t>> ca, at::opmath_type<scalar_t>* __restrict__ part) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = Vec<scalar_t>::value;
-  const int64_t e0 = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * V;
-  if (e0 >= E) return;
-  const int nv = E - e0 < V ? static_cast<int>(E - e0) : V;
+  int64_t e0;
+  int nv;
+  if (!thread_channels<V>(E, e0, nv)) return;
   ChanCoeff<K, V, acc_t> cc;
   cc.load(ca, e0, nv);
   const int64_t slot = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;

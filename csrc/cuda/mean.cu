@@ -42,9 +42,9 @@ __global__ void __launch_bounds__(256)
       wsum += w ? static_cast<double>(w[L.off(ws, b, n)]) : 1.0;
     W[slot] = wsum;
   }
-  const int64_t e0 = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * V;
-  if (e0 >= E) return;
-  const int nv = E - e0 < V ? static_cast<int>(E - e0) : V;
+  int64_t e0;
+  int nv;
+  if (!thread_channels<V>(E, e0, nv)) return;
   ChanCoeff<K, V, acc_t> cc;
   cc.load(ca, e0, nv);
   acc_t f[V];
@@ -90,9 +90,9 @@ __global__ void __launch_bounds__(256)
   const int64_t slot = c * blockDim.y + threadIdx.y;
   int64_t b = 0, n0 = 0, n1 = 0;
   if (!L.chunk(c, b, n0, n1)) n1 = n0;
-  const int64_t e0 = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * V;
-  if (e0 >= E) return;
-  const int nv = E - e0 < V ? static_cast<int>(E - e0) : V;
+  int64_t e0;
+  int nv;
+  if (!thread_channels<V>(E, e0, nv)) return;
   ChanCoeff<K, V, acc_t> cc;
   cc.load(ca, e0, nv);
   CoeffGradAcc<K, V, acc_t> f;
