@@ -202,16 +202,24 @@ class PoM(nn.Module):
         B, T = s.shape[0], s.shape[1]
         G, E, D = self.n_sel_heads, self.state_width, self.dim
         H = H.to(s.dtype)
+        # The shortcuts sum over tokens and channels in another order than y = s * H followed by the projection:
+        # in 16 bits their rounded intermediates (Gamma, W diag(H) and their gradients) lose what that order
+        # keeps. Gamma is small (T*G*D work): 16-bit inputs compute it in fp32; W diag(H) costs a full
+        # projection: 16-bit inputs form y instead.
+        half = s.dtype == torch.float16 or s.dtype == torch.bfloat16
         if G > 1:
             # Gamma_g = sum_{e in g} W[:, e] H[e]: out = s @ Gamma^T, T*G*D work instead of T*E*D.
-            gamma = torch.einsum("dgj,bgj->bgd", W.view(D, G, E // G), H.view(B, G, E // G))
-            out = torch.bmm(s, gamma)
-        elif T > D:
+            acc = torch.float32 if half else s.dtype
+            gamma = torch.einsum("dgj,bgj->bgd", W.view(D, G, E // G).to(acc), H.view(B, G, E // G).to(acc))
+            out = torch.bmm(s.to(acc), gamma)
+            if b is not None:
+                out = out + b.to(acc)
+            return out.to(s.dtype)
+        if T > D and not half:
             # W diag(H) applied to s: y = s * H is never formed.
             out = torch.bmm(s, (W.unsqueeze(0) * H.unsqueeze(1)).transpose(1, 2))
-        else:
-            return F.linear(s * H.unsqueeze(1), W, b)
-        return out if b is None else out + b
+            return out if b is None else out + b
+        return F.linear(s * H.unsqueeze(1), W, b)
 
     # ---- forward ----
 
