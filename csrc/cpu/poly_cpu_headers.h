@@ -15,4 +15,5 @@
 #include "pom_ext/dispatch.h"
 #include "pom_ext/poly_math.h"
 #include "pom_ext/state_grad.h"
+#include "output_pool.h"
 #include "poly_cpu.h"

@@ -170,6 +170,33 @@ inline void poly_row_backward(const acc_t* __restrict x, const acc_t* __restrict
   }
 }
 
+// One row of the reverse scan of a token-causal backward, fused: ghat = g (* s when GATED) * inv enters the
+// Kahan suffix sum (run, comp), and the element backward runs with the sum: gx = (run - comp) * dp/dh,
+// f[k] += (run - comp) * act^(k+1).
+template <int K, bool GATED, typename acc_t>
+inline void scan_row_backward(const acc_t* __restrict x, const acc_t* __restrict g, const acc_t* __restrict s,
+                              acc_t inv, acc_t* __restrict run, acc_t* __restrict comp, acc_t* __restrict gx,
+                              acc_t* __restrict f, const acc_t* __restrict cT, int64_t E, int64_t e0, int64_t n,
+                              int deg) {
+  for (int64_t e = 0; e < n; ++e) {
+    acc_t ge = g[e];
+    if constexpr (GATED) ge *= s[e];
+    math::kahan_add(run[e], comp[e], ge * inv);
+    const acc_t gb = run[e] - comp[e];
+    const acc_t u = x[e];
+    const acc_t a = math::act(u);
+    acc_t pv, dp;
+    math::poly_and_slope<K>(a, cT + e0 + e, E, deg, pv, dp);
+    gx[e] = gb * math::act_grad(u) * dp;
+    acc_t pw = gb;
+    POM_UNROLL
+    for (int k = 0; k < math::degree_of<K>(deg); ++k) {
+      pw *= a;
+      f[k * n + e] += pw;
+    }
+  }
+}
+
 // Sum of grad_coeff partials (tasks x deg x width, fp64) in task order into (E, K).
 at::Tensor reduce_coeff_grad(const std::vector<double>& part, const std::vector<int64_t>& e0s,
                              const std::vector<int64_t>& widths, int deg, int64_t E, const at::Tensor& coeff) {
@@ -258,7 +285,7 @@ at::Tensor poly_eval_cpu(const at::Tensor& h, const at::Tensor& coeff) {
   checks::eval_args("pom_ext::poly_eval", h, coeff);
   const int deg = static_cast<int>(coeff.size(1));
   auto h2 = as_matrix(h);
-  auto out = at::empty(h2.sizes(), h.options());
+  auto out = pooled_empty(h2.sizes(), h.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "poly_eval_cpu", [&] {
     auto cT = coeff_table<at::opmath_type<scalar_t>>(coeff);
     dispatch_degree(deg, [&](auto Kc) { eval_forward<scalar_t, decltype(Kc)::value>(h2, cT, deg, out); });
@@ -272,7 +299,7 @@ std::tuple<at::Tensor, at::Tensor> poly_eval_backward_cpu(const at::Tensor& grad
   const int deg = static_cast<int>(coeff.size(1));
   auto h2 = as_matrix(h);
   auto g2 = as_matrix(grad_p.to(h.scalar_type()));
-  auto gh = at::empty(h2.sizes(), h.options());
+  auto gh = pooled_empty(h2.sizes(), h.options());
   const int64_t M = h2.size(0), E = h2.size(1);
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(kMaxRowChunks, ceil_div(M, kMinChunkRows)));
   std::vector<double> part(static_cast<size_t>(chunks) * deg * E, 0.0);
@@ -440,7 +467,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_mean_backward_cpu(
   const Rows wr = weight.has_value() ? rows_of(wt, cup) : Rows{};
   std::vector<int64_t> first;
   auto chunks = row_chunks(hr, B, first);
-  auto gh = at::empty(h.sizes(), h.options());
+  auto gh = pooled_empty(h.sizes(), h.options());
   const Rows ghr = rows_of(gh, cup);
   at::Tensor gw = weight_grad ? at::empty(wt.sizes(), wt.options()) : at::empty({0}, h.options());
   at::Tensor gc;
@@ -555,7 +582,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_state_update_backward_cpu(co
   const Rows hr = rows_of(h, nullptr);
   std::vector<int64_t> first;
   auto chunks = row_chunks(hr, B, first);
-  auto gh = at::empty(h.sizes(), h.options());
+  auto gh = pooled_empty(h.sizes(), h.options());
   const Rows ghr = rows_of(gh, nullptr);
   auto gbar_t = state_chunk_grad(grad_H, grad_sum, count, T);
   at::Tensor gc;
@@ -828,9 +855,9 @@ void causal_backward(const scalar_t* g, const Rows& gr, const scalar_t* h, const
   part.assign(nt * deg * W, 0.0);
   // Pass 2: reverse scan of every chunk from its carry.
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
-    RowBufs<acc_t> buf(8, W);
+    RowBufs<acc_t> buf(9, W);
     acc_t *x = buf[0], *G = buf[1], *acc = buf[2], *comp = buf[3], *gb = buf[4], *gx = buf[5], *s = buf[6],
-          *sx = buf[7];
+          *sx = buf[7], *gbuf = buf[8];
     std::vector<acc_t> f(static_cast<size_t>(deg) * W);
     for (int64_t i = t0; i < t1; ++i) {
       const ScanTask& t = tasks[i];
@@ -838,6 +865,30 @@ void causal_backward(const scalar_t* g, const Rows& gr, const scalar_t* h, const
       std::fill(f.begin(), f.end(), acc_t(0));
       start_from_carry(tot, W, t, i, true, acc, comp);
       int64_t rows = 0;
+      if (F == 1) {  // one fused pass per row
+        for (int64_t n = t.n1 - 1; n >= t.n0; --n) {
+          if (n - kPrefetchRows >= t.n0) {
+            prefetch_row(g + gr.off(t.b, n - kPrefetchRows) + t.e0 * gr.sE, gr.sE, t.width, false);
+            prefetch_row(h + hr.off(t.b, n - kPrefetchRows) + t.e0 * hr.sE, hr.sE, t.width, false);
+            prefetch_row(gh + ghr.off(t.b, n - kPrefetchRows) + t.e0, 1, t.width, true);
+          }
+          const acc_t* xr = in_row(h + hr.off(t.b, n) + t.e0 * hr.sE, hr.sE, t.width, x);
+          const acc_t* gv = in_row(g + gr.off(t.b, n) + t.e0 * gr.sE, gr.sE, t.width, gbuf);
+          acc_t* gxr = out_row(gh + ghr.off(t.b, n) + t.e0, gx);
+          const acc_t inv = acc_t(1) / static_cast<acc_t>(n + 1);
+          if (gate) {
+            gate->values(t.b, n, t.e0, t.width, s, sx);
+            scan_row_backward<K, true>(xr, gv, s, inv, acc, comp, gxr, f.data(), cT.data(), E, t.e0, t.width, deg);
+          } else {
+            scan_row_backward<K, false>(xr, gv, s, inv, acc, comp, gxr, f.data(), cT.data(), E, t.e0, t.width,
+                                        deg);
+          }
+          commit_row(gh + ghr.off(t.b, n) + t.e0, t.width, gxr);
+          if (++rows % kFlushRows == 0) flush(f.data(), d, deg * t.width);
+        }
+        flush(f.data(), d, deg * t.width);
+        continue;
+      }
       const int64_t nblocks = t.n1 > t.n0 ? ceil_div(t.n1 - t.n0, F) : 0;
       for (int64_t j = nblocks - 1; j >= 0; --j) {
         const int64_t blk = t.n0 + j * F, bend = std::min(blk + F, t.n1);
@@ -942,7 +993,7 @@ at::Tensor poly_causal_cpu(const at::Tensor& h, const at::Tensor& coeff, int64_t
   auto cu = host_offsets(op, cu_seqlens, h.size(0));
   const int64_t* cup = cu_seqlens ? cu.data() : nullptr;
   const Rows hr = rows_of(h, cup);
-  auto out = at::empty(h.sizes(), h.options());
+  auto out = pooled_empty(h.sizes(), h.options());
   const Rows outr = rows_of(out, cup);
   auto tasks = scan_tasks(hr, B, E, block_size);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "poly_causal_cpu", [&] {
@@ -967,7 +1018,7 @@ std::tuple<at::Tensor, at::Tensor> poly_causal_backward_cpu(const at::Tensor& gr
   const Rows hr = rows_of(h, cup);
   auto g = grad_H.scalar_type() == h.scalar_type() ? grad_H : grad_H.to(h.scalar_type());
   const Rows gr = rows_of(g, cup);
-  auto gh = at::empty(h.sizes(), h.options());
+  auto gh = pooled_empty(h.sizes(), h.options());
   const Rows ghr = rows_of(gh, cup);
   auto tasks = scan_tasks(hr, B, E, block_size);
   at::Tensor gc;
@@ -1012,7 +1063,7 @@ at::Tensor poly_causal_gated_cpu(const at::Tensor& hs, const at::Tensor& coeff,
   const GatedSetup a("pom_ext::poly_causal_gated", hs, coeff, block_size, cu_seqlens);
   auto sizes = hs.sizes().vec();
   sizes.back() = a.E;
-  auto out = at::empty(sizes, hs.options());
+  auto out = pooled_empty(sizes, hs.options());
   const Rows outr = rows_of(out, a.cup);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hs.scalar_type(), "poly_causal_gated_cpu", [&] {
     auto cT = coeff_table<at::opmath_type<scalar_t>>(coeff);
@@ -1034,7 +1085,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_causal_gated_backward_cpu(
   auto g = grad_y.scalar_type() == hs.scalar_type() ? grad_y : grad_y.to(hs.scalar_type());
   const Rows gr = rows_of(g, a.cup);
   // One buffer for both gradients, with the layout of a contiguous hs.
-  auto ghs = at::empty(hs.sizes(), hs.options());
+  auto ghs = pooled_empty(hs.sizes(), hs.options());
   const at::Tensor gh = ghs.narrow(-1, 0, a.E), gpre = ghs.narrow(-1, a.E, a.S);
   const Rows ghr = rows_of(gh, a.cup), gpr = rows_of(gpre, a.cup);
   at::Tensor gc, gbias;
