@@ -182,3 +182,22 @@ def test_causal_2_20_tokens_fp32_every_position():
     cr = c.float().double().requires_grad_()
     gr = torch.autograd.grad(R.poly_causal(hr, cr), (hr, cr), gH.float().double())
     assert rel_err(gk[0], gr[0]) < 1e-5 and rel_err(gk[1], gr[1]) < 1e-5
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_large_block_backward_fp32(cpu_isa, gated):
+    """Block-causal with blocks of thousands of rows: the backward sums each block's gradient rows with
+    compensation, so a constant upstream gradient (every term alike, the worst case for a plain fp32 sum)
+    stays within the float32 tolerance."""
+    g = torch.Generator().manual_seed(0)
+    E, N, F = 64, 20000, 16384  # a plain fp32 sum of the blocks errs by 1e-4 here
+    h = torch.randn(1, N, E + (E if gated else 0), generator=g, dtype=torch.float64) * 0.3
+    c = torch.randn(E, 1, generator=g, dtype=torch.float64)
+    seed = torch.randn(1, 1, E, generator=g, dtype=torch.float64).expand(1, N, E)
+    grads = []
+    for x, impl in ((h.float(), ops), (h.float().double(), R)):
+        x = x.detach().requires_grad_()
+        y = impl.poly_causal_gated(x, c.to(x.dtype), None, F) if gated else impl.poly_causal(x, c.to(x.dtype), F)
+        grads.append(torch.autograd.grad(y, x, seed.to(x.dtype))[0])
+    err = rel_err(grads[0], grads[1])
+    assert err < TOL[torch.float32], f"grad h, F={F}: relative error {err:.2e}"

@@ -818,26 +818,29 @@ void causal_backward(const scalar_t* g, const Rows& gr, const scalar_t* h, const
   const int64_t nt = static_cast<int64_t>(tasks.size());
   const int64_t W = max_width(tasks);
   // Sum of the block's (gated) gradient rows, divided by the block's end.
-  auto block_grad = [&](const ScanTask& t, int64_t blk, int64_t bend, acc_t* G, acc_t* x, acc_t* s, acc_t* sx) {
+  // Kahan-compensated (comp: scratch): a block may hold thousands of rows.
+  auto block_grad = [&](const ScanTask& t, int64_t blk, int64_t bend, acc_t* G, acc_t* comp, acc_t* x, acc_t* s,
+                        acc_t* sx) {
     std::fill(G, G + t.width, acc_t(0));
+    std::fill(comp, comp + t.width, acc_t(0));
     for (int64_t n = blk; n < bend; ++n) {
       if (n - kPrefetchRows >= t.n0) prefetch_row(g + gr.off(t.b, n - kPrefetchRows) + t.e0 * gr.sE, gr.sE, t.width, false);
       const acc_t* xr = in_row(g + gr.off(t.b, n) + t.e0 * gr.sE, gr.sE, t.width, x);
       if (gate) {
         gate->values(t.b, n, t.e0, t.width, s, sx);
-        for (int64_t e = 0; e < t.width; ++e) G[e] += xr[e] * s[e];
+        for (int64_t e = 0; e < t.width; ++e) math::kahan_add(G[e], comp[e], xr[e] * s[e]);
       } else {
-        for (int64_t e = 0; e < t.width; ++e) G[e] += xr[e];
+        for (int64_t e = 0; e < t.width; ++e) math::kahan_add(G[e], comp[e], xr[e]);
       }
     }
     const acc_t inv = acc_t(1) / static_cast<acc_t>(bend);
-    for (int64_t e = 0; e < t.width; ++e) G[e] *= inv;
+    for (int64_t e = 0; e < t.width; ++e) G[e] = (G[e] - comp[e]) * inv;
   };
   // Pass 1: totals of every chunk that has a predecessor in its group (the reverse scan's carries).
   std::vector<double> tot(nt * W, 0.0);
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
-    RowBufs<acc_t> buf(5, W);
-    acc_t *x = buf[0], *G = buf[1], *f = buf[2], *s = buf[3], *sx = buf[4];
+    RowBufs<acc_t> buf(6, W);
+    acc_t *x = buf[0], *G = buf[1], *f = buf[2], *s = buf[3], *sx = buf[4], *Gc = buf[5];
     for (int64_t i = t0; i < t1; ++i) {
       const ScanTask& t = tasks[i];
       if (i == t.group_first) continue;
@@ -845,7 +848,7 @@ void causal_backward(const scalar_t* g, const Rows& gr, const scalar_t* h, const
       int64_t rows = 0;
       for (int64_t blk = t.n0; blk < t.n1; blk += F) {
         const int64_t bend = std::min(blk + F, t.n1);
-        block_grad(t, blk, bend, G, x, s, sx);
+        block_grad(t, blk, bend, G, Gc, x, s, sx);
         for (int64_t e = 0; e < t.width; ++e) f[e] += G[e];
         if (++rows % kFlushRows == 0) flush(f, &tot[i * W], t.width);
       }
@@ -892,7 +895,7 @@ void causal_backward(const scalar_t* g, const Rows& gr, const scalar_t* h, const
       const int64_t nblocks = t.n1 > t.n0 ? ceil_div(t.n1 - t.n0, F) : 0;
       for (int64_t j = nblocks - 1; j >= 0; --j) {
         const int64_t blk = t.n0 + j * F, bend = std::min(blk + F, t.n1);
-        block_grad(t, blk, bend, G, x, s, sx);
+        block_grad(t, blk, bend, G, gbuf, x, s, sx);  // gbuf: scratch here
         for (int64_t e = 0; e < t.width; ++e) {
           math::kahan_add(acc[e], comp[e], G[e]);
           gb[e] = acc[e] - comp[e];

@@ -227,24 +227,26 @@ __global__ void __launch_bounds__(128)
   });
 }
 
-// Sum of the (gated) gradient rows of F-block [blk, bend), divided by bend.
+// Kahan-compensated sum of the (gated) gradient rows of F-block [blk, bend) (thousands of rows, for a large F),
+// divided by bend.
 template <int V, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void block_grad(const scalar_t* g, const Strides& gs, bool vg, const GateArg<scalar_t>& gate,
                                            const Layout& L, int64_t b, int64_t blk, int64_t bend, int64_t e0, int nv,
                                            acc_t (&G)[V]) {
+  acc_t comp[V];
 #pragma unroll
-  for (int j = 0; j < V; ++j) G[j] = acc_t(0);
+  for (int j = 0; j < V; ++j) G[j] = comp[j] = acc_t(0);
   for_rows<V, scalar_t, acc_t>(g, gs, vg, L, b, blk, bend, e0, nv, [&](int64_t n, const acc_t (&x)[V]) {
     acc_t y[V];
 #pragma unroll
     for (int j = 0; j < V; ++j) y[j] = x[j];
     gate.template apply<V>(L, b, n, e0, nv, y);
 #pragma unroll
-    for (int j = 0; j < V; ++j) G[j] += y[j];
+    for (int j = 0; j < V; ++j) math::kahan_add(G[j], comp[j], y[j]);
   });
   const acc_t inv = acc_t(1) / static_cast<acc_t>(bend);
 #pragma unroll
-  for (int j = 0; j < V; ++j) G[j] *= inv;
+  for (int j = 0; j < V; ++j) G[j] = (G[j] - comp[j]) * inv;
 }
 
 template <typename scalar_t>
