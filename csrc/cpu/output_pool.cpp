@@ -9,6 +9,7 @@
 
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/TensorImpl.h>
+#include <c10/util/accumulate.h>
 
 #include <cstdlib>
 #include <map>
@@ -67,9 +68,7 @@ void give_back(void* ctx) {
 }  // namespace
 
 at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  int64_t numel = 1;
-  for (int64_t s : sizes) numel *= s;
-  const size_t need = static_cast<size_t>(numel) * options.dtype().itemsize();
+  const size_t need = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
   Pool& p = pool();
   if (need < kMinBytes || p.cap == 0 || options.device().type() != c10::DeviceType::CPU) {
     return at::empty(sizes, options);

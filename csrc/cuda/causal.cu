@@ -119,15 +119,13 @@ struct GateArg {
 #pragma unroll
     for (int j = 0; j < V; ++j) v[j] = math::hsig(v[j]);
   }
-  // x *= s of row n (nothing without a gate).
+  // y = x * s of row n (y = x without a gate).
   template <int V>
   __device__ __forceinline__ void apply(const Layout& L, int64_t b, int64_t n, int64_t e0, int nv,
-                                        acc_t (&x)[V]) const {
-    if (!pre) return;
-    acc_t v[V];
-    values<V>(L, b, n, e0, nv, v);
+                                        const acc_t (&x)[V], acc_t (&y)[V]) const {
+    if (pre) values<V>(L, b, n, e0, nv, y);
 #pragma unroll
-    for (int j = 0; j < V; ++j) x[j] *= v[j];
+    for (int j = 0; j < V; ++j) y[j] = pre ? x[j] * y[j] : x[j];
   }
 };
 
@@ -220,9 +218,7 @@ __global__ void __launch_bounds__(128)
   cc.load(ca, e0, nv);
   prefix_means<V>(h, hs, vin, L, b, n0, n1, E, e0, nv, F, cc, carry, [&](int64_t n, const acc_t (&H)[V]) {
     acc_t y[V];
-#pragma unroll
-    for (int j = 0; j < V; ++j) y[j] = H[j];
-    gate.template apply<V>(L, b, n, e0, nv, y);
+    gate.template apply<V>(L, b, n, e0, nv, H, y);
     store_row<V>(out + L.off(os, b, n), e0, os.e, nv, vout, y);
   });
 }
@@ -238,9 +234,7 @@ __device__ __forceinline__ void block_grad(const scalar_t* g, const Strides& gs,
   for (int j = 0; j < V; ++j) G[j] = comp[j] = acc_t(0);
   for_rows<V, scalar_t, acc_t>(g, gs, vg, L, b, blk, bend, e0, nv, [&](int64_t n, const acc_t (&x)[V]) {
     acc_t y[V];
-#pragma unroll
-    for (int j = 0; j < V; ++j) y[j] = x[j];
-    gate.template apply<V>(L, b, n, e0, nv, y);
+    gate.template apply<V>(L, b, n, e0, nv, x, y);
 #pragma unroll
     for (int j = 0; j < V; ++j) math::kahan_add(G[j], comp[j], y[j]);
   });
@@ -267,9 +261,7 @@ __global__ void __launch_bounds__(128)
     for_rows<V, scalar_t, acc_t>(g, gs, vg, L, b, n0, n1, e0, nv, [&](int64_t n, const acc_t (&x)[V]) {
       const acc_t inv = acc_t(1) / static_cast<acc_t>(n + 1);
       acc_t y[V];
-#pragma unroll
-      for (int j = 0; j < V; ++j) y[j] = x[j];
-      gate.template apply<V>(L, b, n, e0, nv, y);
+      gate.template apply<V>(L, b, n, e0, nv, x, y);
 #pragma unroll
       for (int j = 0; j < V; ++j) math::kahan_add(run[j], comp[j], y[j] * inv);
     });
@@ -327,9 +319,7 @@ __global__ void __launch_bounds__(128)
                                         [&](int64_t n, const acc_t (&gv)[V], const acc_t (&x)[V]) {
                                           const acc_t inv = acc_t(1) / static_cast<acc_t>(n + 1);
                                           acc_t y[V], gb[V];
-#pragma unroll
-                                          for (int j = 0; j < V; ++j) y[j] = gv[j];
-                                          gate.template apply<V>(L, b, n, e0, nv, y);
+                                          gate.template apply<V>(L, b, n, e0, nv, gv, y);
 #pragma unroll
                                           for (int j = 0; j < V; ++j) {
                                             math::kahan_add(run[j], comp[j], y[j] * inv);
