@@ -28,17 +28,22 @@
 namespace pom_ext {
 namespace math {
 
-// Comparisons are written so that NaN propagates (every test is false for NaN).
+// Comparisons are written so that NaN propagates (every test is false for NaN), and each select has the
+// shape `c > v ? c : v` / `c < v ? c : v` of an IEEE max / min whose second operand is v, which vectorizes to
+// one max or min instruction that returns v when it is NaN.
 template <typename T>
 POM_HD T act(T u) {
-  T v = u >= T(0) ? u : T(0.01) * u;
-  return v < T(-0.1) ? T(-0.1) : (v > T(6) ? T(6) : v);
+  const T w = T(0.01) * u;
+  T v = w > u ? w : u;              // leaky_relu: u >= 0 -> u, u < 0 -> 0.01 u
+  v = T(-0.1) > v ? T(-0.1) : v;    // clamp below
+  return T(6) < v ? T(6) : v;       // clamp above
 }
 
-// 1 on [0, 6], 0.01 on [-10, 0), 0 elsewhere.
+// 1 on [0, 6], 0.01 on [-10, 0), 0 elsewhere (and for NaN).
 template <typename T>
 POM_HD T act_grad(T u) {
-  return (u >= T(0) && u <= T(6)) ? T(1) : ((u >= T(-10) && u < T(0)) ? T(0.01) : T(0));
+  const T slope = u >= T(0) ? T(1) : T(0.01);
+  return (u >= T(-10) && u <= T(6)) ? slope : T(0);
 }
 
 // The gate: hardsigmoid(x) = min(max(x + 3, 0), 6) / 6, as torch computes it (NaN propagates).
@@ -72,14 +77,20 @@ POM_HD T poly(T a, const T* c, int64_t cs, int k_rt) {
   return q * a;
 }
 
-// p and dp/da together.
+// p and dp/da together (Horner for both; the first step of dp's recurrence, dq = q, is taken outside the loop).
 template <int K, typename T>
 POM_HD void poly_and_slope(T a, const T* c, int64_t cs, int k_rt, T& p, T& dp) {
   const int deg = degree_of<K>(k_rt);
   T q = c[(deg - 1) * cs];
-  T dq = T(0);
+  if (deg == 1) {
+    p = q * a;
+    dp = q;
+    return;
+  }
+  T dq = q;
+  q = q * a + c[(deg - 2) * cs];
   POM_UNROLL
-  for (int k = deg - 2; k >= 0; --k) {
+  for (int k = deg - 3; k >= 0; --k) {
     dq = dq * a + q;
     q = q * a + c[k * cs];
   }
