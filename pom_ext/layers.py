@@ -177,14 +177,17 @@ class PoM(nn.Module):
         return self._context(xq if xc is None else xc), self._gate(xq)
 
     def _gated_input(self, xq: torch.Tensor, xc: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """(hs, gate_bias) for the fused causal op: hs = [h | gate pre-activation] (B, N, E + S), the gate's
-        bias not yet added. With n_groups == 1 and self-mixing hs is the output of one GEMM."""
+        """(hs, gate_bias) for the fused causal op: hs = [h | gate pre-activation] (B, N, E + S) and the bias the
+        op adds to the pre-activation (None where the gate's projection added its own). With n_groups == 1 and
+        self-mixing hs is the output of one GEMM."""
         if self.qc_proj is not None and xc is None:
             return F.linear(xq, self.qc_proj.weight), self.se_bias
         if self.qc_proj is not None:
             pre, bias = F.linear(xq, self.qc_proj.weight[self.state_width:]), self.se_bias
         else:
-            pre, bias = F.linear(xq, self.se_proj.weight), self.se_proj.bias
+            # The bias inside the GEMM, as the unfused gate adds it: in 16 bits the pre-activation is then rounded
+            # once as a whole; rounding the product before adding a bias that cancels it loses its low bits.
+            pre, bias = self.se_proj(xq), None
         return torch.cat([self._context(xq if xc is None else xc), pre], -1), bias
 
     def _causal_fused(self, xq: torch.Tensor, xc: Optional[torch.Tensor], block_size: Optional[int],
