@@ -4,7 +4,7 @@ ops (pom_ext.ops, compiled kernels) -> functional (pom_ext.functional) -> layers
 """
 from . import functional, ops, reference
 from .layers import PoM, PoMState
-from .ops import native_available
+from .ops import cpu_isa, native_available
 
-__all__ = ["PoM", "PoMState", "functional", "ops", "reference", "native_available"]
+__all__ = ["PoM", "PoMState", "functional", "ops", "reference", "native_available", "cpu_isa"]
 __version__ = "0.1.0"

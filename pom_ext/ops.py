@@ -29,6 +29,12 @@ def native_available() -> bool:
     return _load_error is None
 
 
+def cpu_isa() -> str:
+    """The CPU build of the compiled kernels that calls take now: "avx512", "avx2" or "base" (the best this
+    CPU runs, capped by the environment variable POM_EXT_CPU_ISA), or "reference" without the compiled library."""
+    return torch.ops.pom_ext.cpu_isa() if _load_error is None else "reference"
+
+
 def _native() -> bool:
     global _warned
     if _load_error is None:

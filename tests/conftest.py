@@ -49,16 +49,34 @@ def poisoned_memory():
     torch.utils.deterministic.fill_uninitialized_memory = old_fill
 
 
-@pytest.fixture(params=["native", "base"] if pom_ext.native_available() else ["reference"])
+def hardware_isa() -> str:
+    """The best CPU build of the compiled kernels this machine runs ("reference" without them)."""
+    old = os.environ.pop("POM_EXT_CPU_ISA", None)
+    try:
+        return pom_ext.cpu_isa()
+    finally:
+        if old is not None:
+            os.environ["POM_EXT_CPU_ISA"] = old
+
+
+# The CPU builds to test on this machine besides the best one ("native"): AVX2 where AVX-512 is the best,
+# and the baseline wherever there is a compiled library.
+OTHER_ISAS = (["avx2"] if hardware_isa() == "avx512" else []) + (["base"] if pom_ext.native_available() else [])
+
+
+@pytest.fixture(params=["native"] + OTHER_ISAS if pom_ext.native_available() else ["reference"])
 def cpu_isa(request, monkeypatch):
-    """Runs a test on the best CPU kernels of this machine and again on the baseline build."""
-    if request.param == "base":
-        monkeypatch.setenv("POM_EXT_CPU_ISA", "base")
+    """Runs a test on the best CPU kernels of this machine and again on every other build it runs."""
+    if request.param in OTHER_ISAS:
+        monkeypatch.setenv("POM_EXT_CPU_ISA", request.param)
+    else:
+        monkeypatch.delenv("POM_EXT_CPU_ISA", raising=False)
     return request.param
 
 
 def pytest_report_header(config):
-    return f"pom_ext native kernels: {pom_ext.native_available()}, torch {torch.__version__}, devices {DEVICES}"
+    return (f"pom_ext native kernels: {pom_ext.native_available()} (best CPU build: {hardware_isa()}), "
+            f"torch {torch.__version__}, devices {DEVICES}")
 
 
 # ---- slow tests: skipped unless `--runslow` or POM_EXT_SLOW=1 ----

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 import pom_ext
 from pom_ext import PoM, functional as PF, ops, reference as R
 
-from conftest import TOL, rel_err
+from conftest import OTHER_ISAS, TOL, rel_err
 
 pytestmark = pytest.mark.skipif(not pom_ext.native_available(), reason="compiled kernels not built")
 
@@ -38,12 +38,13 @@ LOW = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 @contextmanager
 def isa(name):
-    """Runs the kernels of the machine's best instruction set ("native") or the baseline build ("base")."""
+    """Runs the kernels of the machine's best instruction set ("native") or of another build it runs ("avx2",
+    "base": POM_EXT_CPU_ISA)."""
     old = os.environ.get("POM_EXT_CPU_ISA")
-    if name == "base":
-        os.environ["POM_EXT_CPU_ISA"] = "base"
-    else:
+    if name == "native":
         os.environ.pop("POM_EXT_CPU_ISA", None)
+    else:
+        os.environ["POM_EXT_CPU_ISA"] = name
     try:
         yield
     finally:
@@ -160,7 +161,7 @@ width_st = st.one_of(st.integers(1, 40), st.sampled_from([7, 15, 17, 31, 33, 63,
 degree_st = st.integers(1, 16)
 seed_st = st.integers(0, 2 ** 31 - 1)
 scale_st = st.sampled_from([0.3, 1.0, 3.0, 12.0])  # 12: many values beyond the clamps at -10 and 6
-isa_st = st.sampled_from(["native", "base"])
+isa_st = st.sampled_from(["native"] + OTHER_ISAS)
 
 
 @st.composite

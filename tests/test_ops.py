@@ -1,4 +1,7 @@
 """Every op against the float64 reference: forward, gradients, opcheck, strides, determinism, errors."""
+import platform
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -10,7 +13,7 @@ import pom_ext
 from pom_ext import functional as PF
 from pom_ext import ops, reference as R
 
-from conftest import DEVICES, DTYPES, TOL, assert_close, rel_err
+from conftest import DEVICES, DTYPES, TOL, assert_close, hardware_isa, rel_err
 
 native = pytest.mark.skipif(not pom_ext.native_available(), reason="compiled kernels not built")
 
@@ -324,6 +327,49 @@ def test_bitwise_deterministic(cpu_isa, mode):
 
     for a, b in zip(run(), run()):
         assert torch.equal(a, b)
+
+
+@native
+def test_cpu_isa_selection(monkeypatch):
+    """POM_EXT_CPU_ISA caps the CPU build the kernels run; an unknown value is an error naming the variable."""
+    order = ["base", "avx2", "avx512"]
+    best = hardware_isa()
+    assert best in order
+    for cap in order:
+        monkeypatch.setenv("POM_EXT_CPU_ISA", cap)
+        assert pom_ext.cpu_isa() == order[min(order.index(cap), order.index(best))]
+    monkeypatch.delenv("POM_EXT_CPU_ISA")
+    assert pom_ext.cpu_isa() == best
+    monkeypatch.setenv("POM_EXT_CPU_ISA", "avx1024")
+    for call in (pom_ext.cpu_isa, lambda: ops.poly_causal(torch.randn(1, 3, 4), torch.randn(4, 2))):
+        with pytest.raises(RuntimeError, match="POM_EXT_CPU_ISA must be one of base, avx2, avx512.*'avx1024'"):
+            call()
+
+
+@native
+@pytest.mark.skipif(platform.machine() != "x86_64" or shutil.which("objdump") is None,
+                    reason="needs x86-64 and objdump")
+def test_vector_instructions_only_in_their_builds():
+    """The baseline kernels must run on any x86-64 CPU: no function outside the avx2 and avx512 builds may hold
+    a VEX or EVEX instruction (as it would when the linker kept an AVX copy of shared inline code)."""
+    lib = pom_ext._C.__file__
+    asm = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", lib], capture_output=True, text=True,
+                         check=True).stdout
+    func, offenders, vector_ins = None, set(), 0
+    for line in asm.splitlines():
+        head = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if head:
+            func = head.group(1)
+            continue
+        ins = re.match(r"^\s+[0-9a-f]+:\s+(\S+)", line)
+        if func is None or not ins or not re.match(r"^(v(?!err|erw)[a-z0-9]+|k[a-z]+[bwdq])$", ins.group(1)):
+            continue
+        if "::avx2::" in func or "::avx512::" in func:
+            vector_ins += 1
+        else:
+            offenders.add(func)
+    assert vector_ins > 0, "no vector code found in the avx2/avx512 builds: the check would be vacuous"
+    assert not offenders, f"vector instructions outside the avx2/avx512 builds: {sorted(offenders)[:5]}"
 
 
 # ---- bad inputs: every error names the argument ----

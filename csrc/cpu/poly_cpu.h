@@ -44,4 +44,5 @@ POM_CPU_DECLARE_OPS(base)
 #if defined(__x86_64__) && defined(__GNUC__)
 #define POM_CPU_HAVE_AVX2 1
 POM_CPU_DECLARE_OPS(avx2)
+POM_CPU_DECLARE_OPS(avx512)
 #endif

@@ -1,5 +1,5 @@
 // CPU kernels of the pom_ext ops, written once and compiled once per instruction
-// set (poly_cpu_base.cpp, poly_cpu_avx2.cpp) into the namespace POM_CPU_ARCH;
+// set (poly_cpu_base.cpp, poly_cpu_avx2.cpp, poly_cpu_avx512.cpp) into the namespace POM_CPU_ARCH;
 // register_cpu.cpp picks one at run time. Include only after every header it
 // needs, so that the instruction-set pragma of a TU applies to this code alone.
 //

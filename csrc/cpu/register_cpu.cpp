@@ -1,9 +1,13 @@
-// Registers the CPU kernels, choosing per call between the AVX2 build and the
-// baseline build. POM_EXT_CPU_ISA=base forces the baseline (used by the tests).
+// Registers the CPU kernels, choosing per call the best build this CPU runs: AVX-512, AVX2 or the baseline.
+// POM_EXT_CPU_ISA=base|avx2|avx512 caps the choice (the tests run every build this machine has), and the op
+// pom_ext::cpu_isa() names the build that calls take now.
+#include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "poly_cpu.h"
 
@@ -11,19 +15,52 @@ namespace pom_ext {
 namespace cpu {
 namespace {
 
-bool use_avx2() {
+enum class Isa { base = 0, avx2 = 1, avx512 = 2 };
+constexpr const char* kIsaNames[] = {"base", "avx2", "avx512"};
+
+Isa hardware_isa() {
 #ifdef POM_CPU_HAVE_AVX2
-  static const bool hw = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
-  const char* isa = std::getenv("POM_EXT_CPU_ISA");
-  return hw && !(isa && std::strcmp(isa, "base") == 0);
+  // __builtin_cpu_supports also checks that the OS saves the vector registers it names.
+  static const Isa hw = [] {
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")))
+      return Isa::base;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+      return Isa::avx512;
+    return Isa::avx2;
+  }();
+  return hw;
 #else
-  return false;
+  return Isa::base;
 #endif
 }
 
+// The build calls take: the hardware's best, capped by POM_EXT_CPU_ISA (read at every call).
+Isa pick() {
+  const Isa hw = hardware_isa();
+  const char* want = std::getenv("POM_EXT_CPU_ISA");
+  if (want == nullptr || *want == '\0') return hw;
+  for (int i = 0; i < 3; ++i) {
+    if (std::strcmp(want, kIsaNames[i]) == 0) return static_cast<Isa>(std::min(i, static_cast<int>(hw)));
+  }
+  TORCH_CHECK(false, "POM_EXT_CPU_ISA must be one of base, avx2, avx512 (or unset for the best this CPU runs), got '",
+              want, "'");
+}
+
+std::string cpu_isa() { return kIsaNames[static_cast<int>(pick())]; }
+
 #ifdef POM_CPU_HAVE_AVX2
-#define POM_CPU_PICK(fn, ...) (use_avx2() ? avx2::fn(__VA_ARGS__) : base::fn(__VA_ARGS__))
+#define POM_CPU_PICK(fn, ...)                                     \
+  [&] {                                                           \
+    switch (pick()) {                                             \
+      case Isa::avx512:                                           \
+        return avx512::fn(__VA_ARGS__);                           \
+      case Isa::avx2:                                             \
+        return avx2::fn(__VA_ARGS__);                             \
+      default:                                                    \
+        return base::fn(__VA_ARGS__);                             \
+    }                                                             \
+  }()
 #else
 #define POM_CPU_PICK(fn, ...) base::fn(__VA_ARGS__)
 #endif
@@ -68,6 +105,11 @@ at::Tensor state_step(const at::Tensor& h, const at::Tensor& c, at::Tensor& s, a
 }
 
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pom_ext, m) {
+  // Which CPU build the kernels run: "base", "avx2" or "avx512".
+  m.def("cpu_isa() -> str", &cpu_isa);
+}
 
 TORCH_LIBRARY_IMPL(pom_ext, CPU, m) {
   m.impl("poly_eval", &eval);
