@@ -106,7 +106,7 @@ def main() -> int:
             })
 
     print(f"\ncopy bandwidth (read + write): {bw / 1e9:.2f} GB/s into a preallocated buffer, "
-          f"{bw_fresh / 1e9:.2f} GB/s into a fresh tensor; threads={args.threads}\n")
+          f"{bw_fresh / 1e9:.2f} GB/s into a fresh tensor; threads={args.threads}, CPU kernels: {pom_ext.cpu_isa()}\n")
     hdr = f"{'benchmark':30s} {'shape':26s} {'pom_ext':>10s} {'baseline':>10s} {'speedup':>8s} {'GB/s':>7s} {'of copy':>8s}"
     print(hdr)
     print("-" * len(hdr))
@@ -121,7 +121,7 @@ def main() -> int:
     print("'of copy': achieved bandwidth over the bandwidth of a preallocated copy measured right before the op")
 
     result = {
-        "device": cpu_name(), "threads": args.threads,
+        "device": cpu_name(), "cpu_isa": pom_ext.cpu_isa(), "threads": args.threads,
         "torch": torch.__version__, "python": platform.python_version(), "git_commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "copy_bandwidth_GBps": bw / 1e9, "copy_bandwidth_fresh_output_GBps": bw_fresh / 1e9, "results": rows,

@@ -282,6 +282,7 @@ def environment(device: torch.device) -> Dict[str, object]:
         "flash_attn": None,
         "pom_ext": pom_ext.__version__,
         "pom_ext_native": pom_ext.native_available(),
+        "pom_ext_cpu_isa": pom_ext.cpu_isa(),
         "git_commit": git_commit(),
         "python": platform.python_version(),
         "platform": platform.platform(),
