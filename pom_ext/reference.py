@@ -123,9 +123,10 @@ def pom_layer(layer, xq, xc=None, mask=None, block_size: Optional[int] = None, c
               store_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """The whole PoM layer of SPEC §1, read off `layer`'s parameters, without shortcuts.
 
-    store_dtype: the tensors a layer run in that dtype must store — the projections (h and the gate's
-    pre-activation) and the mixer's output y, and the gradients reaching them — rounded to it, every
-    computation staying in the input's precision: the error of a 16-bit layer that is due to its dtype alone."""
+    store_dtype: the tensors a layer run in that dtype stores — the projections (h and the gate's
+    pre-activation), the aggregate H, the mixer's output y, and the gradients reaching them — rounded to it,
+    every computation staying in the input's precision: the error of a 16-bit layer that is due to its dtype
+    alone."""
     xc = xq if xc is None else xc
     E, G = layer.state_width, layer.n_sel_heads
     if layer.n_groups > 1:
@@ -156,4 +157,4 @@ def pom_layer(layer, xq, xc=None, mask=None, block_size: Optional[int] = None, c
         H = poly_mean(h, c, mask)[:, None]
     else:
         H = poly_masked(h, c, mask)
-    return layer.ag_proj(_stored(select(s, H, G), store_dtype))
+    return layer.ag_proj(_stored(select(s, _stored(H, store_dtype), G), store_dtype))
