@@ -1,5 +1,6 @@
 """Shared fixtures: devices, CPU instruction sets, tolerances and NaN-poisoned allocations."""
 import os
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -49,14 +50,28 @@ def poisoned_memory():
     torch.utils.deterministic.fill_uninitialized_memory = old_fill
 
 
+@contextmanager
+def isa(name):
+    """Runs the kernels of the machine's best instruction set ("native") or of another build it runs ("avx2",
+    "base": POM_EXT_CPU_ISA)."""
+    old = os.environ.get("POM_EXT_CPU_ISA")
+    if name == "native":
+        os.environ.pop("POM_EXT_CPU_ISA", None)
+    else:
+        os.environ["POM_EXT_CPU_ISA"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("POM_EXT_CPU_ISA", None)
+        else:
+            os.environ["POM_EXT_CPU_ISA"] = old
+
+
 def hardware_isa() -> str:
     """The best CPU build of the compiled kernels this machine runs ("reference" without them)."""
-    old = os.environ.pop("POM_EXT_CPU_ISA", None)
-    try:
+    with isa("native"):
         return pom_ext.cpu_isa()
-    finally:
-        if old is not None:
-            os.environ["POM_EXT_CPU_ISA"] = old
 
 
 # The CPU builds to test on this machine besides the best one ("native"): AVX2 where AVX-512 is the best,
@@ -65,13 +80,10 @@ OTHER_ISAS = (["avx2"] if hardware_isa() == "avx512" else []) + (["base"] if pom
 
 
 @pytest.fixture(params=["native"] + OTHER_ISAS if pom_ext.native_available() else ["reference"])
-def cpu_isa(request, monkeypatch):
+def cpu_isa(request):
     """Runs a test on the best CPU kernels of this machine and again on every other build it runs."""
-    if request.param in OTHER_ISAS:
-        monkeypatch.setenv("POM_EXT_CPU_ISA", request.param)
-    else:
-        monkeypatch.delenv("POM_EXT_CPU_ISA", raising=False)
-    return request.param
+    with isa(request.param if request.param in OTHER_ISAS else "native"):
+        yield request.param
 
 
 def pytest_report_header(config):

@@ -9,7 +9,6 @@ Profiles (env POM_EXT_FUZZ): "fast" (default, derandomized, for CI) and "long" (
 import copy
 import math
 import os
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ from hypothesis import strategies as st
 import pom_ext
 from pom_ext import PoM, functional as PF, ops, reference as R
 
-from conftest import OTHER_ISAS, TOL, rel_err
+from conftest import OTHER_ISAS, TOL, isa, rel_err
 
 pytestmark = pytest.mark.skipif(not pom_ext.native_available(), reason="compiled kernels not built")
 
@@ -34,24 +33,6 @@ if PROFILE not in ("fast", "long"):
 FUZZ = settings(settings.get_profile(f"pom_{PROFILE}"))
 
 LOW = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
-
-
-@contextmanager
-def isa(name):
-    """Runs the kernels of the machine's best instruction set ("native") or of another build it runs ("avx2",
-    "base": POM_EXT_CPU_ISA)."""
-    old = os.environ.get("POM_EXT_CPU_ISA")
-    if name == "native":
-        os.environ.pop("POM_EXT_CPU_ISA", None)
-    else:
-        os.environ["POM_EXT_CPU_ISA"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("POM_EXT_CPU_ISA", None)
-        else:
-            os.environ["POM_EXT_CPU_ISA"] = old
 
 
 def coeffs(g, E, K, scale=4.0):
