@@ -167,13 +167,14 @@ class PoM(nn.Module):
     def project(self, xq: torch.Tensor, xc: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """(h, s): context h (B, N, E) and gate s = hardsigmoid(.) (B, T, S).
 
-        With n_groups == 1 and self-mixing both come from one GEMM; h is then a strided view.
+        With n_groups == 1 and self-mixing both come from one GEMM; h is then a strided view. (split, not two
+        slices: the backward of a slice fills a zero tensor of the GEMM's output for each; split's concatenates.)
         """
         if self.qc_proj is not None:
             if xc is None:
                 z = F.linear(xq, self.qc_proj.weight)
-                E = self.state_width
-                return z[..., :E], F.hardsigmoid(z[..., E:] + self.se_bias)
+                h, pre = z.split([self.state_width, self.gate_width], -1)
+                return h, F.hardsigmoid(pre + self.se_bias)
         return self._context(xq if xc is None else xc), self._gate(xq)
 
     def _gated_input(self, xq: torch.Tensor, xc: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
