@@ -21,6 +21,19 @@ DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+def has_cuda_kernels() -> bool:
+    """A GPU, and a build of pom_ext with its CUDA kernels."""
+    if not (torch.cuda.is_available() and pom_ext.native_available()):
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("pom_ext::poly_eval", "CUDA")
+
+
+NEEDS_CUDA = pytest.mark.skipif(not has_cuda_kernels(), reason="no CUDA device, or pom_ext built without CUDA")
+# "cpu" and "cuda", the latter skipped without a GPU or without the CUDA kernels: for tests that must run on
+# every device the kernels have.
+CPU_AND_CUDA = ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)]
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| in float64; inf when a holds a NaN or inf that b does not."""
     a, b = a.detach().double().cpu(), b.detach().double().cpu()

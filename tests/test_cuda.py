@@ -5,19 +5,11 @@ Collected everywhere; skipped without a GPU or without CUDA kernels in the build
 import pytest
 import torch
 
-import pom_ext
 from pom_ext import ops, reference as R
 
-from conftest import TOL, rel_err
+from conftest import NEEDS_CUDA, TOL, rel_err
 
-
-def _has_cuda_kernels() -> bool:
-    if not (torch.cuda.is_available() and pom_ext.native_available()):
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("pom_ext::poly_eval", "CUDA")
-
-
-pytestmark = pytest.mark.skipif(not _has_cuda_kernels(), reason="no CUDA device, or pom_ext built without CUDA")
+pytestmark = NEEDS_CUDA
 
 DEVICES = ["cuda"]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]

@@ -3,7 +3,7 @@
 h is float16 (1, N, 16) with N * 16 = 2^31 + 304 (4 GiB; about 8.5 GiB peak with the output). Its rows
 follow a pattern whose prefix means are known in closed form, so sampled positions (and every position
 of the last rows and around element 2^31) are checked exactly, without a float64 copy of h.
-Slow: run with --runslow or POM_EXT_SLOW=1.
+On CPU, and on CUDA when the GPU and the CUDA kernels are there. Slow: run with --runslow or POM_EXT_SLOW=1.
 """
 import resource
 import time
@@ -13,6 +13,8 @@ import torch
 
 import pom_ext
 from pom_ext import ops
+
+from conftest import CPU_AND_CUDA
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not pom_ext.native_available(), reason="compiled kernels not built")]
@@ -54,29 +56,40 @@ def positions():
                   if t < N)
 
 
-def test_causal_and_mean_past_2_31_elements(big_h):
-    c = torch.zeros(E, 2)
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_causal_and_mean_past_2_31_elements(big_h, device):
+    h = big_h.to(device)  # on CUDA a copy: 4 GiB of device memory, 8.5 GiB with the output
+    c = torch.zeros(E, 2, device=device)
     c[:, 0] = 1  # p = act(h) = h for h in [0, 6]
     t0 = time.time()
-    out = ops.poly_causal(big_h, c)
+    out = ops.poly_causal(h, c)
+    sync(device)
     t_causal = time.time() - t0
     pos = positions()
-    got = out[0, pos].double()
+    got = out[0, pos].double().cpu()
     exp = torch.stack([expected_prefix_mean(t) for t in pos])
     del out
     err = ((got - exp).abs() / exp.abs().clamp_min(1)).max().item()
     assert err < 2e-3, f"causal: worst relative error {err:.2e} (float16 output rounding is 4.9e-4)"
     t0 = time.time()
-    H = ops.poly_mean(big_h, c)
+    H = ops.poly_mean(h, c)
+    sync(device)
     t_mean = time.time() - t0
-    err = ((H[0].double() - expected_prefix_mean(N - 1)).abs() / expected_prefix_mean(N - 1)).max().item()
+    err = ((H[0].double().cpu() - expected_prefix_mean(N - 1)).abs() / expected_prefix_mean(N - 1)).max().item()
     assert err < 2e-3, f"mean: relative error {err:.2e}"
     t0 = time.time()
-    p = ops.poly_eval(big_h, c)
+    p = ops.poly_eval(h, c)
+    sync(device)
     t_eval = time.time() - t0
-    assert torch.equal(p[0, pos], big_h[0, pos]), "eval: p = h expected exactly"
-    assert torch.equal(p[0, -TAIL:], big_h[0, -TAIL:])
+    assert torch.equal(p[0, pos], h[0, pos]), "eval: p = h expected exactly"
+    assert torch.equal(p[0, -TAIL:], h[0, -TAIL:])
     del p
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    print(f"\nlarge: N*E = {N * E} elements; causal {t_causal:.1f}s, mean {t_mean:.1f}s, eval {t_eval:.1f}s; "
-          f"peak RSS {peak:.2f} GiB")
+    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20 if device == "cpu"
+            else torch.cuda.max_memory_allocated() / 2 ** 30)
+    print(f"\nlarge ({device}): N*E = {N * E} elements; causal {t_causal:.1f}s, mean {t_mean:.1f}s, "
+          f"eval {t_eval:.1f}s; peak {'RSS' if device == 'cpu' else 'allocated'} {peak:.2f} GiB")
+
+
+def sync(device):
+    if device != "cpu":
+        torch.cuda.synchronize()

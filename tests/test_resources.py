@@ -1,8 +1,10 @@
 """Determinism, thread safety and resource use.
 
-Fast: two forward + backward runs are bitwise identical for every op and the layer at 1 and 2 threads;
-four Python threads calling the layer concurrently get the sequential results.
-Slow (--runslow or POM_EXT_SLOW=1): 10,000 training iterations and 100,000 decode steps with flat memory.
+Fast: two forward + backward runs are bitwise identical for every op and the layer at 1 and 2 threads (and
+the layer on CUDA; the ops' CUDA determinism is in test_cuda.py); four Python threads calling the layer
+concurrently get the sequential results.
+Slow (--runslow or POM_EXT_SLOW=1): 10,000 training iterations and 100,000 decode steps with flat memory: RSS
+on CPU, memory allocated by torch on CUDA.
 """
 import gc
 import os
@@ -13,6 +15,8 @@ import torch
 
 import pom_ext
 from pom_ext import PoM, functional as PF, ops
+
+from conftest import CPU_AND_CUDA, NEEDS_CUDA
 
 pytestmark = pytest.mark.skipif(not pom_ext.native_available(), reason="compiled kernels not built")
 
@@ -72,23 +76,23 @@ def test_ops_bitwise_deterministic(threads, nthreads, dtype, case):
 def layer_run(layer, mask, x, seed=0):
     kw = {}
     if mask == "varlen_causal":
-        kw["cu_seqlens"] = torch.tensor([0, 3, x.shape[0] * x.shape[1]], dtype=torch.int32)
+        kw["cu_seqlens"] = torch.tensor([0, 3, x.shape[0] * x.shape[1]], dtype=torch.int32, device=x.device)
         x = x.reshape(-1, x.shape[-1])
         mask = "causal"
     x = x.detach().requires_grad_()
     out = layer(x, mask=mask, **kw)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device)
     grads = torch.autograd.grad(out, [x] + list(layer.parameters()), g)
     return [out.detach()] + list(grads)
 
 
-@pytest.mark.parametrize("nthreads", [1, 2])
+@pytest.mark.parametrize("device,nthreads", [("cpu", 1), ("cpu", 2), pytest.param("cuda", 1, marks=NEEDS_CUDA)])
 @pytest.mark.parametrize("mask", [None, "causal", "varlen_causal"])
-def test_layer_bitwise_deterministic(threads, nthreads, mask):
+def test_layer_bitwise_deterministic(threads, device, nthreads, mask):
     threads(nthreads)
     torch.manual_seed(0)
-    layer = PoM(32, 4, 2, n_sel_heads=4, bias=True)
-    x = torch.randn(2, 3000, 32)
+    layer = PoM(32, 4, 2, n_sel_heads=4, bias=True).to(device)
+    x = torch.randn(2, 3000, 32).to(device)
     for a, b in zip(layer_run(layer, mask, x), layer_run(layer, mask, x)):
         assert torch.equal(a, b)
 
@@ -134,31 +138,51 @@ def rss_mib():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
-def measure(step, iters, warmup, checkpoints=5):
-    """RSS (MiB) after `warmup` iterations and at `checkpoints` evenly spaced points until `iters`."""
+def memory_mib(device):
+    """The process's RSS on CPU; on CUDA, the device memory allocated through torch (after the queue drains)."""
+    if device == "cpu":
+        return rss_mib()
+    torch.cuda.synchronize()
+    return torch.cuda.memory_allocated() / 2 ** 20
+
+
+# Growth allowed after warm-up: RSS moves with the allocator's arenas; allocated CUDA memory should not move.
+GROWTH_MIB = {"cpu": 8.0, "cuda": 1.0}
+
+
+def measure(step, iters, warmup, device, checkpoints=5):
+    """Memory (MiB) after `warmup` iterations and at `checkpoints` evenly spaced points until `iters`."""
     for _ in range(warmup):
         step()
     gc.collect()
-    marks = [rss_mib()]
+    marks = [memory_mib(device)]
     per = (iters - warmup) // checkpoints
     for _ in range(checkpoints):
         for _ in range(per):
             step()
         gc.collect()
-        marks.append(rss_mib())
+        marks.append(memory_mib(device))
     return marks
 
 
+def assert_flat(marks, device):
+    assert marks[-1] - marks[0] < GROWTH_MIB[device], marks
+    assert not all(b > a + GROWTH_MIB[device] / 16 for a, b in zip(marks[1:], marks[2:])), \
+        f"memory climbs steadily: {marks}"
+
+
 @pytest.mark.slow
-def test_training_iterations_flat_memory():
-    """10,000 forward + backward + optimizer steps of a small layer (every mask kind in turn): RSS flat after
-    1,000 warm-up iterations (growth < 8 MiB, and no steady climb across the checkpoints)."""
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_training_iterations_flat_memory(device):
+    """10,000 forward + backward + optimizer steps of a small layer (every mask kind in turn): memory flat after
+    1,000 warm-up iterations (growth < 8 MiB of RSS on CPU, < 1 MiB allocated on CUDA, and no steady climb
+    across the checkpoints)."""
     torch.manual_seed(0)
-    layer = PoM(32, 4, 2, n_sel_heads=4, bias=True)
+    layer = PoM(32, 4, 2, n_sel_heads=4, bias=True).to(device)
     opt = torch.optim.SGD(layer.parameters(), lr=1e-4)
-    x = torch.randn(2, 64, 32)
-    w = torch.rand(2, 64)
-    cu = torch.tensor([0, 10, 10, 128], dtype=torch.int32)
+    x = torch.randn(2, 64, 32).to(device)
+    w = torch.rand(2, 64).to(device)
+    cu = torch.tensor([0, 10, 10, 128], dtype=torch.int32, device=device)
     calls = [lambda: layer(x), lambda: layer(x, mask="causal"), lambda: layer(x, mask="causal", block_size=4),
              lambda: layer(x, mask=w), lambda: layer(x.reshape(128, 32), mask="causal", cu_seqlens=cu),
              lambda: layer(x, x[:, :9], mask=(w[:, None, :9] > 0.5).expand(2, 64, 9))]
@@ -171,31 +195,30 @@ def test_training_iterations_flat_memory():
         out.square().mean().backward()
         opt.step()
 
-    start = rss_mib()
-    marks = measure(step, 10_000, 1_000)
-    print(f"\ntraining: RSS at start {start:.1f} MiB, after warm-up {marks[0]:.1f} MiB, checkpoints "
+    start = memory_mib(device)
+    marks = measure(step, 10_000, 1_000, device)
+    print(f"\ntraining ({device}): memory at start {start:.1f} MiB, after warm-up {marks[0]:.1f} MiB, checkpoints "
           f"{[round(m, 1) for m in marks[1:]]} MiB")
-    assert marks[-1] - marks[0] < 8, marks
-    assert not all(b > a + 0.5 for a, b in zip(marks[1:], marks[2:])), f"RSS climbs steadily: {marks}"
+    assert_flat(marks, device)
 
 
 @pytest.mark.slow
-def test_decode_steps_flat_memory():
-    """100,000 decode steps (in place, no autograd) of a small layer: RSS flat after 10,000 warm-up steps."""
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_decode_steps_flat_memory(device):
+    """100,000 decode steps (in place, no autograd) of a small layer: memory flat after 10,000 warm-up steps."""
     torch.manual_seed(0)
-    layer = PoM(32, 4, 2, n_sel_heads=4, bias=True)
+    layer = PoM(32, 4, 2, n_sel_heads=4, bias=True).to(device)
     state = layer.allocate_state(2)
-    x = torch.randn(2, 1, 32)
+    x = torch.randn(2, 1, 32).to(device)
 
     def step():
         with torch.no_grad():
             layer.step(x, state)
 
-    start = rss_mib()
-    marks = measure(step, 100_000, 10_000)
-    print(f"\ndecode: RSS at start {start:.1f} MiB, after warm-up {marks[0]:.1f} MiB, checkpoints "
+    start = memory_mib(device)
+    marks = measure(step, 100_000, 10_000, device)
+    print(f"\ndecode ({device}): memory at start {start:.1f} MiB, after warm-up {marks[0]:.1f} MiB, checkpoints "
           f"{[round(m, 1) for m in marks[1:]]} MiB; count {int(state.count[0])}")
     assert int(state.count[0]) == 100_000
     assert torch.isfinite(state.sum).all()
-    assert marks[-1] - marks[0] < 8, marks
-    assert not all(b > a + 0.5 for a, b in zip(marks[1:], marks[2:])), f"RSS climbs steadily: {marks}"
+    assert_flat(marks, device)
