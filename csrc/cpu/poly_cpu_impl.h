@@ -113,18 +113,15 @@ inline void flush(acc_t* __restrict f, double* __restrict d, int64_t n) {
   }
 }
 
-// Prefetch n contiguous elements from p into L2, for reading or (write) for writing. Used by the reverse
-// scan, which walks rows from the end of a sequence to its start: the hardware prefetchers follow ascending
-// streams within a page and fall behind a descending walk of rows.
+// Prefetch the cache lines of n contiguous elements at p into L2 (prefetcht1). Used by the reverse scan,
+// which walks rows from the end of a sequence to its start: the hardware prefetchers follow ascending streams
+// within a page and fall behind a descending walk of rows. Rows about to be written are fetched the same way,
+// ahead of the read that a store to a missing line makes.
 template <typename T>
-inline void prefetch_row(const T* p, int64_t n, bool write) {
+inline void prefetch_row(const T* p, int64_t n) {
   const char* c = reinterpret_cast<const char*>(p);
   const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
-  if (write) {
-    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 1, 2);
-  } else {
-    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 2);
-  }
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 2);
 }
 
 // (E, K) coefficients of any floating dtype -> (K, E) table in the accumulation type.
@@ -690,7 +687,7 @@ struct Gate {
   }
   // Prefetch the gate columns of channels [e0, e0 + w) of row n (contiguous columns only).
   void prefetch(int64_t b, int64_t n, int64_t e0, int64_t w) const {
-    if (r.sE == 1) prefetch_row(pre + r.off(b, n) + e0 / q, ceil_div(w, q), false);
+    if (r.sE == 1) prefetch_row(pre + r.off(b, n) + e0 / q, ceil_div(w, q));
   }
   // s for channels [e0, e0 + w) of row n (x is scratch).
   void values(int64_t b, int64_t n, int64_t e0, int64_t w, acc_t* __restrict s, acc_t* __restrict x) const {
@@ -893,10 +890,10 @@ void causal_backward(const scalar_t* g, const Rows& gr, const scalar_t* h, const
           for (int r = 0; r < R; ++r) {
             const int64_t m = n - r - kPrefetchRows;
             if (m < t.n0) break;
-            if (hr.sE == 1) prefetch_row(h + hr.off(t.b, m) + t.e0, t.width, false);
-            if (gr.sE == 1) prefetch_row(g + gr.off(t.b, m) + t.e0, t.width, false);
+            if (hr.sE == 1) prefetch_row(h + hr.off(t.b, m) + t.e0, t.width);
+            if (gr.sE == 1) prefetch_row(g + gr.off(t.b, m) + t.e0, t.width);
             if (gate) gate->prefetch(t.b, m, t.e0, t.width);
-            prefetch_row(gh + ghr.off(t.b, m) + t.e0, t.width, true);
+            prefetch_row(gh + ghr.off(t.b, m) + t.e0, t.width);
           }
           for (int r = 0; r < R; ++r) {
             const int64_t m = n - r;
