@@ -260,8 +260,10 @@ def poly_term_scales(fn, ref_in, seeds):
     if len(outs) != len(seeds) or not all(o.requires_grad for o in outs):
         return [0.0, 0.0]
     gbar = torch.autograd.grad(outs, ones, [s.double() for s in seeds])[0].abs()
-    a = R.act(h).abs()
-    slope = torch.where((h >= -10) & (h <= 6), torch.where(h >= 0, 1.0, 0.01), 0.0).to(h.dtype)
+    hh = h.detach().requires_grad_()
+    act = R.act(hh)
+    slope = torch.autograd.grad(act.sum(), hh)[0]  # act'(h), as the reference defines act
+    a = act.detach().abs()
     K = c.shape[1]
     lower = torch.stack([a ** k for k in range(K)], -1)  # (..., E, K): |act|^0 .. |act|^(K-1)
     gh = gbar * slope * (lower * (torch.arange(K, dtype=h.dtype) + 1) * c.abs()).sum(-1)

@@ -66,26 +66,17 @@ def test_causal_and_mean_past_2_31_elements(big_h, device):
     h = big_h.to(device)  # on CUDA a copy: 4 GiB of device memory, 8.5 GiB with the output
     c = torch.zeros(E, 2, device=device)
     c[:, 0] = 1  # p = act(h) = h for h in [0, 6]
-    t0 = time.time()
-    out = ops.poly_causal(h, c)
-    sync(device)
-    t_causal = time.time() - t0
+    out, t_causal = timed(lambda: ops.poly_causal(h, c), device)
     pos = positions()
     got = out[0, pos].double().cpu()
     exp = torch.stack([expected_prefix_mean(t) for t in pos])
     del out
     err = ((got - exp).abs() / exp.abs().clamp_min(1)).max().item()
     assert err < 2e-3, f"causal: worst relative error {err:.2e} (float16 output rounding is 4.9e-4)"
-    t0 = time.time()
-    H = ops.poly_mean(h, c)
-    sync(device)
-    t_mean = time.time() - t0
+    H, t_mean = timed(lambda: ops.poly_mean(h, c), device)
     err = ((H[0].double().cpu() - expected_prefix_mean(N - 1)).abs() / expected_prefix_mean(N - 1)).max().item()
     assert err < 2e-3, f"mean: relative error {err:.2e}"
-    t0 = time.time()
-    p = ops.poly_eval(h, c)
-    sync(device)
-    t_eval = time.time() - t0
+    p, t_eval = timed(lambda: ops.poly_eval(h, c), device)
     assert torch.equal(p[0, pos], h[0, pos]), "eval: p = h expected exactly"
     assert torch.equal(p[0, -TAIL:], h[0, -TAIL:])
     del p
@@ -95,6 +86,10 @@ def test_causal_and_mean_past_2_31_elements(big_h, device):
           f"eval {t_eval:.1f}s; peak {'RSS' if device == 'cpu' else 'allocated'} {peak:.2f} GiB")
 
 
-def sync(device):
+def timed(fn, device):
+    """(fn(), seconds it took, the device's queue drained)."""
+    t0 = time.time()
+    out = fn()
     if device != "cpu":
         torch.cuda.synchronize()
+    return out, time.time() - t0
