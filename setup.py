@@ -57,7 +57,8 @@ def _extension():
         # resolves libgomp.so.1 to the copy torch already loaded, so there is one OpenMP runtime.
         cxx.append("-fopenmp")
         link.append("-fopenmp")
-    include_dirs = [os.path.join(ROOT, "csrc", "include")]
+    # csrc/include: the public C++ headers; csrc/internal: the ones shared by the kernels only.
+    include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc", "internal")]
     if _want_cuda():
         nvcc = ["-O3", "-lineinfo", "--threads", os.environ.get("NVCC_THREADS", "4")]
         return cpp_extension.CUDAExtension(

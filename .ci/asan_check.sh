@@ -90,7 +90,7 @@ cpp_extension.load(
     name="_C", sources=sources, build_directory=os.path.join(work, "build"),
     extra_cflags=["-O1", "-fno-trapping-math", "-fvisibility=hidden", "-fopenmp"] + san,
     extra_ldflags=["-fopenmp"] + san,
-    extra_include_paths=[os.path.join(root, "csrc", "include")],
+    extra_include_paths=[os.path.join(root, "csrc", "include"), os.path.join(root, "csrc", "internal")],
     with_cuda=False, is_python_module=False, verbose=False)
 so = glob.glob(os.path.join(work, "build", "_C*.so"))[0]
 shutil.copy(so, os.path.join(work, "pkg", "pom_ext", "_C" + sysconfig.get_config_var("EXT_SUFFIX")))

@@ -41,7 +41,7 @@ FLAGS=(-std=c++20 -O3 -c
   -Xcompiler -fPIC --expt-relaxed-constexpr -DPOM_EXT_WITH_CUDA
   -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__
   -D__CUDA_NO_HALF2_OPERATORS__
-  -I"$TMP/include" -I"$ROOT/csrc/include")
+  -I"$TMP/include" -I"$ROOT/csrc/include" -I"$ROOT/csrc/internal")
 for inc in "${TORCH_INC[@]}"; do FLAGS+=(-I"$inc"); done
 
 echo "nvcc: $NVCC ($("$NVCC" --version | tail -n 1))"

@@ -1,9 +1,31 @@
-// Op schemas of pom_ext. Every backend registers its kernels under these names
-// (TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda); Python adds fake tensors and
-// autograd in pom_ext/ops.py.
+// The pom_ext op library: op schemas, and the one place where this library registers itself with the dispatcher
+// (CPU, CUDA, Meta and Autograd kernels; see pom_ext/library.h).
+//
+// Two copies of this library can be loaded into one process: libpom_ext (CMake, for C++ programs) and the Python
+// extension pom_ext._C, e.g. a pybind11 module linked to libpom_ext next to `import pom_ext`. The dispatcher
+// accepts one definition of the namespace, so the copy loaded second registers nothing and every call, from
+// either copy's C++ API or from Python, goes to the first copy's kernels. That is right when the first copy has
+// everything the second one has: the same version, and CUDA kernels if the second has them. Otherwise the second
+// copy records why (registration_error()), and ensure_registered() (C++) and `import pom_ext` (Python) raise it
+// instead of running another build's kernels.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/AutogradState.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/library.h>
 
-TORCH_LIBRARY(pom_ext, m) {
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "pom_ext/library.h"
+#include "pom_ext/version.h"
+
+namespace pom_ext {
+namespace detail {
+
+void define_ops(torch::Library& m) {
   // p = poly(act(h)) element-wise; h: (..., E), coeff: (E, K).
   m.def("poly_eval(Tensor h, Tensor coeff) -> Tensor");
   m.def("poly_eval_backward(Tensor grad_p, Tensor h, Tensor coeff) -> (Tensor, Tensor)");
@@ -25,11 +47,114 @@ TORCH_LIBRARY(pom_ext, m) {
   m.def(
       "poly_causal_gated_backward(Tensor grad_y, Tensor hs, Tensor coeff, Tensor? gate_bias, int block_size, "
       "Tensor? cu_seqlens) -> (Tensor, Tensor, Tensor)");
-  // Recurrent state: append a chunk h (B, T, E) to (state_sum (B, E) fp32, count (B,) int64);
+  // Recurrent state: append a chunk h (B, T, E) to (state_sum (B, E) fp32 or fp64, count (B,) int64);
   // returns H (B, E) seen by every token of the chunk, and the new state.
   m.def("poly_state_update(Tensor h, Tensor coeff, Tensor state_sum, Tensor count) -> (Tensor, Tensor, Tensor)");
   m.def(
       "poly_state_update_backward(Tensor grad_H, Tensor grad_state_sum, Tensor h, Tensor coeff, Tensor count) "
       "-> (Tensor, Tensor, Tensor)");
   m.def("poly_state_step_(Tensor h, Tensor coeff, Tensor(a!) state_sum, Tensor(b!) count) -> Tensor");
+  // Which CPU build the kernels run: "base", "avx2" or "avx512".
+  m.def("cpu_isa() -> str", [] { return cpu_isa(); });
+  // The build whose kernels this process runs: "<version>+cpu" or "<version>+cuda".
+  m.def("build_info() -> str", [] { return std::string(build_info()); });
 }
+
+const char* build_info() {
+#ifdef POM_EXT_WITH_CUDA
+  return POM_EXT_VERSION "+cuda";
+#else
+  return POM_EXT_VERSION "+cpu";
+#endif
+}
+
+ClampBounds clamp_bounds() {
+  static const ClampBounds rule = [] {
+    // torch's own formula, outside whatever state the caller is in (a kernel below autograd, inference mode, a
+    // Python dispatch mode): default dispatch keys, grad mode on. Measured when the library loads; should that
+    // fail, at the first backward (inside the autograd engine this is a reentrant backward, which it supports).
+    c10::impl::ForceDispatchKeyGuard keys(c10::default_included_set, c10::default_excluded_set);
+    const c10::AutogradState saved = c10::AutogradState::get_tls_state();
+    c10::AutogradState::set_tls_state(c10::AutogradState(/*grad_mode=*/true, /*inference_mode=*/false,
+                                                         /*fw_grad_mode=*/true, /*multithreading_enabled=*/true));
+    ClampBounds r;
+    try {
+      const at::Tensor x = at::tensor(std::vector<double>{-0.1, 6.0}, at::kDouble).set_requires_grad(true);
+      const at::Tensor y = at::clamp(x, -0.1, 6.0);
+      const at::Tensor g = torch::autograd::grad({y}, {x}, {at::ones_like(y)}).at(0);
+      r.lower = g[0].item<double>() != 0.0;
+      r.upper = g[1].item<double>() != 0.0;
+    } catch (...) {
+      c10::AutogradState::set_tls_state(saved);
+      throw;
+    }
+    c10::AutogradState::set_tls_state(saved);
+    return r;
+  }();
+  return rule;
+}
+
+namespace {
+
+std::string& conflict() {
+  static std::string message;
+  return message;
+}
+
+bool ops_defined() {
+  return c10::Dispatcher::singleton().findSchema({"pom_ext::build_info", ""}).has_value();
+}
+
+std::string loaded_build_info() {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("pom_ext::build_info", "").typed<std::string()>();
+  return op.call();
+}
+
+struct Registration {
+  std::vector<std::unique_ptr<torch::Library>> libraries;
+
+  torch::Library& add(torch::Library::Kind kind, std::optional<c10::DispatchKey> key) {
+    libraries.push_back(std::make_unique<torch::Library>(kind, "pom_ext", key, __FILE__, __LINE__));
+    return *libraries.back();
+  }
+
+  Registration() {
+    if (ops_defined()) {
+      const std::string other = loaded_build_info(), mine = build_info();
+      const std::string cpu_of_other = other.substr(0, other.rfind('+')) + "+cpu";
+      if (other != mine && mine != cpu_of_other) {
+        conflict() = "pom_ext: the pom_ext ops are already registered in this process by another copy of the op "
+                     "library, build " + other + ", and this copy is build " + std::string(build_info()) +
+                     "; one process runs one build of pom_ext: load the build with CUDA kernels first, or builds "
+                     "of one version with the same CUDA setting";
+      }
+      return;
+    }
+    define_ops(add(torch::Library::DEF, std::nullopt));
+    register_cpu(add(torch::Library::IMPL, c10::DispatchKey::CPU));
+#ifdef POM_EXT_WITH_CUDA
+    torch::Library& cuda = add(torch::Library::IMPL, c10::DispatchKey::CUDA);
+    register_cuda_eval(cuda);
+    register_cuda_mean(cuda);
+    register_cuda_causal(cuda);
+    register_cuda_state(cuda);
+#endif
+    register_meta(add(torch::Library::IMPL, c10::DispatchKey::Meta));
+    register_autograd(add(torch::Library::IMPL, c10::DispatchKey::Autograd));
+    register_inplace_or_view(add(torch::Library::IMPL, c10::DispatchKey::ADInplaceOrView));
+    try {
+      clamp_bounds();
+    } catch (const std::exception&) {
+      // measured at the first backward instead, which reports the error
+    }
+  }
+};
+
+Registration registration;
+
+}  // namespace
+
+const std::string& registration_error() { return conflict(); }
+
+}  // namespace detail
+}  // namespace pom_ext

@@ -210,3 +210,6 @@ def check_state(h: torch.Tensor, coeff: torch.Tensor, state_sum: torch.Tensor, c
     for name, t in (("coeff", coeff), ("state_sum", state_sum), ("count", count)):
         if t.device != h.device:
             _fail(name, f"on {h.device} like the input", t.device)
+    # Counts are read where that costs no device synchronization.
+    if count.device.type == "cpu" and B > 0 and bool((count < 0).any()):
+        _fail("count", "token counts >= 0", int(count.min()))

@@ -17,7 +17,8 @@ def _check_int(name: str, value, minimum: int) -> int:
 
 
 class PoMState:
-    """Recurrent state of one PoM layer: a running sum `sum` (B, E) fp32 and a token count `count` (B,) int64.
+    """Recurrent state of one PoM layer: a running sum `sum` (B, E) fp32 (fp64 for a float64 layer) and a token
+    count `count` (B,) int64.
 
     Memory is constant in the context length. `PoM.step` updates it in place.
     """
@@ -32,7 +33,8 @@ class PoMState:
                    torch.zeros(batch_size, device=device, dtype=torch.int64))
 
     @classmethod
-    def from_reference(cls, state: Dict[str, Any], batch_size: int, width: int, device=None) -> "PoMState":
+    def from_reference(cls, state: Dict[str, Any], batch_size: int, width: int, device=None,
+                       dtype: torch.dtype = torch.float32) -> "PoMState":
         """From the reference form {'h': (B, 1, E) running mean, 'n': token count}."""
         if not isinstance(state, dict) or "h" not in state or "n" not in state:
             raise ValueError(f"pom_ext: argument 'state' must be a PoMState or a dict with keys 'h' and 'n', "
@@ -49,9 +51,9 @@ class PoMState:
             raise ValueError(f"pom_ext: argument 'state' must hold a running mean 'h' of shape (B, 1, E) = "
                              f"{(batch_size, 1, width)}, got {h.dtype} of shape {tuple(h.shape)}")
         n = n.to(torch.int64).reshape(-1).expand(batch_size).clone()
-        h = h.to(torch.float32)
+        h = h.to(dtype)
         mean = h.reshape(batch_size, width) if h.numel() > 1 else h.reshape(1, 1).expand(batch_size, width)
-        return cls(mean * n[:, None].to(torch.float32), n)
+        return cls(mean * n[:, None].to(dtype), n)
 
     def to_reference(self) -> Dict[str, Any]:
         return {"h": self.mean().unsqueeze(1), "n": self.count.clone()}
@@ -250,6 +252,13 @@ class PoM(nn.Module):
                 raise ValueError(f"pom_ext.PoM: with mask='causal', argument 'xq' must have as many tokens as "
                                  f"'xc', got T = {xq.shape[1]} and N = {n}")
         if not torch.jit.is_scripting():
+            if isinstance(mask, torch.Tensor) and mask.dim() == 3 and not packed:
+                B, T = xq.shape[0], xq.shape[1]
+                N = T if xc is None else xc.shape[1]
+                if tuple(mask.shape) != (B, T, N):
+                    raise ValueError(f"pom_ext.PoM: argument 'mask' must be (B, T, N) = {(B, T, N)} for a (B, T, N) "
+                                     f"mask (T query tokens of 'xq', N context tokens), got shape "
+                                     f"{tuple(mask.shape)}")
             if PF.is_causal(mask) and ops.has_kernel("poly_causal_gated", xq.device):
                 return self._causal_fused(xq, xc, block_size, cu_seqlens)
         h, s = self.project(xq, xc)
@@ -261,11 +270,22 @@ class PoM(nn.Module):
 
     # ---- recurrent state ----
 
-    def allocate_state(self, batch_size: int, device=None) -> PoMState:
-        """A zero state for `step`, on the layer's device unless given."""
+    def _state_dtype(self) -> torch.dtype:
+        """The running sum's dtype: float64 for a float64 layer, else float32."""
+        return torch.float64 if self.po_coeff.dtype == torch.float64 else torch.float32
+
+    def allocate_state(self, batch_size: int, device=None, dtype: Optional[torch.dtype] = None) -> PoMState:
+        """A zero state for `step`, on the layer's device unless given; its sum is float64 for a float64 layer,
+        else float32, unless `dtype` says otherwise."""
+        _check_int("batch_size", batch_size, 0)
+        if dtype is None:
+            dtype = self._state_dtype()
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"pom_ext.PoM: argument 'dtype' of the state must be torch.float32 or torch.float64, "
+                             f"got {dtype}")
         if device is None:
             device = self.po_coeff.device
-        return PoMState.allocate(batch_size, self.state_width, device=device)
+        return PoMState.allocate(batch_size, self.state_width, device=device, dtype=dtype)
 
     def _as_state(self, state, batch: int, device) -> Tuple[PoMState, bool]:
         if state is None:
@@ -275,7 +295,7 @@ class PoM(nn.Module):
                 raise ValueError(f"pom_ext.PoM: argument 'state' holds a sum of shape {tuple(state.sum.shape)}, "
                                  f"expected (B, E) = {(batch, self.state_width)}")
             return state, False
-        return PoMState.from_reference(state, batch, self.state_width, device), True
+        return PoMState.from_reference(state, batch, self.state_width, device, self._state_dtype()), True
 
     def state_forward(self, xq: torch.Tensor, xc: Optional[torch.Tensor] = None,
                       state: Union[None, PoMState, Dict[str, Any]] = None):

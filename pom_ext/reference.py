@@ -15,8 +15,10 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 
 def act(u: torch.Tensor) -> torch.Tensor:
-    """clamp(leaky_relu(u, 0.01), -0.1, 6); slope 1 on [0, 6], 0.01 on [-10, 0)."""
-    return torch.where(u >= 0, u, 0.01 * u).clamp(-0.1, 6.0)
+    """clamp(leaky_relu(u, 0.01), -0.1, 6), written with the torch functions themselves, so its gradient at the
+    kinks is torch's: slope 1 on (0, 6), 0.01 on (-10, 0] (leaky_relu takes the negative slope at 0), and at the
+    clamp's bounds u = -10, 6 whatever the installed torch's clamp gives (SPEC §1.2)."""
+    return F.leaky_relu(u, 0.01).clamp(-0.1, 6.0)
 
 
 def _poly(h: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:

@@ -1,23 +1,35 @@
-"""Python <-> C++ interop of the PoM layer: weights of pom_ext.PoM load into the C++ module
-pom_ext::PoM (examples/cpp/interop.cpp) and give the same outputs and gradients in every
-mask mode; weights trained in C++ load back into Python (strict) and give C++'s outputs.
+"""Python <-> C++ interop.
 
-The C++ program is built with CMake (library + examples, in tree) into build/cpp-interop,
-reused across runs; POM_EXT_INTEROP_BIN points at a prebuilt pom_interop instead.
+- Weights of pom_ext.PoM load into the C++ module pom_ext::PoM (examples/cpp/interop.cpp) and give the same
+  outputs and gradients in every mask mode; weights trained in C++ load back into Python (strict).
+- A model scripted in Python (torch.jit.script) trains in a C++ program with libpom_ext's registered autograd:
+  gradients equal Python's, and a double backward raises (tests/cpp/script_train.cpp).
+- An AOTInductor package compiled in Python runs in C++ (tests/cpp/aoti_run.cpp).
+- libpom_ext (through a library linked to it) and `import pom_ext` live in one process, in either order.
+
+The C++ side is built as a user of the CMake package builds it: the library installed with CMake, the programs
+compiled as C++17 against the installed package (tests/cpp/build.sh, into build/cpp, reused across runs);
+POM_EXT_CPP_BUILD points at a directory that script already built instead.
 """
+import ctypes  # noqa: F401  (used by the one-process scripts' source below)
 import os
 import shutil
 import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 import torch.jit._pickle
+import torch.nn as nn
+from torch.utils import cpp_extension
 
 import pom_ext
-from conftest import assert_close
+from conftest import assert_close, rel_err
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BUILD = os.path.join(ROOT, "build", "cpp-interop")
+BUILD = os.path.join(ROOT, "build", "cpp")
+jit_deprecated = pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:DeprecationWarning")
 
 
 def _missing_toolchain():
@@ -25,26 +37,35 @@ def _missing_toolchain():
         return "cmake is not installed"
     if shutil.which(os.environ.get("CXX", "c++")) is None and shutil.which("g++") is None:
         return "no C++ compiler (c++ / g++) is installed"
+    if torch.version.cuda is not None and cpp_extension.CUDA_HOME is None:
+        return (f"torch is a CUDA build (CUDA {torch.version.cuda}), whose CMake package needs the CUDA toolkit, "
+                f"and none was found (set CUDA_HOME to its directory)")
     return None
 
 
 @pytest.fixture(scope="module")
-def interop_bin():
-    prebuilt = os.environ.get("POM_EXT_INTEROP_BIN")
+def cpp_build():
+    prebuilt = os.environ.get("POM_EXT_CPP_BUILD")
     if prebuilt:
         return prebuilt
     reason = _missing_toolchain()
     if reason:
-        pytest.skip(f"the C++ interop test needs cmake and a C++ compiler: {reason}")
-    configure = ["cmake", "-S", ROOT, "-B", BUILD, "-DCMAKE_BUILD_TYPE=Release", "-DPOM_EXT_BUILD_EXAMPLES=ON",
-                 f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"]
-    if shutil.which("ninja"):
-        configure += ["-G", "Ninja"] if not os.path.exists(os.path.join(BUILD, "CMakeCache.txt")) else []
-    jobs = os.environ.get("MAX_JOBS", "2")
-    for cmd in (configure, ["cmake", "--build", BUILD, "-j", jobs, "--target", "pom_interop"]):
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
-    return os.path.join(BUILD, "examples", "cpp", "pom_interop")
+        pytest.skip(f"the C++ interop tests need cmake and a C++ compiler: {reason}")
+    r = subprocess.run(["bash", os.path.join(ROOT, "tests", "cpp", "build.sh"), BUILD], capture_output=True,
+                       text=True, env={**os.environ, "PYTHON": sys.executable})
+    assert r.returncode == 0, f"tests/cpp/build.sh failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    return BUILD
+
+
+@pytest.fixture(scope="module")
+def interop_bin(cpp_build):
+    return os.path.join(cpp_build, "examples", "pom_interop")
+
+
+def _load(path):
+    # torch::pickle_save tags the dict's type (Dict[str, Tensor]) with restore_type_tag.
+    with torch.serialization.safe_globals([torch.jit._pickle.restore_type_tag]):
+        return torch.load(path)
 
 
 CONFIGS = [
@@ -110,9 +131,7 @@ def _run_cpp(interop_bin, tmp_path, layer, t, cfg):
     torch.save(blob, src)
     r = subprocess.run([interop_bin, str(src), str(dst)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"pom_interop failed:\n{r.stdout}\n{r.stderr}"
-    # torch::pickle_save tags the dict's type (Dict[str, Tensor]) with restore_type_tag.
-    with torch.serialization.safe_globals([torch.jit._pickle.restore_type_tag]):
-        return torch.load(dst)
+    return _load(dst)
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"D{c[0]}K{c[1]}x{c[2]}g{c[3]}G{c[4]}b{int(c[5])}-"
@@ -145,10 +164,12 @@ def test_python_weights_in_cpp(interop_bin, tmp_path, cfg):
         o1, s1 = layer.state_forward(t["x"][:, :3])
         o2, s2 = layer.state_forward(t["x"][:, 3:], state=s1)
     assert_close(out["step"], steps, dtype, "step")
-    assert_close(out["step"], ref["causal"], torch.float32, "step (fp32 state) vs causal forward")
+    # The state's sum has the layer's precision (float64 for a float64 layer).
+    assert out["step_sum"].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close(out["step"], ref["causal"], dtype, "step vs causal forward")
     assert torch.equal(out["step_count"], st.count)
     assert_close(out["chunked"], torch.cat([o1, o2], 1), dtype, "state_forward in chunks")
-    assert_close(out["chunked_sum"], s2.sum, torch.float32, "state sum after chunks")
+    assert_close(out["chunked_sum"], s2.sum, dtype, "state sum after chunks")
 
     # Weights trained in C++ load back into Python (strict) and give C++'s output.
     trained = {k[len("trained."):]: v for k, v in out.items() if k.startswith("trained.")}
@@ -157,3 +178,174 @@ def test_python_weights_in_cpp(interop_bin, tmp_path, cfg):
     assert any(not torch.equal(trained[k], v) for k, v in layer.state_dict().items()), "training changed nothing"
     with torch.no_grad():
         assert_close(out["trained_out"], back(t["x"], mask="causal"), dtype, "output after C++ training")
+
+
+# ---- a TorchScript model trained in C++ ----
+
+class ScriptedModel(nn.Module):
+    """Three PoM layers (causal with gate heads, block-causal with groups and biases, a padding mask) between a
+    linear stem and head: the model of a C++ training stack that loads a model scripted in Python."""
+
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.stem = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.causal = pom_ext.PoM(dim, 2, 2, n_sel_heads=4)
+        self.block = pom_ext.PoM(dim, 3, 2, n_groups=2, bias=True)
+        self.padded = pom_ext.PoM(dim, 2, 2)
+        self.head = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.causal(self.norm(x), mask="causal")
+        x = x + self.block(x, mask="causal", block_size=3)
+        x = x + self.padded(x, mask=pad)
+        return self.head(x)
+
+
+def _scripted_model():
+    torch.manual_seed(0)
+    model = ScriptedModel()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, pom_ext.PoM):
+                m.po_coeff.normal_(0, 0.5)  # far from the tiny init: real polynomials, real gradients
+    g = torch.Generator().manual_seed(1)
+    pad = torch.rand(3, 10, generator=g) > 0.3
+    pad[:, 0] = True
+    data = {"x": torch.randn(3, 10, 16, generator=g), "pad": pad, "target": torch.randn(3, 10, 16, generator=g),
+            "lr": torch.tensor(0.05), "steps": torch.tensor(4)}
+    return model, data
+
+
+@jit_deprecated
+def test_scripted_model_trains_in_cpp(cpp_build, tmp_path):
+    """torch.jit.script + save in Python, torch::jit::load + train() + backward in C++: every parameter's gradient
+    equals Python's (the ops' autograd is registered in libpom_ext, not only by the Python package), a few SGD
+    steps follow Python's losses, and a gradient of a gradient raises in C++ as it does in Python."""
+    model, data = _scripted_model()
+    torch.jit.save(torch.jit.script(model), str(tmp_path / "model.pt"))
+    torch.save(data, tmp_path / "in.pt")
+    exe = os.path.join(cpp_build, "tests", "pom_script_train")
+    r = subprocess.run([exe, str(tmp_path / "model.pt"), str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"pom_script_train failed:\n{r.stdout}\n{r.stderr}"
+    assert "pom_ext" not in r.stderr, f"a warning from pom_ext in the C++ run:\n{r.stderr}"
+    out = _load(tmp_path / "out.pt")
+
+    x, pad, target = data["x"], data["pad"], data["target"]
+    y = model(x, pad)
+    loss = (y - target).pow(2).mean()
+    loss.backward()
+    assert_close(out["out"], y.detach(), torch.float32, "output")
+    for name, p in model.named_parameters():
+        assert f"grad.{name}" in out, f"C++ reported no gradient for {name}"
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} has no gradient in Python"
+        assert_close(out[f"grad.{name}"], p.grad, torch.float32, f"gradient of {name}")
+
+    losses = []
+    for _ in range(int(data["steps"])):
+        model.zero_grad()
+        loss = (model(x, pad) - target).pow(2).mean()
+        loss.backward()
+        losses.append(loss.item())
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= float(data["lr"]) * p.grad
+    assert losses[-1] < losses[0], f"SGD did not lower the loss in Python: {losses}"
+    err = rel_err(out["losses"], torch.tensor(losses, dtype=torch.float64))
+    assert err < 1e-5, f"C++ SGD losses {out['losses'].tolist()} differ from Python's {losses} ({err:.2e})"
+
+    assert int(out["double_backward_raised"]) == 1, "a double backward through the pom_ext ops did not raise in C++"
+    assert "double backward (a gradient of a gradient) is not supported" in r.stdout, r.stdout
+
+
+def test_double_backward_raises_in_python():
+    model, data = _scripted_model()
+    loss = (model(data["x"], data["pad"]) - data["target"]).pow(2).mean()
+    grads = torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
+    with pytest.raises(RuntimeError, match=r"pom_ext::poly_\w+_backward: double backward"):
+        sum(g.pow(2).sum() for g in grads).backward()
+
+
+# ---- an AOTInductor package run in C++ ----
+
+@pytest.mark.skipif(os.environ.get("POM_EXT_SKIP_AOTI") == "1", reason="POM_EXT_SKIP_AOTI=1")
+def test_aoti_package_runs_in_cpp(cpp_build, tmp_path):
+    """A model exported and compiled by AOTInductor in Python runs in a C++ program linked to libpom_ext (the
+    package calls the registered ops), with Python's output."""
+    from torch._inductor import aoti_compile_and_package
+
+    from test_export import _model, _x
+
+    m, x = _model("causal", n_groups=2, n_sel_heads=4), _x()
+    with torch.no_grad():
+        path = aoti_compile_and_package(torch.export.export(m, (x,)), package_path=str(tmp_path / "pom.pt2"))
+        ref = m(x)
+    torch.save({"x": x}, tmp_path / "in.pt")
+    exe = os.path.join(cpp_build, "tests", "pom_aoti_run")
+    r = subprocess.run([exe, path, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, f"pom_aoti_run failed:\n{r.stdout}\n{r.stderr}"
+    assert_close(_load(tmp_path / "out.pt")["out"], ref, torch.float32, "AOTInductor package in C++")
+
+
+# ---- libpom_ext and the Python package in one process ----
+
+_ONE_PROCESS = textwrap.dedent("""
+    import ctypes, math, sys
+    import torch
+    probe_first = sys.argv[2] == "probe-first"
+
+    def load_probe():
+        lib = ctypes.CDLL(sys.argv[1])
+        lib.pom_ext_probe_version.restype = ctypes.c_char_p
+        lib.pom_ext_probe_error.restype = ctypes.c_char_p
+        lib.pom_ext_probe_causal.restype = ctypes.c_double
+        lib.pom_ext_probe_causal.argtypes = [ctypes.c_int64] * 4
+        return lib
+
+    lib = load_probe() if probe_first else None
+    try:
+        import pom_ext
+    except ImportError as e:
+        print("IMPORT-ERROR", e)
+        sys.exit(0)
+    if lib is None:
+        lib = load_probe()
+    print("BUILD", torch.ops.pom_ext.build_info())
+    print("VERSION", lib.pom_ext_probe_version().decode())
+    B, N, E, K = 2, 7, 5, 3
+    cpp = lib.pom_ext_probe_causal(B, N, E, K)
+    assert not math.isnan(cpp), lib.pom_ext_probe_error().decode()
+    h = (torch.arange(B * N * E, dtype=torch.float64) * 0.1).sin().view(B, N, E).requires_grad_()
+    k = torch.arange(K, dtype=torch.float64)
+    coeff = (torch.arange(E, dtype=torch.float64)[:, None] + k).cos() / (k + 1)
+    y = pom_ext.ops.poly_causal(h, coeff)
+    y.sum().backward()
+    py = y.sum().item() + h.grad.sum().item()
+    print("RESULT", cpp, py)
+    assert abs(cpp - py) <= 1e-12 * max(1.0, abs(py)), (cpp, py)
+    print("OK")
+""")
+
+
+@pytest.mark.parametrize("order", ["probe-first", "pom_ext-first"])
+def test_one_process(cpp_build, order, tmp_path):
+    """A C++ library linked to libpom_ext (tests/cpp/probe.cpp) and `import pom_ext` in one process, in either
+    order: the copy loaded second registers nothing (no abort), both run the same ops. Builds that cannot share a
+    process (the CMake library without the CUDA kernels of a CUDA Python build, loaded first) make the import raise
+    an ImportError that names both builds."""
+    probe = os.path.join(cpp_build, "tests", "libpom_ext_probe.so")
+    script = tmp_path / "one_process.py"
+    script.write_text(_ONE_PROCESS)
+    r = subprocess.run([sys.executable, str(script), probe, order], capture_output=True, text=True, timeout=300,
+                       cwd=str(tmp_path))
+    assert r.returncode == 0, f"the process failed (exit {r.returncode}):\n{r.stdout}\n{r.stderr}"
+    python_build = torch.ops.pom_ext.build_info()
+    if order == "probe-first" and python_build.endswith("+cuda"):
+        # tests/cpp/build.sh builds the CMake library without CUDA kernels.
+        assert "IMPORT-ERROR" in r.stdout and python_build in r.stdout, r.stdout
+        return
+    assert "OK" in r.stdout, r.stdout
+    assert f"VERSION {pom_ext.__version__}" in r.stdout, r.stdout

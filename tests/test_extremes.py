@@ -201,3 +201,53 @@ def test_large_block_backward_fp32(cpu_isa, gated):
         grads.append(torch.autograd.grad(y, x, seed.to(x.dtype))[0])
     err = rel_err(grads[0], grads[1])
     assert err < TOL[torch.float32], f"grad h, F={F}: relative error {err:.2e}"
+
+
+KINK_CASES = ["eval", "mean", "weighted", "causal", "block3", "varlen_causal", "state", "gated"]
+
+
+def kink_h(B, N, E, dtype, seed=5):
+    """(B, N, E) where a quarter of the elements sit exactly on each kink of act (-10, 0, 6; exact in every
+    dtype) and the rest are random."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, N, E, generator=g, dtype=torch.float64) * 4
+    pick = torch.randint(0, 4, (B, N, E), generator=g)
+    for i, v in enumerate((-10.0, 0.0, 6.0)):
+        h[pick == i] = v
+    return h.to(dtype)
+
+
+def test_activation_kinks_follow_torch():
+    """act'(u) at its kinks is torch's own: leaky_relu's negative slope at 0, and at the clamp's bounds (-10, 6)
+    whatever the installed torch's clamp gives (1 up to torch 2.13, 0 from 2.14). Degree 1 with coefficient 1
+    makes the kernel's gradient of poly_eval act' itself."""
+    u = torch.tensor([-10.0, -10.0 - 2 ** -20, 0.0, 6.0, 6.0 + 2 ** -20, 3.0, -3.0], dtype=torch.float64)
+    ur = u.clone().requires_grad_()
+    torch.nn.functional.leaky_relu(ur, 0.01).clamp(-0.1, 6.0).sum().backward()
+    for dtype in (torch.float64, torch.float32):
+        uk = u.to(dtype).view(1, -1).requires_grad_()
+        ops.poly_eval(uk, torch.ones(uk.shape[1], 1, dtype=dtype)).sum().backward()
+        assert torch.equal(uk.grad.view(-1).double(), ur.grad.to(dtype).double()), \
+            f"{dtype}: act' at {u.tolist()} is {uk.grad.view(-1).tolist()}, torch's {ur.grad.tolist()}"
+
+
+@pytest.mark.parametrize("case", KINK_CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_kink_gradients_match_reference(cpu_isa, dtype, case):
+    """Every backward kernel at inputs that sit on the kinks (a quarter each at -10, 0 and 6) against the float64
+    reference, whose act is torch's leaky_relu and clamp: one rule on every torch version."""
+    h = kink_h(2, 9, 8, dtype)
+    c = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(6)) * 0.3
+    hk, hr = h.clone().requires_grad_(), h.double().requires_grad_()
+    ck, cr = c.clone().requires_grad_(), c.clone().requires_grad_()
+    if case == "gated":
+        pre = torch.randn(2, 9, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(7)).to(dtype)
+        hsk = torch.cat([hk, pre], -1)
+        got, ref = [ops.poly_causal_gated(hsk, ck)], [R.poly_causal_gated(torch.cat([hr, pre.double()], -1), cr)]
+    else:
+        got, ref = run(case, hk, ck, ops), run(case, hr, cr, R)
+    seeds = [torch.randn(b.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(8)) for b in ref]
+    gk = torch.autograd.grad(got, [hk, ck], [s.to(a.dtype) for s, a in zip(seeds, got)])
+    gr = torch.autograd.grad(ref, [hr, cr], [s.to(a.dtype).double() for s, a in zip(seeds, got)])
+    assert rel_err(gk[0], gr[0]) < TOL[dtype], f"{case}: grad h at the kinks"
+    assert rel_err(gk[1], gr[1]) < TOL[dtype], f"{case}: grad coeff"

@@ -94,7 +94,7 @@ def check(fn, inputs, dtypes, diff, view, gseed, expand_grad=False, what="", flo
             ker_in.append(t)
             continue
         low = t.to(d)
-        r = low.double().requires_grad_(diff[i])
+        r = low.detach().double().requires_grad_(diff[i])
         k = low.detach().clone().requires_grad_(diff[i])
         if diff[i]:
             ref_leaves.append(r)

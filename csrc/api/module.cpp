@@ -3,6 +3,7 @@
 #include "pom_ext/module.h"
 
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
 #include <torch/nn/functional/activation.h>
 #include <torch/nn/functional/linear.h>
 #include <torch/nn/init.h>
@@ -81,6 +82,12 @@ void PoMImpl::check_x(const char* name, const at::Tensor& x, bool packed) const 
               "-D tensor ", layout, " with D = ", options.dim(), ", got shape ", x.sizes());
   TORCH_CHECK(x.is_floating_point(), "pom_ext.PoM: argument '", name, "' must be floating point, got ",
               x.scalar_type());
+  const at::Tensor& param = po_coeff;
+  TORCH_CHECK(x.device() == param.device(), "pom_ext.PoM: argument '", name, "' is on ", x.device(),
+              " but the layer's parameters are on ", param.device(), "; move both to one device");
+  TORCH_CHECK(x.scalar_type() == param.scalar_type() || at::autocast::is_autocast_enabled(x.device().type()),
+              "pom_ext.PoM: argument '", name, "' is ", x.scalar_type(), " but the layer's parameters are ",
+              param.scalar_type(), "; convert one of them (or run under autocast)");
 }
 
 at::Tensor PoMImpl::context(const at::Tensor& xc) {
@@ -146,6 +153,13 @@ at::Tensor PoMImpl::forward(const at::Tensor& xq, const at::Tensor& xc_in, const
     TORCH_CHECK(xq.size(1) == n, "pom_ext.PoM: with mask='causal', argument 'xq' must have as many tokens as 'xc', "
                 "got T = ", xq.size(1), " and N = ", n);
   }
+  if (mask.is_tensor() && mask.tensor().dim() == 3 && !packed) {
+    const at::Tensor& m = mask.tensor();
+    const int64_t B = xq.size(0), T = xq.size(1), N = xc.defined() ? xc.size(1) : T;
+    TORCH_CHECK(m.size(0) == B && m.size(1) == T && m.size(2) == N, "pom_ext.PoM: argument 'mask' must be (B, T, N) "
+                "= (", B, ", ", T, ", ", N, ") for a (B, T, N) mask (T query tokens of 'xq', N context tokens), got "
+                "shape ", m.sizes());
+  }
   auto [h, s] = project(xq, xc);
   if (!packed && (mask.is_none() || (mask.is_tensor() && mask.tensor().dim() == 2)))
     return out_shared(s, aggregate(h, po_coeff, mask).select(1, 0));
@@ -158,8 +172,13 @@ at::Tensor PoMImpl::forward(const at::Tensor& xq, const at::Tensor& xc_in, const
   return ag_proj->forward(select(s, H, options.n_sel_heads()));
 }
 
-PoMState PoMImpl::allocate_state(int64_t batch_size, std::optional<at::Device> device) const {
-  return PoMState::allocate(batch_size, state_width_, device.value_or(po_coeff.device()));
+PoMState PoMImpl::allocate_state(int64_t batch_size, std::optional<at::Device> device,
+                                 std::optional<at::ScalarType> dtype) const {
+  TORCH_CHECK(batch_size >= 0, "pom_ext.PoM: argument 'batch_size' must be >= 0, got ", batch_size);
+  const at::ScalarType sum_dtype = dtype.value_or(po_coeff.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  TORCH_CHECK(sum_dtype == at::kFloat || sum_dtype == at::kDouble,
+              "pom_ext.PoM: argument 'dtype' of the state must be float32 or float64, got ", sum_dtype);
+  return PoMState::allocate(batch_size, state_width_, device.value_or(po_coeff.device()), sum_dtype);
 }
 
 namespace {
@@ -176,6 +195,11 @@ void check_state(const PoMState& st, int64_t B, int64_t E, const at::Tensor& x) 
               st.count.sizes(), ", ", st.count.scalar_type());
   TORCH_CHECK(st.sum.device() == x.device() && st.count.device() == x.device(), "pom_ext.PoM: the state must be on ",
               x.device(), " like the input, got ", st.sum.device());
+  // Counts are read where that costs no device synchronization.
+  if (st.count.device().is_cpu()) {
+    TORCH_CHECK(!(st.count < 0).any().item<bool>(), "pom_ext.PoM: the state count must be >= 0, got ",
+                st.count.min().item<int64_t>());
+  }
 }
 
 }  // namespace

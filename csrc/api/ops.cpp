@@ -1,13 +1,15 @@
-// C++ entry points of the pom_ext ops: dispatcher calls (whichever backend the inputs
-// live on), their autograd (the formulas of pom_ext/ops.py, backward passes being ops
-// too), aggregation by mask and selection (the formulas of pom_ext/functional.py).
+// C++ entry points of the pom_ext ops: dispatcher calls (whichever backend the inputs live on; autograd is
+// registered with the dispatcher, csrc/api/autograd.cpp), aggregation by mask and selection (the formulas of
+// pom_ext/functional.py).
 #include "pom_ext/ops.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
-#include <torch/autograd.h>
 
+#include <sstream>
+
+#include "pom_ext/library.h"
 #include "pom_ext/version.h"
 
 namespace pom_ext {
@@ -16,181 +18,144 @@ using ops::OptTensor;
 using T2 = std::tuple<at::Tensor, at::Tensor>;
 using T3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
-namespace {
-
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
-
-}  // namespace
-
 const char* ensure_registered() {
-  static const bool found = [] {
-    for (const char* name : {"pom_ext::poly_eval", "pom_ext::poly_mean", "pom_ext::poly_causal",
-                             "pom_ext::poly_state_update", "pom_ext::poly_state_step_"}) {
-      TORCH_CHECK(c10::Dispatcher::singleton().findSchema({name, ""}).has_value(), "pom_ext: the op ", name,
-                  " is not registered; the library libpom_ext was not loaded (link it with --no-as-needed, "
-                  "or use the CMake target pom_ext::pom_ext which does)");
-    }
-    return true;
-  }();
-  (void)found;
+  TORCH_CHECK(detail::registration_error().empty(), detail::registration_error());
+  TORCH_CHECK(c10::Dispatcher::singleton().findSchema({"pom_ext::build_info", ""}).has_value(),
+              "pom_ext: the pom_ext ops are not registered; the library libpom_ext was not loaded (link it through "
+              "the CMake target pom_ext::pom_ext, which keeps it linked)");
   return POM_EXT_VERSION;
 }
 
-// ---- dispatcher calls ----
+std::string cpu_isa() {
+  static const auto op = detail::op_handle<std::string()>("pom_ext::cpu_isa");
+  return op.call();
+}
+
+namespace {
+
+// The op through the dispatcher, with autograd (differentiable) or below it (no autograd: the ops:: functions).
+template <bool kAutograd, typename Sig, typename... Args>
+auto call(const c10::TypedOperatorHandle<Sig>& op, Args&&... args) {
+  if constexpr (kAutograd) {
+    return op.call(std::forward<Args>(args)...);
+  } else {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(std::forward<Args>(args)...);
+  }
+}
+
+using EvalSig = at::Tensor(const at::Tensor&, const at::Tensor&);
+using EvalBwdSig = T2(const at::Tensor&, const at::Tensor&, const at::Tensor&);
+using MeanSig = at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&);
+using MeanBwdSig = T3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
+                      const OptTensor&, bool);
+using CausalSig = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const OptTensor&);
+using CausalBwdSig = T2(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, const OptTensor&);
+using GatedSig = at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, int64_t, const OptTensor&);
+using GatedBwdSig = T3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, int64_t,
+                       const OptTensor&);
+using StateSig = T3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&);
+using StateBwdSig = T3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&);
+using StepSig = at::Tensor(const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&);
+
+#define POM_HANDLE(fn, Sig, name)                                                \
+  const c10::TypedOperatorHandle<Sig>& fn() {                                    \
+    static const auto h = detail::op_handle<Sig>("pom_ext::" name);             \
+    return h;                                                                    \
+  }
+POM_HANDLE(eval_op, EvalSig, "poly_eval")
+POM_HANDLE(eval_bwd_op, EvalBwdSig, "poly_eval_backward")
+POM_HANDLE(mean_op, MeanSig, "poly_mean")
+POM_HANDLE(mean_bwd_op, MeanBwdSig, "poly_mean_backward")
+POM_HANDLE(causal_op, CausalSig, "poly_causal")
+POM_HANDLE(causal_bwd_op, CausalBwdSig, "poly_causal_backward")
+POM_HANDLE(gated_op, GatedSig, "poly_causal_gated")
+POM_HANDLE(gated_bwd_op, GatedBwdSig, "poly_causal_gated_backward")
+POM_HANDLE(state_op, StateSig, "poly_state_update")
+POM_HANDLE(state_bwd_op, StateBwdSig, "poly_state_update_backward")
+POM_HANDLE(step_op, StepSig, "poly_state_step_")
+#undef POM_HANDLE
+
+}  // namespace
+
+// ---- without autograd ----
 
 namespace ops {
 
-at::Tensor poly_eval(const at::Tensor& h, const at::Tensor& coeff) {
-  static auto o = op<at::Tensor(const at::Tensor&, const at::Tensor&)>("pom_ext::poly_eval");
-  return o.call(h, coeff);
-}
+at::Tensor poly_eval(const at::Tensor& h, const at::Tensor& coeff) { return call<false>(eval_op(), h, coeff); }
 
 T2 poly_eval_backward(const at::Tensor& grad_p, const at::Tensor& h, const at::Tensor& coeff) {
-  static auto o = op<T2(const at::Tensor&, const at::Tensor&, const at::Tensor&)>("pom_ext::poly_eval_backward");
-  return o.call(grad_p, h, coeff);
+  return call<false>(eval_bwd_op(), grad_p, h, coeff);
 }
 
 at::Tensor poly_mean(const at::Tensor& h, const at::Tensor& coeff, const OptTensor& weight,
                      const OptTensor& cu_seqlens) {
-  static auto o = op<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&)>(
-      "pom_ext::poly_mean");
-  return o.call(h, coeff, weight, cu_seqlens);
+  return call<false>(mean_op(), h, coeff, weight, cu_seqlens);
 }
 
 T3 poly_mean_backward(const at::Tensor& grad_H, const at::Tensor& H, const at::Tensor& h, const at::Tensor& coeff,
                       const OptTensor& weight, const OptTensor& cu_seqlens, bool weight_grad) {
-  static auto o = op<T3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                        const OptTensor&, const OptTensor&, bool)>("pom_ext::poly_mean_backward");
-  return o.call(grad_H, H, h, coeff, weight, cu_seqlens, weight_grad);
+  return call<false>(mean_bwd_op(), grad_H, H, h, coeff, weight, cu_seqlens, weight_grad);
 }
 
 at::Tensor poly_causal(const at::Tensor& h, const at::Tensor& coeff, int64_t block_size,
                        const OptTensor& cu_seqlens) {
-  static auto o =
-      op<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const OptTensor&)>("pom_ext::poly_causal");
-  return o.call(h, coeff, block_size, cu_seqlens);
+  return call<false>(causal_op(), h, coeff, block_size, cu_seqlens);
 }
 
 T2 poly_causal_backward(const at::Tensor& grad_H, const at::Tensor& h, const at::Tensor& coeff, int64_t block_size,
                         const OptTensor& cu_seqlens) {
-  static auto o = op<T2(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, const OptTensor&)>(
-      "pom_ext::poly_causal_backward");
-  return o.call(grad_H, h, coeff, block_size, cu_seqlens);
+  return call<false>(causal_bwd_op(), grad_H, h, coeff, block_size, cu_seqlens);
+}
+
+at::Tensor poly_causal_gated(const at::Tensor& hs, const at::Tensor& coeff, const OptTensor& gate_bias,
+                             int64_t block_size, const OptTensor& cu_seqlens) {
+  return call<false>(gated_op(), hs, coeff, gate_bias, block_size, cu_seqlens);
+}
+
+T3 poly_causal_gated_backward(const at::Tensor& grad_y, const at::Tensor& hs, const at::Tensor& coeff,
+                              const OptTensor& gate_bias, int64_t block_size, const OptTensor& cu_seqlens) {
+  return call<false>(gated_bwd_op(), grad_y, hs, coeff, gate_bias, block_size, cu_seqlens);
 }
 
 T3 poly_state_update(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& state_sum,
                      const at::Tensor& count) {
-  static auto o = op<T3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
-      "pom_ext::poly_state_update");
-  return o.call(h, coeff, state_sum, count);
+  return call<false>(state_op(), h, coeff, state_sum, count);
 }
 
 T3 poly_state_update_backward(const at::Tensor& grad_H, const at::Tensor& grad_state_sum, const at::Tensor& h,
                               const at::Tensor& coeff, const at::Tensor& count) {
-  static auto o = op<T3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                        const at::Tensor&)>("pom_ext::poly_state_update_backward");
-  return o.call(grad_H, grad_state_sum, h, coeff, count);
+  return call<false>(state_bwd_op(), grad_H, grad_state_sum, h, coeff, count);
 }
 
 at::Tensor poly_state_step_(const at::Tensor& h, const at::Tensor& coeff, at::Tensor& state_sum, at::Tensor& count) {
-  static auto o =
-      op<at::Tensor(const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&)>("pom_ext::poly_state_step_");
-  return o.call(h, coeff, state_sum, count);
+  return call<false>(step_op(), h, coeff, state_sum, count);
 }
 
 }  // namespace ops
 
-// ---- autograd ----
+// ---- differentiable ----
 
-namespace {
-
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-
-at::Tensor or_undefined(const OptTensor& t) { return t.has_value() ? *t : at::Tensor(); }
-OptTensor as_opt(const at::Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); }
-
-struct PolyEvalFn : torch::autograd::Function<PolyEvalFn> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& coeff) {
-    ctx->save_for_backward({h, coeff});
-    return ops::poly_eval(h, coeff);
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    auto saved = ctx->get_saved_variables();
-    auto [gh, gc] = ops::poly_eval_backward(grads[0], saved[0], saved[1]);
-    return {gh, gc};
-  }
-};
-
-struct PolyMeanFn : torch::autograd::Function<PolyMeanFn> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& coeff,
-                            const OptTensor& weight, const OptTensor& cu_seqlens) {
-    at::Tensor H = ops::poly_mean(h, coeff, weight, cu_seqlens);
-    ctx->save_for_backward({h, coeff, or_undefined(weight), or_undefined(cu_seqlens), H});
-    return H;
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    auto saved = ctx->get_saved_variables();
-    const at::Tensor& weight = saved[2];
-    const bool weight_grad = weight.defined() && ctx->needs_input_grad(2);
-    auto [gh, gc, gw] = ops::poly_mean_backward(grads[0], saved[4], saved[0], saved[1], as_opt(weight),
-                                                as_opt(saved[3]), weight_grad);
-    return {gh, gc, weight_grad ? gw : at::Tensor(), at::Tensor()};
-  }
-};
-
-struct PolyCausalFn : torch::autograd::Function<PolyCausalFn> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& coeff, int64_t block_size,
-                            const OptTensor& cu_seqlens) {
-    ctx->saved_data["block_size"] = block_size;
-    ctx->save_for_backward({h, coeff, or_undefined(cu_seqlens)});
-    return ops::poly_causal(h, coeff, block_size, cu_seqlens);
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    auto saved = ctx->get_saved_variables();
-    auto [gh, gc] = ops::poly_causal_backward(grads[0], saved[0], saved[1], ctx->saved_data["block_size"].toInt(),
-                                              as_opt(saved[2]));
-    return {gh, gc, at::Tensor(), at::Tensor()};
-  }
-};
-
-struct PolyStateUpdateFn : torch::autograd::Function<PolyStateUpdateFn> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& coeff,
-                               const at::Tensor& state_sum, const at::Tensor& count) {
-    auto [H, new_sum, new_count] = ops::poly_state_update(h, coeff, state_sum, count);
-    ctx->save_for_backward({h, coeff, count});
-    ctx->mark_non_differentiable({new_count});
-    return {H, new_sum, new_count};
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    auto saved = ctx->get_saved_variables();
-    // Gradients of unused outputs arrive as zeros (materialized grads).
-    auto [gh, gc, gs] = ops::poly_state_update_backward(grads[0], grads[1], saved[0], saved[1], saved[2]);
-    return {gh, gc, gs, at::Tensor()};
-  }
-};
-
-}  // namespace
-
-at::Tensor poly_eval(const at::Tensor& h, const at::Tensor& coeff) { return PolyEvalFn::apply(h, coeff); }
+at::Tensor poly_eval(const at::Tensor& h, const at::Tensor& coeff) { return call<true>(eval_op(), h, coeff); }
 
 at::Tensor poly_mean(const at::Tensor& h, const at::Tensor& coeff, const OptTensor& weight,
                      const OptTensor& cu_seqlens) {
-  return PolyMeanFn::apply(h, coeff, weight, cu_seqlens);
+  return call<true>(mean_op(), h, coeff, weight, cu_seqlens);
 }
 
 at::Tensor poly_causal(const at::Tensor& h, const at::Tensor& coeff, int64_t block_size,
                        const OptTensor& cu_seqlens) {
-  return PolyCausalFn::apply(h, coeff, block_size, cu_seqlens);
+  return call<true>(causal_op(), h, coeff, block_size, cu_seqlens);
+}
+
+at::Tensor poly_causal_gated(const at::Tensor& hs, const at::Tensor& coeff, const OptTensor& gate_bias,
+                             int64_t block_size, const OptTensor& cu_seqlens) {
+  return call<true>(gated_op(), hs, coeff, gate_bias, block_size, cu_seqlens);
 }
 
 T3 poly_state_update(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& state_sum,
                      const at::Tensor& count) {
-  auto out = PolyStateUpdateFn::apply(h, coeff, state_sum, count);
-  return {out[0], out[1], out[2]};
+  return call<true>(state_op(), h, coeff, state_sum, count);
 }
 
 // ---- masks, aggregation, selection ----
@@ -222,6 +187,23 @@ std::string Mask::repr() const {
 
 namespace {
 
+// The offsets on one line: all of them up to 8, else the first 4 and the last 2.
+std::string offsets_repr(const at::Tensor& c) {
+  const int64_t n = c.numel();
+  const int64_t* v = c.data_ptr<int64_t>();
+  std::ostringstream os;
+  os << "[";
+  for (int64_t i = 0; i < n; ++i) {
+    if (n > 8 && i == 4) {
+      os << ", ...";
+      i = n - 2;
+    }
+    os << (i ? ", " : "") << v[i];
+  }
+  os << "] (" << n << " offsets)";
+  return os.str();
+}
+
 void check_cu_seqlens(const at::Tensor& cu, int64_t total, const at::Tensor& h) {
   TORCH_CHECK(cu.dim() == 1 && cu.size(0) >= 2, "pom_ext: argument 'cu_seqlens' must be a 1-D tensor (B + 1,) of "
               "offsets, got shape ", cu.sizes());
@@ -235,7 +217,7 @@ void check_cu_seqlens(const at::Tensor& cu, int64_t total, const at::Tensor& h) 
     bool ok = v[0] == 0 && v[c.numel() - 1] == total;
     for (int64_t i = 1; i < c.numel(); ++i) ok = ok && v[i] >= v[i - 1];
     TORCH_CHECK(ok, "pom_ext: argument 'cu_seqlens' must hold non-decreasing offsets from 0 to ", total,
-                " (the number of packed tokens), got ", c);
+                " (the number of packed tokens), got ", offsets_repr(c));
   }
 }
 

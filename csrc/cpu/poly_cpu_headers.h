@@ -13,6 +13,7 @@
 
 #include "pom_ext/checks.h"
 #include "pom_ext/dispatch.h"
+#include "pom_ext/library.h"
 #include "pom_ext/poly_math.h"
 #include "pom_ext/state_grad.h"
 #include "output_pool.h"

@@ -153,13 +153,13 @@ inline void scan_row(const acc_t* __restrict x, acc_t* __restrict run, acc_t* __
 template <int K, bool G_IN_F, bool WANT_P, typename acc_t>
 inline void poly_row_backward(const acc_t* __restrict x, const acc_t* __restrict g, acc_t s, acc_t* __restrict gx,
                               acc_t* __restrict f, acc_t* __restrict p, const acc_t* __restrict cT, int64_t E,
-                              int64_t e0, int64_t n, int deg) {
+                              int64_t e0, int64_t n, int deg, math::ActGrad<acc_t> ag) {
   for (int64_t e = 0; e < n; ++e) {
     const acc_t u = x[e];
     const acc_t a = math::act(u);
     acc_t pv, dp;
     math::poly_and_slope<K>(a, cT + e0 + e, E, deg, pv, dp);
-    gx[e] = g[e] * s * math::act_grad(u) * dp;
+    gx[e] = g[e] * s * ag(u) * dp;
     acc_t pw = G_IN_F ? g[e] * s : s;
     POM_UNROLL
     for (int k = 0; k < math::degree_of<K>(deg); ++k) {
@@ -179,7 +179,7 @@ template <int K, bool GATED, int R, typename acc_t>
 inline void scan_rows_backward(const acc_t* const* x, const acc_t* const* g, const acc_t* const* s,
                                const acc_t* inv, acc_t* __restrict run, acc_t* __restrict comp, acc_t* const* gx,
                                acc_t* __restrict f, const acc_t* __restrict cT, int64_t E, int64_t e0, int64_t n,
-                               int deg) {
+                               int deg, math::ActGrad<acc_t> ag) {
 #pragma GCC ivdep
   for (int64_t e = 0; e < n; ++e) {
     acc_t r = run[e], c = comp[e];
@@ -193,7 +193,7 @@ inline void scan_rows_backward(const acc_t* const* x, const acc_t* const* g, con
       a[i] = math::act(u);
       acc_t pv, dp;
       math::poly_and_slope<K>(a[i], cT + e0 + e, E, deg, pv, dp);
-      gx[i][e] = gb[i] * math::act_grad(u) * dp;
+      gx[i][e] = gb[i] * ag(u) * dp;
     }
     run[e] = r;
     comp[e] = c;
@@ -269,6 +269,7 @@ template <typename scalar_t, int K>
 void eval_backward(const at::Tensor& g2, const at::Tensor& h2, const std::vector<at::opmath_type<scalar_t>>& cT,
                    int deg, at::Tensor& gh, std::vector<double>& part, int64_t chunks) {
   using acc_t = at::opmath_type<scalar_t>;
+  const math::ActGrad<acc_t> ag = math::act_grad_rule<acc_t>();
   const int64_t M = h2.size(0), E = h2.size(1);
   const int64_t R = ceil_div(M, chunks);
   const scalar_t* hp = h2.data_ptr<scalar_t>();
@@ -284,7 +285,8 @@ void eval_backward(const at::Tensor& g2, const at::Tensor& h2, const std::vector
         const acc_t* xr = in_row(hp + m * h2.stride(0), h2.stride(1), E, x.data());
         const acc_t* gr = in_row(gp + m * g2.stride(0), g2.stride(1), E, g.data());
         acc_t* gxr = out_row(ghp + m * E, gx.data());
-        poly_row_backward<K, true, false, acc_t>(xr, gr, acc_t(1), gxr, f.data(), nullptr, cT.data(), E, 0, E, deg);
+        poly_row_backward<K, true, false, acc_t>(xr, gr, acc_t(1), gxr, f.data(), nullptr, cT.data(), E, 0, E, deg,
+                                                 ag);
         commit_row(ghp + m * E, E, gxr);
         if ((m - c * R + 1) % kFlushRows == 0) flush(f.data(), d, deg * E);
       }
@@ -385,6 +387,7 @@ void mean_backward(const scalar_t* h, const Rows& hr, int64_t E, const std::vect
                    const std::vector<at::opmath_type<scalar_t>>& gdotH, scalar_t* gh, const Rows& ghr,
                    at::opmath_type<scalar_t>* gw, std::vector<double>& part) {
   using acc_t = at::opmath_type<scalar_t>;
+  const math::ActGrad<acc_t> ag = math::act_grad_rule<acc_t>();
   part.assign(chunks.size() * deg * E, 0.0);
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
     std::vector<acc_t> x(E), gx(E), p(E), f(static_cast<size_t>(deg) * E);
@@ -405,9 +408,11 @@ void mean_backward(const scalar_t* h, const Rows& hr, int64_t E, const std::vect
         const acc_t* xr = in_row(h + hr.off(ch.b, n), hr.sE, E, x.data());
         acc_t* gxr = out_row(gh + ghr.off(ch.b, n), gx.data());
         if (gw) {
-          poly_row_backward<K, false, true, acc_t>(xr, g, wn, gxr, f.data(), p.data(), cT.data(), E, 0, E, deg);
+          poly_row_backward<K, false, true, acc_t>(xr, g, wn, gxr, f.data(), p.data(), cT.data(), E, 0, E, deg,
+                                                   ag);
         } else {
-          poly_row_backward<K, false, false, acc_t>(xr, g, wn, gxr, f.data(), nullptr, cT.data(), E, 0, E, deg);
+          poly_row_backward<K, false, false, acc_t>(xr, g, wn, gxr, f.data(), nullptr, cT.data(), E, 0, E, deg,
+                                                    ag);
         }
         commit_row(gh + ghr.off(ch.b, n), E, gxr);
         if (gw) {
@@ -823,6 +828,7 @@ void causal_backward(const scalar_t* g, const Rows& gr, const scalar_t* h, const
                      const std::vector<ScanTask>& tasks, const Gate<scalar_t>* gate, scalar_t* gh, const Rows& ghr,
                      std::vector<double>& part) {
   using acc_t = at::opmath_type<scalar_t>;
+  const math::ActGrad<acc_t> ag = math::act_grad_rule<acc_t>();
   const int64_t nt = static_cast<int64_t>(tasks.size());
   const int64_t W = max_width(tasks);
   // Sum of the block's (gated) gradient rows, divided by the block's end.
@@ -906,10 +912,10 @@ void causal_backward(const scalar_t* g, const Rows& gr, const scalar_t* h, const
           }
           if (gate) {
             scan_rows_backward<K, true, R>(xr, gv, sv, inv, acc, comp, gxr, f.data(), cT.data(), E, t.e0, t.width,
-                                           deg);
+                                           deg, ag);
           } else {
             scan_rows_backward<K, false, R>(xr, gv, sv, inv, acc, comp, gxr, f.data(), cT.data(), E, t.e0,
-                                            t.width, deg);
+                                            t.width, deg, ag);
           }
           for (int r = 0; r < R; ++r) commit_row(gh + ghr.off(t.b, n - r) + t.e0, t.width, gxr[r]);
           rows += R;
@@ -935,7 +941,8 @@ void causal_backward(const scalar_t* g, const Rows& gr, const scalar_t* h, const
         for (int64_t n = blk; n < bend; ++n) {
           acc_t* gxr = out_row(gh + ghr.off(t.b, n) + t.e0, gx);
           poly_row_backward<K, true, false, acc_t>(in_row(h + hr.off(t.b, n) + t.e0 * hr.sE, hr.sE, t.width, x), gb,
-                                                   acc_t(1), gxr, f.data(), nullptr, cT.data(), E, t.e0, t.width, deg);
+                                                   acc_t(1), gxr, f.data(), nullptr, cT.data(), E, t.e0, t.width, deg,
+                                                   ag);
           commit_row(gh + ghr.off(t.b, n) + t.e0, t.width, gxr);
           if (++rows % kFlushRows == 0) flush(f.data(), d, deg * t.width);
         }

@@ -1,6 +1,6 @@
-// Registers the CPU kernels, choosing per call the best build this CPU runs: AVX-512, AVX2 or the baseline.
+// The CPU kernels, choosing per call the best build this CPU runs: AVX-512, AVX2 or the baseline.
 // POM_EXT_CPU_ISA=base|avx2|avx512 caps the choice (the tests run every build this machine has), and the op
-// pom_ext::cpu_isa() names the build that calls take now.
+// pom_ext::cpu_isa() names the build that calls take now. Registered by csrc/registration.cpp.
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -9,6 +9,7 @@
 #include <cstring>
 #include <string>
 
+#include "pom_ext/library.h"
 #include "poly_cpu.h"
 
 namespace pom_ext {
@@ -46,8 +47,6 @@ Isa pick() {
   TORCH_CHECK(false, "POM_EXT_CPU_ISA must be one of base, avx2, avx512 (or unset for the best this CPU runs), got '",
               want, "'");
 }
-
-std::string cpu_isa() { return kIsaNames[static_cast<int>(pick())]; }
 
 #ifdef POM_CPU_HAVE_AVX2
 #define POM_CPU_PICK(fn, ...)                                     \
@@ -105,25 +104,17 @@ at::Tensor state_step(const at::Tensor& h, const at::Tensor& c, at::Tensor& s, a
 }
 
 }  // namespace
+}  // namespace cpu
 
-TORCH_LIBRARY_FRAGMENT(pom_ext, m) {
-  // Which CPU build the kernels run: "base", "avx2" or "avx512".
-  m.def("cpu_isa() -> str", &cpu_isa);
-}
+namespace detail {
 
-TORCH_LIBRARY_IMPL(pom_ext, CPU, m) {
-  m.impl("poly_eval", &eval);
-  m.impl("poly_eval_backward", &eval_bwd);
-  m.impl("poly_mean", &mean);
-  m.impl("poly_mean_backward", &mean_bwd);
-  m.impl("poly_causal", &causal);
-  m.impl("poly_causal_backward", &causal_bwd);
-  m.impl("poly_causal_gated", &causal_gated);
-  m.impl("poly_causal_gated_backward", &causal_gated_bwd);
-  m.impl("poly_state_update", &state_update);
-  m.impl("poly_state_update_backward", &state_update_bwd);
+std::string cpu_isa() { return cpu::kIsaNames[static_cast<int>(cpu::pick())]; }
+
+void register_cpu(torch::Library& m) {
+  using namespace cpu;
+  POM_EXT_IMPL_OPS(m);
   m.impl("poly_state_step_", &state_step);
 }
 
-}  // namespace cpu
+}  // namespace detail
 }  // namespace pom_ext

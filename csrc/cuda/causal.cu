@@ -309,7 +309,7 @@ __global__ void __launch_bounds__(128)
         const acc_t a = math::act(x[j]);
         acc_t p, dp;
         cc.poly_and_slope(j, a, p, dp);
-        gx[j] = gb[j] * math::act_grad(x[j]) * dp;
+        gx[j] = gb[j] * ca.act_grad(x[j]) * dp;
         f.add_powers(j, gb[j], a);
       }
       store_row<V>(gh + L.off(ghs, b, n), e0, ghs.e, nv, vout, gx);
@@ -669,12 +669,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_causal_gated_backward_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pom_ext, CUDA, m) {
-  m.impl("poly_causal", &poly_causal_cuda);
-  m.impl("poly_causal_backward", &poly_causal_backward_cuda);
-  m.impl("poly_causal_gated", &poly_causal_gated_cuda);
-  m.impl("poly_causal_gated_backward", &poly_causal_gated_backward_cuda);
+}  // namespace cuda
+
+namespace detail {
+
+void register_cuda_causal(torch::Library& m) {
+  m.impl("poly_causal", &cuda::poly_causal_cuda);
+  m.impl("poly_causal_backward", &cuda::poly_causal_backward_cuda);
+  m.impl("poly_causal_gated", &cuda::poly_causal_gated_cuda);
+  m.impl("poly_causal_gated_backward", &cuda::poly_causal_gated_backward_cuda);
 }
 
-}  // namespace cuda
+}  // namespace detail
 }  // namespace pom_ext

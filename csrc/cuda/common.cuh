@@ -27,6 +27,7 @@
 
 #include "pom_ext/checks.h"
 #include "pom_ext/dispatch.h"
+#include "pom_ext/library.h"
 #include "pom_ext/poly_math.h"
 
 namespace pom_ext {
@@ -130,6 +131,7 @@ struct CoeffArg {
   const acc_t* tab = nullptr;
   int64_t E = 0;
   int deg = 0;
+  math::ActGrad<acc_t> act_grad;  // the activation's derivative under the installed torch's rule
 
   __device__ __forceinline__ acc_t get(int64_t e, int k) const {
     const int64_t i = e * s_e + k * s_k;
@@ -153,6 +155,7 @@ CoeffArg<acc_t> coeff_arg(const at::Tensor& coeff, at::Tensor& keep) {
   a.dtype = t == at::kFloat ? 0 : t == at::kDouble ? 1 : t == at::kHalf ? 2 : 3;
   a.E = coeff.size(0);
   a.deg = static_cast<int>(coeff.size(1));
+  a.act_grad = math::act_grad_rule<acc_t>();
   if (a.deg > 4) {
     keep = coeff.to(c10::CppTypeToScalarType<acc_t>::value).t().contiguous();
     a.tab = keep.data_ptr<acc_t>();

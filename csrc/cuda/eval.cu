@@ -62,7 +62,7 @@ __global__ void __launch_bounds__(256)
       const acc_t a = math::act(x[j]);
       acc_t p, dp;
       cc.poly_and_slope(j, a, p, dp);
-      gx[j] = gv[j] * math::act_grad(x[j]) * dp;
+      gx[j] = gv[j] * ca.act_grad(x[j]) * dp;
       f.add_powers(j, gv[j], a);
     }
     store_row<V>(gh + m * E, e0, 1, nv, vout, gx);
@@ -152,10 +152,14 @@ std::tuple<at::Tensor, at::Tensor> poly_eval_backward_cuda(const at::Tensor& gra
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pom_ext, CUDA, m) {
-  m.impl("poly_eval", &poly_eval_cuda);
-  m.impl("poly_eval_backward", &poly_eval_backward_cuda);
+}  // namespace cuda
+
+namespace detail {
+
+void register_cuda_eval(torch::Library& m) {
+  m.impl("poly_eval", &cuda::poly_eval_cuda);
+  m.impl("poly_eval_backward", &cuda::poly_eval_backward_cuda);
 }
 
-}  // namespace cuda
+}  // namespace detail
 }  // namespace pom_ext

@@ -110,7 +110,7 @@ __global__ void __launch_bounds__(256)
       acc_t p, dp;
       cc.poly_and_slope(j, a, p, dp);
       const acc_t gs = g[j] * wn;
-      gx[j] = gs * math::act_grad(x[j]) * dp;
+      gx[j] = gs * ca.act_grad(x[j]) * dp;
       f.add_powers(j, gs, a);
     }
     store_row<V>(gh + L.off(ghs, b, n), e0, ghs.e, nv, vout, gx);
@@ -358,10 +358,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_mean_backward_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pom_ext, CUDA, m) {
-  m.impl("poly_mean", &poly_mean_cuda);
-  m.impl("poly_mean_backward", &poly_mean_backward_cuda);
+}  // namespace cuda
+
+namespace detail {
+
+void register_cuda_mean(torch::Library& m) {
+  m.impl("poly_mean", &cuda::poly_mean_cuda);
+  m.impl("poly_mean_backward", &cuda::poly_mean_backward_cuda);
 }
 
-}  // namespace cuda
+}  // namespace detail
 }  // namespace pom_ext

@@ -157,11 +157,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_state_update_backward_cuda(c
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pom_ext, CUDA, m) {
-  m.impl("poly_state_update", &poly_state_update_cuda);
-  m.impl("poly_state_update_backward", &poly_state_update_backward_cuda);
-  m.impl("poly_state_step_", &poly_state_step_cuda);
+}  // namespace cuda
+
+namespace detail {
+
+void register_cuda_state(torch::Library& m) {
+  m.impl("poly_state_update", &cuda::poly_state_update_cuda);
+  m.impl("poly_state_update_backward", &cuda::poly_state_update_backward_cuda);
+  m.impl("poly_state_step_", &cuda::poly_state_step_cuda);
 }
 
-}  // namespace cuda
+}  // namespace detail
 }  // namespace pom_ext

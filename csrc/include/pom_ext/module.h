@@ -36,7 +36,7 @@ struct POM_EXT_API PoMOptions {
   TORCH_ARG(bool, bias) = false;
 };
 
-// Recurrent state of one layer: running sum (B, E) fp32 and token count (B,) int64.
+// Recurrent state of one layer: running sum (B, E) fp32 (fp64 for a float64 layer) and token count (B,) int64.
 struct POM_EXT_API PoMState {
   at::Tensor sum;
   at::Tensor count;
@@ -69,12 +69,16 @@ class POM_EXT_API PoMImpl : public torch::nn::Cloneable<PoMImpl> {
   // (h (B, N, E), s (B, T, S)): the context projection and the gate hardsigmoid(.).
   std::tuple<at::Tensor, at::Tensor> project(const at::Tensor& xq, const at::Tensor& xc = {});
 
-  // A zero state for step(), on the layer's device unless given.
-  PoMState allocate_state(int64_t batch_size, std::optional<at::Device> device = std::nullopt) const;
+  // A zero state for step(), on the layer's device unless given; its sum is float64 for a float64 layer, else
+  // float32, unless a dtype is given.
+  PoMState allocate_state(int64_t batch_size, std::optional<at::Device> device = std::nullopt,
+                          std::optional<at::ScalarType> dtype = std::nullopt) const;
 
   // Appends a chunk (every token sees the state including the whole chunk) and reads it;
   // the state is not modified, autograd flows through it. Returns (out (B, T, D), new state).
-  std::tuple<at::Tensor, PoMState> state_forward(const at::Tensor& xq, const at::Tensor& xc, const PoMState& state);
+  // An empty state (the default) starts from nothing; xc undefined: self-mixing.
+  std::tuple<at::Tensor, PoMState> state_forward(const at::Tensor& xq, const at::Tensor& xc = {},
+                                                 const PoMState& state = {});
 
   // Decoding: x (B, T, D) (usually T = 1) appended to `state`, updated in place (without
   // autograd; when gradients are recorded the state's tensors are replaced instead).

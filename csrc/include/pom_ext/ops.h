@@ -1,13 +1,14 @@
 // The pom_ext ops as C++ functions (SPEC §1.2-1.5, §2).
 //
-//   pom_ext::ops::*  call the registered op through the dispatcher (CPU or CUDA kernel,
-//                    whichever the inputs live on); no autograd.
-//   pom_ext::*       the differentiable forms (torch::autograd::Function calling the
-//                    *_backward ops), usable for C++ training without Python.
+//   pom_ext::ops::*  call the registered op through the dispatcher (CPU, CUDA or Meta kernel,
+//                    whichever device the inputs live on), below autograd: no gradient.
+//   pom_ext::*       the same ops with autograd (registered with the dispatcher, so a
+//                    TorchScript or exported model that calls them trains in C++ too);
+//                    their backward is not differentiable (double backward raises).
 //
 // Shapes: h (B, N, E) dense or (total, E) packed with cu_seqlens (B + 1,) int32/int64;
-// coeff (E, K); weight (B, N) bool/float (or (total,) packed); state_sum (B, E) fp32,
-// count (B,) int64.
+// coeff (E, K); weight (B, N) bool/float (or (total,) packed); state_sum (B, E) fp32
+// (fp64 for float64 inputs), count (B,) int64.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -24,6 +25,9 @@ namespace pom_ext {
 // Checks that the pom_ext ops are registered with the dispatcher (throws otherwise) and
 // returns the library version. Referencing it keeps libpom_ext linked in.
 POM_EXT_API const char* ensure_registered();
+
+// The CPU build the kernels run now: "avx512", "avx2" or "base" (capped by POM_EXT_CPU_ISA).
+POM_EXT_API std::string cpu_isa();
 
 namespace ops {
 
@@ -44,6 +48,15 @@ POM_EXT_API at::Tensor poly_causal(const at::Tensor& h, const at::Tensor& coeff,
 POM_EXT_API std::tuple<at::Tensor, at::Tensor> poly_causal_backward(const at::Tensor& grad_H, const at::Tensor& h,
                                                                     const at::Tensor& coeff, int64_t block_size,
                                                                     const OptTensor& cu_seqlens);
+
+// Gated block-causal mixer: hs (B, N, E + S) = [h | gate pre-activation] -> y = hardsigmoid(pre + gate_bias) * H,
+// (B, N, E); S = E (a gate per channel) or S dividing E (a gate per group of E / S channels).
+POM_EXT_API at::Tensor poly_causal_gated(const at::Tensor& hs, const at::Tensor& coeff,
+                                         const OptTensor& gate_bias = {}, int64_t block_size = 1,
+                                         const OptTensor& cu_seqlens = {});
+POM_EXT_API std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_causal_gated_backward(
+    const at::Tensor& grad_y, const at::Tensor& hs, const at::Tensor& coeff, const OptTensor& gate_bias,
+    int64_t block_size, const OptTensor& cu_seqlens);
 
 POM_EXT_API std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_state_update(const at::Tensor& h,
                                                                              const at::Tensor& coeff,
@@ -71,6 +84,11 @@ POM_EXT_API at::Tensor poly_mean(const at::Tensor& h, const at::Tensor& coeff, c
 // Block-causal prefix mean, layout of h. Gradients for h and coeff.
 POM_EXT_API at::Tensor poly_causal(const at::Tensor& h, const at::Tensor& coeff, int64_t block_size = 1,
                                    const ops::OptTensor& cu_seqlens = {});
+
+// Gated block-causal mixer (ops::poly_causal_gated). Gradients for hs (one tensor), coeff and gate_bias.
+POM_EXT_API at::Tensor poly_causal_gated(const at::Tensor& hs, const at::Tensor& coeff,
+                                         const ops::OptTensor& gate_bias = {}, int64_t block_size = 1,
+                                         const ops::OptTensor& cu_seqlens = {});
 
 // (H (B, E), new_sum (B, E), new_count (B,)); gradients for h, coeff and state_sum.
 POM_EXT_API std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_state_update(const at::Tensor& h,

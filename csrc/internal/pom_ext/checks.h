@@ -1,10 +1,14 @@
-// Argument validation shared by every backend of the pom_ext ops. Each message
-// names the op, the argument, what was given and what was expected.
+// Argument validation shared by every backend of the pom_ext ops, the Meta kernels (shape functions) included.
+// Each message names the op, the argument, what was given and what was expected. Sizes are read as SymInts, so
+// the same checks run on real tensors and on fake tensors with symbolic shapes (torch.compile).
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/SymInt.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
+
+#include <vector>
 
 namespace pom_ext {
 namespace checks {
@@ -20,7 +24,7 @@ inline void floating(const char* op, const char* arg, const at::Tensor& t) {
 
 inline void rank(const char* op, const char* arg, const at::Tensor& t, int64_t r, const char* shape) {
   TORCH_CHECK(t.dim() == r, op, ": argument '", arg, "' must be a ", r, "-D tensor ", shape,
-              ", got a ", t.dim(), "-D tensor of shape ", t.sizes());
+              ", got a ", t.dim(), "-D tensor of shape ", t.sym_sizes());
 }
 
 inline void same_device(const char* op, const char* arg, const at::Tensor& t, const at::Tensor& ref) {
@@ -28,10 +32,10 @@ inline void same_device(const char* op, const char* arg, const at::Tensor& t, co
               " but 'h' is on ", ref.device(), "; move both to one device");
 }
 
-inline void size_is(const char* op, const char* arg, const at::Tensor& t, int64_t dim, int64_t expected,
+inline void size_is(const char* op, const char* arg, const at::Tensor& t, int64_t dim, const c10::SymInt& expected,
                     const char* what) {
-  TORCH_CHECK(t.size(dim) == expected, op, ": argument '", arg, "' has size ", t.size(dim), " in dim ", dim,
-              " but ", what, " is ", expected, " (shape ", t.sizes(), ")");
+  TORCH_CHECK(t.sym_size(dim) == expected, op, ": argument '", arg, "' has size ", t.sym_size(dim), " in dim ", dim,
+              " but ", what, " is ", expected, " (shape ", t.sym_sizes(), ")");
 }
 
 // coeff: an (E, K) floating table with K >= 1 on the device of h (any E).
@@ -39,13 +43,14 @@ inline void coeff_shape(const char* op, const at::Tensor& h, const at::Tensor& c
   floating(op, "coeff", c);
   same_device(op, "coeff", c, h);
   rank(op, "coeff", c, 2, "(E, K)");
-  TORCH_CHECK(c.size(1) >= 1, op, ": argument 'coeff' must have degree K >= 1 columns, got shape ", c.sizes());
+  TORCH_CHECK(c.sym_size(1) >= 1, op, ": argument 'coeff' must have degree K >= 1 columns, got shape ",
+              c.sym_sizes());
 }
 
 // coeff: (E, K) with K >= 1 and E matching the last dim of h.
 inline void coeff(const char* op, const at::Tensor& h, const at::Tensor& c) {
   coeff_shape(op, h, c);
-  size_is(op, "coeff", c, 0, h.size(-1), "the width E of 'h'");
+  size_is(op, "coeff", c, 0, h.sym_size(-1), "the width E of 'h'");
 }
 
 // h: (B, N, E) dense, or (total, E) when cu_seqlens packs several sequences.
@@ -59,8 +64,8 @@ inline void h_and_layout(const char* op, const at::Tensor& h, const c10::optiona
     TORCH_CHECK(c.scalar_type() == at::kInt || c.scalar_type() == at::kLong, op,
                 ": argument 'cu_seqlens' must be int32 or int64, got ", c.scalar_type());
     rank(op, "cu_seqlens", c, 1, "(B + 1,)");
-    TORCH_CHECK(c.size(0) >= 2, op, ": argument 'cu_seqlens' must hold at least 2 offsets (B + 1 with B >= 1), got ",
-                c.size(0));
+    TORCH_CHECK(c.sym_size(0) >= 2, op, ": argument 'cu_seqlens' must hold at least 2 offsets (B + 1 with B >= 1), "
+                "got ", c.sym_size(0));
   } else {
     rank(op, arg, h, 3, "(B, N, E)");
   }
@@ -77,6 +82,11 @@ inline void cu_values(const char* op, const index_t* cu, int64_t n, int64_t tota
               " (rows of 'h'), got ", static_cast<int64_t>(cu[n - 1]));
 }
 
+inline c10::SymInt sym_batch_of(const at::Tensor& h, const c10::optional<at::Tensor>& cu) {
+  return cu.has_value() ? cu->sym_size(0) - 1 : h.sym_size(0);
+}
+
+// The batch of concrete (kernel) tensors.
 inline int64_t batch_of(const at::Tensor& h, const c10::optional<at::Tensor>& cu) {
   return cu.has_value() ? cu->size(0) - 1 : h.size(0);
 }
@@ -88,11 +98,11 @@ inline void weight(const char* op, const at::Tensor& h, const at::Tensor& w, con
               ": argument 'weight' must be bool or floating, got ", w.scalar_type());
   if (cu.has_value()) {
     rank(op, "weight", w, 1, "(total,) when 'cu_seqlens' is given");
-    size_is(op, "weight", w, 0, h.size(0), "the number of packed tokens of 'h'");
+    size_is(op, "weight", w, 0, h.sym_size(0), "the number of packed tokens of 'h'");
   } else {
     rank(op, "weight", w, 2, "(B, N)");
-    size_is(op, "weight", w, 0, h.size(0), "the batch B of 'h'");
-    size_is(op, "weight", w, 1, h.size(1), "the length N of 'h'");
+    size_is(op, "weight", w, 0, h.sym_size(0), "the batch B of 'h'");
+    size_is(op, "weight", w, 1, h.sym_size(1), "the length N of 'h'");
   }
 }
 
@@ -101,10 +111,10 @@ inline void block_size(const char* op, int64_t f) {
 }
 
 // A gradient must have the shape of the output it belongs to.
-inline void same_shape(const char* op, const char* arg, const at::Tensor& g, at::IntArrayRef expected,
+inline void same_shape(const char* op, const char* arg, const at::Tensor& g, c10::SymIntArrayRef expected,
                        const char* what) {
-  TORCH_CHECK(g.sizes() == expected, op, ": argument '", arg, "' must have the shape of ", what, " ", expected,
-              ", got ", g.sizes());
+  TORCH_CHECK(g.sym_sizes() == expected, op, ": argument '", arg, "' must have the shape of ", what, " ", expected,
+              ", got ", g.sym_sizes());
 }
 
 // Recurrent state: sum (B, E) float32 (float64 accepted) and count (B,) int64 for h (B, T, E).
@@ -116,9 +126,9 @@ inline void state(const char* op, const at::Tensor& h, const at::Tensor& sum, co
   TORCH_CHECK(count.scalar_type() == at::kLong, op, ": argument 'count' must be int64, got ", count.scalar_type());
   rank(op, "state_sum", sum, 2, "(B, E)");
   rank(op, "count", count, 1, "(B,)");
-  size_is(op, "state_sum", sum, 0, h.size(0), "the batch B of 'h'");
-  size_is(op, "state_sum", sum, 1, h.size(2), "the width E of 'h'");
-  size_is(op, "count", count, 0, h.size(0), "the batch B of 'h'");
+  size_is(op, "state_sum", sum, 0, h.sym_size(0), "the batch B of 'h'");
+  size_is(op, "state_sum", sum, 1, h.sym_size(2), "the width E of 'h'");
+  size_is(op, "count", count, 0, h.sym_size(0), "the batch B of 'h'");
 }
 
 
@@ -133,7 +143,7 @@ inline void eval_args(const char* op, const at::Tensor& h, const at::Tensor& c) 
 inline void eval_backward_args(const char* op, const at::Tensor& grad_p, const at::Tensor& h, const at::Tensor& c) {
   eval_args(op, h, c);
   same_device(op, "grad_p", grad_p, h);
-  same_shape(op, "grad_p", grad_p, h.sizes(), "h");
+  same_shape(op, "grad_p", grad_p, h.sym_sizes(), "h");
 }
 
 inline void mean_args(const char* op, const at::Tensor& h, const at::Tensor& c, const c10::optional<at::Tensor>& w,
@@ -148,9 +158,9 @@ inline void mean_backward_args(const char* op, const at::Tensor& grad_H, const a
                                const c10::optional<at::Tensor>& cu, bool weight_grad) {
   mean_args(op, h, c, w, cu);
   TORCH_CHECK(!weight_grad || w.has_value(), op, ": 'weight_grad' is true but no 'weight' was given");
-  const int64_t B = batch_of(h, cu), E = h.size(-1);
-  same_shape(op, "grad_H", grad_H, {B, E}, "the output H (B, E)");
-  same_shape(op, "H", H, {B, E}, "the output H (B, E)");
+  const std::vector<c10::SymInt> BE{sym_batch_of(h, cu), h.sym_size(-1)};
+  same_shape(op, "grad_H", grad_H, BE, "the output H (B, E)");
+  same_shape(op, "H", H, BE, "the output H (B, E)");
   same_device(op, "grad_H", grad_H, h);
   same_device(op, "H", H, h);
 }
@@ -166,7 +176,7 @@ inline void causal_backward_args(const char* op, const at::Tensor& grad_H, const
                                  int64_t f, const c10::optional<at::Tensor>& cu) {
   causal_args(op, h, c, f, cu);
   same_device(op, "grad_H", grad_H, h);
-  same_shape(op, "grad_H", grad_H, h.sizes(), "the output H");
+  same_shape(op, "grad_H", grad_H, h.sym_sizes(), "the output H");
 }
 
 // Gated causal: hs = [h | pre] holds E = coeff.size(0) context columns then S gate columns, S = E or a
@@ -176,10 +186,10 @@ inline void causal_gated_args(const char* op, const at::Tensor& hs, const at::Te
                               const c10::optional<at::Tensor>& cu) {
   h_and_layout(op, hs, cu, "hs");
   coeff_shape(op, hs, c);
-  const int64_t E = c.size(0), S = hs.size(-1) - E;
+  const c10::SymInt E = c.sym_size(0), S = hs.sym_size(-1) - E;
   TORCH_CHECK(E >= 1 && S >= 1 && E % S == 0, op, ": argument 'hs' must hold E + S columns, E = ", E,
               " context columns (the rows of 'coeff') then S gate columns with S = E or S dividing E, got ",
-              hs.size(-1), " columns (shape ", hs.sizes(), ")");
+              hs.sym_size(-1), " columns (shape ", hs.sym_sizes(), ")");
   if (bias.has_value()) {
     floating(op, "gate_bias", *bias);
     same_device(op, "gate_bias", *bias, hs);
@@ -194,8 +204,8 @@ inline void causal_gated_backward_args(const char* op, const at::Tensor& grad_y,
                                        const c10::optional<at::Tensor>& cu) {
   causal_gated_args(op, hs, c, bias, f, cu);
   same_device(op, "grad_y", grad_y, hs);
-  auto sizes = hs.sizes().vec();
-  sizes.back() = c.size(0);
+  auto sizes = hs.sym_sizes().vec();
+  sizes.back() = c.sym_size(0);
   same_shape(op, "grad_y", grad_y, sizes, "the output y");
 }
 
@@ -220,10 +230,10 @@ inline void state_backward_args(const char* op, const at::Tensor& grad_H, const 
   floating(op, "h", h);
   rank(op, "h", h, 3, "(B, T, E)");
   coeff(op, h, c);
-  const int64_t B = h.size(0), E = h.size(2);
-  same_shape(op, "grad_H", grad_H, {B, E}, "the output H (B, E)");
-  same_shape(op, "grad_state_sum", grad_sum, {B, E}, "the state sum (B, E)");
-  same_shape(op, "count", count, {B}, "the batch (B,)");
+  const std::vector<c10::SymInt> BE{h.sym_size(0), h.sym_size(2)};
+  same_shape(op, "grad_H", grad_H, BE, "the output H (B, E)");
+  same_shape(op, "grad_state_sum", grad_sum, BE, "the state sum (B, E)");
+  same_shape(op, "count", count, c10::SymIntArrayRef(BE.data(), 1), "the batch (B,)");
   same_device(op, "grad_H", grad_H, h);
   same_device(op, "grad_state_sum", grad_sum, h);
   same_device(op, "count", count, h);

@@ -39,12 +39,20 @@ POM_HD T act(T u) {
   return T(6) < v ? T(6) : v;       // clamp above
 }
 
-// 1 on [0, 6], 0.01 on [-10, 0), 0 elsewhere (and for NaN).
+// d act / du: 1 on (0, 6), 0.01 on (-10, 0] (at u = 0 torch's leaky_relu takes the negative slope), 0 outside
+// [-10, 6] and for NaN. At the clamp's bounds u = -10 and u = 6 the derivative follows the installed torch's
+// torch.clamp (SPEC §1.2): torch <= 2.13 passes the gradient at a bound, 2.14 does not. The rule is read once
+// (math::act_grad_rule in pom_ext/library.h) and carried as the interval [lo, hi] of u with a nonzero derivative:
+// [-10, 6], or the open interval (-10, 6) written as [the next value above -10, the next value below 6] of the
+// type, so one comparison form serves both rules.
 template <typename T>
-POM_HD T act_grad(T u) {
-  const T slope = u >= T(0) ? T(1) : T(0.01);
-  return (u >= T(-10) && u <= T(6)) ? slope : T(0);
-}
+struct ActGrad {
+  T lo = T(-10), hi = T(6);
+  POM_HD T operator()(T u) const {
+    const T slope = u > T(0) ? T(1) : T(0.01);
+    return (u >= lo && u <= hi) ? slope : T(0);
+  }
+};
 
 // The gate: hardsigmoid(x) = min(max(x + 3, 0), 6) / 6, as torch computes it (NaN propagates).
 template <typename T>

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The second torch of CI: a CUDA build of torch (default torch==2.14.1, a +cu130 wheel) in a fresh virtual
+# environment, and pom_ext built against it with its CUDA kernels (POM_EXT_CUDA=1, TORCH_CUDA_ARCH_LIST=9.0) from
+# a copy of the tracked tree: real torch CUDA headers, real linking. Then
+#   - every op has a CUDA kernel registered with the dispatcher;
+#   - the CPU tests of the suite run against this build (the CUDA tests skip without a GPU), the C++ interop tests
+#     included (CMake's find_package(Torch) of a CUDA torch needs the toolkit, found as docs/cpp.md says);
+#   - the CUDA kernels' resource check (.ci/sass_check.py) reads the compiled sm_90 code, when present.
+# Skips, saying why, without nvcc or when the CUDA torch cannot be installed (e.g. no package index).
+#   POM_CI_CUDA_TORCH   the pip requirement of the CUDA torch (default torch==2.14.1)
+#   POM_CI_CUDA_DIR     work directory (default: a new temporary one, removed on success)
+#   MAX_JOBS            parallel compile jobs (default 2)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root="$(pwd)"
+start=$(date +%s)
+elapsed() { echo "$(( $(date +%s) - start ))s"; }
+
+nvcc_bin="$(command -v nvcc || true)"
+for d in "${CUDA_HOME:-}" /usr/local/cuda /usr/local/cuda-*; do
+  if [[ -z "$nvcc_bin" && -n "$d" && -x "$d/bin/nvcc" ]]; then nvcc_bin="$d/bin/nvcc"; fi
+done
+if [[ -z "$nvcc_bin" ]]; then
+  echo "cuda_torch_check: skipped: no nvcc (CUDA toolkit) on this machine"
+  exit 0
+fi
+
+work="${POM_CI_CUDA_DIR:-$(mktemp -d /tmp/pom_cuda_torch.XXXXXX)}"
+mkdir -p "$work"
+echo "== cuda_torch_check: virtual environment with ${POM_CI_CUDA_TORCH:-torch==2.14.1} ($work)"
+python -m venv "$work/venv"
+py="$work/venv/bin/python"
+if ! "$py" -m pip install --quiet "${POM_CI_CUDA_TORCH:-torch==2.14.1}" ninja pytest hypothesis numpy; then
+  echo "cuda_torch_check: skipped: ${POM_CI_CUDA_TORCH:-torch==2.14.1} could not be installed"
+  exit 0
+fi
+"$py" -c "import torch; assert torch.version.cuda, 'not a CUDA build of torch'; \
+print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+echo "installed: $(elapsed)"
+
+echo "== cuda_torch_check: build with the CUDA kernels (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0})"
+rm -rf "$work/tree"
+mkdir -p "$work/tree"
+# The tracked tree and the files git would add (not ignored), as they are in the working tree.
+git ls-files -z --cached --others --exclude-standard | tar --null -T - --ignore-failed-read -cf - 2>/dev/null | \
+  tar -xf - -C "$work/tree"
+cd "$work/tree"
+export CUDA_HOME="${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$nvcc_bin")")")}"
+# /usr/local/bin/nvcc may be a wrapper script: the toolkit is where a real bin/nvcc and include/ are.
+if [[ ! -f "$CUDA_HOME/include/cuda_runtime.h" ]]; then
+  for d in /usr/local/cuda /usr/local/cuda-*; do
+    if [[ -f "$d/include/cuda_runtime.h" ]]; then CUDA_HOME="$d"; break; fi
+  done
+fi
+POM_EXT_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-2}" \
+  "$py" -m pip install --quiet --no-build-isolation -e .
+echo "built: $(elapsed)"
+
+"$py" - <<'EOF'
+import torch, pom_ext
+assert pom_ext.native_available(), "the CUDA build of pom_ext does not load"
+names = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("pom_ext::poly_")]
+missing = [n for n in names if not torch._C._dispatch_has_kernel_for_dispatch_key(n, "CUDA")]
+assert names and not missing, f"ops without a CUDA kernel: {missing}"
+print(f"{len(names)} ops, each with a CUDA kernel; build {torch.ops.pom_ext.build_info()}")
+EOF
+
+echo "== cuda_torch_check: the suite against this build (CPU tests)"
+"$py" -m pytest tests -q
+echo "tests done: $(elapsed)"
+
+if [[ -f .ci/sass_check.py ]]; then
+  so="$(ls pom_ext/_C*.so)"
+  "$py" .ci/sass_check.py "$so"
+fi
+cd "$root"
+if [[ -z "${POM_CI_CUDA_DIR:-}" ]]; then rm -rf "$work"; fi
+echo "cuda_torch_check passed: $(elapsed)"
