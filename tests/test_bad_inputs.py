@@ -209,6 +209,7 @@ def build_cases():
     add("PoM.forward mask string", "mask", lambda: layer(x, mask="future"))
     add("PoM.forward mask (B, N) shape", "mask", lambda: layer(x, mask=torch.ones(2, 8, dtype=torch.bool)))
     add("PoM.forward mask (B, T, N) shape", "mask", lambda: layer(x, mask=torch.ones(2, 7, 9)))
+    add("PoM.forward mask (B, T, N) wrong T", "mask", lambda: layer(x, mask=torch.ones(2, 5, 7)))
     add("PoM.forward mask int", "mask", lambda: layer(x, mask=torch.ones(2, 7, dtype=i64)))
     add("PoM.forward mask meta", "mask", lambda: layer(x, mask=meta(torch.ones(2, 7))))
     add("PoM.forward mask 1-D", "mask", lambda: layer(x, mask=torch.ones(7)))
@@ -253,6 +254,12 @@ def build_cases():
         lambda: layer.state_forward(x, state=PoMState(torch.zeros(2, 32), torch.zeros(3, dtype=i64))))
     add("PoM.state_forward state meta", ("state", "state_sum"),
         lambda: layer.state_forward(x, state=PoMState(meta(torch.zeros(2, 32)), meta(torch.zeros(2, dtype=i64)))))
+    add("PoM.state_forward state count negative", "count",
+        lambda: layer.state_forward(x, state=PoMState(torch.zeros(2, 32), torch.tensor([3, -1]))))
+    add("PoM.step state count negative", "count",
+        lambda: layer.step(x[:, :1], PoMState(torch.zeros(2, 32), torch.tensor([-5, 0]))))
+    add("PoM.allocate_state dtype half", "dtype", lambda: layer.allocate_state(2, dtype=torch.half))
+    add("PoM.allocate_state batch -1", "batch_size", lambda: layer.allocate_state(-1))
     add("PoM.step state dict", "state", lambda: layer.step(x, {"h": 0.0, "n": 0}))
     add("PoM.step state None", "state", lambda: layer.step(x, None))
     add("PoM.step x 2-D", "x", lambda: layer.step(x[0], st_ok))

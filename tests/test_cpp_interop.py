@@ -349,3 +349,14 @@ def test_one_process(cpp_build, order, tmp_path):
         return
     assert "OK" in r.stdout, r.stdout
     assert f"VERSION {pom_ext.__version__}" in r.stdout, r.stdout
+
+
+def test_cpp_api_checks(cpp_build):
+    """The C++ API's checks and C++-only parts (tests/cpp/api_checks.cpp): inputs of another dtype or device than
+    the layer's parameters and a (B, T, N) mask of the wrong T name the argument; malformed cu_seqlens print on
+    one line; a negative state count is refused; the state's sum follows the layer's dtype; state_forward's
+    defaults; the differentiable gated op; cpu_isa(); the meta device."""
+    r = subprocess.run([os.path.join(cpp_build, "tests", "pom_api_checks")], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, f"pom_api_checks failed:\n{r.stdout}\n{r.stderr}"
+    assert "passed 0" in r.stdout, r.stdout

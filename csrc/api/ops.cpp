@@ -261,7 +261,8 @@ at::Tensor aggregate(const at::Tensor& h, const at::Tensor& coeff, const Mask& m
   const auto acc = p.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor mf = m.to(acc);
   at::Tensor den = mf.sum(-1, /*keepdim=*/true);
-  return (at::bmm(mf, p.to(acc)) / at::where(den == 0, at::ones_like(den), den)).to(h.scalar_type());
+  // A row of zeros divides by 1 (its sum is 0): den + (den == 0), which the meta device runs too.
+  return (at::bmm(mf, p.to(acc)) / (den + (den == 0).to(acc))).to(h.scalar_type());
 }
 
 at::Tensor select(const at::Tensor& s, const at::Tensor& H, int64_t n_sel_heads) {
