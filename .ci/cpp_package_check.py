@@ -37,7 +37,8 @@ def configure(workdir, body, extra_args=()):
     build = os.path.join(workdir, "build")
     shutil.rmtree(build, ignore_errors=True)
     r = subprocess.run(["cmake", "-S", src, "-B", build, *extra_args], capture_output=True, text=True)
-    return r.returncode, r.stdout + r.stderr
+    # CMake wraps messages across lines: one space between words, so the checks can match phrases.
+    return r.returncode, " ".join((r.stdout + r.stderr).split())
 
 
 def main(build):

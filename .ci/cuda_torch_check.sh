@@ -66,10 +66,8 @@ echo "== cuda_torch_check: the suite against this build (CPU tests)"
 "$py" -m pytest tests -q
 echo "tests done: $(elapsed)"
 
-if [[ -f .ci/sass_check.py ]]; then
-  so="$(ls pom_ext/_C*.so)"
-  "$py" .ci/sass_check.py "$so"
-fi
+echo "== cuda_torch_check: what the compiler made of the kernels (sm_90)"
+"$py" .ci/sass_check.py "$(ls pom_ext/_C*.so)" --table "$work/registers.json"
 cd "$root"
 if [[ -z "${POM_CI_CUDA_DIR:-}" ]]; then rm -rf "$work"; fi
 echo "cuda_torch_check passed: $(elapsed)"

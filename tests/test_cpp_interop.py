@@ -20,6 +20,7 @@ import textwrap
 
 import pytest
 import torch
+import torch._inductor
 import torch.jit._pickle
 import torch.nn as nn
 from torch.utils import cpp_extension
@@ -270,6 +271,8 @@ def test_double_backward_raises_in_python():
 
 # ---- an AOTInductor package run in C++ ----
 
+@pytest.mark.skipif(not hasattr(torch._inductor, "aoti_compile_and_package"),
+                    reason="AOTInductor packages (aoti_compile_and_package) need torch >= 2.6")
 @pytest.mark.skipif(os.environ.get("POM_EXT_SKIP_AOTI") == "1", reason="POM_EXT_SKIP_AOTI=1")
 def test_aoti_package_runs_in_cpp(cpp_build, tmp_path):
     """A model exported and compiled by AOTInductor in Python runs in a C++ program linked to libpom_ext (the

@@ -216,6 +216,19 @@ def test_block_sizes(dtype, F, device):
     check_backward(case)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("F", [100, 256, 999, 1000, 4096])
+@pytest.mark.parametrize("mode", ["block", "varlen_block"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_large_block_sizes(dtype, mode, F, device):
+    """Blocks larger than the rows a chunk holds (csrc/cuda/plan.h: split blocks, several chunks a block), dense
+    and packed, the last block short; the grid stays full where whole-block chunks would collapse it."""
+    name = f"block{F}" if mode == "block" else f"varlen_causal{F}"
+    case = Case(name, 2, 2500, 40, 3, dtype, device)
+    check_forward(case)
+    check_backward(case)
+
+
 # ---- strided inputs: no copies, vector loads only where valid ----
 
 VIEWS = {
@@ -452,3 +465,46 @@ def test_opcheck(index, device):
     if name.endswith("_bwd"):
         args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
     torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("op", ["mean", "causal", "gated", "mean_backward", "causal_backward"])
+def test_bad_cu_seqlens_is_an_ordinary_error(op):
+    """Offsets that do not start at 0, decrease, or end elsewhere than the number of rows raise an error naming
+    cu_seqlens (checked on the host once per tensor), and the CUDA context stays usable afterwards."""
+    h = torch.randn(20, 8, device="cuda")
+    c = torch.randn(8, 2, device="cuda") * 0.3
+    o = torch.ops.pom_ext
+    for values in ([1, 5, 20], [0, 9, 4, 20], [0, 5, 19]):
+        cu = torch.tensor(values, dtype=torch.int32, device="cuda")
+        HB = torch.zeros(len(values) - 1, 8, device="cuda")
+        call = {
+            "mean": lambda: o.poly_mean(h, c, None, cu),
+            "causal": lambda: o.poly_causal(h, c, 2, cu),
+            "gated": lambda: o.poly_causal_gated(torch.cat([h, h], -1), c, None, 1, cu),
+            "mean_backward": lambda: o.poly_mean_backward(HB, HB, h, c, None, cu, False),
+            "causal_backward": lambda: o.poly_causal_backward(h, h, c, 1, cu),
+        }[op]
+        with pytest.raises(RuntimeError, match="cu_seqlens"):
+            call()
+    good = torch.tensor([0, 5, 20], dtype=torch.int32, device="cuda")
+    check(ops.poly_causal(h, c, 1, good).cpu(), R.poly_causal(h.cpu().double(), c.cpu().double(), 1, good.cpu()),
+          torch.float32, "after the errors")
+    # The validated tensor, changed in place, is validated again.
+    good[1] = 30
+    with pytest.raises(RuntimeError, match="cu_seqlens"):
+        ops.poly_causal(h, c, 1, good)
+    torch.cuda.synchronize()
+
+
+def test_eval_more_channel_tiles_than_grid_y():
+    """A row wider than 65535 channel tiles (E > 65535 * 512): the tiles continue in the grid's z."""
+    E = 65535 * 512 + 520
+    h = torch.randn(1, E, device="cuda", dtype=torch.bfloat16)
+    c = torch.randn(E, 2, device="cuda") * 0.3
+    hk = h.clone().requires_grad_()
+    p = ops.poly_eval(hk, c)
+    check(p.cpu(), R.poly_eval(h.cpu().double(), c.cpu().double()), torch.bfloat16, "forward")
+    (gh,) = torch.autograd.grad(p, hk, torch.ones_like(p))
+    hr = h.cpu().double().requires_grad_()
+    (ghr,) = torch.autograd.grad(R.poly_eval(hr, c.cpu().double()), hr, torch.ones(1, E, dtype=torch.float64))
+    check(gh.cpu(), ghr, torch.bfloat16, "backward")

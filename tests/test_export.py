@@ -5,6 +5,7 @@ from typing import Optional
 
 import pytest
 import torch
+import torch._inductor
 import torch.nn as nn
 
 import pom_ext
@@ -86,6 +87,8 @@ def test_export_backward(mask):
         assert_close(exported[name].grad, p.grad, torch.float32, f"gradient of {name}")
 
 
+@pytest.mark.skipif(not hasattr(torch._inductor, "aoti_compile_and_package"),
+                    reason="AOTInductor packages (aoti_compile_and_package) need torch >= 2.6")
 @pytest.mark.skipif(os.environ.get("POM_EXT_SKIP_AOTI") == "1", reason="POM_EXT_SKIP_AOTI=1")
 @pytest.mark.parametrize("mask", MASKS, ids=str)
 def test_aot_inductor_cpu(mask, tmp_path):

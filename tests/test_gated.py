@@ -75,6 +75,15 @@ def test_gated_matches_reference(dtype, E, S, F, device):
 
 @native
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("F", [300, 2000])
+@pytest.mark.parametrize("E,S", GATINGS[:2])
+def test_gated_large_blocks(E, S, F, device):
+    """Blocks larger than a chunk (split blocks on CUDA): the gate's gradient reads H from the block sums."""
+    check(2, 2100, E, S, 3, F, torch.float32, device=device)
+
+
+@native
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("N", [1, 129])
 @pytest.mark.parametrize("K", [1, 2, 5, 13])
 @pytest.mark.parametrize("bias", [True, False])

@@ -1,23 +1,25 @@
 // Causal and block-causal prefix means (poly_causal), the gated mixer (poly_causal_gated) and their
 // backward on CUDA.
 //
-// Rows are cut into chunks of R rows (R a multiple of the block size F, so an
-// F-block never straddles two chunks; chunks never cross a sequence). Grid
-// (chunks, channel tiles), block (TX, 1), V channels per thread.
+// Rows are cut into chunks (plan.h; chunks never cross a sequence). Grid (chunks, channel tiles), block
+// (TX, 1), V channels per thread. Two plans: whole blocks (chunks of R rows, R a multiple of the block size F,
+// F = 1 included), or, for blocks larger than the rows a chunk should hold, split blocks (each F-block cut
+// into cpb chunks), so that large blocks keep the grid full.
 // Forward:
-//  1. causal_tot: Kahan sum of p over each chunk that has a successor in its
-//     sequence -> tot (fp64). Reads h once.
+//  1. causal_tot: Kahan sum of p over each chunk (whole blocks: each that has a successor) -> tot (fp64).
+//     Reads h once.
 //  2. launch_chunk_scan: exclusive scan of the totals per (sequence, channel) in fp64.
-//  3. causal_scan: every chunk rescans from its carry (Kahan-compensated fp32,
-//     fp64 for double); F = 1 writes (S / (n + 1)) per row, F > 1 writes the
-//     block's mean to each of its rows. Reads h once more, writes out once.
-//  With one chunk per sequence (dense), passes 1-2 are skipped.
+//  3. causal_scan: whole blocks: every chunk rescans from its carry (Kahan-compensated fp32, fp64 for double);
+//     F = 1 writes (S / (n + 1)) per row, F > 1 the block's mean to each of its rows; reads h once more.
+//     Split blocks: a block's mean is its last chunk's carry plus total over its end row, written to the
+//     chunk's rows without reading h.
+//  With one chunk per sequence (dense, whole blocks), passes 1-2 are skipped.
 // Backward (g: grad of the output; G_j = sum of g over F-block j / end_j):
-//  1. causal_bwd_tot: sum of G_j over each chunk that has a predecessor. Reads g.
+//  1. causal_bwd_tot: sum of G over each chunk (whole blocks: each that has a predecessor). Reads g.
 //  2. suffix scan of the totals.
-//  3. causal_bwd_scan: F-blocks in reverse, gbar = running suffix sum of G;
-//     grad_h = gbar * dp/dh; grad_coeff partials per chunk, reduced in chunk
-//     order (reduce_coeff_grad). Reads g and h once, writes grad_h once.
+//  3. causal_bwd_scan: whole blocks: F-blocks in reverse, gbar = running suffix sum of G (reads g and h); split
+//     blocks: gbar = the reverse carry plus total of the block's first chunk (reads h only); grad_h =
+//     gbar * dp/dh, grad_coeff partials per chunk, reduced in chunk order (reduce_coeff_grad).
 // Gated (hs = [h | pre], y = hardsigmoid(pre + bias) * H, one gate per q = E / S channels): the same kernels
 // with a GateArg: the forward scales each output row by its gate, the backward scans g * gate. A third
 // backward pass (causal_gate_bwd) recomputes H from forward carries and writes the gate's gradient:
@@ -37,41 +39,37 @@ namespace {
 constexpr int kU = 4;                  // rows loaded ahead of the sequential scan
 constexpr int64_t kMaxBwdRows = 4096;  // rows per chunk of the backward scan
 
-// fn(n, x) for rows n = na .. nb - 1 in order, loads issued kU rows at a time.
+// fn(n, x) for rows n = na .. nb - 1 of sequence b in order, kU rows in flight.
 template <int V, typename scalar_t, typename acc_t, typename Fn>
 __device__ __forceinline__ void for_rows(const scalar_t* __restrict__ p, const Strides& s, bool vec, const Layout& L,
                                          int64_t b, int64_t na, int64_t nb, int64_t e0, int nv, Fn&& fn) {
-  int64_t n = na;
-  for (; n + kU <= nb; n += kU) {
-    acc_t x[kU][V];
-#pragma unroll
-    for (int u = 0; u < kU; ++u) load_row<V>(p + L.off(s, b, n + u), e0, s.e, nv, vec, x[u]);
-#pragma unroll
-    for (int u = 0; u < kU; ++u) fn(n + u, x[u]);
-  }
-  for (; n < nb; ++n) {
-    acc_t x[V];
-    load_row<V>(p + L.off(s, b, n), e0, s.e, nv, vec, x);
-    fn(n, x);
-  }
+  for_rows_step<V, kU, scalar_t, acc_t>([&](int64_t n) { return p + L.off(s, b, n); }, na, nb, 1, e0, s.e, nv, vec,
+                                        fn);
 }
 
-// fn(n, x1, x2) for rows n = nb - 1 down to na, from two tensors.
+// fn(n, x1, x2) for rows n = nb - 1 down to na, from two tensors (kU rows ahead, packed, when both vectorize).
 template <int V, typename scalar_t, typename acc_t, typename Fn>
 __device__ __forceinline__ void for_rows2_rev(const scalar_t* __restrict__ p1, const Strides& s1, bool v1,
                                               const scalar_t* __restrict__ p2, const Strides& s2, bool v2,
                                               const Layout& L, int64_t b, int64_t na, int64_t nb, int64_t e0, int nv,
                                               Fn&& fn) {
   int64_t n = nb;
-  for (; n - kU >= na; n -= kU) {
-    acc_t x1[kU][V], x2[kU][V];
+  if (v1 && v2) {
+    for (; n - kU >= na; n -= kU) {
+      uint4 r1[kU], r2[kU];
 #pragma unroll
-    for (int u = 0; u < kU; ++u) {
-      load_row<V>(p1 + L.off(s1, b, n - 1 - u), e0, s1.e, nv, v1, x1[u]);
-      load_row<V>(p2 + L.off(s2, b, n - 1 - u), e0, s2.e, nv, v2, x2[u]);
+      for (int u = 0; u < kU; ++u) {
+        r1[u] = load_vec(p1 + L.off(s1, b, n - 1 - u), e0);
+        r2[u] = load_vec(p2 + L.off(s2, b, n - 1 - u), e0);
+      }
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        acc_t x1[V], x2[V];
+        Pack<scalar_t>::unpack(r1[u], x1);
+        Pack<scalar_t>::unpack(r2[u], x2);
+        fn(n - 1 - u, x1, x2);
+      }
     }
-#pragma unroll
-    for (int u = 0; u < kU; ++u) fn(n - 1 - u, x1[u], x2[u]);
   }
   for (; n > na; --n) {
     acc_t x1[V], x2[V];
@@ -136,7 +134,9 @@ __global__ void __launch_bounds__(128)
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = Vec<scalar_t>::value;
   int64_t b, n0, n1;
-  if (!L.chunk(blockIdx.x, b, n0, n1) || n1 >= L.len(b)) return;  // the last chunk's total is never used
+  // Whole blocks never use the total of a sequence's last chunk; split blocks use every chunk's (the last
+  // chunk of each block gives that block's sum).
+  if (!L.chunk(blockIdx.x, b, n0, n1) || (L.plan.cpb == 0 && n1 >= L.len(b))) return;
   int64_t e0;
   int nv;
   if (!thread_channels<V>(E, e0, nv)) return;
@@ -168,11 +168,23 @@ __device__ __forceinline__ void start_from_carry(const double* carry, int64_t c,
 
 // fn(n, H) for rows n = n0 .. n1 - 1 of chunk blockIdx.x in order, H the mean of p over rows 0 .. n (F = 1)
 // or over rows 0 .. the end of n's F-block; the scan starts from the chunk's carry (none for a sequence's first).
+// Split blocks: H is the block's sum, its last chunk's carry plus total (fp64), over its end row; h is not read.
 template <int V, typename scalar_t, int K, typename acc_t, typename Fn>
 __device__ __forceinline__ void prefix_means(const scalar_t* __restrict__ h, const Strides& hs, bool vin,
                                              const Layout& L, int64_t b, int64_t n0, int64_t n1, int64_t E,
                                              int64_t e0, int nv, int64_t F, const ChanCoeff<K, V, acc_t>& cc,
-                                             const double* carry, Fn&& fn) {
+                                             const double* carry, const double* tot, Fn&& fn) {
+  if (L.plan.cpb > 0) {
+    int64_t cf, cl, bend;
+    L.block_chunks(b, blockIdx.x, cf, cl, bend);
+    acc_t H[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j)
+      H[j] = j < nv ? static_cast<acc_t>((carry[cl * E + e0 + j] + tot[cl * E + e0 + j]) / static_cast<double>(bend))
+                    : acc_t(0);
+    for (int64_t n = n0; n < n1; ++n) fn(n, H);
+    return;
+  }
   acc_t run[V], comp[V];
   start_from_carry<acc_t, V>(n0 > 0 ? carry : nullptr, blockIdx.x, E, e0, nv, run, comp);
   if (F == 1) {
@@ -206,7 +218,7 @@ template <typename scalar_t, int K>
 __global__ void __launch_bounds__(128)
     causal_scan_kernel(const scalar_t* __restrict__ h, Strides hs, bool vin, scalar_t* __restrict__ out, Strides os,
                        bool vout, Layout L, int64_t E, int64_t F, CoeffArg<at::opmath_type<scalar_t>> ca,
-                       const double* __restrict__ carry, GateArg<scalar_t> gate) {
+                       const double* __restrict__ carry, const double* __restrict__ tot, GateArg<scalar_t> gate) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = Vec<scalar_t>::value;
   int64_t b, n0, n1;
@@ -216,7 +228,7 @@ __global__ void __launch_bounds__(128)
   if (!thread_channels<V>(E, e0, nv)) return;
   ChanCoeff<K, V, acc_t> cc;
   cc.load(ca, e0, nv);
-  prefix_means<V>(h, hs, vin, L, b, n0, n1, E, e0, nv, F, cc, carry, [&](int64_t n, const acc_t (&H)[V]) {
+  prefix_means<V>(h, hs, vin, L, b, n0, n1, E, e0, nv, F, cc, carry, tot, [&](int64_t n, const acc_t (&H)[V]) {
     acc_t y[V];
     gate.template apply<V>(L, b, n, e0, nv, H, y);
     store_row<V>(out + L.off(os, b, n), e0, os.e, nv, vout, y);
@@ -250,14 +262,27 @@ __global__ void __launch_bounds__(128)
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = Vec<scalar_t>::value;
   int64_t b, n0, n1;
-  if (!L.chunk(blockIdx.x, b, n0, n1) || n0 == 0) return;  // the first chunk's total is never used
+  // Whole blocks never use the total of a sequence's first chunk; split blocks use every chunk's (the first
+  // chunk of each block gives the suffix sum from that block on).
+  if (!L.chunk(blockIdx.x, b, n0, n1) || (L.plan.cpb == 0 && n0 == 0)) return;
   int64_t e0;
   int nv;
   if (!thread_channels<V>(E, e0, nv)) return;
   acc_t run[V], comp[V];
 #pragma unroll
   for (int j = 0; j < V; ++j) run[j] = comp[j] = acc_t(0);
-  if (F == 1) {
+  if (L.plan.cpb > 0) {
+    // Split blocks: every row of the chunk is in one block, which ends at bend.
+    int64_t cf, cl, bend;
+    L.block_chunks(b, blockIdx.x, cf, cl, bend);
+    const acc_t inv = acc_t(1) / static_cast<acc_t>(bend);
+    for_rows<V, scalar_t, acc_t>(g, gs, vg, L, b, n0, n1, e0, nv, [&](int64_t n, const acc_t (&x)[V]) {
+      acc_t y[V];
+      gate.template apply<V>(L, b, n, e0, nv, x, y);
+#pragma unroll
+      for (int j = 0; j < V; ++j) math::kahan_add(run[j], comp[j], y[j] * inv);
+    });
+  } else if (F == 1) {
     for_rows<V, scalar_t, acc_t>(g, gs, vg, L, b, n0, n1, e0, nv, [&](int64_t n, const acc_t (&x)[V]) {
       const acc_t inv = acc_t(1) / static_cast<acc_t>(n + 1);
       acc_t y[V];
@@ -280,13 +305,19 @@ __global__ void __launch_bounds__(128)
     if (j < nv) t[j] = static_cast<double>(run[j]) - static_cast<double>(comp[j]);
 }
 
-template <typename scalar_t, int K>
+// MODE: kTokens (F = 1), kWholeBlocks (chunks of whole F-blocks) or kSplitBlocks (plan.cpb > 0: the gradient
+// reaching a block, the suffix sum of the block totals from it on, is its first chunk's reverse carry plus total,
+// the same for every row of the chunk; g is not read).
+enum ScanMode { kTokens = 0, kWholeBlocks = 1, kSplitBlocks = 2 };
+
+template <typename scalar_t, int K, int MODE>
 __global__ void __launch_bounds__(128)
     causal_bwd_scan_kernel(const scalar_t* __restrict__ g, Strides gs, bool vg, GateArg<scalar_t> gate,
                            const scalar_t* __restrict__ h, Strides hs, bool vin, scalar_t* __restrict__ gh,
                            Strides ghs, bool vout, Layout L,
                            int64_t E, int64_t F, CoeffArg<at::opmath_type<scalar_t>> ca,
-                           const double* __restrict__ carry, at::opmath_type<scalar_t>* __restrict__ part) {
+                           const double* __restrict__ carry, const double* __restrict__ tot,
+                           at::opmath_type<scalar_t>* __restrict__ part) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = Vec<scalar_t>::value;
   int64_t b = 0, n0 = 0, n1 = 0;
@@ -300,7 +331,9 @@ __global__ void __launch_bounds__(128)
     ChanCoeff<K, V, acc_t> cc;
     cc.load(ca, e0, nv);
     acc_t run[V], comp[V];
-    start_from_carry<acc_t, V>(n1 < L.len(b) ? carry : nullptr, blockIdx.x, E, e0, nv, run, comp);
+    if constexpr (MODE != kSplitBlocks) {
+      start_from_carry<acc_t, V>(n1 < L.len(b) ? carry : nullptr, blockIdx.x, E, e0, nv, run, comp);
+    }
     // gbar-weighted element backward of one row of h.
     auto row_backward = [&](int64_t n, const acc_t (&gb)[V], const acc_t (&x)[V]) {
       acc_t gx[V];
@@ -314,7 +347,16 @@ __global__ void __launch_bounds__(128)
       }
       store_row<V>(gh + L.off(ghs, b, n), e0, ghs.e, nv, vout, gx);
     };
-    if (F == 1) {
+    if constexpr (MODE == kSplitBlocks) {
+      int64_t cf, cl, bend;
+      L.block_chunks(b, blockIdx.x, cf, cl, bend);
+      acc_t gb[V];
+#pragma unroll
+      for (int j = 0; j < V; ++j)
+        gb[j] = j < nv ? static_cast<acc_t>(carry[cf * E + e0 + j] + tot[cf * E + e0 + j]) : acc_t(0);
+      for_rows<V, scalar_t, acc_t>(h, hs, vin, L, b, n0, n1, e0, nv,
+                                   [&](int64_t n, const acc_t (&x)[V]) { row_backward(n, gb, x); });
+    } else if constexpr (MODE == kTokens) {
       for_rows2_rev<V, scalar_t, acc_t>(g, gs, vg, h, hs, vin, L, b, n0, n1, e0, nv,
                                         [&](int64_t n, const acc_t (&gv)[V], const acc_t (&x)[V]) {
                                           const acc_t inv = acc_t(1) / static_cast<acc_t>(n + 1);
@@ -356,7 +398,7 @@ __global__ void __launch_bounds__(128)
     causal_gate_bwd_kernel(const scalar_t* __restrict__ g, Strides gs, bool vg, const scalar_t* __restrict__ h,
                            Strides hs, bool vin, GateArg<scalar_t> gate, Layout L, int64_t E, int64_t F,
                            CoeffArg<at::opmath_type<scalar_t>> ca, const double* __restrict__ carry,
-                           scalar_t* __restrict__ gpre, Strides gps, bool vgp,
+                           const double* __restrict__ tot, scalar_t* __restrict__ gpre, Strides gps, bool vgp,
                            at::opmath_type<scalar_t>* __restrict__ bpart, at::opmath_type<scalar_t>* __restrict__ gsum,
                            Strides gss, int u) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -373,7 +415,7 @@ __global__ void __launch_bounds__(128)
     ChanCoeff<K, V, acc_t> cc;
     cc.load(ca, e0, nv);
     // Row n of the gate's gradient from H (the row's prefix or block mean).
-    prefix_means<V>(h, hs, vin, L, b, n0, n1, E, e0, nv, F, cc, carry, [&](int64_t n, const acc_t (&H)[V]) {
+    prefix_means<V>(h, hs, vin, L, b, n0, n1, E, e0, nv, F, cc, carry, tot, [&](int64_t n, const acc_t (&H)[V]) {
       acc_t P[V];
       load_row<V>(g + L.off(gs, b, n), e0, gs.e, nv, vg, P);
 #pragma unroll
@@ -416,7 +458,7 @@ struct ScanPlan {
   int64_t tiles;
   Layout L;
   LayoutKeep keep;
-  bool single;  // every sequence is one chunk: no carries
+  bool single;  // every sequence is one chunk: no carries (never with split blocks: a block has cpb >= 2 chunks)
   int64_t F;    // block size, clamped to the number of rows (same blocks, no overflow)
 };
 
@@ -431,9 +473,10 @@ ScanPlan plan_scan(const at::Tensor& h, const c10::optional<at::Tensor>& cu, int
   const int64_t rows = cu.has_value() ? h.size(0) : h.size(0) * h.size(1);
   const int64_t avg = B > 0 ? ceil_div(rows, B) : 0;
   p.F = std::min<int64_t>(F, std::max<int64_t>(rows, 1));
-  const int64_t R = rows_per_chunk(avg, B, p.tiles, 64, p.F, h.get_device(), std::min(32, 2048 / p.tx), max_rows);
-  p.L = make_layout(h, cu, R, p.keep, stream);
-  p.single = !cu.has_value() && p.L.ncps <= 1;
+  // The rows a chunk should hold for the grid to fill the GPU; blocks larger than that are split (plan.h).
+  const int64_t want = rows_per_chunk(avg, B, p.tiles, 64, 1, h.get_device(), std::min(32, 2048 / p.tx), max_rows);
+  p.L = make_layout(h, cu, plan::make_plan(p.F, want), p.keep, stream);
+  p.single = !cu.has_value() && p.L.ncps <= 1 && p.L.plan.cpb == 0;
   return p;
 }
 
@@ -471,9 +514,9 @@ void causal_forward(const at::Tensor& h, const at::Tensor& coeff, int64_t block_
   const Strides hs = strides_of(h, packed), os = strides_of(out, packed);
   const bool vin = vectorizable<scalar_t>(h.data_ptr(), hs, E);
   const bool vout = vectorizable<scalar_t>(out.data_ptr(), os, E);
-  const dim3 grid(static_cast<unsigned>(p.L.nchunks), static_cast<unsigned>(p.tiles));
+  const dim3 grid = grid_of(p.L.nchunks, p.tiles);
   at::Tensor tot, carry;
-  dispatch_degree(static_cast<int>(coeff.size(1)), [&](auto Kc) {
+  cuda_dispatch_degree(static_cast<int>(coeff.size(1)), [&](auto Kc) {
     constexpr int K = decltype(Kc)::value;
     if (!p.single) {
       tot = at::empty({p.L.nchunks, E}, h.options().dtype(at::kDouble));
@@ -485,7 +528,8 @@ void causal_forward(const at::Tensor& h, const at::Tensor& coeff, int64_t block_
     }
     causal_scan_kernel<scalar_t, K><<<grid, p.tx, 0, stream>>>(h.data_ptr<scalar_t>(), hs, vin,
                                                                 out.data_ptr<scalar_t>(), os, vout, p.L, E, p.F, ca,
-                                                                p.single ? nullptr : carry.data_ptr<double>(), gate);
+                                                                p.single ? nullptr : carry.data_ptr<double>(),
+                                                                p.single ? nullptr : tot.data_ptr<double>(), gate);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -508,7 +552,7 @@ at::Tensor causal_backward(const at::Tensor& g, const at::Tensor& h, const at::T
     const bool vin = vectorizable<scalar_t>(h.data_ptr(), hs, E);
     const bool vg = vectorizable<scalar_t>(g.data_ptr(), gs, E);
     const bool vout = vectorizable<scalar_t>(gh.data_ptr(), ghs, E);
-    const dim3 grid(static_cast<unsigned>(p.L.nchunks), static_cast<unsigned>(p.tiles));
+    const dim3 grid = grid_of(p.L.nchunks, p.tiles);
     at::Tensor tot, carry;
     if (!p.single) {
       tot = at::empty({p.L.nchunks, E}, h.options().dtype(at::kDouble));
@@ -519,10 +563,15 @@ at::Tensor causal_backward(const at::Tensor& g, const at::Tensor& h, const at::T
       launch_chunk_scan(tot.data_ptr<double>(), carry.data_ptr<double>(), p.L, E, true, stream);
     }
     acc_t* const partp = part.data_ptr<acc_t>();
-    dispatch_degree(deg, [&](auto Kc) {
-      causal_bwd_scan_kernel<scalar_t, decltype(Kc)::value><<<grid, p.tx, 0, stream>>>(
-          g.data_ptr<scalar_t>(), gs, vg, gate, h.data_ptr<scalar_t>(), hs, vin, gh.data_ptr<scalar_t>(), ghs, vout,
-          p.L, E, p.F, ca, p.single ? nullptr : carry.data_ptr<double>(), partp);
+    cuda_dispatch_degree(deg, [&](auto Kc) {
+      constexpr int K = decltype(Kc)::value;
+      auto kernel = p.L.plan.cpb > 0 ? causal_bwd_scan_kernel<scalar_t, K, kSplitBlocks>
+                    : p.F == 1      ? causal_bwd_scan_kernel<scalar_t, K, kTokens>
+                                    : causal_bwd_scan_kernel<scalar_t, K, kWholeBlocks>;
+      kernel<<<grid, p.tx, 0, stream>>>(g.data_ptr<scalar_t>(), gs, vg, gate, h.data_ptr<scalar_t>(), hs, vin,
+                                        gh.data_ptr<scalar_t>(), ghs, vout, p.L, E, p.F, ca,
+                                        p.single ? nullptr : carry.data_ptr<double>(),
+                                        p.single ? nullptr : tot.data_ptr<double>(), partp);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -558,11 +607,11 @@ at::Tensor gate_backward(const at::Tensor& g, const at::Tensor& h, const at::Ten
     const bool vin = vectorizable<scalar_t>(h.data_ptr(), hs, E);
     const bool vg = vectorizable<scalar_t>(g.data_ptr(), gs, E);
     const bool vgp = q == 1 && vectorizable<scalar_t>(gpre.data_ptr(), gps, E);
-    const dim3 grid(static_cast<unsigned>(p.L.nchunks), static_cast<unsigned>(p.tiles));
+    const dim3 grid = grid_of(p.L.nchunks, p.tiles);
     scalar_t* const gpp = q == 1 ? gpre.data_ptr<scalar_t>() : nullptr;
     acc_t* const bpp = q == 1 ? bpart.data_ptr<acc_t>() : nullptr;
     acc_t* const gsp = q == 1 ? nullptr : gsum.data_ptr<acc_t>();
-    dispatch_degree(static_cast<int>(coeff.size(1)), [&](auto Kc) {
+    cuda_dispatch_degree(static_cast<int>(coeff.size(1)), [&](auto Kc) {
       constexpr int K = decltype(Kc)::value;
       at::Tensor tot, carry;
       if (!p.single) {
@@ -575,7 +624,8 @@ at::Tensor gate_backward(const at::Tensor& g, const at::Tensor& h, const at::Ten
       }
       causal_gate_bwd_kernel<scalar_t, K><<<grid, p.tx, 0, stream>>>(
           g.data_ptr<scalar_t>(), gs, vg, h.data_ptr<scalar_t>(), hs, vin, gate, p.L, E, p.F, ca,
-          p.single ? nullptr : carry.data_ptr<double>(), gpp, gps, vgp, bpp, gsp, gss, u);
+          p.single ? nullptr : carry.data_ptr<double>(), p.single ? nullptr : tot.data_ptr<double>(), gpp, gps,
+          vgp, bpp, gsp, gss, u);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -593,11 +643,12 @@ at::Tensor gate_backward(const at::Tensor& g, const at::Tensor& h, const at::Ten
 at::Tensor poly_causal_cuda(const at::Tensor& h, const at::Tensor& coeff, int64_t block_size,
                             const c10::optional<at::Tensor>& cu_seqlens) {
   checks::causal_args("pom_ext::poly_causal", h, coeff, block_size, cu_seqlens);
+  validate_offsets("pom_ext::poly_causal", cu_seqlens, h.size(0));
   c10::cuda::CUDAGuard guard(h.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   auto out = at::empty(h.sizes(), h.options());
   if (h.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "poly_causal_cuda", [&] {
+  POM_DISPATCH_FLOATING(h.scalar_type(), "poly_causal_cuda", [&] {
     causal_forward<scalar_t>(h, coeff, block_size, cu_seqlens, GateArg<scalar_t>{}, out, stream);
   });
   return out;
@@ -607,12 +658,13 @@ std::tuple<at::Tensor, at::Tensor> poly_causal_backward_cuda(const at::Tensor& g
                                                              const at::Tensor& coeff, int64_t block_size,
                                                              const c10::optional<at::Tensor>& cu_seqlens) {
   checks::causal_backward_args("pom_ext::poly_causal_backward", grad_H, h, coeff, block_size, cu_seqlens);
+  validate_offsets("pom_ext::poly_causal_backward", cu_seqlens, h.size(0));
   c10::cuda::CUDAGuard guard(h.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   auto g = grad_H.scalar_type() == h.scalar_type() ? grad_H : grad_H.to(h.scalar_type());
   auto gh = at::empty(h.sizes(), h.options());
   at::Tensor gc;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "poly_causal_backward_cuda", [&] {
+  POM_DISPATCH_FLOATING(h.scalar_type(), "poly_causal_backward_cuda", [&] {
     // grad_coeff partials are plain fp32 sums per chunk: keep chunks short.
     const ScanPlan p = plan_scan<scalar_t>(h, cu_seqlens, block_size, kMaxBwdRows, stream);
     gc = causal_backward<scalar_t>(g, h, coeff, p, GateArg<scalar_t>{}, gh, cu_seqlens.has_value(), stream);
@@ -625,6 +677,7 @@ at::Tensor poly_causal_gated_cuda(const at::Tensor& hs, const at::Tensor& coeff,
                                   const c10::optional<at::Tensor>& gate_bias, int64_t block_size,
                                   const c10::optional<at::Tensor>& cu_seqlens) {
   checks::causal_gated_args("pom_ext::poly_causal_gated", hs, coeff, gate_bias, block_size, cu_seqlens);
+  validate_offsets("pom_ext::poly_causal_gated", cu_seqlens, hs.size(0));
   c10::cuda::CUDAGuard guard(hs.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t E = coeff.size(0), S = hs.size(-1) - E;
@@ -633,7 +686,7 @@ at::Tensor poly_causal_gated_cuda(const at::Tensor& hs, const at::Tensor& coeff,
   auto out = at::empty(sizes, hs.options());
   if (out.numel() == 0) return out;
   const at::Tensor h = hs.narrow(-1, 0, E), pre = hs.narrow(-1, E, S);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hs.scalar_type(), "poly_causal_gated_cuda", [&] {
+  POM_DISPATCH_FLOATING(hs.scalar_type(), "poly_causal_gated_cuda", [&] {
     at::Tensor keep;
     const auto gate = gate_arg<scalar_t>(pre, cu_seqlens.has_value(), E, gate_bias, keep);
     causal_forward<scalar_t>(h, coeff, block_size, cu_seqlens, gate, out, stream);
@@ -646,6 +699,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_causal_gated_backward_cuda(
     const c10::optional<at::Tensor>& gate_bias, int64_t block_size, const c10::optional<at::Tensor>& cu_seqlens) {
   const char* op = "pom_ext::poly_causal_gated_backward";
   checks::causal_gated_backward_args(op, grad_y, hs, coeff, gate_bias, block_size, cu_seqlens);
+  validate_offsets(op, cu_seqlens, hs.size(0));
   c10::cuda::CUDAGuard guard(hs.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t E = coeff.size(0), S = hs.size(-1) - E;
@@ -657,7 +711,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_causal_gated_backward_cuda(
   const at::Tensor gh = ghs.narrow(-1, 0, E), gpre = ghs.narrow(-1, E, S);
   const at::Tensor& like = gate_bias.has_value() ? *gate_bias : hs;
   at::Tensor gc, gbias;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hs.scalar_type(), "poly_causal_gated_backward_cuda", [&] {
+  POM_DISPATCH_FLOATING(hs.scalar_type(), "poly_causal_gated_backward_cuda", [&] {
     const ScanPlan p = plan_scan<scalar_t>(h, cu_seqlens, block_size, kMaxBwdRows, stream);
     at::Tensor keep;
     const auto gate = gate_arg<scalar_t>(pre, packed, E, gate_bias, keep);

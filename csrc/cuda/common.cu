@@ -2,6 +2,8 @@
 // scan of chunk totals, and the fixed-order reduction of grad_coeff partials.
 #include "common.cuh"
 
+#include <c10/util/intrusive_ptr.h>
+
 #include <mutex>
 #include <vector>
 
@@ -25,9 +27,9 @@ namespace {
 
 constexpr int kOffThreads = 1024;
 
-// off[b] = sum_{j < b} ceil(len_j / R), off[B] = the number of chunks; validates the offsets.
+// off[b] = sum_{j < b} of the chunks of sequence j, off[B] = the number of chunks.
 __global__ void __launch_bounds__(kOffThreads)
-    chunk_offsets_kernel(const void* cu, bool cu64, int64_t B, int64_t R, int64_t total, int64_t* __restrict__ off) {
+    chunk_offsets_kernel(const void* cu, bool cu64, int64_t B, plan::ChunkPlan pl, int64_t* __restrict__ off) {
   __shared__ int64_t part[kOffThreads];
   auto at = [&](int64_t i) -> int64_t {
     return cu64 ? static_cast<const int64_t*>(cu)[i] : static_cast<int64_t>(static_cast<const int32_t*>(cu)[i]);
@@ -38,15 +40,11 @@ __global__ void __launch_bounds__(kOffThreads)
   const int64_t hi = lo + per < B ? lo + per : B;
   int64_t local = 0;
   for (int64_t b = lo; b < hi; ++b) {
-    const int64_t len = at(b + 1) - at(b);
-    CUDA_KERNEL_ASSERT(len >= 0 && "cu_seqlens must be non-decreasing");
-    local += (len + R - 1) / R;
+    local += plan::chunks_of_len(pl, at(b + 1) - at(b));  // lengths >= 0: validated on the host
   }
   part[t] = local;
   __syncthreads();
   if (t == 0) {
-    CUDA_KERNEL_ASSERT(at(0) == 0 && "cu_seqlens must start at 0");
-    CUDA_KERNEL_ASSERT(at(B) == total && "cu_seqlens must end at the number of rows of h");
     int64_t run = 0;
     for (int i = 0; i < kOffThreads; ++i) {
       const int64_t v = part[i];
@@ -59,7 +57,7 @@ __global__ void __launch_bounds__(kOffThreads)
   int64_t run = part[t];
   for (int64_t b = lo; b < hi; ++b) {
     off[b] = run;
-    run += (at(b + 1) - at(b) + R - 1) / R;
+    run += plan::chunks_of_len(pl, at(b + 1) - at(b));
   }
 }
 
@@ -112,14 +110,46 @@ __global__ void __launch_bounds__(256)
 
 }  // namespace
 
-Layout make_layout(const at::Tensor& h, const c10::optional<at::Tensor>& cu, int64_t R, LayoutKeep& keep,
-                   cudaStream_t stream) {
+void validate_offsets(const char* op, const c10::optional<at::Tensor>& cu, int64_t total) {
+  if (!cu.has_value()) return;
+  // The tensors validated lately, held weakly (a freed tensor, or one whose memory a new tensor reuses, never
+  // matches) with the version they had (an in-place change is validated again).
+  struct Seen {
+    c10::weak_intrusive_ptr<c10::TensorImpl> impl;
+    uint32_t version;
+    int64_t total;
+  };
+  static std::mutex mu;
+  static std::vector<Seen> seen;
+  constexpr size_t kSeen = 16;
+  const at::Tensor& c = *cu;
+  c10::TensorImpl* impl = c.unsafeGetTensorImpl();
+  const uint32_t version = impl->version_counter().current_version();
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    for (const Seen& s : seen) {
+      if (s.version == version && s.total == total) {
+        auto strong = s.impl.lock();
+        if (strong.get() == impl) return;
+      }
+    }
+  }
+  // One copy of the B + 1 offsets to the host (and so a synchronization), once per tensor.
+  const at::Tensor host = c.to(at::kCPU, at::kLong).contiguous();
+  checks::cu_values(op, host.data_ptr<int64_t>(), host.numel(), total);
+  std::lock_guard<std::mutex> lock(mu);
+  if (seen.size() == kSeen) seen.erase(seen.begin());
+  seen.push_back({c10::weak_intrusive_ptr<c10::TensorImpl>(c.getIntrusivePtr()), version, total});
+}
+
+Layout make_layout(const at::Tensor& h, const c10::optional<at::Tensor>& cu, const plan::ChunkPlan& pl,
+                   LayoutKeep& keep, cudaStream_t stream) {
   Layout L;
-  L.R = R;
+  L.plan = pl;
   if (!cu.has_value()) {
     L.B = h.size(0);
     L.N = h.size(1);
-    L.ncps = ceil_div(L.N, R);
+    L.ncps = plan::chunks_of_len(pl, L.N);
     L.nchunks = L.B * L.ncps;
     return L;
   }
@@ -128,9 +158,10 @@ Layout make_layout(const at::Tensor& h, const c10::optional<at::Tensor>& cu, int
   L.B = keep.cu.size(0) - 1;
   L.cu = keep.cu.data_ptr();
   L.cu64 = keep.cu.scalar_type() == at::kLong;
-  L.nchunks = ceil_div(total, R) + L.B;
+  // An upper bound of the chunks (each sequence adds at most one partial chunk, or one partial block's worth).
+  L.nchunks = pl.cpb == 0 ? ceil_div(total, pl.R) + L.B : (ceil_div(total, pl.F) + L.B) * pl.cpb;
   keep.off = at::empty({L.B + 1}, h.options().dtype(at::kLong));
-  chunk_offsets_kernel<<<1, kOffThreads, 0, stream>>>(L.cu, L.cu64, L.B, R, total, keep.off.data_ptr<int64_t>());
+  chunk_offsets_kernel<<<1, kOffThreads, 0, stream>>>(L.cu, L.cu64, L.B, pl, keep.off.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   L.chunk_off = keep.off.data_ptr<int64_t>();
   return L;

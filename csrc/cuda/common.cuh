@@ -29,11 +29,35 @@
 #include "pom_ext/dispatch.h"
 #include "pom_ext/library.h"
 #include "pom_ext/poly_math.h"
+#include "plan.h"
 
 namespace pom_ext {
 namespace cuda {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Kernel variants: every floating dtype x degrees 1..4 and the generic degree. POM_CUDA_ONE_VARIANT (development
+// only, for quick `-Xptxas -v` compile checks: about a tenth of the compile time) keeps bfloat16 with degree 4
+// and the generic degree; setup.py and CMake never set it.
+#ifdef POM_CUDA_ONE_VARIANT
+#define POM_DISPATCH_FLOATING(TYPE, NAME, ...) \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+template <typename F>
+void cuda_dispatch_degree(int degree, F&& f) {
+  if (degree == 4) {
+    f(std::integral_constant<int, 4>{});
+  } else {
+    f(std::integral_constant<int, 0>{});
+  }
+}
+#else
+#define POM_DISPATCH_FLOATING(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+template <typename F>
+void cuda_dispatch_degree(int degree, F&& f) {
+  dispatch_degree(degree, std::forward<F>(f));
+}
+#endif
 
 // Elements per 16-byte vector.
 template <typename scalar_t>
@@ -46,14 +70,14 @@ struct Strides {
   int64_t b = 0, n = 0, e = 1;
 };
 
-// Sequences and their chunks of R rows.
+// Sequences and their chunks (plan.h: whole blocks of R rows, or F-blocks split into chunks of at most R rows).
 struct Layout {
   int64_t B = 0;                        // sequences
   int64_t N = 0;                        // dense: rows per sequence
   const void* cu = nullptr;             // packed: offsets (B + 1), int32 or int64
   bool cu64 = false;
   const int64_t* chunk_off = nullptr;   // packed: first chunk of each sequence (B + 1)
-  int64_t R = 1;                        // rows per chunk
+  plan::ChunkPlan plan;
   int64_t ncps = 0;                     // dense: chunks per sequence
   int64_t nchunks = 0;                  // chunks in the grid (an upper bound when packed)
 
@@ -65,40 +89,31 @@ struct Layout {
   __device__ __forceinline__ int64_t off(const Strides& s, int64_t b, int64_t n) const {
     return b * s.b + (base(b) + n) * s.n;
   }
-  // Sequence and rows [n0, n1) of chunk c; false for a chunk past the last one.
+  // The first chunk of sequence b.
+  __device__ __forceinline__ int64_t first_chunk(int64_t b) const { return cu ? chunk_off[b] : b * ncps; }
+  // Sequence and rows [n0, n1) of chunk c (n0 == n1: an empty chunk); false for a chunk past the last one.
   __device__ __forceinline__ bool chunk(int64_t c, int64_t& b, int64_t& n0, int64_t& n1) const {
     if (!cu) {
       if (ncps == 0) return false;
       b = c / ncps;
       if (b >= B) return false;
-      n0 = (c - b * ncps) * R;
-      n1 = n0 + R < N ? n0 + R : N;
-      return true;
+    } else if (!plan::find_sequence(chunk_off, B, c, b)) {
+      return false;
     }
-    if (c >= chunk_off[B]) return false;
-    int64_t lo = 0, hi = B;  // chunk_off[lo] <= c < chunk_off[hi]
-    while (hi - lo > 1) {
-      const int64_t mid = (lo + hi) / 2;
-      if (chunk_off[mid] <= c) {
-        lo = mid;
-      } else {
-        hi = mid;
-      }
-    }
-    b = lo;
-    n0 = (c - chunk_off[b]) * R;
-    const int64_t L = len(b);
-    n1 = n0 + R < L ? n0 + R : L;
+    plan::chunk_rows(plan, len(b), c - first_chunk(b), n0, n1);
     return true;
   }
   __device__ __forceinline__ void chunks_of(int64_t b, int64_t& c0, int64_t& c1) const {
-    if (!cu) {
-      c0 = b * ncps;
-      c1 = c0 + ncps;
-    } else {
-      c0 = chunk_off[b];
-      c1 = chunk_off[b + 1];
-    }
+    c0 = first_chunk(b);
+    c1 = cu ? chunk_off[b + 1] : c0 + ncps;
+  }
+  // Split blocks (plan.cpb > 0): the global index of the first and of the last chunk of the block holding chunk
+  // c of sequence b, and that block's end row.
+  __device__ __forceinline__ void block_chunks(int64_t b, int64_t c, int64_t& cf, int64_t& cl, int64_t& bend) const {
+    const int64_t c0 = first_chunk(b), j = plan::block_of(plan, c - c0);
+    cf = c0 + plan::first_chunk_of_block(plan, j);
+    cl = c0 + plan::last_chunk_of_block(plan, j);
+    bend = plan::block_end(plan, len(b), j);
   }
   // Sequence and position of a global row index (dense: b * N + n; packed: the packed row).
   __device__ __forceinline__ void row(int64_t r, int64_t& b, int64_t& n) const {
@@ -252,13 +267,84 @@ struct CoeffGradAcc {
   }
 };
 
-// This thread's V channels [e0, e0 + nv) in channel tile blockIdx.y of a width-E row; false past the last one.
+// The channel tile of this block: blockIdx.y + blockIdx.z * gridDim.y (grid_of: tiles past the y limit of
+// 65535 continue in z).
+__device__ __forceinline__ int64_t channel_tile() {
+  return static_cast<int64_t>(blockIdx.y) + static_cast<int64_t>(blockIdx.z) * gridDim.y;
+}
+
+// This thread's V channels [e0, e0 + nv) in its block's channel tile of a width-E row; false past the last one.
 template <int V>
 __device__ __forceinline__ bool thread_channels(int64_t E, int64_t& e0, int& nv) {
-  e0 = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * V;
+  e0 = (channel_tile() * blockDim.x + threadIdx.x) * V;
   if (e0 >= E) return false;
   nv = E - e0 < V ? static_cast<int>(E - e0) : V;
   return true;
+}
+
+// 16 bytes as the V values of one vector, converted with bit operations on the four 32-bit words (never
+// through the address of a local, which would put the vector on the stack and split its store).
+template <typename scalar_t>
+struct Pack;
+
+template <>
+struct Pack<float> {
+  __device__ __forceinline__ static void unpack(const uint4& r, float (&x)[4]) {
+    x[0] = __uint_as_float(r.x);
+    x[1] = __uint_as_float(r.y);
+    x[2] = __uint_as_float(r.z);
+    x[3] = __uint_as_float(r.w);
+  }
+  __device__ __forceinline__ static uint4 pack(const float (&x)[4]) {
+    return make_uint4(__float_as_uint(x[0]), __float_as_uint(x[1]), __float_as_uint(x[2]), __float_as_uint(x[3]));
+  }
+};
+
+template <>
+struct Pack<double> {
+  __device__ __forceinline__ static void unpack(const uint4& r, double (&x)[2]) {
+    x[0] = __hiloint2double(static_cast<int>(r.y), static_cast<int>(r.x));
+    x[1] = __hiloint2double(static_cast<int>(r.w), static_cast<int>(r.z));
+  }
+  __device__ __forceinline__ static uint4 pack(const double (&x)[2]) {
+    return make_uint4(static_cast<unsigned>(__double2loint(x[0])), static_cast<unsigned>(__double2hiint(x[0])),
+                      static_cast<unsigned>(__double2loint(x[1])), static_cast<unsigned>(__double2hiint(x[1])));
+  }
+};
+
+// Two 16-bit values per word, the first in the low half; the conversions of c10::Half and c10::BFloat16 on
+// the device (round to nearest even; NaN stays NaN).
+template <typename scalar_t>
+struct Pack16 {
+  __device__ __forceinline__ static float to_float(unsigned bits) {
+    return static_cast<float>(scalar_t(static_cast<uint16_t>(bits), scalar_t::from_bits()));
+  }
+  __device__ __forceinline__ static unsigned to_bits(float v) { return static_cast<unsigned>(scalar_t(v).x); }
+  __device__ __forceinline__ static void unpack(const uint4& r, float (&x)[8]) {
+    const unsigned w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      x[2 * i] = to_float(w[i] & 0xffffu);
+      x[2 * i + 1] = to_float(w[i] >> 16);
+    }
+  }
+  __device__ __forceinline__ static uint4 pack(const float (&x)[8]) {
+    unsigned w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = to_bits(x[2 * i]) | (to_bits(x[2 * i + 1]) << 16);
+    return make_uint4(w[0], w[1], w[2], w[3]);
+  }
+};
+
+template <>
+struct Pack<c10::Half> : Pack16<c10::Half> {};
+template <>
+struct Pack<c10::BFloat16> : Pack16<c10::BFloat16> {};
+
+// The 16 bytes at channel e0 of a row (an aligned vector: `vectorizable`).
+template <typename scalar_t>
+__device__ __forceinline__ uint4 load_vec(const scalar_t* __restrict__ row, int64_t e0) {
+  return *reinterpret_cast<const uint4*>(row + e0);
 }
 
 // V elements of one row at channel e0: one 16-byte load when `vec`, else strided scalar loads.
@@ -266,10 +352,7 @@ template <int V, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void load_row(const scalar_t* __restrict__ row, int64_t e0, int64_t sE, int nv, bool vec,
                                          acc_t (&x)[V]) {
   if (vec) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(row + e0);
-    const scalar_t* s = reinterpret_cast<const scalar_t*>(&raw);
-#pragma unroll
-    for (int j = 0; j < V; ++j) x[j] = static_cast<acc_t>(s[j]);
+    Pack<scalar_t>::unpack(load_vec(row, e0), x);
   } else {
 #pragma unroll
     for (int j = 0; j < V; ++j) x[j] = j < nv ? static_cast<acc_t>(row[(e0 + j) * sE]) : acc_t(0);
@@ -280,15 +363,39 @@ template <int V, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void store_row(scalar_t* __restrict__ row, int64_t e0, int64_t sE, int nv, bool vec,
                                           const acc_t (&x)[V]) {
   if (vec) {
-    uint4 raw;
-    scalar_t* s = reinterpret_cast<scalar_t*>(&raw);
-#pragma unroll
-    for (int j = 0; j < V; ++j) s[j] = static_cast<scalar_t>(x[j]);
-    *reinterpret_cast<uint4*>(row + e0) = raw;
+    // __stwb (st.global.wb.v4): a plain assignment of the uint4 was split into four 4-byte stores in the scans.
+    __stwb(reinterpret_cast<uint4*>(row + e0), Pack<scalar_t>::pack(x));
   } else {
 #pragma unroll
     for (int j = 0; j < V; ++j)
       if (j < nv) row[(e0 + j) * sE] = static_cast<scalar_t>(x[j]);
+  }
+}
+
+// fn(n, x) for rows n = first, first + step, ... below end, x the V channels at e0 of row(n) (a pointer to the
+// row). Vectorizable rows are loaded U at a time, kept packed (16 bytes each) until their turn, so U loads are in
+// flight per thread; strided rows one at a time.
+template <int V, int U, typename scalar_t, typename acc_t, typename RowPtr, typename Fn>
+__device__ __forceinline__ void for_rows_step(RowPtr&& row, int64_t first, int64_t end, int64_t step, int64_t e0,
+                                              int64_t sE, int nv, bool vec, Fn&& fn) {
+  int64_t n = first;
+  if (vec) {
+    for (; n + (U - 1) * step < end; n += U * step) {
+      uint4 r[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) r[u] = load_vec<scalar_t>(row(n + u * step), e0);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        acc_t x[V];
+        Pack<scalar_t>::unpack(r[u], x);
+        fn(n + u * step, x);
+      }
+    }
+  }
+  for (; n < end; n += step) {
+    acc_t x[V];
+    load_row<V>(row(n), e0, sE, nv, vec, x);
+    fn(n, x);
   }
 }
 
@@ -318,6 +425,12 @@ bool vectorizable(const void* ptr, const Strides& s, int64_t E) {
 
 int sm_count(int device);
 
+// Grid of `blocks` x `tiles` channel tiles (channel_tile()): tiles in y up to 65535, then in z.
+inline dim3 grid_of(int64_t blocks, int64_t tiles) {
+  const int64_t y = std::min<int64_t>(std::max<int64_t>(tiles, 1), 65535);
+  return dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(y), static_cast<unsigned>(ceil_div(tiles, y)));
+}
+
 // Threads across channels for a width of E channels at V per thread (32..max_tx).
 inline int threads_x(int64_t E, int V, int max_tx) {
   const int64_t need = ceil_div(ceil_div(E, V), 32) * 32;
@@ -342,10 +455,16 @@ struct LayoutKeep {
   at::Tensor off, cu;
 };
 
-// Layout of h (dense or packed) cut into chunks of R rows. For packed inputs this
-// launches a kernel computing the per-sequence chunk offsets into `keep`.
-Layout make_layout(const at::Tensor& h, const c10::optional<at::Tensor>& cu, int64_t R, LayoutKeep& keep,
-                   cudaStream_t stream);
+// Checks the values of cu_seqlens (0 first, non-decreasing, `total` last) with an ordinary error naming the
+// argument, never a device assert (which would leave the process's CUDA context unusable). Costs one copy of the
+// B + 1 offsets to the host, a synchronization, the first time a cu_seqlens tensor is seen (and after an in-place
+// change); later calls with the same tensor (every layer of a model, the backward) cost nothing.
+void validate_offsets(const char* op, const c10::optional<at::Tensor>& cu, int64_t total);
+
+// Layout of h (dense or packed) cut into the chunks of plan `pl` (chunks of R rows: plan::ChunkPlan{R}). For
+// packed inputs this launches a kernel computing the per-sequence chunk offsets into `keep`.
+Layout make_layout(const at::Tensor& h, const c10::optional<at::Tensor>& cu, const plan::ChunkPlan& pl,
+                   LayoutKeep& keep, cudaStream_t stream);
 
 // carry[c] (nchunks x E, fp64) = sum of tot over the chunks before c in its sequence
 // (after c when reverse). tot of the last (first, when reverse) chunk of a sequence is never read.

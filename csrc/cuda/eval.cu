@@ -14,6 +14,7 @@ namespace cuda {
 namespace {
 
 constexpr int kTY = 4;  // row lanes per block (TX * kTY <= 256)
+constexpr int kU = 4;   // rows in flight per thread
 
 template <typename scalar_t, int K>
 __global__ void __launch_bounds__(256)
@@ -27,13 +28,14 @@ __global__ void __launch_bounds__(256)
   ChanCoeff<K, V, acc_t> cc;
   cc.load(ca, e0, nv);
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
-  for (int64_t m = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; m < M; m += step) {
-    acc_t x[V], o[V];
-    load_row<V>(h + m * sM, e0, sE, nv, vin, x);
+  for_rows_step<V, kU, scalar_t, acc_t>([&](int64_t m) { return h + m * sM; },
+                                        static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y, M, step, e0, sE,
+                                        nv, vin, [&](int64_t m, const acc_t (&x)[V]) {
+                                          acc_t o[V];
 #pragma unroll
-    for (int j = 0; j < V; ++j) o[j] = cc.poly(j, math::act(x[j]));
-    store_row<V>(out + m * E, e0, 1, nv, vout, o);
-  }
+                                          for (int j = 0; j < V; ++j) o[j] = cc.poly(j, math::act(x[j]));
+                                          store_row<V>(out + m * E, e0, 1, nv, vout, o);
+                                        });
 }
 
 template <typename scalar_t, int K>
@@ -87,7 +89,7 @@ at::Tensor poly_eval_cuda(const at::Tensor& h, const at::Tensor& coeff) {
   const int64_t M = h2.size(0), E = h2.size(1);
   auto out = at::empty({M, E}, h.options());
   if (M == 0 || E == 0) return out.view(h.sizes());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "poly_eval_cuda", [&] {
+  POM_DISPATCH_FLOATING(h.scalar_type(), "poly_eval_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     constexpr int V = Vec<scalar_t>::value;
     at::Tensor keep;
@@ -98,9 +100,11 @@ at::Tensor poly_eval_cuda(const at::Tensor& h, const at::Tensor& coeff) {
     const Strides hs{0, h2.stride(0), h2.stride(1)};
     const bool vin = vectorizable<scalar_t>(h2.data_ptr(), hs, E);
     const bool vout = E % V == 0;
-    const int64_t groups = std::min<int64_t>(ceil_div(M, ty), 65535 * 16);
-    const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(tiles));
-    dispatch_degree(deg, [&](auto Kc) {
+    // About two waves of blocks: each thread walks many rows, its K * V coefficients loaded once for all.
+    const int64_t waves = 2LL * sm_count(h.get_device()) * (2048 / (tx * ty));
+    const int64_t groups = std::max<int64_t>(1, std::min<int64_t>(ceil_div(M, ty), ceil_div(waves, tiles)));
+    const dim3 grid = grid_of(groups, tiles);
+    cuda_dispatch_degree(deg, [&](auto Kc) {
       eval_fwd_kernel<scalar_t, decltype(Kc)::value><<<grid, dim3(tx, ty), 0, stream>>>(
           h2.data_ptr<scalar_t>(), hs.n, hs.e, vin, out.data_ptr<scalar_t>(), vout, M, E, ca);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -120,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor> poly_eval_backward_cuda(const at::Tensor& gra
   const int64_t M = h2.size(0), E = h2.size(1);
   auto gh = at::empty({M, E}, h.options());
   at::Tensor gc;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "poly_eval_backward_cuda", [&] {
+  POM_DISPATCH_FLOATING(h.scalar_type(), "poly_eval_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     constexpr int V = Vec<scalar_t>::value;
     const int tx = threads_x(E, V, 64);
@@ -137,8 +141,8 @@ std::tuple<at::Tensor, at::Tensor> poly_eval_backward_cuda(const at::Tensor& gra
       const bool vin = vectorizable<scalar_t>(h2.data_ptr(), hs, E);
       const bool vg = vectorizable<scalar_t>(g2.data_ptr(), gs, E);
       const bool vout = E % V == 0;
-      const dim3 grid(static_cast<unsigned>(nchunks), static_cast<unsigned>(tiles));
-      dispatch_degree(deg, [&](auto Kc) {
+      const dim3 grid = grid_of(nchunks, tiles);
+      cuda_dispatch_degree(deg, [&](auto Kc) {
         eval_bwd_kernel<scalar_t, decltype(Kc)::value><<<grid, dim3(tx, ty), 0, stream>>>(
             g2.data_ptr<scalar_t>(), gs.n, gs.e, vg, h2.data_ptr<scalar_t>(), hs.n, hs.e, vin,
             gh.data_ptr<scalar_t>(), vout, M, E, R, ca, part.data_ptr<acc_t>());

@@ -22,6 +22,8 @@ namespace pom_ext {
 namespace cuda {
 namespace {
 
+constexpr int kU = 4;  // rows in flight per thread
+
 template <typename scalar_t, int K>
 __global__ void __launch_bounds__(256)
     row_partials_kernel(const scalar_t* __restrict__ h, Strides hs, bool vin, Layout L,
@@ -35,7 +37,7 @@ __global__ void __launch_bounds__(256)
   const int64_t slot = c * blockDim.y + threadIdx.y;
   int64_t b = 0, n0 = 0, n1 = 0;
   if (!L.chunk(c, b, n0, n1)) n1 = n0;
-  if (blockIdx.y == 0 && threadIdx.x == 0) {
+  if (channel_tile() == 0 && threadIdx.x == 0) {
     if (cnt_ws && threadIdx.y == 0 && n1 > n0 && n0 == 0) cnt_ws[b] = count_in[b * count_stride];
     double wsum = 0.0;
     for (int64_t n = n0 + threadIdx.y; n < n1; n += blockDim.y)
@@ -50,13 +52,12 @@ __global__ void __launch_bounds__(256)
   acc_t f[V];
 #pragma unroll
   for (int j = 0; j < V; ++j) f[j] = acc_t(0);
-  for (int64_t n = n0 + threadIdx.y; n < n1; n += blockDim.y) {
-    acc_t x[V];
-    load_row<V>(h + L.off(hs, b, n), e0, hs.e, nv, vin, x);
-    const acc_t wn = w ? w[L.off(ws, b, n)] : acc_t(1);
+  for_rows_step<V, kU, scalar_t, acc_t>([&](int64_t n) { return h + L.off(hs, b, n); }, n0 + threadIdx.y, n1,
+                                        blockDim.y, e0, hs.e, nv, vin, [&](int64_t n, const acc_t (&x)[V]) {
+                                          const acc_t wn = w ? w[L.off(ws, b, n)] : acc_t(1);
 #pragma unroll
-    for (int j = 0; j < V; ++j) f[j] += wn * cc.poly(j, math::act(x[j]));
-  }
+                                          for (int j = 0; j < V; ++j) f[j] += wn * cc.poly(j, math::act(x[j]));
+                                        });
 #pragma unroll
   for (int j = 0; j < V; ++j)
     if (j < nv) S[slot * E + e0 + j] = f[j];
@@ -100,21 +101,21 @@ __global__ void __launch_bounds__(256)
   acc_t g[V];
 #pragma unroll
   for (int j = 0; j < V; ++j) g[j] = (n1 > n0 && j < nv) ? gbar[b * E + e0 + j] : acc_t(0);
-  for (int64_t n = n0 + threadIdx.y; n < n1; n += blockDim.y) {
-    acc_t x[V], gx[V];
-    load_row<V>(h + L.off(hs, b, n), e0, hs.e, nv, vin, x);
-    const acc_t wn = w ? w[L.off(ws, b, n)] : acc_t(1);
+  for_rows_step<V, kU, scalar_t, acc_t>([&](int64_t n) { return h + L.off(hs, b, n); }, n0 + threadIdx.y, n1,
+                                        blockDim.y, e0, hs.e, nv, vin, [&](int64_t n, const acc_t (&x)[V]) {
+                                          acc_t gx[V];
+                                          const acc_t wn = w ? w[L.off(ws, b, n)] : acc_t(1);
 #pragma unroll
-    for (int j = 0; j < V; ++j) {
-      const acc_t a = math::act(x[j]);
-      acc_t p, dp;
-      cc.poly_and_slope(j, a, p, dp);
-      const acc_t gs = g[j] * wn;
-      gx[j] = gs * ca.act_grad(x[j]) * dp;
-      f.add_powers(j, gs, a);
-    }
-    store_row<V>(gh + L.off(ghs, b, n), e0, ghs.e, nv, vout, gx);
-  }
+                                          for (int j = 0; j < V; ++j) {
+                                            const acc_t a = math::act(x[j]);
+                                            acc_t p, dp;
+                                            cc.poly_and_slope(j, a, p, dp);
+                                            const acc_t gs = g[j] * wn;
+                                            gx[j] = gs * ca.act_grad(x[j]) * dp;
+                                            f.add_powers(j, gs, a);
+                                          }
+                                          store_row<V>(gh + L.off(ghs, b, n), e0, ghs.e, nv, vout, gx);
+                                        });
   f.finish();
 }
 
@@ -214,11 +215,11 @@ RowPartials row_partials(const at::Tensor& h, const at::Tensor& coeff, const at:
   const bool packed = cu.has_value();
   const int64_t E = h.size(-1), B = checks::batch_of(h, cu);
   const int deg = static_cast<int>(coeff.size(1));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "pom_ext_row_partials", [&] {
+  POM_DISPATCH_FLOATING(h.scalar_type(), "pom_ext_row_partials", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Geo g = row_geometry<scalar_t>(E);
     const int64_t R = row_chunk_rows<scalar_t>(h, packed, B, g);
-    rp.L = make_layout(h, cu, R, rp.keep, stream);
+    rp.L = make_layout(h, cu, plan::ChunkPlan{R}, rp.keep, stream);
     rp.lanes = g.ty;
     const int64_t nslots = rp.L.nchunks * g.ty;
     rp.S = at::empty({std::max<int64_t>(nslots, 1), E}, h.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
@@ -230,8 +231,8 @@ RowPartials row_partials(const at::Tensor& h, const at::Tensor& coeff, const at:
     const bool vin = vectorizable<scalar_t>(h.data_ptr(), hs, E);
     const Strides ws = weight ? strides_of(*weight, packed) : Strides{};
     const acc_t* wp = weight ? weight->data_ptr<acc_t>() : nullptr;
-    const dim3 grid(static_cast<unsigned>(rp.L.nchunks), static_cast<unsigned>(g.tiles));
-    dispatch_degree(deg, [&](auto Kc) {
+    const dim3 grid = grid_of(rp.L.nchunks, g.tiles);
+    cuda_dispatch_degree(deg, [&](auto Kc) {
       row_partials_kernel<scalar_t, decltype(Kc)::value><<<grid, dim3(g.tx, g.ty), 0, stream>>>(
           h.data_ptr<scalar_t>(), hs, vin, rp.L, wp, ws, E, ca, rp.S.data_ptr<acc_t>(), rp.W.data_ptr<double>(),
           count_in, count_stride, cnt_ws);
@@ -248,12 +249,12 @@ at::Tensor row_backward(const at::Tensor& h, const at::Tensor& coeff, const at::
   const int64_t E = h.size(-1), B = checks::batch_of(h, cu);
   const int deg = static_cast<int>(coeff.size(1));
   at::Tensor gc;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "pom_ext_row_backward", [&] {
+  POM_DISPATCH_FLOATING(h.scalar_type(), "pom_ext_row_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Geo g = row_geometry<scalar_t>(E);
     const int64_t R = row_chunk_rows<scalar_t>(h, packed, B, g);
     LayoutKeep lk;
-    const Layout L = make_layout(h, cu, R, lk, stream);
+    const Layout L = make_layout(h, cu, plan::ChunkPlan{R}, lk, stream);
     const int64_t nslots = L.nchunks * g.ty;
     auto part = at::empty({std::max<int64_t>(nslots, 1), deg, E},
                           h.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
@@ -265,8 +266,8 @@ at::Tensor row_backward(const at::Tensor& h, const at::Tensor& coeff, const at::
       const bool vout = vectorizable<scalar_t>(gh.data_ptr(), ghs, E);
       const Strides ws = weight ? strides_of(*weight, packed) : Strides{};
       const acc_t* wp = weight ? weight->data_ptr<acc_t>() : nullptr;
-      const dim3 grid(static_cast<unsigned>(L.nchunks), static_cast<unsigned>(g.tiles));
-      dispatch_degree(deg, [&](auto Kc) {
+      const dim3 grid = grid_of(L.nchunks, g.tiles);
+      cuda_dispatch_degree(deg, [&](auto Kc) {
         row_backward_kernel<scalar_t, decltype(Kc)::value><<<grid, dim3(g.tx, g.ty), 0, stream>>>(
             h.data_ptr<scalar_t>(), hs, vin, L, wp, ws, E, ca, gbar.data_ptr<acc_t>(), gh.data_ptr<scalar_t>(), ghs,
             vout, part.data_ptr<acc_t>());
@@ -284,6 +285,7 @@ at::Tensor poly_mean_cuda(const at::Tensor& h, const at::Tensor& coeff, const c1
                           const c10::optional<at::Tensor>& cu_seqlens) {
   const char* op = "pom_ext::poly_mean";
   checks::mean_args(op, h, coeff, weight, cu_seqlens);
+  validate_offsets(op, cu_seqlens, h.size(0));
   c10::cuda::CUDAGuard guard(h.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t E = h.size(-1), B = checks::batch_of(h, cu_seqlens);
@@ -292,7 +294,7 @@ at::Tensor poly_mean_cuda(const at::Tensor& h, const at::Tensor& coeff, const c1
   at::Tensor wt;
   if (weight.has_value()) wt = weight->to(acc_type_of(h.scalar_type()));
   RowPartials rp = row_partials(h, coeff, weight.has_value() ? &wt : nullptr, cu_seqlens, nullptr, 0, nullptr, stream);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "poly_mean_cuda", [&] {
+  POM_DISPATCH_FLOATING(h.scalar_type(), "poly_mean_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const dim3 grid(static_cast<unsigned>(ceil_div(E, 32) * B));
     mean_finish_kernel<scalar_t><<<grid, dim3(32, 8), 0, stream>>>(rp.S.data_ptr<acc_t>(), rp.W.data_ptr<double>(),
@@ -307,6 +309,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_mean_backward_cuda(
     const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& cu_seqlens, bool weight_grad) {
   const char* op = "pom_ext::poly_mean_backward";
   checks::mean_backward_args(op, grad_H, H, h, coeff, weight, cu_seqlens, weight_grad);
+  validate_offsets(op, cu_seqlens, h.size(0));
   const int deg = static_cast<int>(coeff.size(1));
   const int64_t E = h.size(-1), B = checks::batch_of(h, cu_seqlens);
   c10::cuda::CUDAGuard guard(h.device());
@@ -322,7 +325,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_mean_backward_cuda(
   const at::Tensor* wp = weight.has_value() ? &wt : nullptr;
   if (B > 0) {
     LayoutKeep lk;
-    const Layout L = make_layout(h, cu_seqlens, 1, lk, stream);
+    const Layout L = make_layout(h, cu_seqlens, plan::ChunkPlan{1}, lk, stream);
     auto gHa = grad_H.to(acc);
     auto Ha = H.to(acc);
     const Strides ws = wp ? strides_of(wt, packed) : Strides{};
@@ -338,13 +341,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_mean_backward_cuda(
   const int64_t M = packed ? h.size(0) : h.size(0) * h.size(1);
   if (weight_grad && M > 0) {
     LayoutKeep lk;
-    const Layout L = make_layout(h, cu_seqlens, 1, lk, stream);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "poly_mean_wgrad_cuda", [&] {
+    const Layout L = make_layout(h, cu_seqlens, plan::ChunkPlan{1}, lk, stream);
+    POM_DISPATCH_FLOATING(h.scalar_type(), "poly_mean_wgrad_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       auto tab = coeff.to(acc).t().contiguous();
       const Strides hs = strides_of(h, packed);
       const int64_t blocks = std::min<int64_t>(ceil_div(M, 8), 65535 * 8);
-      dispatch_degree(deg, [&](auto Kc) {
+      cuda_dispatch_degree(deg, [&](auto Kc) {
         mean_wgrad_kernel<scalar_t, decltype(Kc)::value><<<static_cast<unsigned>(blocks), dim3(32, 8), 0, stream>>>(
             h.data_ptr<scalar_t>(), hs, L, M, E, tab.data_ptr<acc_t>(), deg, gbar.data_ptr<acc_t>(),
             gdotH.data_ptr<acc_t>(), gw.data_ptr<acc_t>());

@@ -1,11 +1,11 @@
 // Recurrent state on CUDA: poly_state_update, its backward, and the in-place
 // decode step poly_state_step_.
 //
-// Short chunks (T <= kSmallT, the decode case T == 1 included): one launch,
-// one block per batch row; each thread owns channels, sums p over the T tokens,
-// and writes H, the new sum and (after a barrier, so every thread of the row
-// has read the old value) the new count. No workspace, no host sync: the step
-// can be captured in a CUDA graph and runs in place.
+// Short chunks (T <= kSmallT, the decode case T == 1 included): grid (batch rows,
+// channel tiles), V channels per thread read 16 bytes at a time; each thread sums
+// p over the T tokens and writes H and the new sum; a second launch then writes the
+// new counts (after every block has read the old ones). No workspace, no host sync:
+// the step can be captured in a CUDA graph and runs in place.
 // Long chunks: row_partials (grid (chunks, channel tiles), slot partials, and a
 // copy of the counts) then state_finish (grid (E / 32 x B), fixed-order fp64
 // reduction of the slots of each row); in-place safe because the counts are
@@ -35,27 +35,53 @@ __device__ __forceinline__ void write_sum(void* p, bool f64, int64_t i, double v
   }
 }
 
+// Short chunks: grid (batch rows, channel tiles), V channels per thread (16-byte row loads), the T tokens
+// summed in order; H and the new sum written here, the new count by state_count_kernel after it (so that
+// every block has read the old count when it changes, also in place).
 template <typename scalar_t, int K>
 __global__ void __launch_bounds__(256)
-    state_small_kernel(const scalar_t* __restrict__ h, Strides hs, int64_t T, int64_t E,
+    state_small_kernel(const scalar_t* __restrict__ h, Strides hs, bool vin, int64_t T, int64_t E,
                        CoeffArg<at::opmath_type<scalar_t>> ca, const void* sum_in, int64_t ss0, int64_t ss1,
-                       const int64_t* count_in, int64_t cs, bool sum64, scalar_t* __restrict__ H, void* sum_out,
-                       int64_t* count_out) {
+                       const int64_t* count_in, int64_t cs, bool sum64, scalar_t* __restrict__ H, bool vout,
+                       void* sum_out) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr int V = Vec<scalar_t>::value;
   const int64_t b = blockIdx.x;
+  int64_t e0;
+  int nv;
+  if (!thread_channels<V>(E, e0, nv)) return;
+  ChanCoeff<K, V, acc_t> cc;
+  cc.load(ca, e0, nv);
   const int64_t cnt = count_in[b * cs] + T;
   const double inv = cnt > 0 ? 1.0 / static_cast<double>(cnt) : 0.0;
-  for (int64_t e = threadIdx.x; e < E; e += blockDim.x) {
-    ChanCoeff<K, 1, acc_t> cc;
-    cc.load(ca, e, 1);
-    acc_t f = acc_t(0);
-    for (int64_t t = 0; t < T; ++t) f += cc.poly(0, math::act(static_cast<acc_t>(h[b * hs.b + t * hs.n + e * hs.e])));
-    const double s = read_sum(sum_in, sum64, b * ss0 + e * ss1) + static_cast<double>(f);
-    H[b * E + e] = static_cast<scalar_t>(s * inv);
-    write_sum(sum_out, sum64, b * E + e, s);
+  acc_t f[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) f[j] = acc_t(0);
+  for (int64_t t = 0; t < T; ++t) {
+    acc_t x[V];
+    load_row<V>(h + b * hs.b + t * hs.n, e0, hs.e, nv, vin, x);
+#pragma unroll
+    for (int j = 0; j < V; ++j) f[j] += cc.poly(j, math::act(x[j]));
   }
-  __syncthreads();
-  if (threadIdx.x == 0) count_out[b] = cnt;
+  acc_t y[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    if (j < nv) {
+      const int64_t e = e0 + j;
+      const double sv = read_sum(sum_in, sum64, b * ss0 + e * ss1) + static_cast<double>(f[j]);
+      y[j] = static_cast<acc_t>(sv * inv);
+      write_sum(sum_out, sum64, b * E + e, sv);
+    } else {
+      y[j] = acc_t(0);
+    }
+  }
+  store_row<V>(H + b * E, e0, 1, nv, vout, y);
+}
+
+__global__ void __launch_bounds__(256)
+    state_count_kernel(const int64_t* count_in, int64_t cs, int64_t B, int64_t T, int64_t* count_out) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b < B) count_out[b] = count_in[b * cs] + T;
 }
 
 template <typename scalar_t>
@@ -92,19 +118,29 @@ void state_into(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& 
   const int64_t B = h.size(0), T = h.size(1), E = h.size(2);
   if (B == 0) return;
   const bool sum64 = sum_in.scalar_type() == at::kDouble;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "poly_state_update_cuda", [&] {
+  POM_DISPATCH_FLOATING(h.scalar_type(), "poly_state_update_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     at::Tensor keep;
     auto ca = coeff_arg<acc_t>(coeff, keep);
     if (T <= kSmallT || E == 0) {
+      constexpr int V = Vec<scalar_t>::value;
       const Strides hs{h.stride(0), h.stride(1), h.stride(2)};
-      dispatch_degree(deg, [&](auto Kc) {
-        state_small_kernel<scalar_t, decltype(Kc)::value><<<static_cast<unsigned>(B), 256, 0, stream>>>(
-            h.data_ptr<scalar_t>(), hs, T, E, ca, sum_in.data_ptr(), sum_in.stride(0), sum_in.stride(1),
-            count_in.data_ptr<int64_t>(), count_in.stride(0), sum64, H.data_ptr<scalar_t>(), sum_out.data_ptr(),
-            count_out.data_ptr<int64_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+      const bool vin = vectorizable<scalar_t>(h.data_ptr(), hs, E);
+      const bool vout = vectorizable<scalar_t>(H.data_ptr(), Strides{E, E, 1}, E);
+      const int tx = threads_x(E, V, 128);
+      const int64_t tiles = ceil_div(std::max<int64_t>(E, 1), static_cast<int64_t>(tx) * V);
+      if (E > 0) {
+        cuda_dispatch_degree(deg, [&](auto Kc) {
+          state_small_kernel<scalar_t, decltype(Kc)::value><<<grid_of(B, tiles), tx, 0, stream>>>(
+              h.data_ptr<scalar_t>(), hs, vin, T, E, ca, sum_in.data_ptr(), sum_in.stride(0), sum_in.stride(1),
+              count_in.data_ptr<int64_t>(), count_in.stride(0), sum64, H.data_ptr<scalar_t>(), vout,
+              sum_out.data_ptr());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      }
+      state_count_kernel<<<static_cast<unsigned>(ceil_div(B, 256)), 256, 0, stream>>>(
+          count_in.data_ptr<int64_t>(), count_in.stride(0), B, T, count_out.data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
     auto cnt_ws = at::empty({B}, count_in.options());
