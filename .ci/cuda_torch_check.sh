@@ -5,7 +5,7 @@
 #   - every op has a CUDA kernel registered with the dispatcher;
 #   - the CPU tests of the suite run against this build (the CUDA tests skip without a GPU), the C++ interop tests
 #     included (CMake's find_package(Torch) of a CUDA torch needs the toolkit, found as docs/cpp.md says);
-#   - the CUDA kernels' resource check (.ci/sass_check.py) reads the compiled sm_90 code, when present.
+#   - the CUDA kernels' resource check (.ci/sass_check.py with csrc/cuda/resource_budget.json) reads the sm_90 code.
 # Skips, saying why, on a machine without nvcc; fails when the CUDA torch cannot be installed.
 #   POM_CI_CUDA_REQ     the pip requirement of the CUDA torch (default torch==2.14.1)
 #   POM_CI_CUDA_DIR     work directory (default: a new temporary one, removed on success)
@@ -67,7 +67,7 @@ echo "== cuda_torch_check: the suite against this build (CPU tests)"
 echo "tests done: $(elapsed)"
 
 echo "== cuda_torch_check: what the compiler made of the kernels (sm_90)"
-"$py" .ci/sass_check.py "$(ls pom_ext/_C*.so)" --table "$work/registers.json"
+"$py" .ci/sass_check.py "$(ls pom_ext/_C*.so)" --budget csrc/cuda/resource_budget.json --table "$work/registers.json"
 cd "$root"
 if [[ -z "${POM_CI_CUDA_DIR:-}" ]]; then rm -rf "$work"; fi
 echo "cuda_torch_check passed: $(elapsed)"
