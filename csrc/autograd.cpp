@@ -102,6 +102,35 @@ struct StateBackwardFn : torch::autograd::Function<StateBackwardFn> {
   }
 };
 
+struct MeanRopeBackwardFn : torch::autograd::Function<MeanRopeBackwardFn> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& g, const at::Tensor& H, const at::Tensor& h,
+                               const at::Tensor& c, const at::Tensor& cs, const at::Tensor& sn, const at::Tensor& pos,
+                               const OptT& w, const OptT& cu, bool weight_grad) {
+    POM_OP(op, "poly_mean_rope_backward",
+           T3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const at::Tensor&, const at::Tensor&, const OptT&, const OptT&, bool));
+    auto [gh, gc, gw] = below_autograd(op, g, H, h, c, cs, sn, pos, w, cu, weight_grad);
+    if (!weight_grad) ctx->mark_non_differentiable({gw});
+    return {gh, gc, gw};
+  }
+  static variable_list backward(AutogradContext*, variable_list) { no_double_backward("poly_mean_rope_backward"); }
+};
+
+struct CausalRopeBackwardFn : torch::autograd::Function<CausalRopeBackwardFn> {
+  static variable_list forward(AutogradContext*, const at::Tensor& g, const at::Tensor& h, const at::Tensor& c,
+                               const at::Tensor& cs, const at::Tensor& sn, const at::Tensor& pos, int64_t block_size,
+                               const OptT& cu) {
+    POM_OP(op, "poly_causal_rope_backward",
+           T2(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const at::Tensor&, int64_t, const OptT&));
+    auto [gh, gc] = below_autograd(op, g, h, c, cs, sn, pos, block_size, cu);
+    return {gh, gc};
+  }
+  static variable_list backward(AutogradContext*, variable_list) {
+    no_double_backward("poly_causal_rope_backward");
+  }
+};
+
 // ---- the differentiable ops ----
 
 struct EvalFn : torch::autograd::Function<EvalFn> {
@@ -185,6 +214,43 @@ struct StateFn : torch::autograd::Function<StateFn> {
   }
 };
 
+// The rope ops: no gradient for the tables (constants of the layer) nor the positions.
+struct MeanRopeFn : torch::autograd::Function<MeanRopeFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& c, const at::Tensor& cs,
+                            const at::Tensor& sn, const at::Tensor& pos, const OptT& w, const OptT& cu) {
+    POM_OP(op, "poly_mean_rope", at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                            const at::Tensor&, const at::Tensor&, const OptT&, const OptT&));
+    at::Tensor H = below_autograd(op, h, c, cs, sn, pos, w, cu);
+    ctx->save_for_backward({h, c, cs, sn, pos, or_undefined(w), or_undefined(cu), H});
+    return H;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    // needs_input_grad counts the tensors given: h, coeff, cos, sin, positions, then the weight when there is one.
+    const bool weight_grad = s[5].defined() && ctx->needs_input_grad(5);
+    auto g = MeanRopeBackwardFn::apply(grads[0], s[7], s[0], s[1], s[2], s[3], s[4], as_opt(s[5]), as_opt(s[6]),
+                                       weight_grad);
+    return {g[0], g[1], at::Tensor(), at::Tensor(), at::Tensor(), weight_grad ? g[2] : at::Tensor(), at::Tensor()};
+  }
+};
+
+struct CausalRopeFn : torch::autograd::Function<CausalRopeFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& c, const at::Tensor& cs,
+                            const at::Tensor& sn, const at::Tensor& pos, int64_t block_size, const OptT& cu) {
+    POM_OP(op, "poly_causal_rope", at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                              const at::Tensor&, const at::Tensor&, int64_t, const OptT&));
+    ctx->saved_data["block_size"] = block_size;
+    ctx->save_for_backward({h, c, cs, sn, pos, or_undefined(cu)});
+    return below_autograd(op, h, c, cs, sn, pos, block_size, cu);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    auto g = CausalRopeBackwardFn::apply(grads[0], s[0], s[1], s[2], s[3], s[4],
+                                         ctx->saved_data["block_size"].toInt(), as_opt(s[5]));
+    return {g[0], g[1], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
 #undef POM_OP
 
 // ---- kernels for DispatchKey::Autograd ----
@@ -235,6 +301,29 @@ T3 state_update_bwd(const at::Tensor& gH, const at::Tensor& gs, const at::Tensor
                     const at::Tensor& n) {
   auto r = StateBackwardFn::apply(gH, gs, h, c, n);
   return {r[0], r[1], r[2]};
+}
+
+at::Tensor mean_rope(const at::Tensor& h, const at::Tensor& c, const at::Tensor& cs, const at::Tensor& sn,
+                     const at::Tensor& pos, const OptT& w, const OptT& cu) {
+  return MeanRopeFn::apply(h, c, cs, sn, pos, w, cu);
+}
+
+T3 mean_rope_bwd(const at::Tensor& g, const at::Tensor& H, const at::Tensor& h, const at::Tensor& c,
+                 const at::Tensor& cs, const at::Tensor& sn, const at::Tensor& pos, const OptT& w, const OptT& cu,
+                 bool weight_grad) {
+  auto r = MeanRopeBackwardFn::apply(g, H, h, c, cs, sn, pos, w, cu, weight_grad);
+  return {r[0], r[1], r[2]};
+}
+
+at::Tensor causal_rope(const at::Tensor& h, const at::Tensor& c, const at::Tensor& cs, const at::Tensor& sn,
+                       const at::Tensor& pos, int64_t block_size, const OptT& cu) {
+  return CausalRopeFn::apply(h, c, cs, sn, pos, block_size, cu);
+}
+
+T2 causal_rope_bwd(const at::Tensor& g, const at::Tensor& h, const at::Tensor& c, const at::Tensor& cs,
+                   const at::Tensor& sn, const at::Tensor& pos, int64_t block_size, const OptT& cu) {
+  auto r = CausalRopeBackwardFn::apply(g, h, c, cs, sn, pos, block_size, cu);
+  return {r[0], r[1]};
 }
 
 }  // namespace

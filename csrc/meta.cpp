@@ -89,6 +89,31 @@ T3 state_update_bwd(const at::Tensor& grad_H, const at::Tensor& grad_sum, const 
   return {like(h), like(coeff), like(grad_sum)};
 }
 
+at::Tensor mean_rope(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& cos, const at::Tensor& sin,
+                     const at::Tensor& pos, const OptT& weight, const OptT& cu) {
+  checks::mean_rope_args("pom_ext::poly_mean_rope", h, coeff, cos, sin, pos, weight, cu);
+  return rows(h, checks::sym_batch_of(h, cu));
+}
+
+T3 mean_rope_bwd(const at::Tensor& grad_H, const at::Tensor& H, const at::Tensor& h, const at::Tensor& coeff,
+                 const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& pos, const OptT& weight,
+                 const OptT& cu, bool weight_grad) {
+  checks::rope("pom_ext::poly_mean_rope_backward", h, cos, sin, pos, cu);
+  return mean_bwd(grad_H, H, h, coeff, weight, cu, weight_grad);
+}
+
+at::Tensor causal_rope(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& cos, const at::Tensor& sin,
+                       const at::Tensor& pos, int64_t block_size, const OptT& cu) {
+  checks::causal_rope_args("pom_ext::poly_causal_rope", h, coeff, cos, sin, pos, block_size, cu);
+  return like(h);
+}
+
+T2 causal_rope_bwd(const at::Tensor& grad_H, const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& cos,
+                   const at::Tensor& sin, const at::Tensor& pos, int64_t block_size, const OptT& cu) {
+  checks::rope("pom_ext::poly_causal_rope_backward", h, cos, sin, pos, cu);
+  return causal_bwd(grad_H, h, coeff, block_size, cu);
+}
+
 at::Tensor state_step(const at::Tensor& h, const at::Tensor& coeff, at::Tensor& state_sum, at::Tensor& count) {
   checks::state_step_args("pom_ext::poly_state_step_", h, coeff, state_sum, count);
   return rows(h, h.sym_size(0));

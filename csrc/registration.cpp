@@ -54,6 +54,20 @@ void define_ops(torch::Library& m) {
       "poly_state_update_backward(Tensor grad_H, Tensor grad_state_sum, Tensor h, Tensor coeff, Tensor count) "
       "-> (Tensor, Tensor, Tensor)");
   m.def("poly_state_step_(Tensor h, Tensor coeff, Tensor(a!) state_sum, Tensor(b!) count) -> Tensor");
+  // Rotary positions fused into the aggregations: p~_n = R(positions_n) p_n, then the mean (weighted, packed) or
+  // the block-causal prefix mean of p~. cos, sin: (L, P) tables, E = 2 P S (S sections of 2 P channels: pair i of
+  // section s joins channels 2Ps + i and 2Ps + P + i and turns by the angle of row positions[n, s], column i);
+  // positions: (N, S) or (B, N, S) integer rows of the tables, (total, S) when packed. No gradient for the tables.
+  m.def("poly_mean_rope(Tensor h, Tensor coeff, Tensor cos, Tensor sin, Tensor positions, Tensor? weight=None, "
+        "Tensor? cu_seqlens=None) -> Tensor");
+  m.def(
+      "poly_mean_rope_backward(Tensor grad_H, Tensor H, Tensor h, Tensor coeff, Tensor cos, Tensor sin, "
+      "Tensor positions, Tensor? weight, Tensor? cu_seqlens, bool weight_grad) -> (Tensor, Tensor, Tensor)");
+  m.def("poly_causal_rope(Tensor h, Tensor coeff, Tensor cos, Tensor sin, Tensor positions, int block_size=1, "
+        "Tensor? cu_seqlens=None) -> Tensor");
+  m.def(
+      "poly_causal_rope_backward(Tensor grad_H, Tensor h, Tensor coeff, Tensor cos, Tensor sin, Tensor positions, "
+      "int block_size, Tensor? cu_seqlens) -> (Tensor, Tensor)");
   // Which CPU build the kernels run: "base", "avx2" or "avx512".
   m.def("cpu_isa() -> str", [] { return cpu_isa(); });
   // The build whose kernels this process runs: "<version>+cpu" or "<version>+cuda".

@@ -99,6 +99,28 @@ def poly_causal_gated(hs: torch.Tensor, coeff: torch.Tensor, gate_bias: Optional
     return torch.ops.pom_ext.poly_causal_gated(hs, coeff, gate_bias, block_size, cu_seqlens)
 
 
+def poly_mean_rope(h: torch.Tensor, coeff: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   positions: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                   cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """poly_mean of the rotated features p~_n = R(positions_n) p_n. cos, sin: (L, P) tables with E = 2 P S (S
+    sections of 2 P channels, pair i of section s = channels 2Ps + i and 2Ps + P + i); positions: (N, S) or (B, N, S)
+    integer rows of the tables ((total, S) when packed) -> (B, E)."""
+    if not torch.jit.is_scripting():
+        if not _native() or not has_kernel("poly_mean_rope", h.device):
+            return reference.poly_mean_rope(h, coeff, cos, sin, positions, weight, cu_seqlens)
+    return torch.ops.pom_ext.poly_mean_rope(h, coeff, cos, sin, positions, weight, cu_seqlens)
+
+
+def poly_causal_rope(h: torch.Tensor, coeff: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     positions: torch.Tensor, block_size: int = 1,
+                     cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """poly_causal of the rotated features (tables and positions as in poly_mean_rope); output has h's shape."""
+    if not torch.jit.is_scripting():
+        if not _native() or not has_kernel("poly_causal_rope", h.device):
+            return reference.poly_causal_rope(h, coeff, cos, sin, positions, block_size, cu_seqlens)
+    return torch.ops.pom_ext.poly_causal_rope(h, coeff, cos, sin, positions, block_size, cu_seqlens)
+
+
 def _kernel_devices():
     """{op: device types with a compiled kernel}, read once from the dispatcher (a constant for torch.compile)."""
     if not native_available():

@@ -48,25 +48,60 @@ def poly_eval(h: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
     return _poly(h, coeff).to(h.dtype)
 
 
-def poly_mean(h, coeff, weight=None, cu_seqlens=None) -> torch.Tensor:
-    """h: (B, N, E) [or (total, E) packed] -> H: (B, E) = sum_n w p / sum_n w (0 where sum_n w == 0)."""
-    if cu_seqlens is not None:
-        rows = [poly_mean(h[a:b][None], coeff, None if weight is None else weight[a:b][None])
-                for a, b in _segments(cu_seqlens)]
-        return torch.cat(rows, 0)
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rotary positions (SPEC §2b), in x's dtype: x (..., N, E) with E = 2 P S, tables cos, sin (L, P), positions
+    (..., N, S) integer rows of the tables. In section s, pair i joins channels 2Ps + i and 2Ps + P + i:
+    (a, b) -> (a cos - b sin, b cos + a sin) at the angle of row positions[n, s], column i."""
+    P = cos.shape[1]
+    S = x.shape[-1] // (2 * P)
+    pos = positions.long()
+    c, s = cos[pos].to(x.dtype), sin[pos].to(x.dtype)  # (..., N, S, P)
+    q = x.unflatten(-1, (S, 2, P))
+    a, b = q[..., 0, :], q[..., 1, :]
+    return torch.stack([a * c - b * s, b * c + a * s], -2).flatten(-3)
+
+
+def _features(h, coeff, rope):
+    """p, or p rotated when rope = (cos, sin, positions) is given, in the accumulation dtype."""
     p = _poly(h, coeff)
+    return p if rope is None else rotate(p, *rope)
+
+
+def _mean_of(p, weight):
     w = torch.ones(p.shape[:2], dtype=p.dtype, device=p.device) if weight is None else weight.to(p.dtype)
-    return _divide((p * w[..., None]).sum(1), w.sum(1, keepdim=True)).to(h.dtype)
+    return _divide((p * w[..., None]).sum(1), w.sum(1, keepdim=True))
 
 
-def poly_causal(h, coeff, block_size: int = 1, cu_seqlens=None) -> torch.Tensor:
-    """Block-causal prefix mean: H_t = mean of p_n over n < min(N, (t // F + 1) F)."""
-    if cu_seqlens is not None:
-        return torch.cat([poly_causal(h[a:b][None], coeff, block_size)[0] for a, b in _segments(cu_seqlens)], 0)
-    p = _poly(h, coeff)
+def _prefix_mean(p, block_size: int):
     n = p.shape[1]
     end = torch.clamp((torch.arange(n, device=p.device) // block_size + 1) * block_size, max=n)
-    return (p.cumsum(1)[:, end - 1] / end.to(p.dtype)[:, None]).to(h.dtype)
+    return p.cumsum(1)[:, end - 1] / end.to(p.dtype)[:, None]
+
+
+def poly_mean(h, coeff, weight=None, cu_seqlens=None, rope=None) -> torch.Tensor:
+    """h: (B, N, E) [or (total, E) packed] -> H: (B, E) = sum_n w p / sum_n w (0 where sum_n w == 0).
+    rope = (cos, sin, positions): of the rotated p."""
+    p = _features(h, coeff, rope)
+    if cu_seqlens is not None:
+        rows = [_mean_of(p[a:b][None], None if weight is None else weight[a:b][None]) for a, b in _segments(cu_seqlens)]
+        return torch.cat(rows, 0).to(h.dtype)
+    return _mean_of(p, weight).to(h.dtype)
+
+
+def poly_causal(h, coeff, block_size: int = 1, cu_seqlens=None, rope=None) -> torch.Tensor:
+    """Block-causal prefix mean: H_t = mean of p_n over n < min(N, (t // F + 1) F). rope: of the rotated p."""
+    p = _features(h, coeff, rope)
+    if cu_seqlens is not None:
+        return torch.cat([_prefix_mean(p[a:b][None], block_size)[0] for a, b in _segments(cu_seqlens)], 0).to(h.dtype)
+    return _prefix_mean(p, block_size).to(h.dtype)
+
+
+def poly_mean_rope(h, coeff, cos, sin, positions, weight=None, cu_seqlens=None) -> torch.Tensor:
+    return poly_mean(h, coeff, weight, cu_seqlens, (cos, sin, positions))
+
+
+def poly_causal_rope(h, coeff, cos, sin, positions, block_size: int = 1, cu_seqlens=None) -> torch.Tensor:
+    return poly_causal(h, coeff, block_size, cu_seqlens, (cos, sin, positions))
 
 
 def poly_masked(h, coeff, mask) -> torch.Tensor:

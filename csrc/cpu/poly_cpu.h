@@ -36,6 +36,19 @@
       const at::Tensor& count);                                                                                   \
   at::Tensor poly_state_step_cpu(const at::Tensor& h, const at::Tensor& coeff, at::Tensor& state_sum,             \
                                  at::Tensor& count);                                                              \
+  at::Tensor poly_mean_rope_cpu(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& cos,              \
+                                const at::Tensor& sin, const at::Tensor& positions,                               \
+                                const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& cu);    \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_mean_rope_backward_cpu(                                     \
+      const at::Tensor& grad_H, const at::Tensor& H, const at::Tensor& h, const at::Tensor& coeff,                \
+      const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions,                                  \
+      const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& cu, bool weight_grad);            \
+  at::Tensor poly_causal_rope_cpu(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& cos,            \
+                                  const at::Tensor& sin, const at::Tensor& positions, int64_t block_size,         \
+                                  const c10::optional<at::Tensor>& cu);                                           \
+  std::tuple<at::Tensor, at::Tensor> poly_causal_rope_backward_cpu(                                               \
+      const at::Tensor& grad_H, const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& cos,              \
+      const at::Tensor& sin, const at::Tensor& positions, int64_t block_size, const c10::optional<at::Tensor>& cu); \
   }                                                                                                               \
   }                                                                                                               \
   }

@@ -6,5 +6,6 @@
 #pragma GCC target("avx2,fma,f16c")
 #define POM_CPU_ARCH avx2
 #include "poly_cpu_impl.h"
+#include "rope_cpu_impl.h"
 #pragma GCC pop_options
 #endif

@@ -8,5 +8,6 @@
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512dq,prefer-vector-width=512")
 #define POM_CPU_ARCH avx512
 #include "poly_cpu_impl.h"
+#include "rope_cpu_impl.h"
 #pragma GCC pop_options
 #endif

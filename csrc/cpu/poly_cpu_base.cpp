@@ -3,3 +3,4 @@
 
 #define POM_CPU_ARCH base
 #include "poly_cpu_impl.h"
+#include "rope_cpu_impl.h"

@@ -64,6 +64,53 @@ Rows rows_of(const at::Tensor& t, const int64_t* cu) {
   return r;
 }
 
+// Rotary positions of the rope ops (checks::rope): E = 2 P S channels in S sections; pair i of section s joins
+// channels 2Ps + i and 2Ps + P + i and turns by the angle of the tables' row pos(b, n, s), column i.
+template <typename acc_t>
+inline void turn(acc_t* __restrict a, acc_t* __restrict b, const acc_t* __restrict c, const acc_t* __restrict s,
+                 int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t x = a[i], y = b[i];
+    a[i] = x * c[i] - y * s[i];
+    b[i] = y * c[i] + x * s[i];
+  }
+}
+
+// The transposed turn (the gradient of turn): (oa, ob) = R^T (a, b).
+template <typename acc_t>
+inline void turn_back(const acc_t* __restrict a, const acc_t* __restrict b, acc_t* __restrict oa,
+                      acc_t* __restrict ob, const acc_t* __restrict c, const acc_t* __restrict s, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    oa[i] = a[i] * c[i] + b[i] * s[i];
+    ob[i] = b[i] * c[i] - a[i] * s[i];
+  }
+}
+
+template <typename acc_t>
+struct Rotation {
+  const acc_t* cos = nullptr;
+  const acc_t* sin = nullptr;
+  int64_t P = 0, S = 0;
+  const int64_t* pos = nullptr;
+  Rows pr;  // rows of the positions
+  // Offset of the table row of (sequence b, row n, section s).
+  int64_t row(int64_t b, int64_t n, int64_t s) const { return pos[pr.off(b, n) + s * pr.sE] * P; }
+  // p = R p over a whole row of E channels.
+  void apply(int64_t b, int64_t n, acc_t* p) const {
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t r = row(b, n, s);
+      turn(p + 2 * P * s, p + 2 * P * s + P, cos + r, sin + r, P);
+    }
+  }
+  // out = R^T g over a whole row.
+  void apply_back(int64_t b, int64_t n, const acc_t* g, acc_t* out) const {
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t r = row(b, n, s), o = 2 * P * s;
+      turn_back(g + o, g + o + P, out + o, out + o + P, cos + r, sin + r, P);
+    }
+  }
+};
+
 template <typename scalar_t, typename acc_t>
 inline void load(const scalar_t* __restrict p, int64_t s, int64_t n, acc_t* __restrict out) {
   if (s == 1) {
@@ -350,11 +397,12 @@ std::vector<RowChunk> row_chunks(const Rows& r, int64_t B, std::vector<int64_t>&
   return out;
 }
 
-// Partial sums S[c] = sum_n w p (fp64, chunks x E) and W[c] = sum_n w.
+// Partial sums S[c] = sum_n w p (fp64, chunks x E) and W[c] = sum_n w; with rot, of the rotated p.
 template <typename scalar_t, int K>
 void mean_partials(const scalar_t* h, const Rows& hr, int64_t E, const std::vector<at::opmath_type<scalar_t>>& cT,
                    int deg, const at::opmath_type<scalar_t>* w, const Rows& wr, const std::vector<RowChunk>& chunks,
-                   std::vector<double>& S, std::vector<double>& W) {
+                   std::vector<double>& S, std::vector<double>& W,
+                   const Rotation<at::opmath_type<scalar_t>>* rot = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   S.assign(chunks.size() * E, 0.0);
   W.assign(chunks.size(), 0.0);
@@ -368,6 +416,7 @@ void mean_partials(const scalar_t* h, const Rows& hr, int64_t E, const std::vect
       for (int64_t n = ch.n0; n < ch.n1; ++n) {
         const acc_t wn = w ? w[wr.off(ch.b, n)] : acc_t(1);
         poly_row<K>(in_row(h + hr.off(ch.b, n), hr.sE, E, x.data()), p.data(), cT.data(), E, 0, E, deg);
+        if (rot) rot->apply(ch.b, n, p.data());
         for (int64_t e = 0; e < E; ++e) f[e] += wn * p[e];
         wsum += wn;
         if ((n - ch.n0 + 1) % kFlushRows == 0) flush(f.data(), s, E);
@@ -379,24 +428,30 @@ void mean_partials(const scalar_t* h, const Rows& hr, int64_t E, const std::vect
 }
 
 // grad_h = gbar[b] * w * dp/dh over all rows; grad_coeff partials; optional grad_w.
-// gdotH[b] = sum_e gbar[b, e] H[b, e] (only read when grad_w is requested).
+// gdotH[b] = sum_e gbar[b, e] H[b, e] (only read when grad_w is requested). With rot, gbar is the gradient
+// reaching the rotated p: each row takes R^T gbar.
 template <typename scalar_t, int K>
 void mean_backward(const scalar_t* h, const Rows& hr, int64_t E, const std::vector<at::opmath_type<scalar_t>>& cT,
                    int deg, const at::opmath_type<scalar_t>* w, const Rows& wr,
                    const std::vector<RowChunk>& chunks, const std::vector<at::opmath_type<scalar_t>>& gbar,
                    const std::vector<at::opmath_type<scalar_t>>& gdotH, scalar_t* gh, const Rows& ghr,
-                   at::opmath_type<scalar_t>* gw, std::vector<double>& part) {
+                   at::opmath_type<scalar_t>* gw, std::vector<double>& part,
+                   const Rotation<at::opmath_type<scalar_t>>* rot = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   const math::ActGrad<acc_t> ag = math::act_grad_rule<acc_t>();
   part.assign(chunks.size() * deg * E, 0.0);
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
-    std::vector<acc_t> x(E), gx(E), p(E), f(static_cast<size_t>(deg) * E);
+    std::vector<acc_t> x(E), gx(E), p(E), gt(E), f(static_cast<size_t>(deg) * E);
     for (int64_t c = c0; c < c1; ++c) {
       const RowChunk& ch = chunks[c];
       const acc_t* g = gbar.data() + ch.b * E;
       double* d = part.data() + static_cast<size_t>(c) * deg * E;
       std::fill(f.begin(), f.end(), acc_t(0));
       auto drain = [&] {
+        if (rot) {  // f holds the gradient itself (it varies by row)
+          flush(f.data(), d, deg * E);
+          return;
+        }
         for (int k = 0; k < deg; ++k)
           for (int64_t e = 0; e < E; ++e) {
             d[k * E + e] += static_cast<double>(f[k * E + e]) * static_cast<double>(g[e]);
@@ -407,7 +462,17 @@ void mean_backward(const scalar_t* h, const Rows& hr, int64_t E, const std::vect
         const acc_t wn = w ? w[wr.off(ch.b, n)] : acc_t(1);
         const acc_t* xr = in_row(h + hr.off(ch.b, n), hr.sE, E, x.data());
         acc_t* gxr = out_row(gh + ghr.off(ch.b, n), gx.data());
-        if (gw) {
+        if (rot) {
+          rot->apply_back(ch.b, n, g, gt.data());
+          if (gw) {
+            poly_row_backward<K, true, true, acc_t>(xr, gt.data(), wn, gxr, f.data(), p.data(), cT.data(), E, 0, E,
+                                                    deg, ag);
+            rot->apply(ch.b, n, p.data());
+          } else {
+            poly_row_backward<K, true, false, acc_t>(xr, gt.data(), wn, gxr, f.data(), nullptr, cT.data(), E, 0, E,
+                                                     deg, ag);
+          }
+        } else if (gw) {
           poly_row_backward<K, false, true, acc_t>(xr, g, wn, gxr, f.data(), p.data(), cT.data(), E, 0, E, deg,
                                                    ag);
         } else {
@@ -434,10 +499,41 @@ at::Tensor weight_as(const c10::optional<at::Tensor>& weight, at::ScalarType acc
 
 at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-at::Tensor poly_mean_cpu(const at::Tensor& h, const at::Tensor& coeff, const c10::optional<at::Tensor>& weight,
-                         const c10::optional<at::Tensor>& cu_seqlens) {
-  const char* op = "pom_ext::poly_mean";
-  checks::mean_args(op, h, coeff, weight, cu_seqlens);
+// The arguments of the rope ops as the kernels read them: the tables in the accumulation dtype, contiguous,
+// and the positions as int64 (B, N, S) (a broadcast view when given as (N, S)) or (total, S), every value checked.
+struct RopeTensors {
+  at::Tensor cos, sin, pos;
+  int64_t P = 0, S = 0;
+  RopeTensors(const char* op, const at::Tensor& h, const at::Tensor& cos_, const at::Tensor& sin_,
+              const at::Tensor& positions, const c10::optional<at::Tensor>& cu) {
+    const at::ScalarType acc = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    cos = cos_.to(acc).contiguous();
+    sin = sin_.to(acc).contiguous();
+    P = cos.size(1);
+    S = h.size(-1) / (2 * P);
+    pos = positions.to(at::kLong);
+    if (!cu.has_value() && pos.dim() == 2) pos = pos.unsqueeze(0).expand({h.size(0), h.size(1), S});
+    if (pos.numel() > 0) {
+      auto mm = at::aminmax(pos);
+      checks::rope_positions(op, std::get<0>(mm).item<int64_t>(), std::get<1>(mm).item<int64_t>(), cos.size(0));
+    }
+  }
+  template <typename acc_t>
+  Rotation<acc_t> rotation(const int64_t* cu) const {
+    Rotation<acc_t> r;
+    r.cos = cos.data_ptr<acc_t>();
+    r.sin = sin.data_ptr<acc_t>();
+    r.P = P;
+    r.S = S;
+    r.pos = pos.data_ptr<int64_t>();
+    r.pr = rows_of(pos, cu);
+    return r;
+  }
+};
+
+at::Tensor mean_op(const char* op, const at::Tensor& h, const at::Tensor& coeff,
+                   const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& cu_seqlens,
+                   const RopeTensors* rope) {
   const int deg = static_cast<int>(coeff.size(1));
   const int64_t E = h.size(-1), B = checks::batch_of(h, cu_seqlens);
   auto cu = host_offsets(op, cu_seqlens, h.size(0));
@@ -452,8 +548,11 @@ at::Tensor poly_mean_cpu(const at::Tensor& h, const at::Tensor& coeff, const c10
     auto cT = coeff_table<acc_t>(coeff);
     std::vector<double> S, W;
     const acc_t* w = weight.has_value() ? wt.data_ptr<acc_t>() : nullptr;
+    Rotation<acc_t> rot;
+    if (rope) rot = rope->rotation<acc_t>(cu_seqlens ? cu.data() : nullptr);
     dispatch_degree(deg, [&](auto Kc) {
-      mean_partials<scalar_t, decltype(Kc)::value>(h.data_ptr<scalar_t>(), hr, E, cT, deg, w, wr, chunks, S, W);
+      mean_partials<scalar_t, decltype(Kc)::value>(h.data_ptr<scalar_t>(), hr, E, cT, deg, w, wr, chunks, S, W,
+                                                   rope ? &rot : nullptr);
     });
     scalar_t* o = H.data_ptr<scalar_t>();
     for (int64_t b = 0; b < B; ++b) {
@@ -469,11 +568,17 @@ at::Tensor poly_mean_cpu(const at::Tensor& h, const at::Tensor& coeff, const c10
   return H;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_mean_backward_cpu(
-    const at::Tensor& grad_H, const at::Tensor& H, const at::Tensor& h, const at::Tensor& coeff,
-    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& cu_seqlens, bool weight_grad) {
-  const char* op = "pom_ext::poly_mean_backward";
-  checks::mean_backward_args(op, grad_H, H, h, coeff, weight, cu_seqlens, weight_grad);
+at::Tensor poly_mean_cpu(const at::Tensor& h, const at::Tensor& coeff, const c10::optional<at::Tensor>& weight,
+                         const c10::optional<at::Tensor>& cu_seqlens) {
+  const char* op = "pom_ext::poly_mean";
+  checks::mean_args(op, h, coeff, weight, cu_seqlens);
+  return mean_op(op, h, coeff, weight, cu_seqlens, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mean_backward_op(
+    const char* op, const at::Tensor& grad_H, const at::Tensor& H, const at::Tensor& h, const at::Tensor& coeff,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& cu_seqlens, bool weight_grad,
+    const RopeTensors* rope) {
   const int deg = static_cast<int>(coeff.size(1));
   const int64_t E = h.size(-1), B = checks::batch_of(h, cu_seqlens);
   auto cu = host_offsets(op, cu_seqlens, h.size(0));
@@ -509,16 +614,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_mean_backward_cpu(
       }
     }
     std::vector<double> part;
+    Rotation<acc_t> rot;
+    if (rope) rot = rope->rotation<acc_t>(cup);
     dispatch_degree(deg, [&](auto Kc) {
       mean_backward<scalar_t, decltype(Kc)::value>(h.data_ptr<scalar_t>(), hr, E, cT, deg, w, wr, chunks, gbar,
                                                    gdotH, gh.data_ptr<scalar_t>(), ghr,
-                                                   weight_grad ? gw.data_ptr<acc_t>() : nullptr, part);
+                                                   weight_grad ? gw.data_ptr<acc_t>() : nullptr, part,
+                                                   rope ? &rot : nullptr);
     });
     std::vector<int64_t> e0s(chunks.size(), 0), widths(chunks.size(), E);
     gc = reduce_coeff_grad(part, e0s, widths, deg, E, coeff);
   });
   if (weight_grad) gw = gw.to(weight->scalar_type() == at::kBool ? h.scalar_type() : weight->scalar_type());
   return {gh, gc, gw};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_mean_backward_cpu(
+    const at::Tensor& grad_H, const at::Tensor& H, const at::Tensor& h, const at::Tensor& coeff,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& cu_seqlens, bool weight_grad) {
+  const char* op = "pom_ext::poly_mean_backward";
+  checks::mean_backward_args(op, grad_H, H, h, coeff, weight, cu_seqlens, weight_grad);
+  return mean_backward_op(op, grad_H, H, h, coeff, weight, cu_seqlens, weight_grad, nullptr);
 }
 
 // ---------------------------------------------------------------------------
@@ -631,9 +747,11 @@ struct ScanTask {
 // Channel blocks hold whole gate groups of q channels (q = 1 without a gate), so no task shares a gate.
 int64_t block_width(int64_t E, int64_t q) { return std::min(E, q >= kEB ? q : (kEB / q) * q); }
 
-std::vector<ScanTask> scan_tasks(const Rows& r, int64_t B, int64_t E, int64_t F, int64_t q = 1) {
-  const int64_t W = std::max<int64_t>(1, block_width(E, q));
-  const int64_t nEB = std::max<int64_t>(1, ceil_div(E, W));
+// Tasks over channel blocks (first channel, width): every sequence, every block, the sequence cut into chunks
+// (aligned to the block size F) when there are fewer (sequence, block) pairs than threads.
+std::vector<ScanTask> scan_tasks_over(const Rows& r, int64_t B, const std::vector<std::pair<int64_t, int64_t>>& blocks,
+                                      int64_t F) {
+  const int64_t nEB = static_cast<int64_t>(blocks.size());
   const int64_t base = B * nEB;
   const int64_t threads = at::get_num_threads();
   std::vector<ScanTask> tasks;
@@ -642,14 +760,21 @@ std::vector<ScanTask> scan_tasks(const Rows& r, int64_t B, int64_t E, int64_t F,
     int64_t S = 1;
     if (base < threads) S = std::max<int64_t>(1, std::min(ceil_div(threads, base), L / kMinSplitRows));
     const int64_t R = std::max<int64_t>(F, ceil_div(ceil_div(L, S), F) * F);
-    for (int64_t eb = 0; eb < nEB; ++eb) {
+    for (const auto& blk : blocks) {
       const int64_t g0 = static_cast<int64_t>(tasks.size());
       for (int64_t n0 = 0; n0 < std::max<int64_t>(L, 1); n0 += R)
-        tasks.push_back({b, eb * W, std::min(W, E - eb * W), n0, std::min(L, n0 + R), g0, 0});
+        tasks.push_back({b, blk.first, blk.second, n0, std::min(L, n0 + R), g0, 0});
       for (size_t i = g0; i < tasks.size(); ++i) tasks[i].group_last = static_cast<int64_t>(tasks.size()) - 1;
     }
   }
   return tasks;
+}
+
+std::vector<ScanTask> scan_tasks(const Rows& r, int64_t B, int64_t E, int64_t F, int64_t q = 1) {
+  const int64_t W = std::max<int64_t>(1, block_width(E, q));
+  std::vector<std::pair<int64_t, int64_t>> blocks;
+  for (int64_t e0 = 0; e0 < std::max<int64_t>(E, 1); e0 += W) blocks.push_back({e0, std::min(W, E - e0)});
+  return scan_tasks_over(r, B, blocks, F);
 }
 
 int64_t max_width(const std::vector<ScanTask>& tasks) {

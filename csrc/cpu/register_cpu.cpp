@@ -102,6 +102,23 @@ T3 state_update_bwd(const at::Tensor& gH, const at::Tensor& gs, const at::Tensor
 at::Tensor state_step(const at::Tensor& h, const at::Tensor& c, at::Tensor& s, at::Tensor& n) {
   return POM_CPU_PICK(poly_state_step_cpu, h, c, s, n);
 }
+at::Tensor mean_rope(const at::Tensor& h, const at::Tensor& c, const at::Tensor& cs, const at::Tensor& sn,
+                     const at::Tensor& pos, const OptT& w, const OptT& cu) {
+  return POM_CPU_PICK(poly_mean_rope_cpu, h, c, cs, sn, pos, w, cu);
+}
+T3 mean_rope_bwd(const at::Tensor& g, const at::Tensor& H, const at::Tensor& h, const at::Tensor& c,
+                 const at::Tensor& cs, const at::Tensor& sn, const at::Tensor& pos, const OptT& w, const OptT& cu,
+                 bool wg) {
+  return POM_CPU_PICK(poly_mean_rope_backward_cpu, g, H, h, c, cs, sn, pos, w, cu, wg);
+}
+at::Tensor causal_rope(const at::Tensor& h, const at::Tensor& c, const at::Tensor& cs, const at::Tensor& sn,
+                       const at::Tensor& pos, int64_t f, const OptT& cu) {
+  return POM_CPU_PICK(poly_causal_rope_cpu, h, c, cs, sn, pos, f, cu);
+}
+T2 causal_rope_bwd(const at::Tensor& g, const at::Tensor& h, const at::Tensor& c, const at::Tensor& cs,
+                   const at::Tensor& sn, const at::Tensor& pos, int64_t f, const OptT& cu) {
+  return POM_CPU_PICK(poly_causal_rope_backward_cpu, g, h, c, cs, sn, pos, f, cu);
+}
 
 }  // namespace
 }  // namespace cpu

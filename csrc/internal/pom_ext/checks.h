@@ -239,5 +239,59 @@ inline void state_backward_args(const char* op, const at::Tensor& grad_H, const 
   same_device(op, "count", count, h);
 }
 
+
+// ---- Rotary positions (the rope ops) ----
+// cos, sin: (L, P) floating tables, the rotation of every pair at positions 0..L-1. E = 2 P S: S sections of 2 P
+// channels; in section s, pair i joins channels 2Ps + i and 2Ps + P + i. positions: integer, (N, S) or (B, N, S)
+// for a dense h (B, N, E), (total, S) for a packed h; their values index the rows of the tables (checked by the
+// kernels, which read them).
+inline void rope(const char* op, const at::Tensor& h, const at::Tensor& cos, const at::Tensor& sin,
+                 const at::Tensor& pos, const c10::optional<at::Tensor>& cu) {
+  floating(op, "cos", cos);
+  floating(op, "sin", sin);
+  same_device(op, "cos", cos, h);
+  same_device(op, "sin", sin, h);
+  same_device(op, "positions", pos, h);
+  rank(op, "cos", cos, 2, "(L, P)");
+  TORCH_CHECK(sin.sym_sizes() == cos.sym_sizes(), op, ": arguments 'cos' and 'sin' must have one shape, got ",
+              cos.sym_sizes(), " and ", sin.sym_sizes());
+  const c10::SymInt P = cos.sym_size(1), E = h.sym_size(-1);
+  TORCH_CHECK(P >= 1 && E % (2 * P) == 0, op, ": argument 'cos' must be (L, P) with 2 P dividing the width E = ", E,
+              " of 'h' (E / (2 P) rotation sections), got shape ", cos.sym_sizes());
+  const c10::SymInt S = E / (2 * P);
+  TORCH_CHECK(pos.scalar_type() == at::kLong || pos.scalar_type() == at::kInt, op,
+              ": argument 'positions' must be int64 or int32, got ", pos.scalar_type());
+  if (cu.has_value()) {
+    rank(op, "positions", pos, 2, "(total, S) when 'cu_seqlens' is given");
+    size_is(op, "positions", pos, 0, h.sym_size(0), "the number of packed tokens of 'h'");
+  } else {
+    TORCH_CHECK(pos.dim() == 2 || pos.dim() == 3, op, ": argument 'positions' must be (N, S) or (B, N, S), got a ",
+                pos.dim(), "-D tensor of shape ", pos.sym_sizes());
+    if (pos.dim() == 3) size_is(op, "positions", pos, 0, h.sym_size(0), "the batch B of 'h'");
+    size_is(op, "positions", pos, pos.dim() - 2, h.sym_size(1), "the length N of 'h'");
+  }
+  size_is(op, "positions", pos, pos.dim() - 1, S, "the number of rotation sections S = E / (2 P)");
+}
+
+// Position values, for backends that read them: every one a row of the (L, P) tables.
+inline void rope_positions(const char* op, int64_t lo, int64_t hi, int64_t L) {
+  TORCH_CHECK(lo >= 0 && hi < L, op, ": argument 'positions' must lie in [0, ", L,
+              ") (the rows of the cos / sin tables), got values from ", lo, " to ", hi);
+}
+
+inline void mean_rope_args(const char* op, const at::Tensor& h, const at::Tensor& c, const at::Tensor& cos,
+                           const at::Tensor& sin, const at::Tensor& pos, const c10::optional<at::Tensor>& w,
+                           const c10::optional<at::Tensor>& cu) {
+  mean_args(op, h, c, w, cu);
+  rope(op, h, cos, sin, pos, cu);
+}
+
+inline void causal_rope_args(const char* op, const at::Tensor& h, const at::Tensor& c, const at::Tensor& cos,
+                             const at::Tensor& sin, const at::Tensor& pos, int64_t f,
+                             const c10::optional<at::Tensor>& cu) {
+  causal_args(op, h, c, f, cu);
+  rope(op, h, cos, sin, pos, cu);
+}
+
 }  // namespace checks
 }  // namespace pom_ext

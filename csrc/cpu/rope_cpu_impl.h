@@ -1,0 +1,316 @@
+// CPU kernels of the rope ops (rotary positions fused into the aggregations), compiled per instruction set
+// like poly_cpu_impl.h, after it (they use its rows, tasks, buffers and reductions).
+//
+// Features are rotated after the polynomial and before the aggregation: p~_n = R(pos_n) p_n (Rotation,
+// poly_cpu_impl.h). The mean ops are the plain ones with every row turned (mean_partials / mean_backward take the
+// rotation). The causal scans walk tasks of pairs: a task holds w pairs of one section, channels [A, A + w) and
+// [A + P, A + P + w), loaded into one buffer of 2 w values (first halves, then second halves), so a pair never
+// straddles two tasks; the backward turns the suffix sum of each row back (R^T) before the element backward.
+// No rotated (B, N, E) tensor is ever formed.
+#ifndef POM_CPU_ARCH
+#error "define POM_CPU_ARCH before including rope_cpu_impl.h"
+#endif
+
+namespace pom_ext {
+namespace cpu {
+namespace POM_CPU_ARCH {
+
+// Pair blocks of the rope scans: (first pair, 2 * pairs), at most kEB / 2 pairs each, never across sections.
+inline std::vector<std::pair<int64_t, int64_t>> rope_blocks(int64_t P, int64_t S) {
+  std::vector<std::pair<int64_t, int64_t>> blocks;
+  const int64_t W = std::max<int64_t>(1, kEB / 2);
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t i = 0; i < P; i += W) blocks.push_back({s * P + i, 2 * std::min(W, P - i)});
+  if (blocks.empty()) blocks.push_back({0, 0});
+  return blocks;
+}
+
+// Where the pairs of a rope task lie: channels [a, a + w) and [a + P, a + P + w), table columns [i0, i0 + w) of
+// section sec.
+struct PairSpan {
+  int64_t w, sec, i0, a, b;
+  PairSpan(const ScanTask& t, int64_t P)
+      : w(t.width / 2), sec(P ? t.e0 / P : 0), i0(P ? t.e0 % P : 0), a(2 * P * sec + i0), b(a + P) {}
+};
+
+// The 2 w values of a task's pairs in row n of t (first halves, then second halves), as acc_t: pointers into
+// the tensor where it already holds them, else into buf (2 w).
+template <typename scalar_t, typename acc_t>
+inline void pair_rows(const scalar_t* t, const Rows& r, int64_t b, int64_t n, const PairSpan& ps, acc_t* buf,
+                      const acc_t*& lo, const acc_t*& hi) {
+  const scalar_t* row = t + r.off(b, n);
+  lo = in_row(row + ps.a * r.sE, r.sE, ps.w, buf);
+  hi = in_row(row + ps.b * r.sE, r.sE, ps.w, buf + ps.w);
+}
+
+// p~ = R poly(act(x)) for the pairs of a task in row n: p (2 w).
+template <int K, typename scalar_t, typename acc_t>
+inline void rope_row(const scalar_t* h, const Rows& hr, const ScanTask& t, const PairSpan& ps, int64_t n,
+                     const Rotation<acc_t>& rot, const std::vector<acc_t>& cT, int64_t E, int deg, acc_t* x,
+                     acc_t* p) {
+  const acc_t *lo, *hi;
+  pair_rows(h, hr, t.b, n, ps, x, lo, hi);
+  poly_row<K>(lo, p, cT.data(), E, ps.a, ps.w, deg);
+  poly_row<K>(hi, p + ps.w, cT.data(), E, ps.b, ps.w, deg);
+  const int64_t r = rot.row(t.b, n, ps.sec) + ps.i0;
+  turn(p, p + ps.w, rot.cos + r, rot.sin + r, ps.w);
+}
+
+// Store 2 w values of a task's pairs into row n of a contiguous output.
+template <typename scalar_t, typename acc_t>
+inline void store_pairs(scalar_t* out, const Rows& r, int64_t b, int64_t n, const PairSpan& ps, const acc_t* v) {
+  scalar_t* row = out + r.off(b, n);
+  store(row + ps.a, ps.w, v);
+  store(row + ps.b, ps.w, v + ps.w);
+}
+
+// out = the block-causal prefix mean of R p(h).
+template <typename scalar_t, int K>
+void rope_causal_forward(const scalar_t* h, const Rows& hr, int64_t E,
+                         const std::vector<at::opmath_type<scalar_t>>& cT, int deg, int64_t F,
+                         const std::vector<ScanTask>& tasks, const Rotation<at::opmath_type<scalar_t>>& rot,
+                         scalar_t* out, const Rows& outr) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t nt = static_cast<int64_t>(tasks.size());
+  const int64_t W = max_width(tasks);
+  // Pass 1: totals of every chunk with a successor in its group (the carries).
+  std::vector<double> tot(nt * W, 0.0);
+  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+    RowBufs<acc_t> buf(3, W);
+    acc_t *x = buf[0], *p = buf[1], *f = buf[2];
+    for (int64_t i = t0; i < t1; ++i) {
+      const ScanTask& t = tasks[i];
+      if (i == t.group_last) continue;
+      const PairSpan ps(t, rot.P);
+      std::fill(f, f + W, acc_t(0));
+      for (int64_t n = t.n0; n < t.n1; ++n) {
+        rope_row<K>(h, hr, t, ps, n, rot, cT, E, deg, x, p);
+        for (int64_t e = 0; e < t.width; ++e) f[e] += p[e];
+        if ((n - t.n0 + 1) % kFlushRows == 0) flush(f, &tot[i * W], t.width);
+      }
+      flush(f, &tot[i * W], t.width);
+    }
+  });
+  // Pass 2: every chunk scanned from its carry.
+  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+    RowBufs<acc_t> buf(5, W);
+    acc_t *x = buf[0], *p = buf[1], *run = buf[2], *comp = buf[3], *o = buf[4];
+    for (int64_t i = t0; i < t1; ++i) {
+      const ScanTask& t = tasks[i];
+      const PairSpan ps(t, rot.P);
+      start_from_carry(tot, W, t, i, false, run, comp);
+      for (int64_t blk = t.n0; blk < t.n1; blk += F) {
+        const int64_t bend = std::min(blk + F, t.n1);
+        for (int64_t n = blk; n < bend; ++n) {
+          rope_row<K>(h, hr, t, ps, n, rot, cT, E, deg, x, p);
+          for (int64_t e = 0; e < t.width; ++e) math::kahan_add(run[e], comp[e], p[e]);
+          if (F == 1) {
+            const acc_t inv = acc_t(1) / static_cast<acc_t>(n + 1);
+            for (int64_t e = 0; e < t.width; ++e) o[e] = (run[e] - comp[e]) * inv;
+            store_pairs(out, outr, t.b, n, ps, o);
+          }
+        }
+        if (F == 1) continue;
+        const acc_t inv = acc_t(1) / static_cast<acc_t>(bend);
+        for (int64_t e = 0; e < t.width; ++e) o[e] = (run[e] - comp[e]) * inv;
+        for (int64_t n = blk; n < bend; ++n) store_pairs(out, outr, t.b, n, ps, o);
+      }
+    }
+  });
+}
+
+// Reverse scan: the gradient reaching p~_n is gb_n = sum over blocks ending at or after n's of the block's
+// gradient rows / the block's end; p_n gets R^T gb_n, then the element backward (gh, grad_coeff partials: per
+// task deg * w values for channels [a, a + w), then deg * w for [a + P, a + P + w)).
+template <typename scalar_t, int K>
+void rope_causal_backward(const scalar_t* g, const Rows& gr, const scalar_t* h, const Rows& hr, int64_t E,
+                          const std::vector<at::opmath_type<scalar_t>>& cT, int deg, int64_t F,
+                          const std::vector<ScanTask>& tasks, const Rotation<at::opmath_type<scalar_t>>& rot,
+                          scalar_t* gh, const Rows& ghr, std::vector<double>& part) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const math::ActGrad<acc_t> ag = math::act_grad_rule<acc_t>();
+  const int64_t nt = static_cast<int64_t>(tasks.size());
+  const int64_t W = max_width(tasks);
+  // The block's gradient rows summed (Kahan; comp scratch) and divided by the block's end.
+  auto block_grad = [&](const ScanTask& t, const PairSpan& ps, int64_t blk, int64_t bend, acc_t* G, acc_t* comp,
+                        acc_t* x) {
+    std::fill(G, G + t.width, acc_t(0));
+    std::fill(comp, comp + t.width, acc_t(0));
+    for (int64_t n = blk; n < bend; ++n) {
+      const acc_t *lo, *hi;
+      pair_rows(g, gr, t.b, n, ps, x, lo, hi);
+      for (int64_t e = 0; e < ps.w; ++e) math::kahan_add(G[e], comp[e], lo[e]);
+      for (int64_t e = 0; e < ps.w; ++e) math::kahan_add(G[ps.w + e], comp[ps.w + e], hi[e]);
+    }
+    const acc_t inv = acc_t(1) / static_cast<acc_t>(bend);
+    for (int64_t e = 0; e < t.width; ++e) G[e] = (G[e] - comp[e]) * inv;
+  };
+  // Pass 1: totals of every chunk with a predecessor in its group (the reverse scan's carries).
+  std::vector<double> tot(nt * W, 0.0);
+  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+    RowBufs<acc_t> buf(4, W);
+    acc_t *x = buf[0], *G = buf[1], *f = buf[2], *Gc = buf[3];
+    for (int64_t i = t0; i < t1; ++i) {
+      const ScanTask& t = tasks[i];
+      if (i == t.group_first) continue;
+      const PairSpan ps(t, rot.P);
+      std::fill(f, f + W, acc_t(0));
+      int64_t rows = 0;
+      for (int64_t blk = t.n0; blk < t.n1; blk += F) {
+        block_grad(t, ps, blk, std::min(blk + F, t.n1), G, Gc, x);
+        for (int64_t e = 0; e < t.width; ++e) f[e] += G[e];
+        if (++rows % kFlushRows == 0) flush(f, &tot[i * W], t.width);
+      }
+      flush(f, &tot[i * W], t.width);
+    }
+  });
+  part.assign(nt * deg * W, 0.0);
+  // Pass 2: reverse scan of every chunk from its carry.
+  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+    RowBufs<acc_t> buf(8, W);
+    acc_t *x = buf[0], *G = buf[1], *Gc = buf[2], *acc = buf[3], *comp = buf[4], *gb = buf[5], *gp = buf[6],
+          *gx = buf[7];
+    std::vector<acc_t> f(static_cast<size_t>(deg) * W);
+    for (int64_t i = t0; i < t1; ++i) {
+      const ScanTask& t = tasks[i];
+      const PairSpan ps(t, rot.P);
+      double* d = &part[i * deg * W];
+      acc_t *f_lo = f.data(), *f_hi = f.data() + deg * ps.w;
+      std::fill(f.begin(), f.end(), acc_t(0));
+      start_from_carry(tot, W, t, i, true, acc, comp);
+      auto drain = [&] { flush(f.data(), d, 2 * deg * ps.w); };
+      int64_t rows = 0;
+      const int64_t nblocks = t.n1 > t.n0 ? ceil_div(t.n1 - t.n0, F) : 0;
+      for (int64_t j = nblocks - 1; j >= 0; --j) {
+        const int64_t blk = t.n0 + j * F, bend = std::min(blk + F, t.n1);
+        block_grad(t, ps, blk, bend, G, Gc, x);
+        for (int64_t e = 0; e < t.width; ++e) {
+          math::kahan_add(acc[e], comp[e], G[e]);
+          gb[e] = acc[e] - comp[e];
+        }
+        for (int64_t n = bend - 1; n >= blk; --n) {
+          const int64_t r = rot.row(t.b, n, ps.sec) + ps.i0;
+          turn_back(gb, gb + ps.w, gp, gp + ps.w, rot.cos + r, rot.sin + r, ps.w);
+          const acc_t *lo, *hi;
+          pair_rows(h, hr, t.b, n, ps, x, lo, hi);
+          scalar_t* grow = gh + ghr.off(t.b, n);
+          acc_t* gxa = out_row(grow + ps.a, gx);
+          poly_row_backward<K, true, false, acc_t>(lo, gp, acc_t(1), gxa, f_lo, nullptr, cT.data(), E, ps.a, ps.w,
+                                                   deg, ag);
+          commit_row(grow + ps.a, ps.w, gxa);
+          acc_t* gxb = out_row(grow + ps.b, gx);
+          poly_row_backward<K, true, false, acc_t>(hi, gp + ps.w, acc_t(1), gxb, f_hi, nullptr, cT.data(), E, ps.b,
+                                                   ps.w, deg, ag);
+          commit_row(grow + ps.b, ps.w, gxb);
+          if (++rows % kFlushRows == 0) drain();
+        }
+      }
+      drain();
+    }
+  });
+}
+
+// Each rope task owns deg * W slots of `part`: deg * w for its first channels, then deg * w for its second.
+at::Tensor rope_coeff_grad(const std::vector<double>& part, const std::vector<ScanTask>& tasks, int64_t P, int deg,
+                           int64_t E, const at::Tensor& coeff) {
+  const int64_t W = max_width(tasks);
+  std::vector<int64_t> e0s, widths;
+  std::vector<double> packed;
+  packed.reserve(part.size());
+  for (size_t i = 0; i < tasks.size(); ++i) {
+    const PairSpan ps(tasks[i], P);
+    e0s.insert(e0s.end(), {ps.a, ps.b});
+    widths.insert(widths.end(), {ps.w, ps.w});
+    packed.insert(packed.end(), part.begin() + i * deg * W, part.begin() + i * deg * W + 2 * deg * ps.w);
+  }
+  return reduce_coeff_grad(packed, e0s, widths, deg, E, coeff);
+}
+
+// ---------------------------------------------------------------------------
+// Entry points.
+// ---------------------------------------------------------------------------
+
+at::Tensor poly_mean_rope_cpu(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& cos,
+                              const at::Tensor& sin, const at::Tensor& positions,
+                              const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& cu_seqlens) {
+  const char* op = "pom_ext::poly_mean_rope";
+  checks::mean_rope_args(op, h, coeff, cos, sin, positions, weight, cu_seqlens);
+  const RopeTensors rope(op, h, cos, sin, positions, cu_seqlens);
+  return mean_op(op, h, coeff, weight, cu_seqlens, &rope);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_mean_rope_backward_cpu(
+    const at::Tensor& grad_H, const at::Tensor& H, const at::Tensor& h, const at::Tensor& coeff,
+    const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& cu_seqlens, bool weight_grad) {
+  const char* op = "pom_ext::poly_mean_rope_backward";
+  checks::mean_backward_args(op, grad_H, H, h, coeff, weight, cu_seqlens, weight_grad);
+  checks::rope(op, h, cos, sin, positions, cu_seqlens);
+  const RopeTensors rope(op, h, cos, sin, positions, cu_seqlens);
+  return mean_backward_op(op, grad_H, H, h, coeff, weight, cu_seqlens, weight_grad, &rope);
+}
+
+at::Tensor poly_causal_rope_cpu(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& cos,
+                                const at::Tensor& sin, const at::Tensor& positions, int64_t block_size,
+                                const c10::optional<at::Tensor>& cu_seqlens) {
+  const char* op = "pom_ext::poly_causal_rope";
+  checks::causal_rope_args(op, h, coeff, cos, sin, positions, block_size, cu_seqlens);
+  const RopeTensors rope(op, h, cos, sin, positions, cu_seqlens);
+  const int deg = static_cast<int>(coeff.size(1));
+  const int64_t E = h.size(-1), B = checks::batch_of(h, cu_seqlens);
+  auto cu = host_offsets(op, cu_seqlens, h.size(0));
+  const int64_t* cup = cu_seqlens ? cu.data() : nullptr;
+  const Rows hr = rows_of(h, cup);
+  auto out = pooled_empty(h.sizes(), h.options());
+  const Rows outr = rows_of(out, cup);
+  auto tasks = scan_tasks_over(hr, B, rope_blocks(rope.P, rope.S), block_size);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "poly_causal_rope_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto cT = coeff_table<acc_t>(coeff);
+    const Rotation<acc_t> rot = rope.rotation<acc_t>(cup);
+    dispatch_degree(deg, [&](auto Kc) {
+      rope_causal_forward<scalar_t, decltype(Kc)::value>(h.data_ptr<scalar_t>(), hr, E, cT, deg, block_size, tasks,
+                                                         rot, out.data_ptr<scalar_t>(), outr);
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> poly_causal_rope_backward_cpu(const at::Tensor& grad_H, const at::Tensor& h,
+                                                                 const at::Tensor& coeff, const at::Tensor& cos,
+                                                                 const at::Tensor& sin, const at::Tensor& positions,
+                                                                 int64_t block_size,
+                                                                 const c10::optional<at::Tensor>& cu_seqlens) {
+  const char* op = "pom_ext::poly_causal_rope_backward";
+  checks::causal_backward_args(op, grad_H, h, coeff, block_size, cu_seqlens);
+  checks::rope(op, h, cos, sin, positions, cu_seqlens);
+  const RopeTensors rope(op, h, cos, sin, positions, cu_seqlens);
+  const int deg = static_cast<int>(coeff.size(1));
+  const int64_t E = h.size(-1), B = checks::batch_of(h, cu_seqlens);
+  auto cu = host_offsets(op, cu_seqlens, h.size(0));
+  const int64_t* cup = cu_seqlens ? cu.data() : nullptr;
+  const Rows hr = rows_of(h, cup);
+  auto g = grad_H.scalar_type() == h.scalar_type() ? grad_H : grad_H.to(h.scalar_type());
+  const Rows gr = rows_of(g, cup);
+  auto gh = pooled_empty(h.sizes(), h.options());
+  const Rows ghr = rows_of(gh, cup);
+  auto tasks = scan_tasks_over(hr, B, rope_blocks(rope.P, rope.S), block_size);
+  at::Tensor gc;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "poly_causal_rope_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto cT = coeff_table<acc_t>(coeff);
+    const Rotation<acc_t> rot = rope.rotation<acc_t>(cup);
+    std::vector<double> part;
+    dispatch_degree(deg, [&](auto Kc) {
+      rope_causal_backward<scalar_t, decltype(Kc)::value>(g.data_ptr<scalar_t>(), gr, h.data_ptr<scalar_t>(), hr, E,
+                                                          cT, deg, block_size, tasks, rot, gh.data_ptr<scalar_t>(),
+                                                          ghr, part);
+    });
+    gc = rope_coeff_grad(part, tasks, rope.P, deg, E, coeff);
+  });
+  return {gh, gc};
+}
+
+}  // namespace POM_CPU_ARCH
+}  // namespace cpu
+}  // namespace pom_ext
