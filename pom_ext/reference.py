@@ -195,3 +195,73 @@ def pom_layer(layer, xq, xc=None, mask=None, block_size: Optional[int] = None, c
     else:
         H = poly_masked(h, c, mask)
     return layer.ag_proj(_stored(select(s, _stored(H, store_dtype), G), store_dtype))
+
+
+def _rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half over the last dim of x with per-token tables cos, sin (..., x.shape[-1] / 2)."""
+    a, b = x.chunk(2, -1)
+    return torch.cat([a * cos - b * sin, b * cos + a * sin], -1)
+
+
+def pom_rope_layer(layer, xq, xc=None, mask=None, positions=None, ctx_positions=None, positions_hw=None,
+                   ctx_positions_hw=None, block_size: Optional[int] = None, cu_seqlens=None) -> torch.Tensor:
+    """The whole PoMRoPE layer (SPEC §2b) read off `layer`'s parameters and buffers, in the input's precision:
+    the tables indexed per token and applied by halves (1-D) or quarters (2-D) as the paper's reference does."""
+    self_mix = xc is None
+    xc = xq if xc is None else xc
+    E, G = layer.state_width, layer.n_sel_heads
+    head = E // max(G, 1)
+    if layer.n_groups > 1:
+        g = layer.n_groups
+        w = layer.po_proj.weight[..., 0].unflatten(0, (g, E // g))
+        h = torch.einsum("...gd,ged->...ge", xc.unflatten(-1, (g, xc.shape[-1] // g)), w).flatten(-2)
+        if layer.po_proj.bias is not None:
+            h = h + layer.po_proj.bias
+        s = F.hardsigmoid(F.linear(xq, layer.se_proj.weight, layer.se_proj.bias))
+    else:
+        h = F.linear(xc, layer.qc_proj.weight[:E])
+        s = F.hardsigmoid(F.linear(xq, layer.qc_proj.weight[E:]) + layer.se_bias)
+    p = _poly(h, layer.po_coeff).to(h.dtype)
+    n_ctx = p.shape[-2]
+
+    def default(n):
+        if cu_seqlens is None:
+            return torch.arange(n, device=xq.device)
+        return torch.cat([torch.arange(b - a, device=xq.device) for a, b in _segments(cu_seqlens)])
+
+    def turn(x, pos, pos_hw, gate):
+        dt = x.dtype
+        if layer.rope_2d:
+            rc, rs, cc, cs = layer.row_cos, layer.row_sin, layer.col_cos, layer.col_sin
+            if gate and G > 1:
+                rc, rs, cc, cs = (t[:, ::head][:, : G // 4] for t in (rc, rs, cc, cs))
+            r, c = pos_hw[..., 0].long(), pos_hw[..., 1].long()
+            lo, hi = x.chunk(2, -1)
+            return torch.cat([_rope_half(lo, rc[r].to(dt), rs[r].to(dt)), _rope_half(hi, cc[c].to(dt), cs[c].to(dt))],
+                             -1)
+        fc, fs = layer.freqs_cos, layer.freqs_sin
+        if gate and G > 1:
+            fc, fs = fc[:, :: head // 2][:, : G // 2], fs[:, :: head // 2][:, : G // 2]
+        pos = default(x.shape[-2]) if pos is None else pos.long()
+        return _rope_half(x, fc[pos].to(dt), fs[pos].to(dt))
+
+    cpos = ctx_positions if ctx_positions is not None else (positions if self_mix else None)
+    cpos_hw = ctx_positions_hw if ctx_positions_hw is not None else (positions_hw if self_mix else None)
+    p = turn(p, cpos, cpos_hw, False)
+    s = turn(s.to(p.dtype), positions, positions_hw, True)
+    if cu_seqlens is not None:
+        if mask == "causal":
+            H = torch.cat([_prefix_mean(p[a:b][None], block_size or 1)[0] for a, b in _segments(cu_seqlens)], 0)
+        else:
+            H = torch.cat([p[a:b].mean(0, keepdim=True).expand(b - a, -1) for a, b in _segments(cu_seqlens)], 0)
+    elif mask is None:
+        H = p.mean(1, keepdim=True)
+    elif isinstance(mask, str):
+        H = _prefix_mean(p, block_size or 1)
+    elif mask.dim() == 2:
+        H = _mean_of(p, mask)[:, None]
+    else:
+        m = mask.to(p.dtype)
+        H = _divide(torch.bmm(m, p), m.sum(-1, keepdim=True))
+    assert n_ctx == p.shape[-2]
+    return layer.ag_proj(select(s, H, G).to(xq.dtype))

@@ -1,0 +1,399 @@
+"""PoMRoPE and the rope ops: the fused kernels against the float64 reference (forward, gradients, opcheck,
+strides, packed, block-causal, dtypes), the layer against its reference path (and the paper's `pom.PoMRoPE` when
+installed), the recurrent state against the parallel forward, bad inputs."""
+import importlib.util
+
+import pytest
+import torch
+
+import pom_ext
+from pom_ext import PoMRoPE, ops, reference
+from pom_ext.rope import rope_tables_1d
+
+from conftest import CPU_AND_CUDA, DTYPES, TOL, assert_close, rel_err
+
+native = pytest.mark.skipif(not pom_ext.native_available(), reason="compiled kernels not available")
+R = torch.ops.pom_ext
+
+
+def tables(L, P, g, dtype=torch.float32):
+    return torch.randn(L, P, generator=g, dtype=dtype), torch.randn(L, P, generator=g, dtype=dtype)
+
+
+# ---- ops ----
+
+OP_CASES = [  # B, N, E, P, K
+    (2, 37, 16, 8, 3),
+    (1, 300, 24, 4, 2),  # 3 sections
+    (3, 5, 8, 2, 5),     # generic degree
+    (1, 2600, 12, 3, 1),  # long enough to be cut into chunks
+    (2, 1, 4, 1, 4),
+]
+
+
+@native
+@pytest.mark.parametrize("case", OP_CASES, ids=str)
+@pytest.mark.parametrize("F", [1, 3, 64])
+def test_causal_rope_matches_reference(case, F):
+    B, N, E, P, K = case
+    g = torch.Generator().manual_seed(N + F)
+    h = (2 * torch.randn(B, N, E, generator=g, dtype=torch.float64)).requires_grad_()
+    c = torch.randn(E, K, generator=g, dtype=torch.float64).requires_grad_()
+    cos, sin = tables(N + 5, P, g)
+    pos = torch.randint(0, N + 5, (B, N, E // (2 * P)), generator=g)
+    for p in (pos, pos[0]):  # per batch row, and shared
+        out = ops.poly_causal_rope(h, c, cos, sin, p, F)
+        ref = reference.poly_causal_rope(h, c, cos, sin, p, F)
+        assert_close(out, ref, torch.float64, "forward")
+        up = torch.randn(out.shape, generator=g, dtype=torch.float64)
+        for a, b, name in zip(torch.autograd.grad(out, (h, c), up), torch.autograd.grad(ref, (h, c), up), "hc"):
+            assert rel_err(a, b) < 1e-9, name
+
+
+@native
+@pytest.mark.parametrize("case", OP_CASES, ids=str)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_mean_rope_matches_reference(case, weighted):
+    B, N, E, P, K = case
+    g = torch.Generator().manual_seed(N + weighted)
+    h = (2 * torch.randn(B, N, E, generator=g, dtype=torch.float64)).requires_grad_()
+    c = torch.randn(E, K, generator=g, dtype=torch.float64).requires_grad_()
+    w = torch.rand(B, N, generator=g, dtype=torch.float64).requires_grad_() if weighted else None
+    cos, sin = tables(N + 5, P, g)
+    pos = torch.randint(0, N + 5, (N, E // (2 * P)), generator=g)
+    out = ops.poly_mean_rope(h, c, cos, sin, pos, w)
+    ref = reference.poly_mean_rope(h, c, cos, sin, pos, w)
+    assert_close(out, ref, torch.float64, "forward")
+    # With one token the weight cancels out of the mean: its gradient is 0 up to rounding, nothing to compare.
+    inputs = (h, c) + ((w,) if weighted and N > 1 else ())
+    up = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(out, inputs, up), torch.autograd.grad(ref, inputs, up)):
+        assert rel_err(a, b) < 1e-9
+
+
+@native
+@pytest.mark.parametrize("causal", [False, True])
+def test_rope_packed(causal):
+    g = torch.Generator().manual_seed(3)
+    cu = torch.tensor([0, 7, 7, 40, 41], dtype=torch.int32)
+    h = torch.randn(41, 12, generator=g, dtype=torch.float64).requires_grad_()
+    c = torch.randn(12, 3, generator=g, dtype=torch.float64).requires_grad_()
+    cos, sin = tables(50, 3, g)
+    pos = torch.randint(0, 50, (41, 2), generator=g)
+    if causal:
+        out, ref = (f(h, c, cos, sin, pos, 4, cu) for f in (ops.poly_causal_rope, reference.poly_causal_rope))
+    else:
+        out, ref = (f(h, c, cos, sin, pos, None, cu) for f in (ops.poly_mean_rope, reference.poly_mean_rope))
+    assert_close(out, ref, torch.float64, "packed")
+    up = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(out, (h, c), up), torch.autograd.grad(ref, (h, c), up)):
+        assert rel_err(a, b) < 1e-9
+
+
+@native
+@pytest.mark.parametrize("dtype", DTYPES[1:])
+def test_rope_low_precision(dtype):
+    g = torch.Generator().manual_seed(4)
+    h64 = torch.randn(2, 200, 32, generator=g, dtype=torch.float64)
+    c64 = torch.randn(32, 3, generator=g, dtype=torch.float64) * 0.5
+    cos, sin = rope_tables_1d(32, 256, 10000.0)
+    pos = torch.arange(200)[:, None]
+    h, c = h64.to(dtype), c64.to(dtype)
+    for f, ref in ((lambda *a: ops.poly_causal_rope(*a, 2), lambda *a: reference.poly_causal_rope(*a, 2)),
+                   (ops.poly_mean_rope, reference.poly_mean_rope)):
+        out = f(h, c, cos, sin, pos)
+        assert out.dtype == dtype
+        assert_close(out, ref(h.double(), c.double(), cos, sin, pos), dtype, f"{dtype}")
+
+
+@native
+def test_rope_strided_and_deterministic():
+    g = torch.Generator().manual_seed(6)
+    big = torch.randn(2, 40, 32, generator=g)
+    h = big[:, ::2, 4:20]  # strided rows and a channel offset
+    c = torch.randn(16, 2, generator=g)
+    cos, sin = tables(40, 4, g)
+    pos = torch.randint(0, 40, (20, 2), generator=g)
+    for f in (lambda x: ops.poly_causal_rope(x, c, cos, sin, pos, 3), lambda x: ops.poly_mean_rope(x, c, cos, sin, pos)):
+        a, b = f(h), f(h.contiguous())
+        assert torch.equal(a, b) and torch.equal(f(h), a)
+
+
+def rope_opcheck_cases():
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(2, 17, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(8, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(2, 17, generator=g, dtype=torch.float64, requires_grad=True)
+    cos, sin = tables(20, 2, g, torch.float64)
+    pos = torch.randint(0, 20, (17, 2), generator=g)
+    hp = torch.randn(34, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    pp = torch.randint(0, 20, (34, 2), generator=g)
+    cu = torch.tensor([0, 3, 3, 34], dtype=torch.int32)
+    H = ops.poly_mean_rope(h, c, cos, sin, pos, w).detach()
+    return [
+        ("mean", R.poly_mean_rope, (h, c, cos, sin, pos, None, None)),
+        ("mean_weighted", R.poly_mean_rope, (h, c, cos, sin, pos, w, None)),
+        ("mean_varlen", R.poly_mean_rope, (hp, c, cos, sin, pp, None, cu)),
+        ("mean_bwd", R.poly_mean_rope_backward, (torch.randn(2, 8, dtype=torch.float64), H, h, c, cos, sin, pos, w,
+                                                 None, True)),
+        ("causal", R.poly_causal_rope, (h, c, cos, sin, pos, 1, None)),
+        ("block_batch_positions", R.poly_causal_rope, (h, c, cos, sin, pos.expand(2, 17, 2).contiguous(), 4, None)),
+        ("causal_varlen", R.poly_causal_rope, (hp, c, cos, sin, pp, 2, cu)),
+        ("causal_bwd", R.poly_causal_rope_backward, (torch.randn_like(h), h, c, cos, sin, pos, 3, None)),
+    ]
+
+
+@native
+@pytest.mark.parametrize("case", rope_opcheck_cases(), ids=lambda c: c[0])
+def test_rope_opcheck(case):
+    name, op, args = case
+    if name.endswith("_bwd"):
+        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(op, args)
+
+
+@native
+def test_rope_gradcheck():
+    g = torch.Generator().manual_seed(8)
+    h = torch.randn(2, 9, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(8, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(2, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    cos, sin = tables(9, 2, g, torch.float64)
+    pos = torch.randint(0, 9, (9, 2), generator=g)
+    assert torch.autograd.gradcheck(lambda a, b: ops.poly_causal_rope(a, b, cos, sin, pos, 2), (h, c))
+    assert torch.autograd.gradcheck(lambda a, b, x: ops.poly_mean_rope(a, b, cos, sin, pos, x), (h, c, w))
+
+
+@native
+@pytest.mark.parametrize("bad,match", [
+    (lambda a: a.update(pos=a["pos"] + 100), r"'positions' must lie in \[0, 20\)"),
+    (lambda a: a.update(pos=a["pos"] - 30), r"'positions' must lie in \[0, 20\)"),
+    (lambda a: a.update(pos=a["pos"].float()), "'positions' must be int64 or int32"),
+    (lambda a: a.update(pos=a["pos"][:5]), "'positions' has size 5"),
+    (lambda a: a.update(pos=a["pos"][:, :1]), "rotation sections"),
+    (lambda a: a.update(cos=torch.randn(20, 3), sin=torch.randn(20, 3)), "2 P dividing the width E"),
+    (lambda a: a.update(sin=a["sin"][:10]), "'cos' and 'sin' must have one shape"),
+    (lambda a: a.update(cos=a["cos"].to(torch.int64)), "'cos' must be float32"),
+])
+def test_rope_op_bad_inputs(bad, match):
+    g = torch.Generator().manual_seed(9)
+    a = dict(pos=torch.randint(0, 20, (17, 2), generator=g))
+    a["cos"], a["sin"] = tables(20, 2, g)
+    bad(a)
+    h, c = torch.randn(2, 17, 8), torch.randn(8, 3)
+    with pytest.raises(RuntimeError, match=match):
+        R.poly_causal_rope(h, c, a["cos"], a["sin"], a["pos"], 1, None)
+    with pytest.raises(RuntimeError, match=match):
+        R.poly_mean_rope(h, c, a["cos"], a["sin"], a["pos"], None, None)
+
+
+# ---- the layer ----
+
+LAYERS = [  # dim, degree, expand, n_groups, n_sel_heads, bias, rope_2d
+    (16, 3, 2, 1, 1, False, False),
+    (16, 2, 2, 1, 0, True, False),
+    (16, 3, 2, 1, 4, False, False),
+    (16, 3, 2, 2, 8, True, False),
+    (16, 3, 2, 1, 1, False, True),
+    (16, 2, 2, 2, 4, True, True),
+    (16, 3, 2, 1, 8, False, True),
+]
+
+
+def make(cfg, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    D, K, X, ng, G, bias, two = cfg
+    return PoMRoPE(D, K, X, ng, G, bias, max_seq_len=64, max_h=8, max_w=8, rope_2d=two).to(dtype)
+
+
+def positions_for(layer, n, g, batch=None):
+    lead = () if batch is None else (batch,)
+    if layer.rope_2d:
+        return dict(positions_hw=torch.randint(0, 8, lead + (n, 2), generator=g))
+    return dict(positions=torch.randint(0, 64, lead + (n,), generator=g))
+
+
+def check_layer(layer, args, kwargs, ref_kwargs=None):
+    """Output and every gradient (input and parameters) of the layer against reference.pom_rope_layer."""
+    x = args[0].detach().clone().requires_grad_()
+    out = layer(x, *args[1:], **kwargs)
+    ref = reference.pom_rope_layer(layer, x, *args[1:], **(ref_kwargs or kwargs))
+    assert_close(out, ref, torch.float64, "output")
+    up = torch.randn_like(ref)
+    params = [x] + list(layer.parameters())
+    for a, b in zip(torch.autograd.grad(out, params, up), torch.autograd.grad(ref, params, up)):
+        assert rel_err(a, b) < 1e-8
+
+
+@pytest.mark.parametrize("cfg", LAYERS, ids=str)
+@pytest.mark.parametrize("mask", ["none", "weights", "bool", "causal", "block", "btn"])
+def test_layer_matches_reference_path(cfg, mask):
+    layer = make(cfg)
+    g = torch.Generator().manual_seed(1)
+    B, N = 2, 13
+    x = torch.randn(B, N, 16, generator=g, dtype=torch.float64)
+    m = {"none": None, "weights": torch.rand(B, N, generator=g, dtype=torch.float64),
+         "bool": torch.rand(B, N, generator=g) > 0.4, "causal": "causal", "block": "causal",
+         "btn": torch.rand(B, N, N, generator=g) > 0.3}[mask]
+    kw = dict(mask=m, **positions_for(layer, N, g))
+    if mask == "block":
+        kw["block_size"] = 4
+    check_layer(layer, (x,), kw)
+    if not layer.rope_2d:  # default positions 0..N-1, and per-batch positions
+        check_layer(layer, (x,), dict(kw, positions=None))
+        check_layer(layer, (x,), dict(kw, **positions_for(layer, N, g, batch=B)))
+
+
+@pytest.mark.parametrize("cfg", LAYERS, ids=str)
+@pytest.mark.parametrize("mask", [None, "weights"])
+def test_layer_cross(cfg, mask):
+    layer = make(cfg)
+    g = torch.Generator().manual_seed(2)
+    xq = torch.randn(2, 5, 16, generator=g, dtype=torch.float64)
+    xc = torch.randn(2, 11, 16, generator=g, dtype=torch.float64)
+    m = torch.rand(2, 11, generator=g, dtype=torch.float64) if mask else None
+    kw = dict(mask=m, **positions_for(layer, 5, g))
+    ctx = positions_for(layer, 11, g)
+    kw.update({"ctx_" + k: v for k, v in ctx.items()})
+    check_layer(layer, (xq, xc), kw)
+    if not layer.rope_2d:
+        check_layer(layer, (xq, xc), dict(kw, ctx_positions=None))
+
+
+@pytest.mark.parametrize("cfg", [LAYERS[0], LAYERS[3]], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_layer_packed(cfg, causal):
+    layer = make(cfg)
+    g = torch.Generator().manual_seed(3)
+    cu = torch.tensor([0, 4, 4, 15])
+    x = torch.randn(15, 16, generator=g, dtype=torch.float64)
+    kw = dict(mask="causal" if causal else None, cu_seqlens=cu)
+    check_layer(layer, (x,), kw)  # positions restart in every sequence
+    out = layer(x, **kw)
+    for i, (a, b) in enumerate([(0, 4), (4, 15)]):
+        alone = layer(x[a:b][None], mask="causal" if causal else None)[0]
+        assert_close(out[a:b], alone, torch.float64, f"sequence {i} alone")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pom") is None, reason="the reference package `pom` is not installed")
+@pytest.mark.parametrize("cfg", LAYERS, ids=str)
+def test_against_the_papers_pomrope(cfg):
+    from pom.pom_rope import PoMRoPE as Paper
+
+    D, K, X, ng, G, bias, two = cfg
+    ref = Paper(D, K, X, ng, G, bias, max_seq_len=64, max_h=8, max_w=8, rope_2d=two).double()
+    ours = make(cfg)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 13, D, generator=g, dtype=torch.float64)
+    pos = positions_for(ours, 13, g)
+    for m in (None, "causal", torch.rand(2, 13, generator=g, dtype=torch.float64), torch.rand(2, 13, 13) > 0.3):
+        assert_close(ours(x, mask=m, **pos), ref(x, mask=m, **pos), torch.float64, "vs pom.PoMRoPE")
+
+
+def test_tables_and_state_dict():
+    layer = PoMRoPE(16, 2, 2, max_seq_len=32)
+    assert set(layer.state_dict()) >= {"freqs_cos", "freqs_sin", "po_coeff", "qc_proj.weight"}
+    assert layer.freqs_cos.shape == (32, 16) and layer.freqs_cos.dtype == torch.float32
+    half = 16
+    angle = 5 * (1.0 / 10000.0 ** (3 / half))
+    assert abs(layer.freqs_cos[5, 3].item() - torch.tensor(angle).cos().item()) < 1e-6
+    two = PoMRoPE(16, 2, 2, max_h=4, max_w=6, rope_2d=True)
+    assert two.row_cos.shape == (4, 8) and two.col_cos.shape == (6, 8)
+    # Tables as loaded are the tables used: changing one changes the output.
+    x = torch.randn(1, 5, 16)
+    before = layer(x, mask="causal")
+    sd = layer.state_dict()
+    sd["freqs_sin"] = -sd["freqs_sin"]
+    layer.load_state_dict(sd)
+    assert rel_err(layer(x, mask="causal"), before) > 1e-3
+
+
+@pytest.mark.parametrize("cfg", [LAYERS[0], LAYERS[2], LAYERS[4]], ids=str)
+def test_state_matches_parallel(cfg):
+    """Decoding token by token, and chunks of unequal size, reproduce the causal (block-causal) forward at the same
+    positions; a float64 layer keeps a float64 state (1e-12)."""
+    layer = make(cfg)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 12, 16, generator=g, dtype=torch.float64)
+    pos = positions_for(layer, 12, g)
+    full = layer(x, mask="causal", **pos)
+    st = layer.allocate_state(2)
+    assert st.sum.dtype == torch.float64
+    steps = []
+    for t in range(12):
+        kw = {k: v[t:t + 1] for k, v in pos.items()}
+        steps.append(layer.step(x[:, t:t + 1], st, **kw))
+    assert rel_err(torch.cat(steps, 1), full) < 1e-12
+    # frames of 3 tokens = block-causal with block 3, through state_forward
+    blocks = layer(x, mask="causal", block_size=3, **pos)
+    state, outs = None, []
+    for a, b in [(0, 3), (3, 6), (6, 9), (9, 12)]:
+        o, state = layer.state_forward(x[:, a:b], state=state, **{k: v[a:b] for k, v in pos.items()})
+        outs.append(o)
+    assert rel_err(torch.cat(outs, 1), blocks) < 1e-12
+
+
+def test_state_default_positions_continue_from_count():
+    layer = make(LAYERS[0])
+    x = torch.randn(1, 9, 16, dtype=torch.float64)
+    full = layer(x, mask="causal")
+    st = layer.allocate_state(1)
+    o1 = layer.step(x[:, :4], st)   # chunk of 4 at positions 0..3: every token sees all 4 (block semantics)
+    o2 = layer.step(x[:, 4:5], st)  # position 4
+    assert st.count.tolist() == [5]
+    assert rel_err(o2, full[:, 4:5]) < 1e-12
+    assert rel_err(o1[:, 3:4], full[:, 3:4]) < 1e-12
+    o, _ = layer.state_forward(x[:, 5:6], state=st.to_reference())  # reference dict form, position 5
+    assert rel_err(o, full[:, 5:6]) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_low_precision(dtype):
+    layer = make(LAYERS[2], torch.float64)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 40, 16, generator=g, dtype=torch.float64)
+    ref = {m: layer(x, mask=m) for m in (None, "causal")}
+    low = make(LAYERS[2], dtype)
+    low.load_state_dict(layer.state_dict())
+    tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
+    for m in (None, "causal"):
+        assert rel_err(low(x.to(dtype), mask=m), ref[m]) < tol
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(dim=16, degree=2, expand=1, n_sel_heads=3), "must divide|divisible by 2"),
+    (dict(dim=10, degree=2, expand=1, rope_2d=True), "divisible by 4"),
+    (dict(dim=16, degree=2, expand=1, n_sel_heads=2, rope_2d=True), "'n_sel_heads' \\(2\\) must be divisible by 4"),
+    (dict(dim=8, degree=2, expand=1, n_sel_heads=8), "head width"),
+    (dict(dim=8, degree=2, expand=1, max_seq_len=0), "'max_seq_len'"),
+    (dict(dim=8, degree=2, expand=1, rope_base=-1.0), "'rope_base'"),
+])
+def test_constructor_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PoMRoPE(**kwargs)
+
+
+def test_forward_bad_inputs():
+    one = PoMRoPE(8, 2, 2, max_seq_len=16)
+    two = PoMRoPE(8, 2, 2, max_h=4, max_w=4, rope_2d=True)
+    x = torch.randn(2, 6, 8)
+    cases = [
+        (one, dict(positions=torch.arange(5)), r"'positions' must be \(N,\) or \(B, N\) with N = 6"),
+        (one, dict(positions=torch.arange(6.0)), "'positions' must be an integer tensor"),
+        (one, dict(positions=torch.arange(6) - 1), r"'positions' must be in \[0, max_seq_len = 16\)"),
+        (one, dict(positions=torch.arange(6) + 11), "larger max_seq_len"),
+        (one, dict(positions_hw=torch.zeros(6, 2, dtype=torch.long)), "'positions_hw' must be None for a 1-D layer"),
+        (two, dict(), "'positions_hw' must be given for 2-D"),
+        (two, dict(positions_hw=torch.zeros(6, 3, dtype=torch.long)), r"'positions_hw' must be \(N, 2\)"),
+        (two, dict(positions_hw=torch.full((6, 2), 4)), "columns in"),
+        (two, dict(positions=torch.arange(6)), "'positions' must be None for a 2-D layer"),
+    ]
+    for layer, kw, match in cases:
+        with pytest.raises(ValueError, match=match):
+            layer(x, **kw)
+    with pytest.raises(ValueError, match="'positions' must be in"):
+        st = one.allocate_state(2)
+        for _ in range(17):
+            one.step(x[:, :1], st)
