@@ -56,6 +56,26 @@ inline void rope_row(const scalar_t* h, const Rows& hr, const ScanTask& t, const
   turn(p, p + ps.w, rot.cos + r, rot.sin + r, ps.w);
 }
 
+// (run, comp) += p (Kahan); with OUT also o = (run - comp) * inv.
+template <bool OUT, typename acc_t>
+inline void accumulate(const acc_t* __restrict p, acc_t* __restrict run, acc_t* __restrict comp, acc_t* __restrict o,
+                       acc_t inv, int64_t n) {
+  for (int64_t e = 0; e < n; ++e) {
+    math::kahan_add(run[e], comp[e], p[e]);
+    if (OUT) o[e] = (run[e] - comp[e]) * inv;
+  }
+}
+
+// Suffix sum of the token-causal backward: (run, comp) += g * inv (Kahan), gb = run - comp.
+template <typename acc_t>
+inline void suffix_add(const acc_t* __restrict g, acc_t inv, acc_t* __restrict run, acc_t* __restrict comp,
+                       acc_t* __restrict gb, int64_t n) {
+  for (int64_t e = 0; e < n; ++e) {
+    math::kahan_add(run[e], comp[e], g[e] * inv);
+    gb[e] = run[e] - comp[e];
+  }
+}
+
 // Store 2 w values of a task's pairs into row n of a contiguous output.
 template <typename scalar_t, typename acc_t>
 inline void store_pairs(scalar_t* out, const Rows& r, int64_t b, int64_t n, const PairSpan& ps, const acc_t* v) {
@@ -103,11 +123,11 @@ void rope_causal_forward(const scalar_t* h, const Rows& hr, int64_t E,
         const int64_t bend = std::min(blk + F, t.n1);
         for (int64_t n = blk; n < bend; ++n) {
           rope_row<K>(h, hr, t, ps, n, rot, cT, E, deg, x, p);
-          for (int64_t e = 0; e < t.width; ++e) math::kahan_add(run[e], comp[e], p[e]);
           if (F == 1) {
-            const acc_t inv = acc_t(1) / static_cast<acc_t>(n + 1);
-            for (int64_t e = 0; e < t.width; ++e) o[e] = (run[e] - comp[e]) * inv;
+            accumulate<true>(p, run, comp, o, acc_t(1) / static_cast<acc_t>(n + 1), t.width);
             store_pairs(out, outr, t.b, n, ps, o);
+          } else {
+            accumulate<false>(p, run, comp, o, acc_t(0), t.width);
           }
         }
         if (F == 1) continue;
@@ -183,10 +203,18 @@ void rope_causal_backward(const scalar_t* g, const Rows& gr, const scalar_t* h, 
       const int64_t nblocks = t.n1 > t.n0 ? ceil_div(t.n1 - t.n0, F) : 0;
       for (int64_t j = nblocks - 1; j >= 0; --j) {
         const int64_t blk = t.n0 + j * F, bend = std::min(blk + F, t.n1);
-        block_grad(t, ps, blk, bend, G, Gc, x);
-        for (int64_t e = 0; e < t.width; ++e) {
-          math::kahan_add(acc[e], comp[e], G[e]);
-          gb[e] = acc[e] - comp[e];
+        if (F == 1) {  // one row: its gradient / (n + 1) enters the suffix sum directly
+          const acc_t *lo, *hi;
+          pair_rows(g, gr, t.b, blk, ps, x, lo, hi);
+          const acc_t inv = acc_t(1) / static_cast<acc_t>(blk + 1);
+          suffix_add(lo, inv, acc, comp, gb, ps.w);
+          suffix_add(hi, inv, acc + ps.w, comp + ps.w, gb + ps.w, ps.w);
+        } else {
+          block_grad(t, ps, blk, bend, G, Gc, x);
+          for (int64_t e = 0; e < t.width; ++e) {
+            math::kahan_add(acc[e], comp[e], G[e]);
+            gb[e] = acc[e] - comp[e];
+          }
         }
         for (int64_t n = bend - 1; n >= blk; --n) {
           const int64_t r = rot.row(t.b, n, ps.sec) + ps.i0;
