@@ -129,6 +129,14 @@ class PoMRoPE(PoM):
                 _fail(arg, "given for 2-D rotary positions (rope_2d=True): (N, 2) or (B, N, 2) (row, column)", None)
             if packed:
                 lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+                longest = int(lengths.max()) if lengths.numel() and not torch.compiler.is_compiling() else 0
+            else:
+                longest = N
+            if longest > self.max_seq_len:
+                _fail(arg, f"given, or sequences of at most max_seq_len = {self.max_seq_len} tokens (the default "
+                           f"positions 0..N-1 index the tables; build the layer with a larger max_seq_len)",
+                      f"None with a sequence of {longest} tokens")
+            if packed:
                 starts = cu_seqlens[:-1].long().repeat_interleave(lengths, output_size=N)
                 return (torch.arange(N, device=device) - starts)[:, None]
             return torch.arange(N, device=device)[:, None]

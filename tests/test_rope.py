@@ -397,3 +397,52 @@ def test_forward_bad_inputs():
         st = one.allocate_state(2)
         for _ in range(17):
             one.step(x[:, :1], st)
+
+
+# ---- models ----
+
+def test_lm_with_rope_decodes_as_it_trains():
+    """PolymorpherLM(rope='1d', no convolution): step-by-step decoding and chunked continuation reproduce the
+    full forward's logits; the loss trains (finite gradients on every parameter)."""
+    from pom_ext.models import PolymorpherLM
+
+    torch.manual_seed(0)
+    lm = PolymorpherLM(50, 32, 3, degree=2, expand=2, n_sel_heads=4, conv_size=0, layer_pattern="PPA", n_heads=2,
+                       rope="1d", rope_max_len=64).double()
+    tokens = torch.randint(0, 50, (2, 20))
+    full = lm(tokens)
+    cache = lm.allocate_cache(2)
+    steps = [lm.step(tokens[:, t:t + 1], cache) for t in range(20)]
+    assert rel_err(torch.cat(steps, 1), full) < 1e-10
+    cache = lm.allocate_cache(2)
+    chunks = [lm.step(tokens[:, a:b], cache) for a, b in [(0, 7), (7, 8), (8, 20)]]
+    assert rel_err(torch.cat(chunks, 1), full) < 1e-10
+    logits, loss = lm(tokens, tokens)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in lm.parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="sequences of at most max_seq_len = 64 tokens"):
+        lm(torch.randint(0, 50, (1, 65)))
+
+
+@pytest.mark.parametrize("pool", ["mean", "cls"])
+def test_image_encoder_with_2d_rope(pool):
+    """PolymorpherEncoder(rope='2d'): every PoM block turns its features by the patch grid (class token at (0, 0)):
+    its mixer equals the layer given those positions."""
+    from pom_ext.models import PolymorpherEncoder
+    from pom_ext.models.blocks import grid_positions
+
+    torch.manual_seed(1)
+    enc = PolymorpherEncoder(10, 32, 2, image_size=(16, 24), patch_size=4, n_sel_heads=4, pool=pool, rope="2d")
+    x = torch.randn(2, 3, 16, 24)
+    logits = enc(x)
+    assert logits.shape == (2, 10)
+    logits.sum().backward()
+    block = enc.blocks[0]
+    pos = grid_positions((4, 6), pool == "cls")
+    assert torch.equal(block.positions_hw, pos)
+    u = torch.randn(2, pos.shape[0], 32)
+    assert rel_err(block.mixer(u, positions_hw=pos), reference.pom_rope_layer(block.mixer, u, positions_hw=pos)) < 1e-5
+    tokens = PolymorpherEncoder(3, 16, 1, num_tokens=20, max_len=12, rope="1d")
+    assert tokens(torch.randint(0, 20, (2, 12))).shape == (2, 3)
+    with pytest.raises(ValueError, match="'rope'"):
+        PolymorpherEncoder(3, 16, 1, num_tokens=20, max_len=12, rope="2d")

@@ -15,10 +15,12 @@ from typing import List, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.jit import Final
 
 from .. import functional as PF
-from .. import ops
+from .. import ops, reference
 from ..layers import PoM, PoMState
+from ..rope import PoMRoPE
 
 try:
     from flash_attn import flash_attn_func
@@ -110,6 +112,8 @@ def pom_causal_step(layer: PoM, x: torch.Tensor, state: PoMState) -> torch.Tenso
     """
     if x.shape[1] == 1:
         return layer.step(x, state)
+    if isinstance(layer, PoMRoPE):
+        return _rope_causal_step(layer, x, state)
     h, s = layer.project(x)
     coeff = layer.po_coeff
     if bool((state.count == 0).all()):
@@ -125,19 +129,54 @@ def pom_causal_step(layer: PoM, x: torch.Tensor, state: PoMState) -> torch.Tenso
     return layer.ag_proj(PF.select(s, H, layer.n_sel_heads))
 
 
+def _rope_causal_step(layer: PoMRoPE, x: torch.Tensor, state: PoMState) -> torch.Tensor:
+    """pom_causal_step of a 1-D rotary layer: the T tokens at positions count .. count + T - 1 of every row."""
+    if layer.rope_2d:
+        raise ValueError("pom_ext.models: decoding a 2-D rotary PoM layer (rope='2d') needs the grid positions of "
+                         "every new token; call the layer's step with positions_hw")
+    B, T = x.shape[0], x.shape[1]
+    pos = layer._positions("positions", state.count[:, None] + torch.arange(T, device=x.device), B, T, x.device,
+                           None)
+    h, s = layer.project(x)
+    cos, sin = layer._tables(gate=False)
+    p = reference.rotate(ops.poly_eval(h.to(state.sum.dtype), layer.po_coeff), cos, sin, pos)
+    sums = state.sum.unsqueeze(1) + torch.cumsum(p, dim=1)
+    counts = state.count.unsqueeze(1) + torch.arange(1, T + 1, device=x.device)
+    H = (sums / counts.unsqueeze(-1).to(sums.dtype)).to(h.dtype)
+    with torch.no_grad():
+        state.sum.copy_(sums[:, -1])
+        state.count.add_(T)
+    return layer.ag_proj(PF.select(layer._turn_gate(s, pos), H, layer.n_sel_heads))
+
+
+def grid_positions(grid, cls_token: bool = False) -> torch.Tensor:
+    """(row, column) of the patches of a (rows, columns) grid in raster order, (N, 2) int64; a class token first at
+    (0, 0) when cls_token."""
+    rows, cols = grid
+    idx = torch.arange(rows * cols)
+    pos = torch.stack([idx // cols, idx % cols], -1)
+    return torch.cat([torch.zeros(1, 2, dtype=pos.dtype), pos]) if cls_token else pos
+
+
 class PolymorpherBlock(nn.Module):
     """Pre-norm residual PoM + MLP: a drop-in transformer block with linear-time token mixing.
 
     x + PoM(conv(norm1(x)), mask) then x + MLP(norm2(x)). conv_size > 1 adds a causal depthwise
     convolution over the last conv_size tokens before the PoM (local order; a fixed-size decoding buffer).
     forward(x: (B, N, D), mask=None | "causal" | (B, N) | (B, T, N), block_size=None) -> (B, N, D).
-    Scriptable with torch.jit.script (forward only; step keeps Python caches).
+    rope: None, "1d" (rotary positions 0..N-1 in the mixer, PoMRoPE with max_seq_len = rope_max_len) or "2d"
+    (rotary positions over a fixed patch grid `rope_grid` = (rows, columns), patches in raster order, after a class
+    token at (0, 0) when rope_cls_token).
+    Scriptable with torch.jit.script without rope (forward only; step keeps Python caches).
     """
 
     kind = "P"
+    use_rope: Final[bool]
 
     def __init__(self, dim: int, degree: int = 2, expand: int = 2, n_sel_heads: int = 1, n_groups: int = 1,
-                 mlp_ratio: float = 4.0, conv_size: int = 0, bias: bool = False, dropout: float = 0.0):
+                 mlp_ratio: float = 4.0, conv_size: int = 0, bias: bool = False, dropout: float = 0.0,
+                 rope: Optional[str] = None, rope_max_len: int = 4096, rope_grid=None, rope_cls_token: bool = False,
+                 rope_base: float = 10000.0):
         super().__init__()
         owner = "pom_ext.models.PolymorpherBlock"
         check_int(owner, "dim", dim, 1)
@@ -145,10 +184,28 @@ class PolymorpherBlock(nn.Module):
         check_rate(owner, "dropout", dropout)
         if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or mlp_ratio < 0:
             raise ValueError(f"{owner}: argument 'mlp_ratio' must be a number >= 0, got {mlp_ratio!r}")
+        if rope not in (None, "1d", "2d"):
+            raise ValueError(f"{owner}: argument 'rope' must be None, '1d' or '2d', got {rope!r}")
+        if rope == "2d" and (not isinstance(rope_grid, (tuple, list)) or len(rope_grid) != 2 or
+                             any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in rope_grid)):
+            raise ValueError(f"{owner}: argument 'rope_grid' must be (rows, columns) of the patch grid with "
+                             f"rope='2d', got {rope_grid!r}")
         self.dim, self.conv_size = dim, conv_size
         self.norm1 = nn.LayerNorm(dim)
         self.conv = nn.Conv1d(dim, dim, conv_size, groups=dim, bias=True) if conv_size > 1 else None
-        self.mixer = PoM(dim, degree, expand, n_groups=n_groups, n_sel_heads=n_sel_heads, bias=bias)
+        self.use_rope = rope is not None
+        self.rope = rope
+        if rope is None:
+            self.mixer = PoM(dim, degree, expand, n_groups=n_groups, n_sel_heads=n_sel_heads, bias=bias)
+            self.positions_hw = None
+        elif rope == "1d":
+            self.mixer = PoMRoPE(dim, degree, expand, n_groups, n_sel_heads, bias, max_seq_len=rope_max_len,
+                                 rope_base=rope_base)
+            self.positions_hw = None
+        else:
+            self.mixer = PoMRoPE(dim, degree, expand, n_groups, n_sel_heads, bias, max_h=rope_grid[0],
+                                 max_w=rope_grid[1], rope_base=rope_base, rope_2d=True)
+            self.register_buffer("positions_hw", grid_positions(rope_grid, rope_cls_token), persistent=False)
         self.drop = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(dim) if mlp_ratio > 0 else None
         self.mlp = MLP(dim, mlp_ratio, bias, dropout) if mlp_ratio > 0 else None
@@ -163,8 +220,12 @@ class PolymorpherBlock(nn.Module):
         return x if self.mlp is None else x + self.mlp(self.norm2(x))
 
     def forward(self, x: torch.Tensor, mask: PF.Mask = None, block_size: Optional[int] = None) -> torch.Tensor:
-        x = x + self.drop(self.mixer(self._conv(self.norm1(x)), mask=mask, block_size=block_size))
-        return self._mlp(x)
+        u = self._conv(self.norm1(x))
+        if self.use_rope:
+            y = self.mixer(u, mask=mask, block_size=block_size, positions_hw=self.positions_hw)
+        else:
+            y = self.mixer(u, mask=mask, block_size=block_size)
+        return self._mlp(x + self.drop(y))
 
     def allocate_cache(self, batch_size: int, device=None, dtype: Optional[torch.dtype] = None) -> PoMCache:
         device = self.mixer.po_coeff.device if device is None else device
@@ -352,7 +413,7 @@ class AttentionBlock(nn.Module):
 
 def build_blocks(dim: int, pattern: str, *, degree: int, expand: int, n_sel_heads: int, n_groups: int,
                  mlp_ratio: float, conv_size: int, n_heads: Optional[int], window: Optional[int], bias: bool,
-                 dropout: float, owner: str) -> nn.ModuleList:
+                 dropout: float, owner: str, **rope) -> nn.ModuleList:
     """One block per character of pattern ('P': PolymorpherBlock, 'A': AttentionBlock)."""
     if "A" in pattern:
         if n_heads is None:
@@ -366,7 +427,7 @@ def build_blocks(dim: int, pattern: str, *, degree: int, expand: int, n_sel_head
     for kind in pattern:
         if kind == "P":
             blocks.append(PolymorpherBlock(dim, degree, expand, n_sel_heads, n_groups, mlp_ratio, conv_size,
-                                           bias, dropout))
+                                           bias, dropout, **rope))
         else:
             blocks.append(AttentionBlock(dim, n_heads, window, mlp_ratio, bias, dropout))
     return nn.ModuleList(blocks)

@@ -56,6 +56,8 @@ class PolymorpherEncoder(nn.Module):
     mask: None, or (B, N) bool / float weights over the tokens (padding: False / 0 for padded positions);
     it drives the PoM aggregation, the attention and the pooling. pool: "mean" (masked mean of the tokens) or
     "cls" (a learned class token). forward -> logits (B, num_classes); features -> (B, N, D).
+    rope: None, "1d" (rotary positions 0..N-1 in the PoM blocks, the class token first) or, for images, "2d"
+    (rotary positions over the patch grid, the class token at (0, 0)); the learned position embedding stays.
     """
 
     def __init__(self, num_classes: int, dim: int, depth: int, *, num_tokens: Optional[int] = None,
@@ -63,7 +65,7 @@ class PolymorpherEncoder(nn.Module):
                  degree: int = 2, expand: int = 2, n_sel_heads: int = 1, n_groups: int = 1, mlp_ratio: float = 4.0,
                  layer_pattern: Optional[str] = None, attn_every: Optional[int] = None,
                  n_heads: Optional[int] = None, window: Optional[int] = None, pool: str = "mean",
-                 bias: bool = False, dropout: float = 0.0):
+                 bias: bool = False, dropout: float = 0.0, rope: Optional[str] = None):
         super().__init__()
         owner = "pom_ext.models.PolymorpherEncoder"
         check_int(owner, "num_classes", num_classes, 1)
@@ -92,9 +94,15 @@ class PolymorpherEncoder(nn.Module):
         self.cls = nn.Parameter(torch.zeros(1, 1, dim)) if pool == "cls" else None
         self.pos = nn.Parameter(torch.zeros(1, self.max_len, dim))
         self.drop = nn.Dropout(dropout)
+        if rope not in (None, "1d", "2d") or (rope == "2d" and num_tokens is not None):
+            raise ValueError(f"{owner}: argument 'rope' must be None, '1d' or (images) '2d', got {rope!r}")
+        extra = 1 if pool == "cls" else 0
+        rope_args = {} if rope is None else dict(rope=rope, rope_max_len=self.max_len + extra)
+        if rope == "2d":
+            rope_args.update(rope_grid=self.embed.grid, rope_cls_token=pool == "cls")
         self.blocks = build_blocks(dim, self.pattern, degree=degree, expand=expand, n_sel_heads=n_sel_heads,
                                    n_groups=n_groups, mlp_ratio=mlp_ratio, conv_size=0, n_heads=n_heads,
-                                   window=window, bias=bias, dropout=dropout, owner=owner)
+                                   window=window, bias=bias, dropout=dropout, owner=owner, **rope_args)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
         init_weights(self, depth)

@@ -23,16 +23,20 @@ class PolymorpherLM(nn.Module):
     forward(tokens: (B, T) long, targets: (B, T) long | None) -> logits (B, T, V), or (logits, loss) with
     targets (cross-entropy, positions with target ignore_index=-100 skipped).
     Positions: PoM blocks are order-aware through the causal mask and their short causal convolution
-    (conv_size); attention blocks use rotary embeddings. No learned absolute positions, so no length limit.
+    (conv_size), and with rope="1d" through rotary positions in the mixer (PoMRoPE; sequences up to rope_max_len
+    tokens, decoding included); attention blocks use rotary embeddings. No learned absolute positions.
     """
 
     def __init__(self, num_tokens: int, dim: int, depth: int, degree: int = 2, expand: int = 2,
                  n_sel_heads: int = 1, n_groups: int = 1, mlp_ratio: float = 4.0, conv_size: int = 4,
                  layer_pattern: Optional[str] = None, attn_every: Optional[int] = None,
                  n_heads: Optional[int] = None, window: Optional[int] = None, tie_embeddings: bool = True,
-                 bias: bool = False, dropout: float = 0.0):
+                 bias: bool = False, dropout: float = 0.0, rope: Optional[str] = None, rope_max_len: int = 4096):
         super().__init__()
         owner = "pom_ext.models.PolymorpherLM"
+        if rope not in (None, "1d"):
+            raise ValueError(f"{owner}: argument 'rope' must be None or '1d' (a language model has 1-D positions), "
+                             f"got {rope!r}")
         check_int(owner, "num_tokens", num_tokens, 1)
         check_int(owner, "dim", dim, 1)
         check_rate(owner, "dropout", dropout)
@@ -42,7 +46,8 @@ class PolymorpherLM(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.blocks = build_blocks(dim, self.pattern, degree=degree, expand=expand, n_sel_heads=n_sel_heads,
                                    n_groups=n_groups, mlp_ratio=mlp_ratio, conv_size=conv_size, n_heads=n_heads,
-                                   window=window, bias=bias, dropout=dropout, owner=owner)
+                                   window=window, bias=bias, dropout=dropout, owner=owner,
+                                   **({} if rope is None else dict(rope=rope, rope_max_len=rope_max_len)))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_tokens, bias=False)
         init_weights(self, depth)
