@@ -617,3 +617,41 @@ def test_fuzz_state_chunks(config, seed, chunks, as_dict):
     for t in range(x.shape[1]):
         y = layer.step(x[:, t:t + 1], st_)
         assert rel_err(y[:, 0], full[:, t]) < 1e-10
+
+
+@given(st.data(), dtype_st, st.integers(1, 12), st.integers(1, 3), degree_st, seed_st, scale_st, isa_st,
+       st.sampled_from(VIEWS), st.sampled_from(["causal", "mean", "weights"]), st.booleans(), st.booleans())
+@FUZZ
+def test_fuzz_rope(data, dtype, P, S, K, seed, scale, which, view, kind, packed, per_row):
+    """The rope ops (rotation fused into the mean and the block-causal mean): tables of any float dtype, S
+    sections of 2 P channels, positions shared by the batch, per batch row or packed."""
+    g = torch.Generator().manual_seed(seed)
+    E = 2 * P * S
+    cd = data.draw(coeff_dtype(dtype, K))
+    c = coeffs(g, E, K)
+    L = data.draw(st.integers(1, 40))
+    td = data.draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+    cos, sin = (torch.randn(L, P, generator=g).to(td) for _ in range(2))
+    F_ = data.draw(st.integers(1, 9))
+    if packed and kind != "weights":
+        cu = data.draw(packed_offsets())
+        h = torch.randn(int(cu[-1]), E, generator=g, dtype=torch.float64) * scale
+        pos = torch.randint(0, L, (h.shape[0], S), generator=g)
+    else:
+        cu = None
+        B, N = small(data.draw, E)
+        h = torch.randn(B, N, E, generator=g, dtype=torch.float64) * scale
+        pos = torch.randint(0, L, (B, N, S) if per_row else (N, S), generator=g)
+    inputs, dtypes, diff, extra = [h, c], [dtype, cd], [True, True], None
+    if kind == "causal":
+        fn = lambda x, impl: impl.poly_causal_rope(x[0], x[1], cos, sin, pos, F_, cu)
+    elif kind == "mean":
+        fn = lambda x, impl: impl.poly_mean_rope(x[0], x[1], cos, sin, pos, None, cu)
+    else:
+        w, wd = data.draw(weights(h.shape[0], h.shape[1], dtype, g))
+        fn = lambda x, impl: impl.poly_mean_rope(x[0], x[1], cos, sin, pos, x[2])
+        inputs, dtypes, diff = [h, c, w], [dtype, cd, wd], [True, True, wd is not None]
+    with isa(which):
+        check(fn, inputs, dtypes, diff, view_fn(view, h.dim()), g, data.draw(st.booleans()),
+              f"rope/{kind} P={P} S={S} F={F_} packed={cu is not None}",
+              floors=poly_floors(fn, [d for d in dtypes if d is not None], extra))
