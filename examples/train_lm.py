@@ -44,6 +44,7 @@ def parse_args(argv=None):
                    help="PoM gate heads; with expand 2 and 8 heads a PoM block has about the parameters of an "
                         "attention block")
     p.add_argument("--conv-size", type=int, default=4, help="short causal convolution in PoM blocks (0: none)")
+    p.add_argument("--rope", action="store_true", help="rotary positions in the PoM blocks (PoMRoPE, 1-D)")
     p.add_argument("--n-heads", type=int, default=4, help="attention heads")
     p.add_argument("--window", type=int, default=None, help="sliding-window size of attention layers")
     p.add_argument("--attn-every", type=int, default=3, help="hybrid: every k-th layer is attention")
@@ -127,7 +128,8 @@ def evaluate(model, data: torch.Tensor, args) -> float:
 
 def build_model(args) -> PolymorpherLM:
     common = dict(num_tokens=256, dim=args.dim, depth=args.depth, degree=args.degree, expand=args.expand,
-                  n_sel_heads=args.n_sel_heads, conv_size=args.conv_size)
+                  n_sel_heads=args.n_sel_heads, conv_size=args.conv_size,
+                  **({"rope": "1d", "rope_max_len": args.seq_len + 1} if getattr(args, "rope", False) else {}))
     if args.model == "pom":
         return PolymorpherLM(**common)
     if args.model == "hybrid":
@@ -190,7 +192,7 @@ def save_checkpoint(path: pathlib.Path, model, opt, step, elapsed, records, args
 
 
 MODEL_ARGS = ("model", "dim", "depth", "degree", "expand", "n_sel_heads", "conv_size", "n_heads", "window",
-              "attn_every")
+              "attn_every", "rope")
 
 
 def main(argv=None):
