@@ -100,22 +100,27 @@ def _inputs(layer, dtype, B=3, T=9, N=7):
     }
 
 
-def _python_outputs(layer, t):
+def _python_outputs(layer, t, q=None, cx=None, packed=True):
+    """Outputs of every mask mode and the gradients of sum <out, r>; q: the query-position keywords of a rotary
+    layer (self-mixing: one set), cx: its context-position keywords for cross-mixing; packed=False leaves out the
+    packed sequences."""
     x, xc = t["x"], t["xc"]
+    q, cx = q or {}, cx or {}
     outs = {
-        "none": layer(x),
-        "causal": layer(x, mask="causal"),
-        "block3": layer(x, mask="causal", block_size=3),
-        "weights": layer(x, mask=t["weights"]),
-        "pad": layer(x, mask=t["pad"]),
-        "mask3": layer(x, mask=t["mask3"]),
-        "cross_none": layer(x, xc),
-        "cross_weights": layer(x, xc, mask=t["cross_w"]),
-        "cross_mask3": layer(x, xc, mask=t["xmask3"]),
-        "packed_none": layer(t["xp"], cu_seqlens=t["cu"]),
-        "packed_causal": layer(t["xp"], mask="causal", cu_seqlens=t["cu"]),
-        "packed_block2": layer(t["xp"], mask="causal", block_size=2, cu_seqlens=t["cu"]),
+        "none": layer(x, **q),
+        "causal": layer(x, mask="causal", **q),
+        "block3": layer(x, mask="causal", block_size=3, **q),
+        "weights": layer(x, mask=t["weights"], **q),
+        "pad": layer(x, mask=t["pad"], **q),
+        "mask3": layer(x, mask=t["mask3"], **q),
+        "cross_none": layer(x, xc, **q, **cx),
+        "cross_weights": layer(x, xc, mask=t["cross_w"], **q, **cx),
+        "cross_mask3": layer(x, xc, mask=t["xmask3"], **q, **cx),
     }
+    if packed:
+        outs["packed_none"] = layer(t["xp"], cu_seqlens=t["cu"])
+        outs["packed_causal"] = layer(t["xp"], mask="causal", cu_seqlens=t["cu"])
+        outs["packed_block2"] = layer(t["xp"], mask="causal", block_size=2, cu_seqlens=t["cu"])
     loss = sum((v * t["r"]).sum() for v in outs.values() if v.shape == t["r"].shape)
     layer.zero_grad()
     loss.backward()
@@ -123,9 +128,9 @@ def _python_outputs(layer, t):
     return {k: v.detach() for k, v in outs.items()}, grads
 
 
-def _run_cpp(interop_bin, tmp_path, layer, t, cfg):
+def _run_cpp(interop_bin, tmp_path, layer, t, cfg, rope=()):
     dim, degree, expand, n_groups, n_sel_heads, bias, _ = cfg
-    blob = {"config": torch.tensor([dim, degree, expand, n_groups, n_sel_heads, int(bias)])}
+    blob = {"config": torch.tensor([dim, degree, expand, n_groups, n_sel_heads, int(bias), *rope])}
     blob.update({f"param.{k}": v.detach().clone() for k, v in layer.state_dict().items()})
     blob.update(t)
     src, dst = tmp_path / "in.pt", tmp_path / "out.pt"
@@ -179,6 +184,58 @@ def test_python_weights_in_cpp(interop_bin, tmp_path, cfg):
     assert any(not torch.equal(trained[k], v) for k, v in layer.state_dict().items()), "training changed nothing"
     with torch.no_grad():
         assert_close(out["trained_out"], back(t["x"], mask="causal"), dtype, "output after C++ training")
+
+
+ROPE_CONFIGS = [
+    # dim, degree, expand, n_groups, n_sel_heads, bias, dtype, rope_2d
+    (12, 2, 2, 1, 1, False, torch.float64, False),
+    (12, 3, 2, 2, 4, True, torch.float64, False),
+    (16, 2, 2, 1, 8, True, torch.float64, True),
+    (12, 2, 2, 1, 0, False, torch.float32, True),
+]
+
+
+@pytest.mark.parametrize("cfg", ROPE_CONFIGS, ids=lambda c: f"D{c[0]}K{c[1]}G{c[4]}g{c[3]}-{'2d' if c[7] else '1d'}")
+def test_rope_layer_in_cpp(interop_bin, tmp_path, cfg):
+    """PoMOptions.rope: the C++ module builds the Python PoMRoPE's tables bit for bit, loads its state dict, and
+    gives its outputs, gradients, decoding and chunked state at the same positions."""
+    dim, degree, expand, n_groups, n_sel_heads, bias, dtype, two = cfg
+    torch.manual_seed(0)
+    layer = pom_ext.PoMRoPE(dim, degree, expand, n_groups, n_sel_heads, bias, max_seq_len=24, max_h=5, max_w=6,
+                            rope_2d=two).to(dtype)
+    with torch.no_grad():
+        layer.po_coeff.copy_(torch.randn_like(layer.po_coeff) * 0.5)
+    t = _inputs(layer, dtype)
+    g = torch.Generator().manual_seed(2)
+    T, N = t["x"].shape[1], t["xc"].shape[1]
+    if two:
+        t["pos"] = torch.stack([torch.randint(0, 5, (T,), generator=g), torch.randint(0, 6, (T,), generator=g)], -1)
+        t["ctx_pos"] = torch.stack([torch.randint(0, 5, (N,), generator=g), torch.randint(0, 6, (N,), generator=g)],
+                                   -1)
+        q, cx = {"positions_hw": t["pos"]}, {"ctx_positions_hw": t["ctx_pos"]}
+    else:
+        t["pos"], t["ctx_pos"] = torch.randperm(24, generator=g)[:T], torch.randint(0, 24, (N,), generator=g)
+        q, cx = {"positions": t["pos"]}, {"ctx_positions": t["ctx_pos"]}
+    out = _run_cpp(interop_bin, tmp_path, layer, t, cfg[:7], rope=(2 if two else 1, 24, 5, 6))
+    for k, v in layer.named_buffers():
+        assert torch.equal(out[f"table.{k}"], v.float()), f"table {k}"
+    ref, grads = _python_outputs(layer, t, q, cx, packed=not two)  # packed 2-D sequences need grid positions
+    assert two != ("packed_none" in out)
+    for k, v in ref.items():
+        assert_close(out[k], v, dtype, f"output '{k}'")
+    for k, gr in grads.items():
+        assert_close(out[f"grad.{k}"], gr, dtype, f"gradient of '{k}'")
+    at = (lambda a, b: {"positions_hw": t["pos"][a:b]}) if two else (lambda a, b: {})
+    with torch.no_grad():
+        st = layer.allocate_state(t["x"].shape[0])
+        steps = torch.cat([layer.step(t["x"][:, i:i + 1], st, **at(i, i + 1)) for i in range(T)], 1)
+        o1, s1 = layer.state_forward(t["x"][:, :3], **at(0, 3))
+        o2, s2 = layer.state_forward(t["x"][:, 3:], state=s1, **at(3, T))
+    assert_close(out["step"], steps, dtype, "step")
+    if not two:  # 1-D decoding at positions 0..T-1 is the causal forward at those positions
+        assert_close(out["step"], layer(t["x"], mask="causal"), dtype, "step vs causal forward")
+    assert_close(out["chunked"], torch.cat([o1, o2], 1), dtype, "state_forward in chunks")
+    assert_close(out["chunked_sum"], s2.sum, dtype, "state sum after chunks")
 
 
 # ---- a TorchScript model trained in C++ ----

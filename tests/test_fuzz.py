@@ -651,6 +651,15 @@ def test_fuzz_rope(data, dtype, P, S, K, seed, scale, which, view, kind, packed,
         w, wd = data.draw(weights(h.shape[0], h.shape[1], dtype, g))
         fn = lambda x, impl: impl.poly_mean_rope(x[0], x[1], cos, sin, pos, x[2])
         inputs, dtypes, diff = [h, c, w], [dtype, cd, wd], [True, True, wd is not None]
+
+        def rotated_weight_scale(ref_in, seeds):  # weight_grad_scale of the rotated features
+            h_, c_, w_ = ref_in[:3]
+            p = R.rotate(R._poly(h_, c_), cos, sin, pos)
+            den = w_.double().sum(1, keepdim=True)
+            den = torch.where(den == 0, torch.ones_like(den), den)
+            return (torch.einsum("bne,be->bn", p.abs(), seeds[0].abs()) / den).norm().item()
+
+        extra = {2: rotated_weight_scale}
     with isa(which):
         check(fn, inputs, dtypes, diff, view_fn(view, h.dim()), g, data.draw(st.booleans()),
               f"rope/{kind} P={P} S={S} F={F_} packed={cu is not None}",

@@ -66,12 +66,141 @@ void PoMImpl::reset() {
   }
   po_coeff = register_parameter("po_coeff", torch::randn({E, o.degree()}).clamp(-1e-3, 1e-3));
   ag_proj = register_module("ag_proj", torch::nn::Linear(torch::nn::LinearOptions(E, D).bias(o.bias())));
+  if (!has_rope()) return;
+  // Rotary positions (pom_ext/rope.py): the reference's checks and float32 tables, computed as it computes them.
+  const std::string& r = o.rope();
+  TORCH_CHECK(r == "1d" || r == "2d", "pom_ext.PoM: argument 'rope' must be \"\", \"1d\" or \"2d\", got \"", r, "\"");
+  const bool two = r == "2d";
+  const int64_t split = two ? 4 : 2, G = o.n_sel_heads();
+  TORCH_CHECK(E % split == 0, "pom_ext.PoMRoPE: expand * dim = ", E, " must be divisible by ", split, " for ", r,
+              " rotary positions");
+  if (G > 1) {
+    TORCH_CHECK(G % split == 0, "pom_ext.PoMRoPE: argument 'n_sel_heads' (", G, ") must be divisible by ", split,
+                " for ", r, " rotary positions (the gates turn in pairs)");
+    TORCH_CHECK(E / G >= split, "pom_ext.PoMRoPE: the head width expand * dim / n_sel_heads = ", E / G,
+                " must be >= ", split, " for ", r, " rotary positions");
+  }
+  TORCH_CHECK(o.max_seq_len() >= 1 && o.max_h() >= 1 && o.max_w() >= 1, "pom_ext.PoMRoPE: arguments 'max_seq_len' (",
+              o.max_seq_len(), "), 'max_h' (", o.max_h(), ") and 'max_w' (", o.max_w(), ") must be >= 1");
+  TORCH_CHECK(o.rope_base() > 0, "pom_ext.PoMRoPE: argument 'rope_base' must be > 0, got ", o.rope_base());
+  const auto f32 = torch::TensorOptions().dtype(at::kFloat);
+  auto tables = [&](int64_t width, int64_t length) {
+    at::Tensor inv = 1.0 / at::pow(o.rope_base(), at::arange(0, width, f32) / static_cast<double>(width));
+    at::Tensor angles = at::outer(at::arange(length, f32), inv);
+    return std::make_pair(angles.cos(), angles.sin());
+  };
+  if (two) {
+    auto [rc, rs] = tables(E / 4, o.max_h());
+    auto [cc, cs] = tables(E / 4, o.max_w());
+    row_cos = register_buffer("row_cos", rc);
+    row_sin = register_buffer("row_sin", rs);
+    col_cos = register_buffer("col_cos", cc);
+    col_sin = register_buffer("col_sin", cs);
+  } else {
+    auto [fc, fs] = tables(E / 2, o.max_seq_len());
+    freqs_cos = register_buffer("freqs_cos", fc);
+    freqs_sin = register_buffer("freqs_sin", fs);
+  }
+}
+
+// The rope ops' tables (positions filled in by the caller): 1-D the layer's (max_seq_len, E / 2) tables, 2-D the
+// row tables then the column tables; the gate of G > 1 heads reads them at the reference's stride.
+Rotation PoMImpl::rope_tables(bool gate) const {
+  const int64_t G = options.n_sel_heads(), head = state_width_ / std::max<int64_t>(G, 1);
+  auto strided = [&](const at::Tensor& t, int64_t step, int64_t count) {
+    return t.slice(1, 0, t.size(1), step).narrow(1, 0, count);
+  };
+  Rotation r;
+  if (options.rope() == "2d") {
+    at::Tensor rc = row_cos, rs = row_sin, cc = col_cos, cs = col_sin;
+    if (gate && G > 1) {
+      rc = strided(rc, head, G / 4), rs = strided(rs, head, G / 4);
+      cc = strided(cc, head, G / 4), cs = strided(cs, head, G / 4);
+    }
+    r.cos = at::cat({rc, cc}, 0);
+    r.sin = at::cat({rs, cs}, 0);
+  } else if (gate && G > 1) {
+    r.cos = strided(freqs_cos, head / 2, G / 2);
+    r.sin = strided(freqs_sin, head / 2, G / 2);
+  } else {
+    r.cos = freqs_cos;
+    r.sin = freqs_sin;
+  }
+  return r;
+}
+
+// A user's positions as the rope ops take them ((N, S), (B, N, S) or packed (total, S)), checked against the tables;
+// undefined: 0..N-1 (1-D), restarting in every packed sequence.
+at::Tensor PoMImpl::rope_positions(const char* arg, const at::Tensor& pos, int64_t B, int64_t N,
+                                   const at::Tensor& cu) const {
+  const bool two = options.rope() == "2d", packed = cu.defined();
+  const at::Device dev = po_coeff.device();
+  const int64_t L = options.max_seq_len();
+  if (!pos.defined()) {
+    TORCH_CHECK(!two, "pom_ext.PoMRoPE: argument '", arg, "' must be given for 2-D rotary positions: (N, 2) or "
+                "(B, N, 2) (row, column)");
+    if (!packed) {
+      TORCH_CHECK(N <= L, "pom_ext.PoMRoPE: argument '", arg, "' must be given, or sequences of at most max_seq_len "
+                  "= ", L, " tokens (build the layer with a larger max_seq_len), got a sequence of ", N, " tokens");
+      return at::arange(N, at::TensorOptions().device(dev).dtype(at::kLong)).unsqueeze(1);
+    }
+    const at::Tensor c = cu.to(at::kLong);
+    const at::Tensor lengths = c.narrow(0, 1, c.size(0) - 1) - c.narrow(0, 0, c.size(0) - 1);
+    if (lengths.numel() && dev.is_cpu()) {
+      const int64_t longest = lengths.max().item<int64_t>();
+      TORCH_CHECK(longest <= L, "pom_ext.PoMRoPE: argument '", arg, "' must be given, or sequences of at most "
+                  "max_seq_len = ", L, " tokens, got a sequence of ", longest, " tokens");
+    }
+    const at::Tensor starts = c.narrow(0, 0, c.size(0) - 1).repeat_interleave(lengths, 0, N);
+    return (at::arange(N, c.options()) - starts).unsqueeze(1);
+  }
+  TORCH_CHECK(!pos.is_floating_point() && !pos.is_complex() && pos.scalar_type() != at::kBool,
+              "pom_ext.PoMRoPE: argument '", arg, "' must be an integer tensor, got ", pos.scalar_type());
+  TORCH_CHECK(pos.device() == dev, "pom_ext.PoMRoPE: argument '", arg, "' must be on ", dev, " like the input, got ",
+              pos.device());
+  const int64_t lead = two ? 1 : 0;  // trailing (row, column) dim of 2-D positions
+  const bool ok = pos.dim() >= 1 + lead && (!two || pos.size(-1) == 2) && pos.size(-1 - lead) == N &&
+                  (pos.dim() == 1 + lead || (pos.dim() == 2 + lead && !packed && pos.size(0) == B));
+  TORCH_CHECK(ok, "pom_ext.PoMRoPE: argument '", arg, "' must be ",
+              two ? (packed ? "(total, 2)" : "(N, 2) or (B, N, 2)") : (packed ? "(total,)" : "(N,) or (B, N)"),
+              " with N = ", N, " tokens", packed ? "" : " and B = " + std::to_string(B), ", got shape ", pos.sizes());
+  at::Tensor p = pos.to(at::kLong);
+  if (p.numel() && dev.is_cpu()) {
+    if (two) {
+      const at::Tensor rows = p.select(-1, 0), cols = p.select(-1, 1);
+      TORCH_CHECK(rows.min().item<int64_t>() >= 0 && cols.min().item<int64_t>() >= 0 &&
+                  rows.max().item<int64_t>() < options.max_h() && cols.max().item<int64_t>() < options.max_w(),
+                  "pom_ext.PoMRoPE: argument '", arg, "' must hold rows in [0, max_h = ", options.max_h(),
+                  ") and columns in [0, max_w = ", options.max_w(), ") (build the layer with larger max_h / max_w)");
+    } else {
+      const int64_t lo = p.min().item<int64_t>(), hi = p.max().item<int64_t>();
+      TORCH_CHECK(lo >= 0 && hi < L, "pom_ext.PoMRoPE: argument '", arg, "' must be in [0, max_seq_len = ", L,
+                  ") (build the layer with a larger max_seq_len), got values ", lo, "..", hi);
+    }
+  }
+  if (two) return at::stack({p.select(-1, 0), p.select(-1, 1) + row_cos.size(0)}, -1);
+  return p.unsqueeze(-1);
+}
+
+at::Tensor PoMImpl::turn_gate(const at::Tensor& s, const at::Tensor& pos) const {
+  const Rotation r = rope_tables(/*gate=*/true);
+  const auto acc = s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return rotate(s.to(acc), r.cos, r.sin, pos).to(s.scalar_type());
 }
 
 void PoMImpl::pretty_print(std::ostream& stream) const {
   stream << "pom_ext::PoM(dim=" << options.dim() << ", degree=" << options.degree() << ", expand=" << options.expand()
          << ", n_groups=" << options.n_groups() << ", n_sel_heads=" << options.n_sel_heads()
-         << ", bias=" << (options.bias() ? "true" : "false") << ")";
+         << ", bias=" << (options.bias() ? "true" : "false");
+  if (has_rope()) {
+    stream << ", rope=" << options.rope();
+    if (options.rope() == "2d") {
+      stream << ", max_h=" << options.max_h() << ", max_w=" << options.max_w();
+    } else {
+      stream << ", max_seq_len=" << options.max_seq_len();
+    }
+  }
+  stream << ")";
 }
 
 void PoMImpl::check_x(const char* name, const at::Tensor& x, bool packed) const {
@@ -138,7 +267,8 @@ at::Tensor PoMImpl::out_shared(const at::Tensor& s, const at::Tensor& H_) {
 }
 
 at::Tensor PoMImpl::forward(const at::Tensor& xq, const at::Tensor& xc_in, const Mask& mask,
-                            const at::Tensor& cu_seqlens) {
+                            const at::Tensor& cu_seqlens, const at::Tensor& positions,
+                            const at::Tensor& ctx_positions) {
   const bool packed = cu_seqlens.defined();
   check_x("xq", xq, packed);
   at::Tensor xc = xc_in;
@@ -160,10 +290,25 @@ at::Tensor PoMImpl::forward(const at::Tensor& xq, const at::Tensor& xc_in, const
                 "= (", B, ", ", T, ", ", N, ") for a (B, T, N) mask (T query tokens of 'xq', N context tokens), got "
                 "shape ", m.sizes());
   }
+  TORCH_CHECK(has_rope() || (!positions.defined() && !ctx_positions.defined()),
+              "pom_ext.PoM: arguments 'positions' / 'ctx_positions' apply to rotary layers (PoMOptions.rope)");
   auto [h, s] = project(xq, xc);
+  Rotation rot;
+  if (has_rope()) {
+    TORCH_CHECK(!(packed && xc.defined()), "pom_ext.PoMRoPE: argument 'xc' must be undefined (self-mixing) with "
+                "packed sequences (cu_seqlens)");
+    const int64_t B = packed ? 0 : xq.size(0), T = packed ? xq.size(0) : xq.size(1);
+    const int64_t N = xc.defined() ? xc.size(1) : T;
+    // Self-mixing: one set of positions for context and queries unless ctx_positions is given.
+    const bool shared = !xc.defined() && !ctx_positions.defined();
+    rot = rope_tables(/*gate=*/false);
+    rot.positions = rope_positions(shared ? "positions" : "ctx_positions", shared ? positions : ctx_positions, B, N,
+                                   cu_seqlens);
+    s = turn_gate(s, shared ? rot.positions : rope_positions("positions", positions, B, T, cu_seqlens));
+  }
   if (!packed && (mask.is_none() || (mask.is_tensor() && mask.tensor().dim() == 2)))
-    return out_shared(s, aggregate(h, po_coeff, mask).select(1, 0));
-  at::Tensor H = aggregate(h, po_coeff, mask, cu_seqlens);
+    return out_shared(s, aggregate(h, po_coeff, mask, {}, rot).select(1, 0));
+  at::Tensor H = aggregate(h, po_coeff, mask, cu_seqlens, rot);
   if (packed && mask.is_none()) {
     at::Tensor lengths = (cu_seqlens.narrow(0, 1, cu_seqlens.size(0) - 1) -
                           cu_seqlens.narrow(0, 0, cu_seqlens.size(0) - 1)).to(at::kLong);
@@ -204,22 +349,64 @@ void check_state(const PoMState& st, int64_t B, int64_t E, const at::Tensor& x) 
 
 }  // namespace
 
+// Rotary layers: the positions of an appended chunk, given or (1-D) count + 0..T-1 per batch row.
+at::Tensor PoMImpl::chunk_positions(const PoMState& st, const at::Tensor& x, const at::Tensor& positions) const {
+  const int64_t B = x.size(0), T = x.size(1);
+  if (positions.defined() || options.rope() == "2d") return rope_positions("positions", positions, B, T, {});
+  return rope_positions("positions", st.count.unsqueeze(1) + at::arange(T, st.count.options()), B, T, {});
+}
+
+// (H, new_sum): the chunk's rotated features added to the running sum, in the state's dtype.
+std::tuple<at::Tensor, at::Tensor> PoMImpl::append_rotated(const at::Tensor& h, const PoMState& st,
+                                                           const at::Tensor& pos) {
+  const int64_t T = h.size(1);
+  const bool wide = h.scalar_type() == at::kFloat || h.scalar_type() == at::kDouble;
+  const Rotation r = rope_tables(/*gate=*/false);
+  at::Tensor chunk = poly_mean_rope(wide ? h : h.to(at::kFloat), po_coeff, r.cos, r.sin, pos).to(st.sum.scalar_type());
+  at::Tensor new_sum = st.sum + chunk * static_cast<double>(T);
+  at::Tensor cnt = (st.count + T).to(new_sum.scalar_type()).unsqueeze(1);
+  return {at::where(cnt > 0, new_sum / cnt.clamp_min(1), at::zeros_like(new_sum)), new_sum};
+}
+
 std::tuple<at::Tensor, PoMState> PoMImpl::state_forward(const at::Tensor& xq, const at::Tensor& xc,
-                                                        const PoMState& state) {
+                                                        const PoMState& state, const at::Tensor& positions) {
   check_x("xq", xq, false);
   if (xc.defined()) check_x("xc", xc, false);
   const PoMState st = state.sum.defined() ? state : allocate_state(xq.size(0), xq.device());
   check_state(st, xq.size(0), state_width_, xq);
+  TORCH_CHECK(has_rope() || !positions.defined(), "pom_ext.PoM: argument 'positions' applies to rotary layers");
   auto [h, s] = project(xq, xc);
+  if (has_rope()) {
+    TORCH_CHECK(!xc.defined() || (xc.size(0) == xq.size(0) && xc.size(1) == xq.size(1)), "pom_ext.PoMRoPE: argument "
+                "'xc' must be (B, T, D) like 'xq' (the chunk's context and queries share positions), got shape ",
+                xc.sizes());
+    const at::Tensor pos = chunk_positions(st, xq, positions);
+    auto [H, new_sum] = append_rotated(h, st, pos);
+    return {out_shared(turn_gate(s, pos), H), PoMState(new_sum, st.count + xq.size(1))};
+  }
   auto [H, new_sum, new_count] = poly_state_update(h, po_coeff, st.sum, st.count);
   return {out_shared(s, H), PoMState(new_sum, new_count)};
 }
 
-at::Tensor PoMImpl::step(const at::Tensor& x, PoMState& state) {
+at::Tensor PoMImpl::step(const at::Tensor& x, PoMState& state, const at::Tensor& positions) {
   check_x("x", x, false);
   check_state(state, x.size(0), state_width_, x);
+  TORCH_CHECK(has_rope() || !positions.defined(), "pom_ext.PoM: argument 'positions' applies to rotary layers");
   auto [h, s] = project(x);
   at::Tensor H;
+  if (has_rope()) {
+    const at::Tensor pos = chunk_positions(state, x, positions);
+    at::Tensor new_sum;
+    std::tie(H, new_sum) = append_rotated(h, state, pos);
+    if (at::GradMode::is_enabled() && new_sum.requires_grad()) {
+      state.sum = new_sum;
+      state.count = state.count + x.size(1);
+    } else {
+      state.sum.copy_(new_sum);
+      state.count.add_(x.size(1));
+    }
+    return out_shared(turn_gate(s, pos), H);
+  }
   if (at::GradMode::is_enabled() && (h.requires_grad() || state.sum.requires_grad())) {
     std::tie(H, state.sum, state.count) = poly_state_update(h, po_coeff, state.sum, state.count);
   } else {

@@ -57,6 +57,10 @@ using GatedBwdSig = T3(const at::Tensor&, const at::Tensor&, const at::Tensor&, 
 using StateSig = T3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&);
 using StateBwdSig = T3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&);
 using StepSig = at::Tensor(const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&);
+using MeanRopeSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                               const at::Tensor&, const OptTensor&, const OptTensor&);
+using CausalRopeSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                 const at::Tensor&, int64_t, const OptTensor&);
 
 #define POM_HANDLE(fn, Sig, name)                                                \
   const c10::TypedOperatorHandle<Sig>& fn() {                                    \
@@ -74,6 +78,8 @@ POM_HANDLE(gated_bwd_op, GatedBwdSig, "poly_causal_gated_backward")
 POM_HANDLE(state_op, StateSig, "poly_state_update")
 POM_HANDLE(state_bwd_op, StateBwdSig, "poly_state_update_backward")
 POM_HANDLE(step_op, StepSig, "poly_state_step_")
+POM_HANDLE(mean_rope_op, MeanRopeSig, "poly_mean_rope")
+POM_HANDLE(causal_rope_op, CausalRopeSig, "poly_causal_rope")
 #undef POM_HANDLE
 
 }  // namespace
@@ -132,6 +138,17 @@ at::Tensor poly_state_step_(const at::Tensor& h, const at::Tensor& coeff, at::Te
   return call<false>(step_op(), h, coeff, state_sum, count);
 }
 
+at::Tensor poly_mean_rope(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& cos, const at::Tensor& sin,
+                          const at::Tensor& positions, const OptTensor& weight, const OptTensor& cu_seqlens) {
+  return call<false>(mean_rope_op(), h, coeff, cos, sin, positions, weight, cu_seqlens);
+}
+
+at::Tensor poly_causal_rope(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& cos,
+                            const at::Tensor& sin, const at::Tensor& positions, int64_t block_size,
+                            const OptTensor& cu_seqlens) {
+  return call<false>(causal_rope_op(), h, coeff, cos, sin, positions, block_size, cu_seqlens);
+}
+
 }  // namespace ops
 
 // ---- differentiable ----
@@ -156,6 +173,32 @@ at::Tensor poly_causal_gated(const at::Tensor& hs, const at::Tensor& coeff, cons
 T3 poly_state_update(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& state_sum,
                      const at::Tensor& count) {
   return call<true>(state_op(), h, coeff, state_sum, count);
+}
+
+at::Tensor poly_mean_rope(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& cos, const at::Tensor& sin,
+                          const at::Tensor& positions, const OptTensor& weight, const OptTensor& cu_seqlens) {
+  return call<true>(mean_rope_op(), h, coeff, cos, sin, positions, weight, cu_seqlens);
+}
+
+at::Tensor poly_causal_rope(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& cos,
+                            const at::Tensor& sin, const at::Tensor& positions, int64_t block_size,
+                            const OptTensor& cu_seqlens) {
+  return call<true>(causal_rope_op(), h, coeff, cos, sin, positions, block_size, cu_seqlens);
+}
+
+at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions) {
+  const int64_t P = cos.size(1), E = x.size(-1);
+  TORCH_CHECK(P >= 1 && E % (2 * P) == 0, "pom_ext: argument 'cos' must be (L, P) with 2 P dividing the width E = ",
+              E, ", got shape ", cos.sizes());
+  const int64_t S = E / (2 * P);
+  const at::Tensor pos = positions.to(at::kLong);
+  auto shape = pos.sizes().vec();  // (..., N, S, P)
+  shape.push_back(P);
+  const at::Tensor c = cos.index_select(0, pos.flatten()).view(shape).to(x.scalar_type());
+  const at::Tensor sn = sin.index_select(0, pos.flatten()).view(shape).to(x.scalar_type());
+  const at::Tensor q = x.unflatten(-1, {S, 2, P});
+  const at::Tensor a = q.select(-2, 0), b = q.select(-2, 1);
+  return at::stack({a * c - b * sn, b * c + a * sn}, -2).flatten(-3);
 }
 
 // ---- masks, aggregation, selection ----
@@ -223,7 +266,8 @@ void check_cu_seqlens(const at::Tensor& cu, int64_t total, const at::Tensor& h) 
 
 }  // namespace
 
-at::Tensor aggregate(const at::Tensor& h, const at::Tensor& coeff, const Mask& mask, const at::Tensor& cu_seqlens) {
+at::Tensor aggregate(const at::Tensor& h, const at::Tensor& coeff, const Mask& mask, const at::Tensor& cu_seqlens,
+                     const Rotation& rot) {
   const bool packed = cu_seqlens.defined();
   TORCH_CHECK(h.defined() && h.is_floating_point(), "pom_ext: argument 'h' must be a floating-point tensor");
   TORCH_CHECK(h.dim() == (packed ? 2 : 3), "pom_ext: argument 'h' must be ",
@@ -234,14 +278,25 @@ at::Tensor aggregate(const at::Tensor& h, const at::Tensor& coeff, const Mask& m
               "shape ", coeff.sizes());
   if (packed) {
     check_cu_seqlens(cu_seqlens, h.size(0), h);
-    if (mask.is_none()) return poly_mean(h, coeff, std::nullopt, cu_seqlens);
+    if (mask.is_none()) {
+      return rot.defined() ? poly_mean_rope(h, coeff, rot.cos, rot.sin, rot.positions, std::nullopt, cu_seqlens)
+                           : poly_mean(h, coeff, std::nullopt, cu_seqlens);
+    }
     TORCH_CHECK(mask.is_causal(), "pom_ext: argument 'mask' must be none or causal when cu_seqlens is given, got ",
                 mask.repr());
-    return poly_causal(h, coeff, mask.block_size(), cu_seqlens);
+    return rot.defined()
+               ? poly_causal_rope(h, coeff, rot.cos, rot.sin, rot.positions, mask.block_size(), cu_seqlens)
+               : poly_causal(h, coeff, mask.block_size(), cu_seqlens);
   }
   const int64_t B = h.size(0), N = h.size(1);
-  if (mask.is_none()) return poly_mean(h, coeff).unsqueeze(1);
-  if (mask.is_causal()) return poly_causal(h, coeff, mask.block_size());
+  if (mask.is_none()) {
+    return (rot.defined() ? poly_mean_rope(h, coeff, rot.cos, rot.sin, rot.positions) : poly_mean(h, coeff))
+        .unsqueeze(1);
+  }
+  if (mask.is_causal()) {
+    return rot.defined() ? poly_causal_rope(h, coeff, rot.cos, rot.sin, rot.positions, mask.block_size())
+                         : poly_causal(h, coeff, mask.block_size());
+  }
   const at::Tensor& m = mask.tensor();
   TORCH_CHECK(m.device() == h.device(), "pom_ext: argument 'mask' must be on ", h.device(), " like the input, got ",
               m.device());
@@ -250,7 +305,8 @@ at::Tensor aggregate(const at::Tensor& h, const at::Tensor& coeff, const Mask& m
   if (m.dim() == 2) {
     TORCH_CHECK(m.size(0) == B && m.size(1) == N, "pom_ext: argument 'mask' must be (B, N) = (", B, ", ", N,
                 ") for a padding/weight mask, got shape ", m.sizes());
-    return poly_mean(h, coeff, m).unsqueeze(1);
+    return (rot.defined() ? poly_mean_rope(h, coeff, rot.cos, rot.sin, rot.positions, m) : poly_mean(h, coeff, m))
+        .unsqueeze(1);
   }
   TORCH_CHECK(m.dim() == 3, "pom_ext: argument 'mask' must be none, causal, a (B, N) or a (B, T, N) tensor, got "
               "shape ", m.sizes());
@@ -259,6 +315,7 @@ at::Tensor aggregate(const at::Tensor& h, const at::Tensor& coeff, const Mask& m
   // O(T N E): p once, then a batched matrix product accumulated in fp32 at least.
   at::Tensor p = poly_eval(h, coeff);
   const auto acc = p.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  if (rot.defined()) p = rotate(p.to(acc), rot.cos, rot.sin, rot.positions);
   at::Tensor mf = m.to(acc);
   at::Tensor den = mf.sum(-1, /*keepdim=*/true);
   // A row of zeros divides by 1 (its sum is 0): den + (den == 0), which the meta device runs too.

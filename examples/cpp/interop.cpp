@@ -2,15 +2,17 @@
 // writes the outputs back (used by tests/test_cpp_interop.py).
 //
 // IN (torch.save of a dict of tensors):
-//   config      int64 [dim, degree, expand, n_groups, n_sel_heads, bias]
-//   param.NAME  every parameter of the Python layer, by state-dict name
+//   config      int64 [dim, degree, expand, n_groups, n_sel_heads, bias] and, for a rotary layer (PoMRoPE),
+//               [rope (1: 1-D, 2: 2-D), max_seq_len, max_h, max_w]
+//   param.NAME  every parameter (and buffer) of the Python layer, by state-dict name
+//   rotary layers: pos (T,) or (T, 2) query positions, ctx_pos (N,) or (N, 2) context positions (cross)
 //   x (B, T, D), xc (B, N, D), weights (B, T) float, pad (B, T) bool, mask3 (B, T, T) for
 //   self-mixing; cross_w (B, N) float, xmask3 (B, T, N) for the cross case;
 //   xp (total, D), cu (B + 1,) int32, r (B, T, D)
 // OUT (torch::pickle_save, readable with torch.load): one output per mask mode, the
 // decode and chunked-state outputs, the gradients of sum_modes <out, r> for every
 // parameter (grad.NAME), and the weights and causal output after a few Adam steps
-// (trained.NAME, trained_out).
+// (trained.NAME, trained_out); for a rotary layer also its own tables before loading (table.NAME).
 #include <pom_ext/pom_ext.h>
 #include <torch/torch.h>
 
@@ -53,9 +55,16 @@ int main(int argc, char** argv) {
 
   const torch::Tensor cfg = get("config");
   auto c = [&](int i) { return cfg[i].item<int64_t>(); };
-  pom_ext::PoM pom(pom_ext::PoMOptions(c(0), c(1), c(2)).n_groups(c(3)).n_sel_heads(c(4)).bias(c(5) != 0));
+  auto options = pom_ext::PoMOptions(c(0), c(1), c(2)).n_groups(c(3)).n_sel_heads(c(4)).bias(c(5) != 0);
+  const int64_t rope = cfg.numel() > 6 ? c(6) : 0;
+  if (rope) options.rope(rope == 2 ? "2d" : "1d").max_seq_len(c(7)).max_h(c(8)).max_w(c(9));
+  pom_ext::PoM pom(options);
   const torch::Tensor x = get("x");
+  c10::Dict<std::string, torch::Tensor> out;
+  for (auto& b : pom->named_buffers()) out.insert("table." + b.key(), b.value().clone());
   pom->to(x.scalar_type());
+  // Rotary layers: the query positions (self-mixing: one set) and the context's for cross-mixing.
+  const torch::Tensor pos = rope ? get("pos") : torch::Tensor(), ctx_pos = rope ? get("ctx_pos") : torch::Tensor();
 
   // Load the Python weights strictly: same names, same shapes, nothing missing or extra.
   {
@@ -63,8 +72,10 @@ int main(int argc, char** argv) {
     size_t n_in = 0;
     for (const auto& [k, v] : in) n_in += k.rfind("param.", 0) == 0;
     auto params = pom->named_parameters();
-    TORCH_CHECK(params.size() == n_in, "pom_interop: the C++ module has ", params.size(), " parameters, Python ",
-                n_in);
+    auto buffers = pom->named_buffers();
+    TORCH_CHECK(params.size() + buffers.size() == n_in, "pom_interop: the C++ module has ", params.size(),
+                " parameters and ", buffers.size(), " buffers, Python ", n_in, " entries");
+    for (auto& b : buffers) b.value().copy_(get("param." + b.key()));
     for (auto& p : params) {
       const torch::Tensor src = get("param." + p.key());
       TORCH_CHECK(src.sizes() == p.value().sizes(), "pom_interop: parameter ", p.key(), " has shape ",
@@ -73,7 +84,6 @@ int main(int argc, char** argv) {
     }
   }
 
-  c10::Dict<std::string, torch::Tensor> out;
   std::vector<std::string> order;
   for (auto& p : pom->named_parameters()) order.push_back(p.key());
   out.insert("param_order", torch::tensor(static_cast<int64_t>(order.size())));
@@ -82,19 +92,21 @@ int main(int argc, char** argv) {
 
   const torch::Tensor xc = get("xc"), r = get("r"), xp = get("xp"), cu = get("cu");
   std::map<std::string, torch::Tensor> outs = {
-      {"none", pom(x)},
-      {"causal", pom->forward(x, {}, "causal")},
-      {"block3", pom->forward(x, {}, pom_ext::Mask::causal(3))},
-      {"weights", pom->forward(x, {}, get("weights"))},
-      {"pad", pom->forward(x, {}, get("pad"))},
-      {"mask3", pom->forward(x, {}, get("mask3"))},
-      {"cross_none", pom(x, xc)},
-      {"cross_weights", pom(x, xc, get("cross_w"))},
-      {"cross_mask3", pom(x, xc, get("xmask3"))},
-      {"packed_none", pom->forward(xp, {}, {}, cu)},
-      {"packed_causal", pom->forward(xp, {}, "causal", cu)},
-      {"packed_block2", pom->forward(xp, {}, pom_ext::Mask::causal(2), cu)},
+      {"none", pom->forward(x, {}, {}, {}, pos)},
+      {"causal", pom->forward(x, {}, "causal", {}, pos)},
+      {"block3", pom->forward(x, {}, pom_ext::Mask::causal(3), {}, pos)},
+      {"weights", pom->forward(x, {}, get("weights"), {}, pos)},
+      {"pad", pom->forward(x, {}, get("pad"), {}, pos)},
+      {"mask3", pom->forward(x, {}, get("mask3"), {}, pos)},
+      {"cross_none", pom->forward(x, xc, {}, {}, pos, ctx_pos)},
+      {"cross_weights", pom->forward(x, xc, get("cross_w"), {}, pos, ctx_pos)},
+      {"cross_mask3", pom->forward(x, xc, get("xmask3"), {}, pos, ctx_pos)},
   };
+  if (rope != 2) {  // packed 2-D sequences would need grid positions
+    outs["packed_none"] = pom->forward(xp, {}, {}, cu);
+    outs["packed_causal"] = pom->forward(xp, {}, "causal", cu);
+    outs["packed_block2"] = pom->forward(xp, {}, pom_ext::Mask::causal(2), cu);
+  }
   torch::Tensor loss = torch::zeros({}, x.options());
   for (const auto& [k, v] : outs) {
     out.insert(k, v.detach());
@@ -109,13 +121,15 @@ int main(int argc, char** argv) {
     // Token by token with the state, updated in place.
     pom_ext::PoMState st = pom->allocate_state(x.size(0));
     std::vector<torch::Tensor> steps;
-    for (int64_t t = 0; t < x.size(1); ++t) steps.push_back(pom->step(x.narrow(1, t, 1), st));
+    // 1-D rotary layers decode at the state's count; 2-D ones at the given grid positions.
+    auto at_pos = [&](int64_t a, int64_t n) { return rope == 2 ? pos.narrow(0, a, n) : torch::Tensor(); };
+    for (int64_t t = 0; t < x.size(1); ++t) steps.push_back(pom->step(x.narrow(1, t, 1), st, at_pos(t, 1)));
     out.insert("step", torch::cat(steps, 1));
     out.insert("step_sum", st.sum);
     out.insert("step_count", st.count);
     // Unequal chunks (3, then the rest) through state_forward.
-    auto [o1, s1] = pom->state_forward(x.narrow(1, 0, 3), {}, pom_ext::PoMState());
-    auto [o2, s2] = pom->state_forward(x.narrow(1, 3, x.size(1) - 3), {}, s1);
+    auto [o1, s1] = pom->state_forward(x.narrow(1, 0, 3), {}, pom_ext::PoMState(), at_pos(0, 3));
+    auto [o2, s2] = pom->state_forward(x.narrow(1, 3, x.size(1) - 3), {}, s1, at_pos(3, x.size(1) - 3));
     out.insert("chunked", torch::cat({o1, o2}, 1));
     out.insert("chunked_sum", s2.sum);
   }
@@ -123,14 +137,14 @@ int main(int argc, char** argv) {
   // A few Adam steps on the causal output, then the weights and output after training.
   torch::optim::Adam opt(pom->parameters(), torch::optim::AdamOptions(1e-2));
   for (int i = 0; i < 5; ++i) {
-    torch::Tensor l = (pom->forward(x, {}, "causal") - r).pow(2).mean();
+    torch::Tensor l = (pom->forward(x, {}, "causal", {}, pos) - r).pow(2).mean();
     opt.zero_grad();
     l.backward();
     opt.step();
   }
   torch::NoGradGuard no_grad;
   for (auto& p : pom->named_parameters()) out.insert("trained." + p.key(), p.value().detach().clone());
-  out.insert("trained_out", pom->forward(x, {}, "causal"));
+  out.insert("trained_out", pom->forward(x, {}, "causal", {}, pos));
 
   write_file(argv[2], torch::pickle_save(out));
   return 0;

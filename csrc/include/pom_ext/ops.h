@@ -70,6 +70,17 @@ POM_EXT_API std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_state_update_bac
 POM_EXT_API at::Tensor poly_state_step_(const at::Tensor& h, const at::Tensor& coeff, at::Tensor& state_sum,
                                         at::Tensor& count);
 
+// Rotary positions fused into the aggregations (SPEC §2b): the mean / block-causal prefix mean of
+// p~_n = R(positions_n) p_n. cos, sin: (L, P) tables with E = 2 P S (S sections of 2 P channels; in section s, pair i
+// joins channels 2Ps + i and 2Ps + P + i and turns by the angle of row positions[n, s], column i); positions:
+// (N, S) or (B, N, S) integer rows of the tables, (total, S) when packed.
+POM_EXT_API at::Tensor poly_mean_rope(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& cos,
+                                      const at::Tensor& sin, const at::Tensor& positions,
+                                      const OptTensor& weight = {}, const OptTensor& cu_seqlens = {});
+POM_EXT_API at::Tensor poly_causal_rope(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& cos,
+                                        const at::Tensor& sin, const at::Tensor& positions, int64_t block_size = 1,
+                                        const OptTensor& cu_seqlens = {});
+
 }  // namespace ops
 
 // ---- differentiable ----
@@ -89,6 +100,24 @@ POM_EXT_API at::Tensor poly_causal(const at::Tensor& h, const at::Tensor& coeff,
 POM_EXT_API at::Tensor poly_causal_gated(const at::Tensor& hs, const at::Tensor& coeff,
                                          const ops::OptTensor& gate_bias = {}, int64_t block_size = 1,
                                          const ops::OptTensor& cu_seqlens = {});
+
+// The rope ops (ops::poly_mean_rope, ops::poly_causal_rope) with gradients for h, coeff (and a floating weight).
+POM_EXT_API at::Tensor poly_mean_rope(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& cos,
+                                      const at::Tensor& sin, const at::Tensor& positions,
+                                      const ops::OptTensor& weight = {}, const ops::OptTensor& cu_seqlens = {});
+POM_EXT_API at::Tensor poly_causal_rope(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& cos,
+                                        const at::Tensor& sin, const at::Tensor& positions, int64_t block_size = 1,
+                                        const ops::OptTensor& cu_seqlens = {});
+
+// x~ = R(positions) x for x (..., N, E) (tables and positions as for the rope ops), in x's dtype; differentiable.
+POM_EXT_API at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                              const at::Tensor& positions);
+
+// Rotary positions for aggregate(): the rope ops' tables and positions (undefined cos: none).
+struct POM_EXT_API Rotation {
+  at::Tensor cos, sin, positions;
+  bool defined() const { return cos.defined(); }
+};
 
 // (H (B, E), new_sum (B, E), new_count (B,)); gradients for h, coeff and state_sum.
 POM_EXT_API std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_state_update(const at::Tensor& h,
@@ -128,8 +157,9 @@ class POM_EXT_API Mask {
 
 // H from h (differentiable). Dense h (B, N, E): none / (B, N) -> (B, 1, E); causal -> (B, N, E);
 // (B, T, N) -> (B, T, E). Packed h (total, E) with cu_seqlens: none -> (B, E), causal -> (total, E).
+// With a rotation, of the rotated features (the rope ops; a (B, T, N) mask rotates p, then the batched product).
 POM_EXT_API at::Tensor aggregate(const at::Tensor& h, const at::Tensor& coeff, const Mask& mask = {},
-                                 const at::Tensor& cu_seqlens = {});
+                                 const at::Tensor& cu_seqlens = {}, const Rotation& rotation = {});
 
 // y = s * H; with n_sel_heads G > 1, s (..., G) gates E / G contiguous channels each.
 POM_EXT_API at::Tensor select(const at::Tensor& s, const at::Tensor& H, int64_t n_sel_heads = 1);
