@@ -1,0 +1,396 @@
+"""Context parallelism: one PoM layer with the sequence sharded over the ranks of a torch.distributed group.
+
+Rank r of P holds the contiguous global tokens [o_r, o_r + n_r) of every sequence (uneven slices allowed,
+n_r = 0 too). PoM's whole context is a sum of width E, so the ranks exchange per-rank sums, never tokens:
+
+    S_r = sum over rank r's tokens of w p          (B, E); w = 1, or the (B, N) weights sharded with the tokens
+    none / weights   H = sum_q S_q / sum_q W_q       W_q = rank q's token count, or its sum of weights
+    causal, block F  H_t = (P_r + C_t + X_r [e_t > o_r + n_r]) / e_t
+                     e_t = min(N, (g // F + 1) F) the end of global token g = o_r + t's block (F = 1: g + 1),
+                     P_r = sum_{q < r} S_q the exclusive prefix of the earlier ranks, C_t the sum of the local
+                     tokens before min(e_t, o_r + n_r), X_r the tokens of later ranks inside rank r's last block
+                     when that block straddles the boundary (the sum of their heads: the local tokens before
+                     the end of the block holding their first token)
+    packed varlen    the same per sequence b of the batch's cu_seqlens: S_{q,b}, P_{r,b}, counts from cu_seqlens
+
+One all_gather of the (B, E) sums (two (B, E) rows for block-causal with F > 1) per layer forward; its backward
+is one all_reduce of the gradient of the gathered (P, B, E) tensor, each rank keeping its own row. Summing in
+rank order after the gather gives every rank the same H bit for bit, and the same result on every run.
+
+Before that, every call all-gathers a small int64 metadata row (the mask kind, batch, width, dtype, block
+size, local token counts, a local error flag) and checks it, so ranks that disagree raise the same ValueError
+on every rank instead of waiting in mismatched collectives.
+"""
+from typing import List, Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import functional as PF
+from . import ops
+from .layers import PoM, PoMState
+
+__all__ = ["context_parallel_pom", "ContextParallelPoM", "token_range"]
+
+_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+_KINDS = ["none", "weights", "causal", "varlen", "varlen_causal"]
+_KIND_NAMES = {"none": "None", "weights": "a (B, N) tensor", "causal": "'causal'",
+               "varlen": "None with cu_seqlens", "varlen_causal": "'causal' with cu_seqlens"}
+# metadata row: error flag, kind, batch, D, E, K, G, dtype, block size, cross, context tokens, query tokens,
+# gradients needed
+_META = 13
+
+
+def _fail(arg: str, message: str) -> None:
+    raise ValueError(f"pom_ext.distributed: argument '{arg}' {message}")
+
+
+def token_range(total: int, world_size: int, rank: int) -> Tuple[int, int]:
+    """[start, end) of rank `rank`'s contiguous slice when `total` tokens are split as evenly as possible (the
+    first total % world_size ranks hold one token more)."""
+    base, extra = divmod(total, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+class _Gather(torch.autograd.Function):
+    """x (...) on every rank -> (P, ...) the ranks' x in rank order; backward: one all_reduce of the gradient,
+    each rank keeping its own row (the sum over ranks of d loss_q / d x_r)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x, group=group)
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad[dist.get_rank(ctx.group)], None
+
+
+def _gather(x: torch.Tensor, group) -> torch.Tensor:
+    return _Gather.apply(x, group)
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _kind(mask, packed: bool) -> str:
+    if packed:
+        if mask is None:
+            return "varlen"
+        if PF.is_causal(mask):
+            return "varlen_causal"
+        _fail("mask", f"must be None or 'causal' with cu_seqlens, got {_describe(mask)}")
+    if mask is None:
+        return "none"
+    if PF.is_causal(mask):
+        return "causal"
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        return "weights"
+    if isinstance(mask, torch.Tensor) and mask.dim() == 3:
+        _fail("mask", "must be None, 'causal' or a (B, N) tensor: a (B, T, N) mask is not supported with the "
+                      "context sharded (it is O(T N) and has no sum to exchange)")
+    _fail("mask", f"must be None, 'causal' or a (B, N) tensor, got {_describe(mask)}")
+
+
+def _describe(mask) -> str:
+    if isinstance(mask, torch.Tensor):
+        return f"a tensor of shape {tuple(mask.shape)}"
+    return repr(mask)
+
+
+def _local_checks(layer, xq, xc, mask, block_size, cu_seqlens, return_state) -> List[int]:
+    """The arguments of this rank alone; returns its metadata row (raises ValueError naming the argument)."""
+    if not isinstance(layer, PoM):
+        _fail("layer", f"must be a pom_ext.PoM, got {type(layer).__name__}")
+    packed = cu_seqlens is not None
+    if xc is xq:
+        xc = None
+    layer._check_x("xq", xq, packed)
+    if xc is not None:
+        layer._check_x("xc", xc, packed)
+    kind = _kind(mask, packed)
+    if return_state and kind == "weights":
+        _fail("return_state", "is not supported with a (B, N) weight mask (the state counts tokens)")
+    if block_size is not None:
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            _fail("block_size", f"must be an integer >= 1, got {block_size!r}")
+        if not PF.is_causal(mask):
+            _fail("block_size", f"is given only with mask='causal', got mask={_describe(mask)}")
+        if packed and block_size > 1:
+            _fail("block_size", "must be 1 (or None) with cu_seqlens: block-causal packed sequences are not "
+                                "supported with the sequence sharded")
+    ctx = xq if xc is None else xc
+    if packed:
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2 or \
+                cu_seqlens.dtype not in (torch.int32, torch.int64):
+            got = f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}" if isinstance(cu_seqlens, torch.Tensor) \
+                else type(cu_seqlens).__name__
+            _fail("cu_seqlens", f"must be a 1-D int32 or int64 tensor (B + 1,) of offsets, got {got}")
+        if cu_seqlens.device != xq.device:
+            _fail("cu_seqlens", f"must be on {xq.device} like 'xq', got {cu_seqlens.device}")
+        batch = cu_seqlens.shape[0] - 1
+        if xc is not None and xc.shape[0] != xq.shape[0]:
+            _fail("xc", f"must hold as many packed tokens as 'xq' on this rank, got {xc.shape[0]} and "
+                        f"{xq.shape[0]}")
+        n, t = ctx.shape[0], xq.shape[0]
+    else:
+        batch = xq.shape[0]
+        if xc is not None and xc.shape[0] != batch:
+            _fail("xc", f"must have the batch size of 'xq', got {xc.shape[0]} and {batch}")
+        n, t = ctx.shape[1], xq.shape[1]
+        if kind == "causal" and t != n:
+            _fail("xq", f"must hold as many tokens as 'xc' on this rank with mask='causal', got {t} and {n}")
+        if kind == "weights":
+            if tuple(mask.shape) != (batch, n):
+                _fail("mask", f"must be this rank's (B, n) = {(batch, n)} slice of the weights, got shape "
+                              f"{tuple(mask.shape)}")
+            if mask.dtype != torch.bool and not mask.is_floating_point():
+                _fail("mask", f"must be bool or floating point, got {mask.dtype}")
+            if mask.device != xq.device:
+                _fail("mask", f"must be on {xq.device} like 'xq', got {mask.device}")
+    return [0, _KINDS.index(kind), batch, layer.dim, layer.state_width, layer.degree, layer.n_sel_heads,
+            _DTYPES.index(xq.dtype) if xq.dtype in _DTYPES else len(_DTYPES),
+            1 if block_size is None else block_size, int(xc is not None), n, t, int(_needs_grad(layer, xq, xc))]
+
+
+def _needs_grad(layer, xq, xc) -> bool:
+    """Whether this call builds a graph: then every rank's backward must run the gather's one collective."""
+    if not torch.is_grad_enabled():
+        return False
+    return xq.requires_grad or (xc is not None and xc.requires_grad) or \
+        any(p.requires_grad for p in layer.parameters())
+
+
+def _agree(table: torch.Tensor, column: int, arg: str, what: str, show=str) -> None:
+    values = table[:, column].tolist()
+    if len(set(values)) > 1:
+        per_rank = ", ".join(f"{show(v)} on rank {r}" for r, v in enumerate(values))
+        _fail(arg, f"must agree on every rank: the ranks disagree on {what} ({per_rank})")
+
+
+def _exchange_metadata(row: Optional[List[int]], group, device) -> torch.Tensor:
+    """All-gathers every rank's metadata row (all -1 with the error flag set where the local checks failed)."""
+    mine = torch.tensor(row if row is not None else [1] + [-1] * (_META - 1), dtype=torch.int64)
+    # gloo gathers CPU tensors; NCCL needs them on the device.
+    backend = dist.get_backend(group)
+    if backend != "gloo":
+        mine = mine.to(device)
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, mine, group=group)
+    return torch.stack(parts).cpu()
+
+
+def _check_table(table: torch.Tensor) -> None:
+    """Identical checks on every rank over the gathered metadata: every rank raises the same error."""
+    _agree(table, 1, "mask", "the mask kind", lambda k: _KIND_NAMES[_KINDS[k]])
+    _agree(table, 2, "xq", "the batch size (the number of sequences with cu_seqlens)")
+    _agree(table, 3, "layer", "the model width D")
+    _agree(table, 4, "layer", "the state width E")
+    _agree(table, 5, "layer", "the degree")
+    _agree(table, 6, "layer", "n_sel_heads")
+    _agree(table, 7, "xq", "the dtype", lambda d: str(_DTYPES[d]) if d < len(_DTYPES) else "another dtype")
+    _agree(table, 8, "block_size", "the block size")
+    _agree(table, 9, "xc", "cross-mixing", lambda v: "xc given" if v else "xc None")
+    _agree(table, 12, "xq", "whether gradients are recorded (torch.no_grad, requires_grad)",
+           lambda v: "recorded" if v else "not recorded")
+
+
+def _plan(layer, xq, xc, mask, block_size, cu_seqlens, return_state, group):
+    """Runs the local checks, exchanges and checks the metadata; returns (table, cu_seqlens list or None)."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("pom_ext.distributed: torch.distributed is not initialized (call "
+                           "torch.distributed.init_process_group first)")
+    error = None
+    try:
+        row = _local_checks(layer, xq, xc, mask, block_size, cu_seqlens, return_state)
+    except ValueError as e:
+        error, row = e, None
+    device = xq.device if isinstance(xq, torch.Tensor) else torch.device("cpu")
+    table = _exchange_metadata(row, group, device)
+    if error is not None:
+        raise error
+    bad = [r for r in range(table.shape[0]) if table[r, 0] != 0]
+    if bad:
+        raise ValueError(f"pom_ext.distributed: rank(s) {bad} rejected their arguments (the error is raised "
+                         f"there); every rank stops")
+    _check_table(table)
+    if cu_seqlens is None:
+        return table, None
+    cu = _exchange_metadata(cu_seqlens.to(torch.int64).cpu().tolist(), group, device)
+    if not bool((cu == cu[0]).all()):
+        differ = [r for r in range(cu.shape[0]) if not torch.equal(cu[r], cu[0])]
+        _fail("cu_seqlens", f"must be the same offsets of the whole batch on every rank; ranks {differ} differ "
+                            f"from rank 0")
+    cu = cu[0].tolist()
+    total = int(table[:, 10].sum())
+    if cu[0] != 0 or cu[-1] != total or any(b < a for a, b in zip(cu, cu[1:])):
+        _fail("cu_seqlens", f"must be non-decreasing offsets from 0 to {total}, the packed tokens of all ranks "
+                            f"together (local counts {table[:, 10].tolist()}), got {cu}")
+    return table, cu
+
+
+def _sum_rows(parts: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """parts[lo] + ... + parts[hi - 1] in rank order: the same bits on every rank. An empty range gives zeros
+    that stay in the autograd graph of the gather, so that every rank's backward runs its one collective."""
+    if hi <= lo:
+        return parts[lo:lo].sum(0)
+    out = parts[lo]
+    for q in range(lo + 1, hi):
+        out = out + parts[q]
+    return out
+
+
+def _pooled(layer, h, s, weight, table, group) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mask None or this rank's (B, n) weights -> (out, total sum (B, E)). Weighted: the rank's sum of weights
+    travels in the same gather as an extra column."""
+    acc = _acc(h.dtype)
+    B, n, E = h.shape
+    ha = h.to(acc)
+    if weight is None:
+        total = _sum_rows(_gather(ops.poly_mean(ha, layer.po_coeff) * n, group), 0, table.shape[0])
+        W = torch.full((B, 1), int(table[:, 10].sum()), dtype=acc, device=h.device)
+    else:
+        w = weight.to(acc)
+        wsum = w.sum(1, keepdim=True)
+        S = ops.poly_mean(ha, layer.po_coeff, w) * wsum
+        both = _sum_rows(_gather(torch.cat([S, wsum], 1), group), 0, table.shape[0])
+        total, W = both[:, :E], both[:, E:]
+    H = torch.where(W > 0, total / torch.where(W > 0, W, torch.ones_like(W)), torch.zeros_like(total))
+    return layer._out(s, H.to(h.dtype)), total
+
+
+def _causal(layer, h, s, F_: int, table, rank, group) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Block-causal (F_ = 1: token-causal) over the sharded sequence -> (out, total sum (B, E))."""
+    B, n, E = h.shape
+    acc = _acc(h.dtype)
+    counts = table[:, 10].tolist()
+    offsets = [sum(counts[:q]) for q in range(len(counts))]
+    o, N = offsets[rank], sum(counts)
+    pad = o % F_
+    ha = h.to(acc)
+    if pad:  # p(0) = 0: zero rows in front align the local blocks with the global ones
+        ha = F.pad(ha, (0, 0, pad, 0))
+    idx = torch.arange(pad, pad + n, device=h.device)
+    local_end = torch.clamp((idx // F_ + 1) * F_, max=n + pad)
+    C = ops.poly_causal(ha, layer.po_coeff, F_)[:, pad:] * local_end.to(acc)[:, None]
+    if n:
+        last, head = C[:, -1], C[:, 0]
+    else:  # (B, E) zeros, in the autograd graph like the sums of the other ranks
+        last = head = C.sum(1)
+    parts = _gather(torch.stack([last, head], 1) if F_ > 1 else last.unsqueeze(1), group)
+    P = _sum_rows(parts[:, :, 0], 0, rank)
+    g = o + torch.arange(n, device=h.device)
+    e = torch.clamp((g // F_ + 1) * F_, max=N)
+    num = C + P.unsqueeze(1)
+    if F_ > 1 and n and int(e[-1]) > o + n:  # the last block goes on into later ranks: add their heads
+        inside = sum(1 for q in range(rank + 1, len(counts)) if offsets[q] < int(e[-1]))
+        X = _sum_rows(parts[:, :, 1], rank + 1, rank + 1 + inside)
+        num = num + (e > o + n).to(acc)[:, None] * X.unsqueeze(1)
+    H = (num / e.to(acc)[:, None]).to(h.dtype)
+    return layer.ag_proj(PF.select(s, H, layer.n_sel_heads)), _sum_rows(parts[:, :, 0], 0, len(counts))
+
+
+def _varlen(layer, h, s, causal: bool, cu: List[int], table, rank, group) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Packed sequences (total, E) with the batch's cu_seqlens, crossing rank boundaries -> (out, sums (B, E))."""
+    n, E = h.shape
+    acc = _acc(h.dtype)
+    counts = table[:, 10].tolist()
+    o = sum(counts[:rank])
+    dev = h.device
+    cu_t = torch.tensor(cu, dtype=torch.int64, device=dev)
+    local_cu = torch.clamp(cu_t - o, 0, n)
+    lengths = local_cu[1:] - local_cu[:-1]
+    ha = h.to(acc)
+    S = ops.poly_mean(ha, layer.po_coeff, None, local_cu) * lengths.to(acc)[:, None]
+    parts = _gather(S, group)
+    total = _sum_rows(parts, 0, len(counts))
+    seq_len = (cu_t[1:] - cu_t[:-1]).to(acc)[:, None]
+    if causal:
+        P = _sum_rows(parts, 0, rank)
+        seq = torch.repeat_interleave(torch.arange(len(cu) - 1, device=dev), lengths, output_size=n)
+        pos = torch.arange(n, device=dev)
+        within = (pos - local_cu[seq] + 1).to(acc)[:, None]  # 1-based position inside the local piece
+        start = (o + local_cu[seq] - cu_t[seq]).to(acc)[:, None]  # tokens of the sequence before this rank
+        C = ops.poly_causal(ha, layer.po_coeff, 1, local_cu) * within
+        H = (P[seq] + C) / (start + within)
+    else:
+        H = torch.where(seq_len > 0, total / seq_len.clamp_min(1), torch.zeros_like(total))
+        H = H.repeat_interleave(lengths, dim=0, output_size=n)
+    return layer.ag_proj(PF.select(s, H.to(h.dtype), layer.n_sel_heads)), total
+
+
+def context_parallel_pom(layer: PoM, xq: torch.Tensor, xc: Optional[torch.Tensor] = None,
+                         mask: PF.Mask = None, *, block_size: Optional[int] = None,
+                         cu_seqlens: Optional[torch.Tensor] = None, group=None,
+                         return_state: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, PoMState]]:
+    """`layer(xq, xc, mask, ...)` with the sequence sharded over the ranks of `group` (default: the world).
+
+    Every rank of the group calls it with the same layer (same parameters) and its contiguous slice, in rank
+    order, of the tokens of every sequence: xq: (B, t_r, D) its queries, xc: (B, n_r, D) its context or None
+    (self-mixing); mask None, "causal" (block_size F: blocks may straddle rank boundaries) or this rank's
+    (B, n_r) slice of the weights / padding; packed: xq (n_r, D) its slice of the packed tokens, cu_seqlens
+    (B + 1,) the offsets of the whole batch (the same on every rank), mask None or "causal".
+    Returns this rank's slice of the unsharded output (B, t_r, D) (packed: (n_r, D)); with return_state=True
+    also the PoMState of the whole context (every rank gets it: sum (B, E), count (B,)), as after a prefill of
+    the unsharded sequence, for decoding on any one rank (not with a (B, N) weight mask).
+
+    Autograd: every rank must run backward through its output (it takes one all_reduce). The input gradients
+    are this rank's slice of the unsharded ones; the parameter gradients summed over the ranks (what DDP or
+    FSDP reduce) are the unsharded ones. Ranks that disagree (batch, width, dtype, mask kind, block size,
+    cu_seqlens) or whose arguments are wrong raise ValueError on every rank.
+    """
+    group = dist.group.WORLD if group is None else group
+    table, cu = _plan(layer, xq, xc, mask, block_size, cu_seqlens, return_state, group)
+    if xc is xq:
+        xc = None
+    rank = dist.get_rank(group)
+    kind = _KINDS[int(table[0, 1])]
+    h, s = layer.project(xq, xc)
+    if kind in ("none", "weights"):
+        out, total = _pooled(layer, h, s, mask if kind == "weights" else None, table, group)
+        count = torch.full((h.shape[0],), int(table[:, 10].sum()), dtype=torch.int64, device=h.device)
+    elif kind == "causal":
+        out, total = _causal(layer, h, s, 1 if block_size is None else block_size, table, rank, group)
+        count = torch.full((h.shape[0],), int(table[:, 10].sum()), dtype=torch.int64, device=h.device)
+    else:
+        out, total = _varlen(layer, h, s, kind == "varlen_causal", cu, table, rank, group)
+        count = torch.tensor([b - a for a, b in zip(cu, cu[1:])], dtype=torch.int64, device=h.device)
+    if not return_state:
+        return out
+    return out, PoMState(total.to(layer._state_dtype()), count)
+
+
+class ContextParallelPoM(nn.Module):
+    """A PoM layer whose forward runs with the sequence sharded over `group` (see context_parallel_pom).
+
+    ContextParallelPoM(layer, group=None); forward(xq, xc=None, mask=None, block_size=None, cu_seqlens=None)
+    with this rank's slices. The wrapped layer's parameters are this module's (`.layer`), so DDP and FSDP
+    wrap it as they wrap the layer.
+    """
+
+    def __init__(self, layer: PoM, group=None):
+        super().__init__()
+        if not isinstance(layer, PoM):
+            _fail("layer", f"must be a pom_ext.PoM, got {type(layer).__name__}")
+        self.layer = layer
+        self.group = group
+
+    def forward(self, xq: torch.Tensor, xc: Optional[torch.Tensor] = None, mask: PF.Mask = None,
+                block_size: Optional[int] = None, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return context_parallel_pom(self.layer, xq, xc, mask, block_size=block_size, cu_seqlens=cu_seqlens,
+                                    group=self.group)
+
+    def prefill(self, xq: torch.Tensor, xc: Optional[torch.Tensor] = None, mask: PF.Mask = None,
+                block_size: Optional[int] = None) -> Tuple[torch.Tensor, PoMState]:
+        """(this rank's output, the PoMState of the whole sequence on every rank)."""
+        return context_parallel_pom(self.layer, xq, xc, mask, block_size=block_size, group=self.group,
+                                    return_state=True)

@@ -1,0 +1,307 @@
+"""Context parallelism (pom_ext.distributed) on gloo: groups of 2 and 3 processes started here, every rank's
+output and every gradient against the unsharded layer in one process, for every mask form; bad inputs raise
+on every rank.
+
+Each test starts one process group and runs all of its cases in it (this file is also the worker's script:
+`python test_distributed.py --worker JOB RANK WORLD PORT OUT`); every rank writes a JSON report that the test
+reads. A group that does not finish within TIMEOUT seconds is killed and the test fails.
+"""
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+try:
+    import torch.distributed as dist
+    HAS_GLOO = dist.is_available() and dist.is_gloo_available()
+except ImportError:
+    HAS_GLOO = False
+
+pytestmark = pytest.mark.skipif(not HAS_GLOO, reason="torch.distributed with the gloo backend is not available")
+
+TIMEOUT = 120
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TOL = {"float64": 1e-12, "float32": 1e-5}
+
+# ---- the cases (shared by the test and the worker) ----
+
+B, N, D, T_CROSS = 3, 13, 12, 7
+CONFIGS = [(1, 1, False), (2, 4, True)]  # (n_groups, n_sel_heads, bias)
+# Token counts per rank: uneven, a rank inside one block, a rank with no tokens.
+SPLITS = {2: [[5, 8]], 3: [[4, 1, 8], [6, 0, 7]]}
+# Packed: sequences [0,1) [1,12) [12,12) [12,30) [30,39), some crossing one or two rank boundaries.
+CU = [0, 1, 12, 12, 30, 39]
+VARLEN_SPLITS = {2: [[16, 23]], 3: [[10, 1, 28], [17, 0, 22]]}
+MODES = ["none", "weights", "padding", "causal", "block3", "block6", "cross_none", "cross_weights",
+         "cross_causal", "cross_block3", "varlen", "varlen_causal", "cross_varlen_causal"]
+STATE_MODES = {"none", "causal", "block6", "varlen_causal"}
+
+
+def _offsets(split):
+    return [sum(split[:r]) for r in range(len(split) + 1)]
+
+
+def _make_layer(config, dtype, dim=D):
+    from pom_ext import PoM
+    torch.manual_seed(0)
+    layer = PoM(dim, 3, 2, n_groups=config[0], n_sel_heads=config[1], bias=config[2]).to(dtype)
+    with torch.no_grad():
+        layer.po_coeff.copy_(torch.randn_like(layer.po_coeff) * 0.5)
+        if config[2]:
+            layer.ag_proj.bias.normal_()
+    return layer
+
+
+def _inputs(mode, dtype):
+    """The whole batch: xq, xc (or None), mask, block_size, cu_seqlens, upstream gradient."""
+    g = torch.Generator().manual_seed(7)
+    varlen = mode.endswith("varlen") or "varlen_" in mode
+    cross = mode.startswith("cross_")
+    shape = (CU[-1], D) if varlen else (B, N, D)
+    xc = torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+    xq = torch.randn(*(shape if varlen or "causal" in mode or "block" in mode else (B, T_CROSS, D)),
+                     generator=g, dtype=torch.float64).to(dtype) if cross else xc
+    base = mode[len("cross_"):] if cross else mode
+    mask, block = None, None
+    if base == "weights":
+        mask = torch.rand(B, N, generator=g, dtype=torch.float64).to(dtype)
+    elif base == "padding":
+        mask = torch.rand(B, N, generator=g) > 0.4
+        mask[0] = False  # an all-padding row gives 0
+    elif base in ("causal", "varlen_causal"):
+        mask = "causal"
+    elif base.startswith("block"):
+        mask, block = "causal", int(base[len("block"):])
+    cu = torch.tensor(CU, dtype=torch.int32) if varlen else None
+    gout = torch.randn(*xq.shape[:-1], D, generator=g, dtype=torch.float64).to(dtype)
+    return xq, (xc if cross else None), mask, block, cu, gout
+
+
+def _slice(t, mode, a, b):
+    """Rank slice [a, b) of the token axis of t (dim 0 packed, dim 1 batched)."""
+    varlen = "varlen" in mode
+    return t[a:b] if varlen else t[:, a:b]
+
+
+def _grads(layer, xs):
+    return [x.grad for x in xs] + [torch.zeros_like(p) if p.grad is None else p.grad for p in layer.parameters()]
+
+
+# ---- worker ----
+
+def _run_cases(world, rank, report):
+    import pom_ext.distributed as cp
+    from conftest import rel_err
+
+    for dtype_name, dtype in (("float64", torch.float64), ("float32", torch.float32)):
+        for config in CONFIGS:
+            for mode in MODES:
+                splits = VARLEN_SPLITS[world] if "varlen" in mode else SPLITS[world]
+                for split in splits:
+                    layer = _make_layer(config, dtype)
+                    xq, xc, mask, block, cu, gout = _inputs(mode, dtype)
+                    cross = xc is not None
+                    # unsharded, in this process
+                    leaves = [xq.clone().requires_grad_()] + ([xc.clone().requires_grad_()] if cross else [])
+                    ref = layer(leaves[0], leaves[1] if cross else None, mask=mask, block_size=block,
+                                cu_seqlens=cu)
+                    (ref * gout).sum().backward()
+                    ref_grads = _grads(layer, leaves)
+                    layer.zero_grad(set_to_none=True)
+                    # sharded: context slice o[r]:o[r+1], queries the same slice or an even split (pooled cross)
+                    o = _offsets(split)
+                    a, b = o[rank], o[rank + 1]
+                    qa, qb = (a, b)
+                    if mode in ("cross_none", "cross_weights"):  # T_CROSS queries, split evenly
+                        qa, qb = cp.token_range(xq.shape[1], world, rank)
+                    runs = []
+                    for _ in range(2):
+                        lq = _slice(xq, mode, qa, qb).clone().requires_grad_()
+                        lc = _slice(xc, mode, a, b).clone().requires_grad_() if cross else None
+                        lm = mask[:, a:b] if isinstance(mask, torch.Tensor) else mask
+                        out = cp.context_parallel_pom(layer, lq, lc, lm, block_size=block, cu_seqlens=cu)
+                        (out * _slice(gout, mode, qa, qb)).sum().backward()
+                        grads = _grads(layer, [lq] + ([lc] if cross else []))
+                        for gp in grads[len(leaves):]:
+                            dist.all_reduce(gp)
+                        runs.append([out.detach()] + [g.detach().clone() for g in grads])
+                        layer.zero_grad(set_to_none=True)
+                    out, grads = runs[0][0], runs[0][1:]
+                    errs = {"out": rel_err(out, _slice(ref, mode, qa, qb).detach()),
+                            "xq": rel_err(grads[0], _slice(ref_grads[0], mode, qa, qb))}
+                    if cross:
+                        errs["xc"] = rel_err(grads[1], _slice(ref_grads[1], mode, a, b))
+                    errs["params"] = max(rel_err(g, r) for g, r in zip(grads[len(leaves):], ref_grads[len(leaves):]))
+                    case = {"dtype": dtype_name, "config": list(config), "mode": mode, "split": split,
+                            "errs": errs, "bitwise_repeat": all(torch.equal(u, v) for u, v in zip(*runs))}
+                    if mode in STATE_MODES:
+                        case.update(_state_check(cp, layer, xq, mask, block, cu, mode, a, b, rel_err))
+                    report.append(case)
+
+
+def _state_check(cp, layer, x, mask, block, cu, mode, a, b, rel_err):
+    """The state after a sharded prefill against the unsharded sequence's, and the same bits on every rank."""
+    with torch.no_grad():
+        lm = mask[:, a:b] if isinstance(mask, torch.Tensor) else mask
+        _, st = cp.context_parallel_pom(layer, _slice(x, mode, a, b), None, lm, block_size=block, cu_seqlens=cu,
+                                        return_state=True)
+        if cu is None:
+            _, ref = layer.state_forward(x)
+            ref_sum, ref_count = ref.sum, ref.count
+        else:
+            c = cu.tolist()
+            sums = [layer.state_forward(x[s:e][None])[1].sum[0] for s, e in zip(c, c[1:])]
+            ref_sum, ref_count = torch.stack(sums), torch.tensor([e - s for s, e in zip(c, c[1:])])
+        mine = torch.cat([st.sum.double().flatten(), st.count.double()])
+        parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, mine)
+    return {"state_err": rel_err(st.sum, ref_sum), "state_count_ok": torch.equal(st.count, ref_count),
+            "state_dtype": str(st.sum.dtype), "state_same_on_ranks": all(torch.equal(p, parts[0]) for p in parts)}
+
+
+def _bad_cases(world, rank):
+    """(name, expected argument in the message, a call that must raise ValueError on every rank)."""
+    import pom_ext.distributed as cp
+    config = CONFIGS[0]
+    layer = _make_layer(config, torch.float64)
+    x = torch.randn(B, 4, D, dtype=torch.float64)
+    last = rank == world - 1
+    cu_ok = torch.tensor([0, 3, 4 * world], dtype=torch.int32)
+    packed = torch.randn(4, D, dtype=torch.float64)
+
+    def call(*args, **kw):
+        return lambda: cp.context_parallel_pom(*args, **kw)
+
+    def no_grad(fn):
+        return torch.no_grad()(fn)
+
+    return [
+        ("batch", "xq", call(layer, x[:2] if last else x)),
+        ("width", "layer", call(_make_layer(config, torch.float64, 16), torch.randn(B, 4, 16, dtype=torch.float64))
+         if last else call(layer, x)),
+        ("dtype", "xq", call(_make_layer(config, torch.float32), x.float()) if last else call(layer, x)),
+        ("mask kind", "mask", call(layer, x, mask="causal" if last else None)),
+        ("block size", "block_size", call(layer, x, mask="causal", block_size=3 if last else 2)),
+        ("xc on one rank", "xc", call(layer, x, x.clone() if last else None)),
+        ("grad on one rank", "xq", no_grad(call(layer, x)) if last else call(layer, x)),
+        ("local mask shape", "mask", call(layer, x, mask=torch.ones(B, 5 if last else 4, dtype=torch.float64))),
+        ("cu_seqlens differ", "cu_seqlens",
+         call(layer, packed, cu_seqlens=torch.tensor([0, 2 if last else 3, 4 * world], dtype=torch.int32))),
+        ("cu_seqlens vs slices", "cu_seqlens",
+         call(layer, packed[:3] if last else packed, cu_seqlens=cu_ok)),
+        ("varlen blocks", "block_size", call(layer, packed, mask="causal", block_size=2, cu_seqlens=cu_ok)),
+        ("(B, T, N) mask", "mask", call(layer, x, mask=torch.ones(B, 4, 4 * world, dtype=torch.bool))),
+        ("state with weights", "return_state",
+         call(layer, x, mask=torch.ones(B, 4, dtype=torch.float64), return_state=last)),
+    ]
+
+
+def _run_bad(world, rank, report):
+    import pom_ext.distributed as cp
+    for name, arg, fn in _bad_cases(world, rank):
+        try:
+            fn()
+            report.append({"case": name, "raised": None})
+        except ValueError as e:
+            report.append({"case": name, "raised": "ValueError", "message": str(e), "arg": arg})
+        except Exception as e:  # noqa: BLE001 - reported, and the test fails on it
+            report.append({"case": name, "raised": type(e).__name__, "message": str(e), "arg": arg})
+    # the group still works after the errors
+    layer = _make_layer(CONFIGS[0], torch.float64)
+    out = cp.context_parallel_pom(layer, torch.randn(B, 4, D, dtype=torch.float64), mask="causal")
+    report.append({"case": "after errors", "raised": None, "finite": bool(torch.isfinite(out).all())})
+
+
+def _worker(job, rank, world, port, out_dir):
+    from datetime import timedelta
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=TIMEOUT // 2))
+    report = []
+    try:
+        (_run_cases if job == "cases" else _run_bad)(world, rank, report)
+        dist.barrier()  # no rank tears down the group while another still talks to it
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(report, f)
+        dist.destroy_process_group()
+
+
+# ---- the tests ----
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(job, world, tmp_path):
+    """Runs `world` worker processes; returns their reports (a hang past TIMEOUT is a failure)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]
+                                                      + [p for p in [os.environ.get("PYTHONPATH")] if p]),
+               OMP_NUM_THREADS="1")
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, __file__, "--worker", job, str(r), str(world), str(port),
+                               str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(world)]
+    deadline = time.monotonic() + TIMEOUT
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+        pytest.fail(f"the {world}-process group ({job}) did not finish within {TIMEOUT} s")
+    for r, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {r} exited with {p.returncode}:\n{log[-4000:]}"
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_layer_matches_unsharded(world, tmp_path):
+    reports = _launch("cases", world, tmp_path)
+    expected = sum(len(VARLEN_SPLITS[world] if "varlen" in m else SPLITS[world]) for m in MODES) * 2 * len(CONFIGS)
+    for rank, report in enumerate(reports):
+        assert len(report) == expected
+        for case in report:
+            what = f"rank {rank} {case['dtype']} {case['config']} {case['mode']} split {case['split']}"
+            tol = TOL[case["dtype"]]
+            for k, err in case["errs"].items():
+                assert err < tol, f"{what}: {k} relative error {err:.3e} >= {tol:.0e}"
+            assert case["bitwise_repeat"], f"{what}: a second run gave other bits"
+            if "state_err" in case:
+                assert case["state_err"] < tol, f"{what}: state sum relative error {case['state_err']:.3e}"
+                assert case["state_count_ok"], f"{what}: state count differs"
+                assert case["state_dtype"] == ("torch.float64" if case["dtype"] == "float64" else "torch.float32")
+                assert case["state_same_on_ranks"], f"{what}: the ranks' states differ"
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_bad_inputs_raise_on_every_rank(world, tmp_path):
+    reports = _launch("bad", world, tmp_path)
+    for rank, report in enumerate(reports):
+        for case in report[:-1]:
+            assert case["raised"] == "ValueError", f"rank {rank}, {case['case']}: got {case}"
+            msg = case["message"]
+            # the rank whose own arguments are wrong names the argument; the others say which rank rejected
+            assert f"argument '{case['arg']}'" in msg or "rejected their arguments" in msg, \
+                f"rank {rank}, {case['case']}: {msg}"
+        assert report[-1] == {"case": "after errors", "raised": None, "finite": True}
+    # a disagreement seen in the gathered metadata is the same error on every rank
+    for i, case in enumerate(reports[0][:-1]):
+        if case["case"] not in ("local mask shape", "varlen blocks", "(B, T, N) mask", "state with weights"):
+            assert all(r[i]["message"] == case["message"] for r in reports), case["case"]
+            assert f"argument '{case['arg']}'" in case["message"]
+
+
+if __name__ == "__main__" and len(sys.argv) == 7 and sys.argv[1] == "--worker":
+    _worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
