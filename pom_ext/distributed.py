@@ -32,7 +32,8 @@ from . import functional as PF
 from . import ops
 from .layers import PoM, PoMState
 
-__all__ = ["context_parallel_pom", "ContextParallelPoM", "token_range"]
+__all__ = ["context_parallel_pom", "ContextParallelPoM", "ContextParallelLM", "ContextParallelEncoder",
+           "token_range"]
 
 _DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 _KINDS = ["none", "weights", "causal", "varlen", "varlen_causal"]
@@ -177,12 +178,10 @@ def _agree(table: torch.Tensor, column: int, arg: str, what: str, show=str) -> N
         _fail(arg, f"must agree on every rank: the ranks disagree on {what} ({per_rank})")
 
 
-def _exchange_metadata(row: Optional[List[int]], group, device) -> torch.Tensor:
-    """All-gathers every rank's metadata row (all -1 with the error flag set where the local checks failed)."""
-    mine = torch.tensor(row if row is not None else [1] + [-1] * (_META - 1), dtype=torch.int64)
-    # gloo gathers CPU tensors; NCCL needs them on the device.
-    backend = dist.get_backend(group)
-    if backend != "gloo":
+def _gather_ints(values: List[int], group, device) -> torch.Tensor:
+    """All-gathers a few integers of every rank -> (P, len(values)) int64 on the CPU (no autograd)."""
+    mine = torch.tensor(values, dtype=torch.int64)
+    if dist.get_backend(group) != "gloo":  # gloo gathers CPU tensors; NCCL needs them on the device
         mine = mine.to(device)
     parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, mine, group=group)
@@ -204,28 +203,37 @@ def _check_table(table: torch.Tensor) -> None:
            lambda v: "recorded" if v else "not recorded")
 
 
-def _plan(layer, xq, xc, mask, block_size, cu_seqlens, return_state, group):
-    """Runs the local checks, exchanges and checks the metadata; returns (table, cu_seqlens list or None)."""
+def _checked_exchange(check, width: int, device, group) -> torch.Tensor:
+    """Runs this rank's checks (`check()` returns its metadata row of `width` integers, the first 0, or raises
+    ValueError) and all-gathers the rows (all -1 with the first set to 1 where the checks failed); a rank whose
+    checks failed raises its error, every other rank a ValueError saying which rank did."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("pom_ext.distributed: torch.distributed is not initialized (call "
                            "torch.distributed.init_process_group first)")
     error = None
     try:
-        row = _local_checks(layer, xq, xc, mask, block_size, cu_seqlens, return_state)
+        row = check()
     except ValueError as e:
         error, row = e, None
-    device = xq.device if isinstance(xq, torch.Tensor) else torch.device("cpu")
-    table = _exchange_metadata(row, group, device)
+    table = _gather_ints(row if row is not None else [1] + [-1] * (width - 1), group, device)
     if error is not None:
         raise error
     bad = [r for r in range(table.shape[0]) if table[r, 0] != 0]
     if bad:
         raise ValueError(f"pom_ext.distributed: rank(s) {bad} rejected their arguments (the error is raised "
                          f"there); every rank stops")
+    return table
+
+
+def _plan(layer, xq, xc, mask, block_size, cu_seqlens, return_state, group):
+    """Runs the local checks, exchanges and checks the metadata; returns (table, cu_seqlens list or None)."""
+    device = xq.device if isinstance(xq, torch.Tensor) else torch.device("cpu")
+    table = _checked_exchange(lambda: _local_checks(layer, xq, xc, mask, block_size, cu_seqlens, return_state),
+                              _META, device, group)
     _check_table(table)
     if cu_seqlens is None:
         return table, None
-    cu = _exchange_metadata(cu_seqlens.to(torch.int64).cpu().tolist(), group, device)
+    cu = _gather_ints(cu_seqlens.to(torch.int64).cpu().tolist(), group, device)
     if not bool((cu == cu[0]).all()):
         differ = [r for r in range(cu.shape[0]) if not torch.equal(cu[r], cu[0])]
         _fail("cu_seqlens", f"must be the same offsets of the whole batch on every rank; ranks {differ} differ "
@@ -394,3 +402,156 @@ class ContextParallelPoM(nn.Module):
         """(this rank's output, the PoMState of the whole sequence on every rank)."""
         return context_parallel_pom(self.layer, xq, xc, mask, block_size=block_size, group=self.group,
                                     return_state=True)
+
+
+# ---- models: PolymorpherLM and PolymorpherEncoder with the sequence sharded ----
+
+def _halo_conv(block, u: torch.Tensor, counts: List[int], rank: int, group) -> torch.Tensor:
+    """The block's short causal convolution over this rank's u: (B, n, D), its first outputs reading the last
+    conv_size - 1 inputs of the earlier ranks (a halo: one all_gather of (B, conv_size - 1, D) per rank)."""
+    if block.conv is None:
+        return u
+    m = block.conv_size - 1
+    tail = u[:, max(0, u.shape[1] - m):]
+    tail = F.pad(tail, (0, 0, m - tail.shape[1], 0))  # real rows last
+    parts = _gather(tail, group)
+    # zeros before the first token (the unsharded convolution's padding), kept in the gather's graph
+    rows = [_sum_rows(parts, 0, 0)] + [parts[q][:, m - min(counts[q], m):] for q in range(rank)]
+    full = torch.cat([torch.cat(rows, 1)[:, -m:], u], 1)
+    if not u.shape[1]:  # no tokens here: an empty output, still in the gather's graph
+        return full[:, m:]
+    return block.conv(full.transpose(1, 2)).transpose(1, 2)
+
+
+def _block(block, x: torch.Tensor, mask, counts: List[int], rank: int, group) -> torch.Tensor:
+    """A PolymorpherBlock's forward on this rank's slice x: (B, n, D)."""
+    u = _halo_conv(block, block.norm1(x), counts, rank, group)
+    return block._mlp(x + block.drop(context_parallel_pom(block.mixer, u, mask=mask, group=group)))
+
+
+def _check_model(owner: str, model, cls, group):
+    if not isinstance(model, cls):
+        _fail("model", f"must be a pom_ext.models.{cls.__name__}, got {type(model).__name__}")
+    if "A" in model.pattern:
+        _fail("model", f"has attention layers (layer pattern {model.pattern!r}): {owner} shards PoM-only stacks "
+                       f"(attention would need every rank's keys and values, O(N) per layer)")
+    return dist.group.WORLD if group is None else group
+
+
+def _check_tokens(name: str, tokens, what: str = "tokens") -> None:
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+        got = f"shape {tuple(tokens.shape)}, {tokens.dtype}" if isinstance(tokens, torch.Tensor) \
+            else type(tokens).__name__
+        _fail(name, f"must be this rank's (B, n) integer slice of the {what}, got {got}")
+
+
+class ContextParallelLM(nn.Module):
+    """A PolymorpherLM (PoM blocks only) trained with every sequence sharded over `group`.
+
+    ContextParallelLM(model, group=None); forward(tokens: (B, n_r) long, targets: (B, n_r) | None) with this
+    rank's contiguous slice of the tokens (and of the targets) -> logits (B, n_r, V), or (logits, loss) where
+    loss is this rank's share: the sum of its cross-entropies over the valid targets of all ranks, so that the
+    shares summed over the ranks are the unsharded loss and the parameter gradients summed over the ranks
+    (all_reduce SUM) are the unsharded ones. Under DDP or FSDP, which average the gradients, back-propagate
+    loss * world_size. The short causal convolution reads the previous ranks' last conv_size - 1 inputs (a halo
+    exchange). Hybrid stacks with attention layers raise ValueError. `.model` is the wrapped model.
+    """
+
+    def __init__(self, model, group=None):
+        super().__init__()
+        from .models import PolymorpherLM
+        self.group = _check_model("ContextParallelLM", model, PolymorpherLM, group)
+        self.model = model
+
+    def _plan(self, tokens, targets) -> torch.Tensor:
+        def check():
+            _check_tokens("tokens", tokens)
+            if targets is not None and (not isinstance(targets, torch.Tensor) or targets.shape != tokens.shape):
+                got = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
+                _fail("targets", f"must have the shape of 'tokens' {tuple(tokens.shape)}, got {got}")
+            valid = 0 if targets is None else int((targets != -100).sum())
+            return [0, tokens.shape[0], tokens.shape[1], int(targets is not None), valid]
+
+        device = tokens.device if isinstance(tokens, torch.Tensor) else torch.device("cpu")
+        table = _checked_exchange(check, 5, device, self.group)
+        _agree(table, 1, "tokens", "the batch size")
+        _agree(table, 3, "targets", "whether targets are given", lambda v: "given" if v else "None")
+        if int(table[:, 2].sum()) == 0:
+            _fail("tokens", "must hold at least one token on some rank")
+        return table
+
+    def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None):
+        table = self._plan(tokens, targets)
+        counts, rank, m = table[:, 2].tolist(), dist.get_rank(self.group), self.model
+        x = m.drop(m.embed(tokens))
+        for block in m.blocks:
+            x = _block(block, x, "causal", counts, rank, self.group)
+        logits = m.head(m.norm(x))
+        if targets is None:
+            return logits
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten().long(), ignore_index=-100,
+                             reduction="sum")
+        return logits, ce / int(table[:, 4].sum())
+
+
+class ContextParallelEncoder(nn.Module):
+    """A PolymorpherEncoder over token sequences (PoM blocks only) with every sequence sharded over `group`.
+
+    ContextParallelEncoder(model, group=None); forward(x: (B, n_r) long, mask: (B, n_r) | None) with this
+    rank's contiguous slice of the tokens (and of the padding / weight mask) -> logits (B, num_classes), the
+    same bits on every rank. Position embeddings are read at the rank's offset; pool="cls" puts the class
+    token on rank 0. Every rank holds the whole logits: a loss computed from them on every rank counts P
+    times, so back-propagate loss / world_size (then the gradients summed over the ranks are the unsharded
+    ones; under DDP or FSDP, which average them, back-propagate the loss itself). `.model` is the wrapped model.
+    """
+
+    def __init__(self, model, group=None):
+        super().__init__()
+        from .models import PolymorpherEncoder
+        self.group = _check_model("ContextParallelEncoder", model, PolymorpherEncoder, group)
+        if not isinstance(model.embed, nn.Embedding):
+            _fail("model", "must take token sequences (num_tokens, max_len): image patches are not sharded")
+        self.model = model
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        m, group = self.model, self.group
+
+        def check():
+            _check_tokens("x", x)
+            if mask is not None and (not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(x.shape) or
+                                     not (mask.dtype == torch.bool or mask.is_floating_point())):
+                got = f"shape {tuple(mask.shape)}, {mask.dtype}" if isinstance(mask, torch.Tensor) \
+                    else type(mask).__name__
+                _fail("mask", f"must be this rank's bool or float (B, n) = {tuple(x.shape)} slice, got {got}")
+            return [0, x.shape[0], x.shape[1], int(mask is not None)]
+
+        table = _checked_exchange(check, 4, x.device if isinstance(x, torch.Tensor) else torch.device("cpu"), group)
+        _agree(table, 1, "x", "the batch size")
+        _agree(table, 3, "mask", "whether a mask is given", lambda v: "given" if v else "None")
+        counts, rank = table[:, 2].tolist(), dist.get_rank(group)
+        o, total = sum(counts[:rank]), sum(counts)
+        if total > m.max_len or total == 0:
+            _fail("x", f"must hold 1 to max_len = {m.max_len} tokens over all ranks, got {total}")
+        z = m.embed(x) + m.pos[:, o:o + x.shape[1]]
+        B = z.shape[0]
+        if m.cls is not None and rank == 0:
+            z = torch.cat([m.cls.expand(B, -1, -1).to(z.dtype), z], dim=1)
+            if mask is not None:
+                mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
+            counts = [counts[0] + 1] + counts[1:]
+        if mask is not None and mask.is_floating_point():
+            mask = mask.to(z.dtype)
+        z = m.drop(z)
+        for block in m.blocks:
+            z = _block(block, z, mask, counts, rank, group)
+        z = m.norm(z)
+        if m.cls is not None:
+            # rank 0's class token to every rank; the other ranks send zeros that stay in the autograd graph
+            return m.head(_gather(z[:, 0] if rank == 0 else z[:, :0].sum(1), group)[0])
+        if mask is None:
+            pooled = _sum_rows(_gather(z.sum(1), group), 0, len(counts)) / sum(counts)
+        else:
+            w = mask.to(z.dtype).unsqueeze(-1)
+            both = _sum_rows(_gather(torch.cat([(z * w).sum(1), w.sum(1)], 1), group), 0, len(counts))
+            pooled = both[:, :-1] / both[:, -1:].clamp_min(torch.finfo(z.dtype).tiny)
+        return m.head(pooled)

@@ -145,6 +145,78 @@ def _run_cases(world, rank, report):
                     report.append(case)
 
 
+MODEL_CASES = [("lm", {"n_sel_heads": 1}), ("lm", {"n_sel_heads": 4, "n_groups": 2}), ("encoder", {"pool": "mean"}),
+               ("encoder_weights", {"pool": "mean"}), ("encoder_padding", {"pool": "cls"})]
+
+
+def _model(kind, kw, dtype):
+    from pom_ext.models import PolymorpherEncoder, PolymorpherLM
+    torch.manual_seed(1)
+    if kind == "lm":
+        model = PolymorpherLM(50, 16, 2, degree=3, conv_size=4, **kw)
+    else:
+        model = PolymorpherEncoder(5, 16, 2, num_tokens=50, max_len=N + 2, degree=3, **kw)
+    return model.to(dtype)
+
+
+def _run_models(world, rank, report):
+    """PolymorpherLM and PolymorpherEncoder sharded against the unsharded model: outputs, loss, gradients."""
+    import pom_ext.distributed as cp
+    from conftest import rel_err
+
+    for dtype_name, dtype in (("float64", torch.float64), ("float32", torch.float32)):
+        for kind, kw in MODEL_CASES:
+            for split in SPLITS[world]:
+                model = _model(kind, kw, dtype)
+                g = torch.Generator().manual_seed(3)
+                tokens = torch.randint(0, 50, (B, N), generator=g)
+                o = _offsets(split)
+                a, b = o[rank], o[rank + 1]
+                errs = {}
+                if kind == "lm":
+                    targets = torch.randint(0, 50, (B, N), generator=g)
+                    targets[0, ::3] = -100  # ignored positions
+                    wrapped = cp.ContextParallelLM(model)
+
+                    def run(sharded):
+                        if not sharded:
+                            return model(tokens, targets)
+                        return wrapped(tokens[:, a:b], targets[:, a:b])
+                else:
+                    mask = None
+                    if kind == "encoder_weights":
+                        mask = torch.rand(B, N, generator=g, dtype=torch.float64).to(dtype)
+                    elif kind == "encoder_padding":
+                        mask = torch.rand(B, N, generator=g) > 0.4
+                    gout = torch.randn(B, 5, generator=g, dtype=torch.float64).to(dtype)
+                    wrapped = cp.ContextParallelEncoder(model)
+
+                    def run(sharded):
+                        # every rank holds the whole logits: its loss counts 1 / world of the unsharded one
+                        if not sharded:
+                            out = model(tokens, mask)
+                            return out, (out * gout).sum()
+                        out = wrapped(tokens[:, a:b], None if mask is None else mask[:, a:b])
+                        return out, (out * gout).sum() / world
+                params = list(model.parameters())
+                ref, loss = run(False)
+                loss.backward()
+                ref_grads = [p.grad.clone() for p in params]
+                model.zero_grad(set_to_none=True)
+                out, share = run(True)
+                share.backward()
+                grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+                for gp in grads:
+                    dist.all_reduce(gp)
+                total = share.detach().clone()
+                dist.all_reduce(total)
+                errs["out"] = rel_err(out, ref[:, a:b] if kind == "lm" else ref)
+                errs["loss"] = rel_err(total, loss)
+                errs["params"] = max(rel_err(gp, r) for gp, r in zip(grads, ref_grads))
+                report.append({"dtype": dtype_name, "config": kw, "mode": kind, "split": split, "errs": errs,
+                               "bitwise_repeat": True})
+
+
 def _state_check(cp, layer, x, mask, block, cu, mode, a, b, rel_err):
     """The state after a sharded prefill against the unsharded sequence's, and the same bits on every rank."""
     with torch.no_grad():
@@ -225,7 +297,11 @@ def _worker(job, rank, world, port, out_dir):
                             timeout=timedelta(seconds=TIMEOUT // 2))
     report = []
     try:
-        (_run_cases if job == "cases" else _run_bad)(world, rank, report)
+        if job == "cases":
+            _run_cases(world, rank, report)
+            _run_models(world, rank, report)
+        else:
+            _run_bad(world, rank, report)
         dist.barrier()  # no rank tears down the group while another still talks to it
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -270,19 +346,36 @@ def _launch(job, world, tmp_path):
 def test_sharded_layer_matches_unsharded(world, tmp_path):
     reports = _launch("cases", world, tmp_path)
     expected = sum(len(VARLEN_SPLITS[world] if "varlen" in m else SPLITS[world]) for m in MODES) * 2 * len(CONFIGS)
+    expected += len(MODEL_CASES) * len(SPLITS[world]) * 2
     for rank, report in enumerate(reports):
         assert len(report) == expected
         for case in report:
             what = f"rank {rank} {case['dtype']} {case['config']} {case['mode']} split {case['split']}"
-            tol = TOL[case["dtype"]]
             for k, err in case["errs"].items():
+                # the LM's loss is float32 whatever the model's dtype (cross-entropy of logits.float())
+                tol = TOL["float32"] if k == "loss" else TOL[case["dtype"]]
                 assert err < tol, f"{what}: {k} relative error {err:.3e} >= {tol:.0e}"
             assert case["bitwise_repeat"], f"{what}: a second run gave other bits"
             if "state_err" in case:
+                tol = TOL[case["dtype"]]
                 assert case["state_err"] < tol, f"{what}: state sum relative error {case['state_err']:.3e}"
                 assert case["state_count_ok"], f"{what}: state count differs"
                 assert case["state_dtype"] == ("torch.float64" if case["dtype"] == "float64" else "torch.float32")
                 assert case["state_same_on_ranks"], f"{what}: the ranks' states differ"
+
+
+def test_hybrid_models_are_refused():
+    """Attention layers are not sharded: the wrappers refuse hybrid stacks when built (before any collective)."""
+    import pom_ext.distributed as cp
+    from pom_ext.models import PolymorpherEncoder, PolymorpherLM
+    with pytest.raises(ValueError, match="argument 'model' has attention layers"):
+        cp.ContextParallelLM(PolymorpherLM(50, 16, 2, layer_pattern="PA", n_heads=2))
+    with pytest.raises(ValueError, match="argument 'model' has attention layers"):
+        cp.ContextParallelEncoder(PolymorpherEncoder(5, 16, 2, num_tokens=50, max_len=8, attn_every=2, n_heads=2))
+    with pytest.raises(ValueError, match="argument 'model' must take token sequences"):
+        cp.ContextParallelEncoder(PolymorpherEncoder(5, 16, 1, image_size=8, patch_size=4))
+    with pytest.raises(ValueError, match="argument 'model' must be a pom_ext.models.PolymorpherLM"):
+        cp.ContextParallelLM(torch.nn.Linear(2, 2))
 
 
 @pytest.mark.parametrize("world", [2, 3])
