@@ -396,5 +396,34 @@ def test_bad_inputs_raise_on_every_rank(world, tmp_path):
             assert f"argument '{case['arg']}'" in case["message"]
 
 
+def test_train_lm_under_torchrun_matches_one_process(tmp_path):
+    """examples/train_lm.py under torchrun with 2 processes (the sequence sharded) gives the loss curve of one
+    process, step by step, and the same validation bits per byte."""
+    args = ["--steps", "10", "--dim", "32", "--depth", "2", "--seq-len", "64", "--batch-size", "4",
+            "--eval-every", "5", "--log-every", "1", "--val-batches", "2", "--sample-len", "4", "--threads", "1",
+            "--warmup", "3"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    script = str(ROOT / "examples" / "train_lm.py")
+    runs = {1: [sys.executable, script], 2: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                             "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), script]}
+    logs = {}
+    for world, cmd in runs.items():
+        out = tmp_path / f"p{world}"
+        try:
+            done = subprocess.run(cmd + args + ["--out", str(out)], env=env, capture_output=True, text=True,
+                                  timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"train_lm.py with {world} process(es) did not finish within {TIMEOUT} s")
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        logs[world] = json.loads((out / "log.json").read_text())
+    one, two = logs[1]["records"], logs[2]["records"]
+    assert logs[2]["processes"] == 2 and len(one) == len(two) == 10
+    for a, b in zip(one, two):
+        assert abs(a["train_loss"] - b["train_loss"]) <= 1e-5 * abs(a["train_loss"]), (a, b)
+        assert (a["val_bpb"] is None) == (b["val_bpb"] is None)
+        if a["val_bpb"] is not None:
+            assert abs(a["val_bpb"] - b["val_bpb"]) <= 1e-5 * a["val_bpb"], (a, b)
+
+
 if __name__ == "__main__" and len(sys.argv) == 7 and sys.argv[1] == "--worker":
     _worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
