@@ -217,6 +217,39 @@ def _run_models(world, rank, report):
                                "bitwise_repeat": True})
 
 
+def _run_wrapped(world, rank, report):
+    """ContextParallelLM under DDP (a separate process group for the sequence) and under FSDP2 (fully_shard of
+    the wrapper): both average the gradients over the ranks, so the ranks back-propagate loss * world."""
+    import pom_ext.distributed as cp
+    from conftest import rel_err
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    g = torch.Generator().manual_seed(5)
+    tokens, targets = torch.randint(0, 50, (B, N), generator=g), torch.randint(0, 50, (B, N), generator=g)
+    a, b = cp.token_range(N, world, rank)
+    for kind in ("lm_ddp", "lm_fsdp2"):
+        model = _model("lm", {}, torch.float64)
+        model(tokens, targets)[1].backward()
+        ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        if kind == "lm_ddp":
+            net = DistributedDataParallel(cp.ContextParallelLM(model, group=dist.new_group(list(range(world)))))
+        else:
+            net = cp.ContextParallelLM(model)
+            fully_shard(net)
+        errs = {}
+        for step in range(2):  # DDP's first and later iterations differ (bucket rebuild)
+            _, share = net(tokens[:, a:b], targets[:, a:b])
+            (share * world).backward()
+            grads = {n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                     for n, p in model.named_parameters()}
+            errs[f"params{step}"] = max(rel_err(grads[n], ref[n]) for n in ref)
+            net.zero_grad(set_to_none=True)
+        report.append({"dtype": "float64", "config": {}, "mode": kind, "split": [], "errs": errs,
+                       "bitwise_repeat": True})
+
+
 def _state_check(cp, layer, x, mask, block, cu, mode, a, b, rel_err):
     """The state after a sharded prefill against the unsharded sequence's, and the same bits on every rank."""
     with torch.no_grad():
@@ -300,6 +333,8 @@ def _worker(job, rank, world, port, out_dir):
         if job == "cases":
             _run_cases(world, rank, report)
             _run_models(world, rank, report)
+            if world == 2:  # (x 2 is exact: the LM's loss is float32, a factor 3 would round there)
+                _run_wrapped(world, rank, report)
         else:
             _run_bad(world, rank, report)
         dist.barrier()  # no rank tears down the group while another still talks to it
@@ -346,7 +381,7 @@ def _launch(job, world, tmp_path):
 def test_sharded_layer_matches_unsharded(world, tmp_path):
     reports = _launch("cases", world, tmp_path)
     expected = sum(len(VARLEN_SPLITS[world] if "varlen" in m else SPLITS[world]) for m in MODES) * 2 * len(CONFIGS)
-    expected += len(MODEL_CASES) * len(SPLITS[world]) * 2
+    expected += len(MODEL_CASES) * len(SPLITS[world]) * 2 + (2 if world == 2 else 0)
     for rank, report in enumerate(reports):
         assert len(report) == expected
         for case in report:
