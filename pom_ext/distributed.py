@@ -126,9 +126,6 @@ def _local_checks(layer, xq, xc, mask, block_size, cu_seqlens, return_state) -> 
             _fail("block_size", f"must be an integer >= 1, got {block_size!r}")
         if not PF.is_causal(mask):
             _fail("block_size", f"is given only with mask='causal', got mask={_describe(mask)}")
-        if packed and block_size > 1:
-            _fail("block_size", "must be 1 (or None) with cu_seqlens: block-causal packed sequences are not "
-                                "supported with the sequence sharded")
     ctx = xq if xc is None else xc
     if packed:
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2 or \
@@ -257,6 +254,13 @@ def _sum_rows(parts: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return out
 
 
+def _later_heads(heads: torch.Tensor, counts: List[int], rank: int, end: int) -> torch.Tensor:
+    """The sum of the heads of the ranks after `rank` whose first token is before global position `end`: the
+    tokens of later ranks inside a block that starts on this rank and ends at `end`."""
+    inside = sum(1 for q in range(rank + 1, len(counts)) if sum(counts[:q]) < end)
+    return _sum_rows(heads, rank + 1, rank + 1 + inside)
+
+
 def _pooled(layer, h, s, weight, table, group) -> Tuple[torch.Tensor, torch.Tensor]:
     """Mask None or this rank's (B, n) weights -> (out, total sum (B, E)). Weighted: the rank's sum of weights
     travels in the same gather as an extra column."""
@@ -281,8 +285,7 @@ def _causal(layer, h, s, F_: int, table, rank, group) -> Tuple[torch.Tensor, tor
     B, n, E = h.shape
     acc = _acc(h.dtype)
     counts = table[:, 10].tolist()
-    offsets = [sum(counts[:q]) for q in range(len(counts))]
-    o, N = offsets[rank], sum(counts)
+    o, N = sum(counts[:rank]), sum(counts)
     pad = o % F_
     ha = h.to(acc)
     if pad:  # p(0) = 0: zero rows in front align the local blocks with the global ones
@@ -300,15 +303,16 @@ def _causal(layer, h, s, F_: int, table, rank, group) -> Tuple[torch.Tensor, tor
     e = torch.clamp((g // F_ + 1) * F_, max=N)
     num = C + P.unsqueeze(1)
     if F_ > 1 and n and int(e[-1]) > o + n:  # the last block goes on into later ranks: add their heads
-        inside = sum(1 for q in range(rank + 1, len(counts)) if offsets[q] < int(e[-1]))
-        X = _sum_rows(parts[:, :, 1], rank + 1, rank + 1 + inside)
+        X = _later_heads(parts[:, :, 1], counts, rank, int(e[-1]))
         num = num + (e > o + n).to(acc)[:, None] * X.unsqueeze(1)
     H = (num / e.to(acc)[:, None]).to(h.dtype)
     return layer.ag_proj(PF.select(s, H, layer.n_sel_heads)), _sum_rows(parts[:, :, 0], 0, len(counts))
 
 
-def _varlen(layer, h, s, causal: bool, cu: List[int], table, rank, group) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Packed sequences (total, E) with the batch's cu_seqlens, crossing rank boundaries -> (out, sums (B, E))."""
+def _varlen(layer, h, s, causal: bool, F_: int, cu: List[int], table, rank,
+            group) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Packed sequences (total, E) with the batch's cu_seqlens, crossing rank boundaries, mean or block-causal
+    (F_ = 1: token-causal) -> (out, per-sequence sums (B, E)). The causal terms of _causal, per sequence."""
     n, E = h.shape
     acc = _acc(h.dtype)
     counts = table[:, 10].tolist()
@@ -318,22 +322,40 @@ def _varlen(layer, h, s, causal: bool, cu: List[int], table, rank, group) -> Tup
     local_cu = torch.clamp(cu_t - o, 0, n)
     lengths = local_cu[1:] - local_cu[:-1]
     ha = h.to(acc)
-    S = ops.poly_mean(ha, layer.po_coeff, None, local_cu) * lengths.to(acc)[:, None]
-    parts = _gather(S, group)
-    total = _sum_rows(parts, 0, len(counts))
     seq_len = (cu_t[1:] - cu_t[:-1]).to(acc)[:, None]
-    if causal:
-        P = _sum_rows(parts, 0, rank)
-        seq = torch.repeat_interleave(torch.arange(len(cu) - 1, device=dev), lengths, output_size=n)
-        pos = torch.arange(n, device=dev)
-        within = (pos - local_cu[seq] + 1).to(acc)[:, None]  # 1-based position inside the local piece
-        start = (o + local_cu[seq] - cu_t[seq]).to(acc)[:, None]  # tokens of the sequence before this rank
-        C = ops.poly_causal(ha, layer.po_coeff, 1, local_cu) * within
-        H = (P[seq] + C) / (start + within)
-    else:
+    if not causal:
+        parts = _gather(ops.poly_mean(ha, layer.po_coeff, None, local_cu) * lengths.to(acc)[:, None], group)
+        total = _sum_rows(parts, 0, len(counts))
         H = torch.where(seq_len > 0, total / seq_len.clamp_min(1), torch.zeros_like(total))
         H = H.repeat_interleave(lengths, dim=0, output_size=n)
-    return layer.ag_proj(PF.select(s, H.to(h.dtype), layer.n_sel_heads)), total
+        return layer.ag_proj(PF.select(s, H.to(h.dtype), layer.n_sel_heads)), total
+    # The sequence holding this rank's first token may have started on an earlier rank: zero rows in front
+    # align its local blocks with the global ones (p(0) = 0); the later sequences start here, aligned.
+    first = max(b for b in range(len(cu) - 1) if cu[b] <= o) if n else 0
+    pad = (o - cu[first]) % F_ if n else 0
+    if pad:
+        ha = F.pad(ha, (0, 0, pad, 0))
+        local_cu = torch.where(torch.arange(len(cu), device=dev) > first, local_cu + pad, local_cu)
+    plen = local_cu[1:] - local_cu[:-1]  # piece lengths, padding included
+    S = ops.poly_mean(ha, layer.po_coeff, None, local_cu) * plen.to(acc)[:, None]
+    seq = torch.repeat_interleave(torch.arange(len(cu) - 1, device=dev), lengths, output_size=n)
+    j = torch.arange(pad, pad + n, device=dev) - local_cu[seq]  # index inside the (padded) local piece
+    local_end = torch.minimum((j // F_ + 1) * F_, plen[seq])
+    C = ops.poly_causal(ha, layer.po_coeff, F_, local_cu)[pad:] * local_end.to(acc)[:, None]
+    if F_ > 1:  # this rank's head: its first token's block inside the first piece
+        head = (torch.arange(len(cu) - 1, device=dev) == first).to(acc)[:, None] * C[:1] if n else S
+        parts = _gather(torch.stack([S, head], 1), group)
+    else:
+        parts = _gather(S.unsqueeze(1), group)
+    a = cu_t[seq]
+    g = o + torch.arange(n, device=dev)
+    e = torch.minimum(cu_t[seq + 1], a + ((g - a) // F_ + 1) * F_)  # global end of each token's block
+    num = C + _sum_rows(parts[:, :, 0], 0, rank)[seq]
+    if F_ > 1 and n and int(e[-1]) > o + n:  # the last block goes on into later ranks: add their heads
+        X = _later_heads(parts[:, :, 1], counts, rank, int(e[-1]))[int(seq[-1])]
+        num = num + (e > o + n).to(acc)[:, None] * X
+    H = num / (e - a).to(acc)[:, None]
+    return layer.ag_proj(PF.select(s, H.to(h.dtype), layer.n_sel_heads)), _sum_rows(parts[:, :, 0], 0, len(counts))
 
 
 def context_parallel_pom(layer: PoM, xq: torch.Tensor, xc: Optional[torch.Tensor] = None,
@@ -346,7 +368,7 @@ def context_parallel_pom(layer: PoM, xq: torch.Tensor, xc: Optional[torch.Tensor
     order, of the tokens of every sequence: xq: (B, t_r, D) its queries, xc: (B, n_r, D) its context or None
     (self-mixing); mask None, "causal" (block_size F: blocks may straddle rank boundaries) or this rank's
     (B, n_r) slice of the weights / padding; packed: xq (n_r, D) its slice of the packed tokens, cu_seqlens
-    (B + 1,) the offsets of the whole batch (the same on every rank), mask None or "causal".
+    (B + 1,) the offsets of the whole batch (the same on every rank), mask None or "causal" (block_size F too).
     Returns this rank's slice of the unsharded output (B, t_r, D) (packed: (n_r, D)); with return_state=True
     also the PoMState of the whole context (every rank gets it: sum (B, E), count (B,)), as after a prefill of
     the unsharded sequence, for decoding on any one rank (not with a (B, N) weight mask).
@@ -370,7 +392,8 @@ def context_parallel_pom(layer: PoM, xq: torch.Tensor, xc: Optional[torch.Tensor
         out, total = _causal(layer, h, s, 1 if block_size is None else block_size, table, rank, group)
         count = torch.full((h.shape[0],), int(table[:, 10].sum()), dtype=torch.int64, device=h.device)
     else:
-        out, total = _varlen(layer, h, s, kind == "varlen_causal", cu, table, rank, group)
+        out, total = _varlen(layer, h, s, kind == "varlen_causal", 1 if block_size is None else block_size, cu,
+                             table, rank, group)
         count = torch.tensor([b - a for a, b in zip(cu, cu[1:])], dtype=torch.int64, device=h.device)
     if not return_state:
         return out

@@ -39,7 +39,7 @@ SPLITS = {2: [[5, 8]], 3: [[4, 1, 8], [6, 0, 7]]}
 CU = [0, 1, 12, 12, 30, 39]
 VARLEN_SPLITS = {2: [[16, 23]], 3: [[10, 1, 28], [17, 0, 22]]}
 MODES = ["none", "weights", "padding", "causal", "block3", "block6", "cross_none", "cross_weights",
-         "cross_causal", "cross_block3", "varlen", "varlen_causal", "cross_varlen_causal"]
+         "cross_causal", "cross_block3", "varlen", "varlen_causal", "varlen_block4", "cross_varlen_block5"]
 STATE_MODES = {"none", "causal", "block6", "varlen_causal"}
 
 
@@ -76,8 +76,8 @@ def _inputs(mode, dtype):
         mask[0] = False  # an all-padding row gives 0
     elif base in ("causal", "varlen_causal"):
         mask = "causal"
-    elif base.startswith("block"):
-        mask, block = "causal", int(base[len("block"):])
+    elif "block" in base:
+        mask, block = "causal", int(base.split("block")[1])
     cu = torch.tensor(CU, dtype=torch.int32) if varlen else None
     gout = torch.randn(*xq.shape[:-1], D, generator=g, dtype=torch.float64).to(dtype)
     return xq, (xc if cross else None), mask, block, cu, gout
@@ -300,7 +300,7 @@ def _bad_cases(world, rank):
          call(layer, packed, cu_seqlens=torch.tensor([0, 2 if last else 3, 4 * world], dtype=torch.int32))),
         ("cu_seqlens vs slices", "cu_seqlens",
          call(layer, packed[:3] if last else packed, cu_seqlens=cu_ok)),
-        ("varlen blocks", "block_size", call(layer, packed, mask="causal", block_size=2, cu_seqlens=cu_ok)),
+        ("causal T != N", "xq", call(layer, x[:, :3], x, mask="causal")),
         ("(B, T, N) mask", "mask", call(layer, x, mask=torch.ones(B, 4, 4 * world, dtype=torch.bool))),
         ("state with weights", "return_state",
          call(layer, x, mask=torch.ones(B, 4, dtype=torch.float64), return_state=last)),
@@ -426,7 +426,7 @@ def test_bad_inputs_raise_on_every_rank(world, tmp_path):
         assert report[-1] == {"case": "after errors", "raised": None, "finite": True}
     # a disagreement seen in the gathered metadata is the same error on every rank
     for i, case in enumerate(reports[0][:-1]):
-        if case["case"] not in ("local mask shape", "varlen blocks", "(B, T, N) mask", "state with weights"):
+        if case["case"] not in ("local mask shape", "causal T != N", "(B, T, N) mask", "state with weights"):
             assert all(r[i]["message"] == case["message"] for r in reports), case["case"]
             assert f"argument '{case['arg']}'" in case["message"]
 
