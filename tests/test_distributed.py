@@ -254,8 +254,10 @@ def _state_check(cp, layer, x, mask, block, cu, mode, a, b, rel_err):
     """The state after a sharded prefill against the unsharded sequence's, and the same bits on every rank."""
     with torch.no_grad():
         lm = mask[:, a:b] if isinstance(mask, torch.Tensor) else mask
-        _, st = cp.context_parallel_pom(layer, _slice(x, mode, a, b), None, lm, block_size=block, cu_seqlens=cu,
-                                        return_state=True)
+        if cu is None:  # the module form's prefill
+            _, st = cp.ContextParallelPoM(layer).prefill(_slice(x, mode, a, b), mask=lm, block_size=block)
+        else:
+            _, st = cp.context_parallel_pom(layer, _slice(x, mode, a, b), None, lm, cu_seqlens=cu, return_state=True)
         if cu is None:
             _, ref = layer.state_forward(x)
             ref_sum, ref_count = ref.sum, ref.count
@@ -279,6 +281,8 @@ def _bad_cases(world, rank):
     last = rank == world - 1
     cu_ok = torch.tensor([0, 3, 4 * world], dtype=torch.int32)
     packed = torch.randn(4, D, dtype=torch.float64)
+    lm, enc = _model("lm", {}, torch.float64), _model("encoder", {"pool": "mean"}, torch.float64)
+    tokens = torch.randint(0, 50, (B, 8))  # encoder: 8 tokens a rank, more than max_len = N + 2 over the ranks
 
     def call(*args, **kw):
         return lambda: cp.context_parallel_pom(*args, **kw)
@@ -304,6 +308,9 @@ def _bad_cases(world, rank):
         ("(B, T, N) mask", "mask", call(layer, x, mask=torch.ones(B, 4, 4 * world, dtype=torch.bool))),
         ("state with weights", "return_state",
          call(layer, x, mask=torch.ones(B, 4, dtype=torch.float64), return_state=last)),
+        ("LM batch", "tokens", lambda: cp.ContextParallelLM(lm)(tokens[:2] if last else tokens)),
+        ("LM targets on one rank", "targets", lambda: cp.ContextParallelLM(lm)(tokens, tokens if last else None)),
+        ("encoder past max_len", "x", lambda: cp.ContextParallelEncoder(enc)(tokens)),
     ]
 
 
