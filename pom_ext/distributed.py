@@ -254,6 +254,13 @@ def _sum_rows(parts: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return out
 
 
+def _mix(layer, s: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """ag_proj(select(s, H)) for per-token H in the accumulation dtype: y = s * H is formed there and rounded
+    once to the layer's dtype, as the fused causal op does (a 16-bit H rounded before the product, and the
+    product's gradient, would add a rounding each)."""
+    return layer.ag_proj(PF.select(s.to(H.dtype), H, layer.n_sel_heads).to(s.dtype))
+
+
 def _later_heads(heads: torch.Tensor, counts: List[int], rank: int, end: int) -> torch.Tensor:
     """The sum of the heads of the ranks after `rank` whose first token is before global position `end`: the
     tokens of later ranks inside a block that starts on this rank and ends at `end`."""
@@ -305,8 +312,7 @@ def _causal(layer, h, s, F_: int, table, rank, group) -> Tuple[torch.Tensor, tor
     if F_ > 1 and n and int(e[-1]) > o + n:  # the last block goes on into later ranks: add their heads
         X = _later_heads(parts[:, :, 1], counts, rank, int(e[-1]))
         num = num + (e > o + n).to(acc)[:, None] * X.unsqueeze(1)
-    H = (num / e.to(acc)[:, None]).to(h.dtype)
-    return layer.ag_proj(PF.select(s, H, layer.n_sel_heads)), _sum_rows(parts[:, :, 0], 0, len(counts))
+    return _mix(layer, s, num / e.to(acc)[:, None]), _sum_rows(parts[:, :, 0], 0, len(counts))
 
 
 def _varlen(layer, h, s, causal: bool, F_: int, cu: List[int], table, rank,
@@ -328,7 +334,7 @@ def _varlen(layer, h, s, causal: bool, F_: int, cu: List[int], table, rank,
         total = _sum_rows(parts, 0, len(counts))
         H = torch.where(seq_len > 0, total / seq_len.clamp_min(1), torch.zeros_like(total))
         H = H.repeat_interleave(lengths, dim=0, output_size=n)
-        return layer.ag_proj(PF.select(s, H.to(h.dtype), layer.n_sel_heads)), total
+        return _mix(layer, s, H), total
     # The sequence holding this rank's first token may have started on an earlier rank: zero rows in front
     # align its local blocks with the global ones (p(0) = 0); the later sequences start here, aligned.
     first = max(b for b in range(len(cu) - 1) if cu[b] <= o) if n else 0
@@ -355,7 +361,7 @@ def _varlen(layer, h, s, causal: bool, F_: int, cu: List[int], table, rank,
         X = _later_heads(parts[:, :, 1], counts, rank, int(e[-1]))[int(seq[-1])]
         num = num + (e > o + n).to(acc)[:, None] * X
     H = num / (e - a).to(acc)[:, None]
-    return layer.ag_proj(PF.select(s, H.to(h.dtype), layer.n_sel_heads)), _sum_rows(parts[:, :, 0], 0, len(counts))
+    return _mix(layer, s, H), _sum_rows(parts[:, :, 0], 0, len(counts))
 
 
 def context_parallel_pom(layer: PoM, xq: torch.Tensor, xc: Optional[torch.Tensor] = None,

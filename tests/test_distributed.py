@@ -2,9 +2,10 @@
 output and every gradient against the unsharded layer in one process, for every mask form; bad inputs raise
 on every rank.
 
-Each test starts one process group and runs all of its cases in it (this file is also the worker's script:
-`python test_distributed.py --worker JOB RANK WORLD PORT OUT`); every rank writes a JSON report that the test
-reads. A group that does not finish within TIMEOUT seconds is killed and the test fails.
+One process group per size runs every case (bad inputs first, then the comparisons; this file is also the
+worker's script: `python test_distributed.py --worker RANK WORLD PORT OUT`); every rank writes a JSON report
+that the tests of that size read. A group that does not finish within TIMEOUT seconds is killed and the test
+fails.
 """
 import json
 import os
@@ -143,6 +144,52 @@ def _run_cases(world, rank, report):
                     if mode in STATE_MODES:
                         case.update(_state_check(cp, layer, xq, mask, block, cu, mode, a, b, rel_err))
                     report.append(case)
+
+
+def _run_16bit(world, rank, report):
+    """bfloat16 and float16 layers (sums exchanged in float32): output and input gradients against a float64
+    copy of the layer, over the whole tensors put together from the ranks' slices: no further off than the
+    unsharded 16-bit layer (at most twice its error, plus 1e-4)."""
+    import copy
+
+    import pom_ext.distributed as cp
+    from conftest import rel_err
+
+    def up(t):
+        return t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+    for dtype_name, dtype in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
+        for mode in MODES:
+            split = (VARLEN_SPLITS if "varlen" in mode else SPLITS)[world][0]
+            layer = _make_layer(CONFIGS[1], dtype)
+            exact = copy.deepcopy(layer).double()
+            xq, xc, mask, block, cu, gout = _inputs(mode, dtype)
+            o = _offsets(split)
+            a, b = o[rank], o[rank + 1]
+            qa, qb = cp.token_range(xq.shape[1], world, rank) if mode in ("cross_none", "cross_weights") else (a, b)
+            results = {}
+            for name, run in (("exact", lambda q: exact(q, up(xc), mask=up(mask), block_size=block, cu_seqlens=cu)),
+                              ("unsharded", lambda q: layer(q, xc, mask=mask, block_size=block, cu_seqlens=cu))):
+                q = (up(xq) if name == "exact" else xq).clone().requires_grad_()
+                out = run(q)
+                (out * up(gout) if name == "exact" else out * gout).sum().backward()
+                results[name] = (out.detach(), q.grad)
+            q = _slice(xq, mode, qa, qb).clone().requires_grad_()
+            out = cp.context_parallel_pom(layer, q, None if xc is None else _slice(xc, mode, a, b),
+                                          mask[:, a:b] if isinstance(mask, torch.Tensor) else mask,
+                                          block_size=block, cu_seqlens=cu)
+            (out * _slice(gout, mode, qa, qb)).sum().backward()
+            # the whole tensors, put together from every rank's slice: one-token slices are a few rounding draws
+            pieces = [None] * world
+            dist.all_gather_object(pieces, (out.detach(), q.grad))
+            whole = [torch.cat([p[i] for p in pieces], 0 if "varlen" in mode else 1) for i in range(2)]
+            errs = {}
+            for i, what in enumerate(("out", "xq")):
+                mine, plain = (rel_err(r[i], results["exact"][i]) for r in (whole, results["unsharded"]))
+                errs[what] = mine
+                errs[what + "_unsharded"] = plain
+            report.append({"dtype": dtype_name, "config": list(CONFIGS[1]), "mode": mode, "split": split,
+                           "errs": errs, "bitwise_repeat": True})
 
 
 MODEL_CASES = [("lm", {"n_sel_heads": 1}), ("lm", {"n_sel_heads": 4, "n_groups": 2}), ("encoder", {"pool": "mean"}),
@@ -330,20 +377,19 @@ def _run_bad(world, rank, report):
     report.append({"case": "after errors", "raised": None, "finite": bool(torch.isfinite(out).all())})
 
 
-def _worker(job, rank, world, port, out_dir):
+def _worker(rank, world, port, out_dir):
     from datetime import timedelta
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=TIMEOUT // 2))
-    report = []
+    report = {"bad": [], "cases": []}
     try:
-        if job == "cases":
-            _run_cases(world, rank, report)
-            _run_models(world, rank, report)
-            if world == 2:  # (x 2 is exact: the LM's loss is float32, a factor 3 would round there)
-                _run_wrapped(world, rank, report)
-        else:
-            _run_bad(world, rank, report)
+        _run_bad(world, rank, report["bad"])  # first: the cases then also show that the group still works
+        _run_cases(world, rank, report["cases"])
+        _run_16bit(world, rank, report["cases"])
+        _run_models(world, rank, report["cases"])
+        if world == 2:  # (x 2 is exact: the LM's loss is float32, a factor 3 would round there)
+            _run_wrapped(world, rank, report["cases"])
         dist.barrier()  # no rank tears down the group while another still talks to it
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -359,13 +405,13 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _launch(job, world, tmp_path):
+def _launch(world, tmp_path):
     """Runs `world` worker processes; returns their reports (a hang past TIMEOUT is a failure)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]
                                                       + [p for p in [os.environ.get("PYTHONPATH")] if p]),
                OMP_NUM_THREADS="1")
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, __file__, "--worker", job, str(r), str(world), str(port),
+    procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(r), str(world), str(port),
                                str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in range(world)]
     deadline = time.monotonic() + TIMEOUT
@@ -378,25 +424,39 @@ def _launch(job, world, tmp_path):
             p.kill()
         for p in procs:
             p.wait()
-        pytest.fail(f"the {world}-process group ({job}) did not finish within {TIMEOUT} s")
+        pytest.fail(f"the {world}-process group did not finish within {TIMEOUT} s")
     for r, (p, log) in enumerate(zip(procs, logs)):
         assert p.returncode == 0, f"rank {r} exited with {p.returncode}:\n{log[-4000:]}"
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
 
 
+_GROUPS = {}
+
+
+def _group(world, tmp_path_factory):
+    """The reports of the one {world}-process group that runs every case (started by the first test asking)."""
+    if world not in _GROUPS:
+        _GROUPS[world] = _launch(world, tmp_path_factory.mktemp(f"cp{world}"))
+    return _GROUPS[world]
+
+
 @pytest.mark.parametrize("world", [2, 3])
-def test_sharded_layer_matches_unsharded(world, tmp_path):
-    reports = _launch("cases", world, tmp_path)
+def test_sharded_layer_matches_unsharded(world, tmp_path_factory):
+    reports = [r["cases"] for r in _group(world, tmp_path_factory)]
     expected = sum(len(VARLEN_SPLITS[world] if "varlen" in m else SPLITS[world]) for m in MODES) * 2 * len(CONFIGS)
-    expected += len(MODEL_CASES) * len(SPLITS[world]) * 2 + (2 if world == 2 else 0)
+    expected += len(MODEL_CASES) * len(SPLITS[world]) * 2 + (2 if world == 2 else 0) + 2 * len(MODES)
     for rank, report in enumerate(reports):
         assert len(report) == expected
         for case in report:
             what = f"rank {rank} {case['dtype']} {case['config']} {case['mode']} split {case['split']}"
             for k, err in case["errs"].items():
-                # the LM's loss is float32 whatever the model's dtype (cross-entropy of logits.float())
-                tol = TOL["float32"] if k == "loss" else TOL[case["dtype"]]
-                assert err < tol, f"{what}: {k} relative error {err:.3e} >= {tol:.0e}"
+                if k.endswith("_unsharded"):
+                    continue
+                if case["dtype"] in ("bfloat16", "float16"):  # no further off than the unsharded 16-bit layer
+                    tol = 2 * case["errs"][k + "_unsharded"] + 1e-4
+                else:  # the LM's loss is float32 whatever the model's dtype (cross-entropy of logits.float())
+                    tol = TOL["float32"] if k == "loss" else TOL[case["dtype"]]
+                assert err < tol, f"{what}: {k} relative error {err:.3e} >= {tol:.1e}"
             assert case["bitwise_repeat"], f"{what}: a second run gave other bits"
             if "state_err" in case:
                 tol = TOL[case["dtype"]]
@@ -421,8 +481,8 @@ def test_hybrid_models_are_refused():
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_bad_inputs_raise_on_every_rank(world, tmp_path):
-    reports = _launch("bad", world, tmp_path)
+def test_bad_inputs_raise_on_every_rank(world, tmp_path_factory):
+    reports = [r["bad"] for r in _group(world, tmp_path_factory)]
     for rank, report in enumerate(reports):
         for case in report[:-1]:
             assert case["raised"] == "ValueError", f"rank {rank}, {case['case']}: got {case}"
@@ -467,5 +527,5 @@ def test_train_lm_under_torchrun_matches_one_process(tmp_path):
             assert abs(a["val_bpb"] - b["val_bpb"]) <= 1e-5 * a["val_bpb"], (a, b)
 
 
-if __name__ == "__main__" and len(sys.argv) == 7 and sys.argv[1] == "--worker":
-    _worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
+if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "--worker":
+    _worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
