@@ -11,7 +11,8 @@ n_r = 0 too). PoM's whole context is a sum of width E, so the ranks exchange per
                      tokens before min(e_t, o_r + n_r), X_r the tokens of later ranks inside rank r's last block
                      when that block straddles the boundary (the sum of their heads: the local tokens before
                      the end of the block holding their first token)
-    packed varlen    the same per sequence b of the batch's cu_seqlens: S_{q,b}, P_{r,b}, counts from cu_seqlens
+    packed varlen    the same per sequence b of the batch's cu_seqlens: S_{q,b}, P_{r,b}, counts from cu_seqlens,
+                     blocks aligned at each sequence's start
 
 One all_gather of the (B, E) sums (two (B, E) rows for block-causal with F > 1) per layer forward; its backward
 is one all_reduce of the gradient of the gathered (P, B, E) tensor, each rank keeping its own row. Summing in
@@ -20,6 +21,9 @@ rank order after the gather gives every rank the same H bit for bit, and the sam
 Before that, every call all-gathers a small int64 metadata row (the mask kind, batch, width, dtype, block
 size, local token counts, a local error flag) and checks it, so ranks that disagree raise the same ValueError
 on every rank instead of waiting in mismatched collectives.
+
+Models (ContextParallelLM, ContextParallelEncoder, PoM blocks only) add a halo exchange for the short causal
+convolution: the last conv_size - 1 inputs of the earlier ranks. docs/distributed.md has the bytes per layer.
 """
 from typing import List, Optional, Tuple, Union
 
@@ -51,6 +55,11 @@ def _fail(arg: str, message: str) -> None:
 def token_range(total: int, world_size: int, rank: int) -> Tuple[int, int]:
     """[start, end) of rank `rank`'s contiguous slice when `total` tokens are split as evenly as possible (the
     first total % world_size ranks hold one token more)."""
+    for name, value, low in (("total", total, 0), ("world_size", world_size, 1), ("rank", rank, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            _fail(name, f"must be an integer >= {low}, got {value!r}")
+    if rank >= world_size:
+        _fail("rank", f"must be below world_size = {world_size}, got {rank}")
     base, extra = divmod(total, world_size)
     start = rank * base + min(rank, extra)
     return start, start + base + (rank < extra)
@@ -70,7 +79,7 @@ class _Gather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous().clone()
+        grad = grad.clone(memory_format=torch.contiguous_format)  # reduced in place: never autograd's buffer
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
         return grad[dist.get_rank(ctx.group)], None
 
