@@ -444,27 +444,38 @@ class ContextParallelPoM(nn.Module):
 
 # ---- models: PolymorpherLM and PolymorpherEncoder with the sequence sharded ----
 
-def _halo_conv(block, u: torch.Tensor, counts: List[int], rank: int, group) -> torch.Tensor:
+def _halo_conv(block, u: torch.Tensor, counts: List[int], rank: int,
+               group) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The block's short causal convolution over this rank's u: (B, n, D), its first outputs reading the last
-    conv_size - 1 inputs of the earlier ranks (a halo: one all_gather of (B, conv_size - 1, D) per rank)."""
+    conv_size - 1 inputs of the earlier ranks (a halo: one all_gather of (B, conv_size - 1, D) per rank).
+    Returns (output, the last conv_size - 1 inputs of the whole sequence: the decoding buffer) (None, None
+    without a convolution: u is returned)."""
     if block.conv is None:
-        return u
+        return u, None
     m = block.conv_size - 1
     tail = u[:, max(0, u.shape[1] - m):]
     tail = F.pad(tail, (0, 0, m - tail.shape[1], 0))  # real rows last
     parts = _gather(tail, group)
     # zeros before the first token (the unsharded convolution's padding), kept in the gather's graph
-    rows = [_sum_rows(parts, 0, 0)] + [parts[q][:, m - min(counts[q], m):] for q in range(rank)]
-    full = torch.cat([torch.cat(rows, 1)[:, -m:], u], 1)
+    rows = [_sum_rows(parts, 0, 0)] + [parts[q][:, m - min(counts[q], m):] for q in range(len(counts))]
+    last = torch.cat(rows, 1)[:, -m:]
+    full = torch.cat([torch.cat(rows[:rank + 1], 1)[:, -m:], u], 1)
     if not u.shape[1]:  # no tokens here: an empty output, still in the gather's graph
-        return full[:, m:]
-    return block.conv(full.transpose(1, 2)).transpose(1, 2)
+        return full[:, m:], last
+    return block.conv(full.transpose(1, 2)).transpose(1, 2), last
 
 
-def _block(block, x: torch.Tensor, mask, counts: List[int], rank: int, group) -> torch.Tensor:
-    """A PolymorpherBlock's forward on this rank's slice x: (B, n, D)."""
-    u = _halo_conv(block, block.norm1(x), counts, rank, group)
-    return block._mlp(x + block.drop(context_parallel_pom(block.mixer, u, mask=mask, group=group)))
+def _block(block, x: torch.Tensor, mask, counts: List[int], rank: int, group,
+           caches: Optional[list] = None) -> torch.Tensor:
+    """A PolymorpherBlock's forward on this rank's slice x: (B, n, D); with `caches`, appends the block's
+    decoding cache of the whole sequence (a PoMCache)."""
+    u, last = _halo_conv(block, block.norm1(x), counts, rank, group)
+    if caches is None:
+        return block._mlp(x + block.drop(context_parallel_pom(block.mixer, u, mask=mask, group=group)))
+    from .models import PoMCache
+    y, state = context_parallel_pom(block.mixer, u, mask=mask, group=group, return_state=True)
+    caches.append(PoMCache(state, None if last is None else last.detach().clone()))
+    return block._mlp(x + block.drop(y))
 
 
 def _check_model(owner: str, model, cls, group):
@@ -492,7 +503,9 @@ class ContextParallelLM(nn.Module):
     shares summed over the ranks are the unsharded loss and the parameter gradients summed over the ranks
     (all_reduce SUM) are the unsharded ones. Under DDP or FSDP, which average the gradients, back-propagate
     loss * world_size. The short causal convolution reads the previous ranks' last conv_size - 1 inputs (a halo
-    exchange). Hybrid stacks with attention layers raise ValueError. `.model` is the wrapped model.
+    exchange). prefill(tokens) -> (logits, cache): every rank gets the decoding cache of the whole prompt
+    (PoM states and convolution buffers) for PolymorpherLM.step. Hybrid stacks with attention layers raise
+    ValueError. `.model` is the wrapped model.
     """
 
     def __init__(self, model, group=None):
@@ -518,13 +531,25 @@ class ContextParallelLM(nn.Module):
             _fail("tokens", "must hold at least one token on some rank")
         return table
 
-    def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None):
+    def _run(self, tokens: torch.Tensor, targets: Optional[torch.Tensor], caches: Optional[list]):
         table = self._plan(tokens, targets)
         counts, rank, m = table[:, 2].tolist(), dist.get_rank(self.group), self.model
         x = m.drop(m.embed(tokens))
         for block in m.blocks:
-            x = _block(block, x, "causal", counts, rank, self.group)
-        logits = m.head(m.norm(x))
+            x = _block(block, x, "causal", counts, rank, self.group, caches)
+        return table, m.head(m.norm(x))
+
+    @torch.no_grad()
+    def prefill(self, tokens: torch.Tensor):
+        """(this rank's logits (B, n_r, V), the decoding cache of the whole prompt on every rank): the list of
+        PoMCache that PolymorpherLM.step leaves after the unsharded prompt, so any rank decodes on with
+        `model.step(next_tokens, cache)` (or model.generate-style sampling) alone."""
+        caches: list = []
+        _, logits = self._run(tokens, None, caches)
+        return logits, caches
+
+    def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None):
+        table, logits = self._run(tokens, targets, None)
         if targets is None:
             return logits
         ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten().long(), ignore_index=-100,

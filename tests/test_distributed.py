@@ -260,6 +260,16 @@ def _run_models(world, rank, report):
                 errs["out"] = rel_err(out, ref[:, a:b] if kind == "lm" else ref)
                 errs["loss"] = rel_err(total, loss)
                 errs["params"] = max(rel_err(gp, r) for gp, r in zip(grads, ref_grads))
+                if kind == "lm":  # a sharded prefill, then two decoding steps on this rank alone
+                    with torch.no_grad():
+                        nxt = torch.randint(0, 50, (B, 2), generator=g)
+                        ref_cache = model.allocate_cache(B)
+                        model.step(tokens, ref_cache)
+                        ref_steps = [model.step(nxt[:, i:i + 1], ref_cache) for i in range(2)]
+                        logits, cache = wrapped.prefill(tokens[:, a:b])
+                        steps = [model.step(nxt[:, i:i + 1], cache) for i in range(2)]
+                    errs["prefill"] = rel_err(logits, ref[:, a:b])
+                    errs["decode"] = max(rel_err(u, v) for u, v in zip(steps, ref_steps))
                 report.append({"dtype": dtype_name, "config": kw, "mode": kind, "split": split, "errs": errs,
                                "bitwise_repeat": True})
 
