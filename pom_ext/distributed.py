@@ -277,30 +277,29 @@ def _later_heads(heads: torch.Tensor, counts: List[int], rank: int, end: int) ->
     return _sum_rows(heads, rank + 1, rank + 1 + inside)
 
 
-def _pooled(layer, h, s, weight, table, group) -> Tuple[torch.Tensor, torch.Tensor]:
+def _pooled(layer, h, s, weight, counts: List[int], group) -> Tuple[torch.Tensor, torch.Tensor]:
     """Mask None or this rank's (B, n) weights -> (out, total sum (B, E)). Weighted: the rank's sum of weights
     travels in the same gather as an extra column."""
     acc = _acc(h.dtype)
     B, n, E = h.shape
     ha = h.to(acc)
     if weight is None:
-        total = _sum_rows(_gather(ops.poly_mean(ha, layer.po_coeff) * n, group), 0, table.shape[0])
-        W = torch.full((B, 1), int(table[:, 10].sum()), dtype=acc, device=h.device)
+        total = _sum_rows(_gather(ops.poly_mean(ha, layer.po_coeff) * n, group), 0, len(counts))
+        W = torch.full((B, 1), sum(counts), dtype=acc, device=h.device)
     else:
         w = weight.to(acc)
         wsum = w.sum(1, keepdim=True)
         S = ops.poly_mean(ha, layer.po_coeff, w) * wsum
-        both = _sum_rows(_gather(torch.cat([S, wsum], 1), group), 0, table.shape[0])
+        both = _sum_rows(_gather(torch.cat([S, wsum], 1), group), 0, len(counts))
         total, W = both[:, :E], both[:, E:]
     H = torch.where(W > 0, total / torch.where(W > 0, W, torch.ones_like(W)), torch.zeros_like(total))
     return layer._out(s, H.to(h.dtype)), total
 
 
-def _causal(layer, h, s, F_: int, table, rank, group) -> Tuple[torch.Tensor, torch.Tensor]:
+def _causal(layer, h, s, F_: int, counts: List[int], rank, group) -> Tuple[torch.Tensor, torch.Tensor]:
     """Block-causal (F_ = 1: token-causal) over the sharded sequence -> (out, total sum (B, E))."""
     B, n, E = h.shape
     acc = _acc(h.dtype)
-    counts = table[:, 10].tolist()
     o, N = sum(counts[:rank]), sum(counts)
     pad = o % F_
     ha = h.to(acc)
@@ -324,13 +323,12 @@ def _causal(layer, h, s, F_: int, table, rank, group) -> Tuple[torch.Tensor, tor
     return _mix(layer, s, num / e.to(acc)[:, None]), _sum_rows(parts[:, :, 0], 0, len(counts))
 
 
-def _varlen(layer, h, s, causal: bool, F_: int, cu: List[int], table, rank,
+def _varlen(layer, h, s, causal: bool, F_: int, cu: List[int], counts: List[int], rank,
             group) -> Tuple[torch.Tensor, torch.Tensor]:
     """Packed sequences (total, E) with the batch's cu_seqlens, crossing rank boundaries, mean or block-causal
     (F_ = 1: token-causal) -> (out, per-sequence sums (B, E)). The causal terms of _causal, per sequence."""
     n, E = h.shape
     acc = _acc(h.dtype)
-    counts = table[:, 10].tolist()
     o = sum(counts[:rank])
     dev = h.device
     cu_t = torch.tensor(cu, dtype=torch.int64, device=dev)
@@ -395,23 +393,28 @@ def context_parallel_pom(layer: PoM, xq: torch.Tensor, xc: Optional[torch.Tensor
     """
     group = dist.group.WORLD if group is None else group
     table, cu = _plan(layer, xq, xc, mask, block_size, cu_seqlens, return_state, group)
-    if xc is xq:
-        xc = None
+    return _apply(layer, xq, None if xc is xq else xc, mask, _KINDS[int(table[0, 1])], block_size, cu,
+                  table[:, 10].tolist(), group, return_state)
+
+
+def _apply(layer, xq, xc, mask, kind: str, block_size: Optional[int], cu: Optional[List[int]], counts: List[int],
+           group, return_state: bool):
+    """context_parallel_pom after its checks: `kind` of the mask and every rank's context token `counts`."""
     rank = dist.get_rank(group)
-    kind = _KINDS[int(table[0, 1])]
     h, s = layer.project(xq, xc)
+    F_ = 1 if block_size is None else block_size
     if kind in ("none", "weights"):
-        out, total = _pooled(layer, h, s, mask if kind == "weights" else None, table, group)
-        count = torch.full((h.shape[0],), int(table[:, 10].sum()), dtype=torch.int64, device=h.device)
+        out, total = _pooled(layer, h, s, mask if kind == "weights" else None, counts, group)
     elif kind == "causal":
-        out, total = _causal(layer, h, s, 1 if block_size is None else block_size, table, rank, group)
-        count = torch.full((h.shape[0],), int(table[:, 10].sum()), dtype=torch.int64, device=h.device)
+        out, total = _causal(layer, h, s, F_, counts, rank, group)
     else:
-        out, total = _varlen(layer, h, s, kind == "varlen_causal", 1 if block_size is None else block_size, cu,
-                             table, rank, group)
-        count = torch.tensor([b - a for a, b in zip(cu, cu[1:])], dtype=torch.int64, device=h.device)
+        out, total = _varlen(layer, h, s, kind == "varlen_causal", F_, cu, counts, rank, group)
     if not return_state:
         return out
+    if cu is None:
+        count = torch.full((h.shape[0],), sum(counts), dtype=torch.int64, device=h.device)
+    else:
+        count = torch.tensor([b - a for a, b in zip(cu, cu[1:])], dtype=torch.int64, device=h.device)
     return out, PoMState(total.to(layer._state_dtype()), count)
 
 
@@ -468,12 +471,15 @@ def _halo_conv(block, u: torch.Tensor, counts: List[int], rank: int,
 def _block(block, x: torch.Tensor, mask, counts: List[int], rank: int, group,
            caches: Optional[list] = None) -> torch.Tensor:
     """A PolymorpherBlock's forward on this rank's slice x: (B, n, D); with `caches`, appends the block's
-    decoding cache of the whole sequence (a PoMCache)."""
+    decoding cache of the whole sequence (a PoMCache). The model's own exchange checked the ranks' agreement
+    (batch, dtype, grad mode, mask, token counts): the layer skips its metadata exchange."""
+    kind = "causal" if PF.is_causal(mask) else "none" if mask is None else "weights"
     u, last = _halo_conv(block, block.norm1(x), counts, rank, group)
     if caches is None:
-        return block._mlp(x + block.drop(context_parallel_pom(block.mixer, u, mask=mask, group=group)))
+        return block._mlp(x + block.drop(_apply(block.mixer, u, None, mask, kind, None, None, counts, group,
+                                                False)))
     from .models import PoMCache
-    y, state = context_parallel_pom(block.mixer, u, mask=mask, group=group, return_state=True)
+    y, state = _apply(block.mixer, u, None, mask, kind, None, None, counts, group, True)
     caches.append(PoMCache(state, None if last is None else last.detach().clone()))
     return block._mlp(x + block.drop(y))
 
@@ -485,6 +491,20 @@ def _check_model(owner: str, model, cls, group):
         _fail("model", f"has attention layers (layer pattern {model.pattern!r}): {owner} shards PoM-only stacks "
                        f"(attention would need every rank's keys and values, O(N) per layer)")
     return dist.group.WORLD if group is None else group
+
+
+def _model_row(model, values: List[int]) -> List[int]:
+    """A model's metadata row: `values` then its dtype and whether gradients are recorded."""
+    dtype = next(model.parameters()).dtype
+    grad = torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
+    return values + [_DTYPES.index(dtype) if dtype in _DTYPES else len(_DTYPES), int(grad)]
+
+
+def _agree_model(table: torch.Tensor) -> None:
+    """The checks of the last two columns of _model_row."""
+    _agree(table, -2, "model", "the dtype", lambda d: str(_DTYPES[d]) if d < len(_DTYPES) else "another dtype")
+    _agree(table, -1, "model", "whether gradients are recorded (torch.no_grad, requires_grad)",
+           lambda v: "recorded" if v else "not recorded")
 
 
 def _check_tokens(name: str, tokens, what: str = "tokens") -> None:
@@ -521,12 +541,13 @@ class ContextParallelLM(nn.Module):
                 got = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
                 _fail("targets", f"must have the shape of 'tokens' {tuple(tokens.shape)}, got {got}")
             valid = 0 if targets is None else int((targets != -100).sum())
-            return [0, tokens.shape[0], tokens.shape[1], int(targets is not None), valid]
+            return _model_row(self.model, [0, tokens.shape[0], tokens.shape[1], int(targets is not None), valid])
 
         device = tokens.device if isinstance(tokens, torch.Tensor) else torch.device("cpu")
-        table = _checked_exchange(check, 5, device, self.group)
+        table = _checked_exchange(check, 7, device, self.group)
         _agree(table, 1, "tokens", "the batch size")
         _agree(table, 3, "targets", "whether targets are given", lambda v: "given" if v else "None")
+        _agree_model(table)
         if int(table[:, 2].sum()) == 0:
             _fail("tokens", "must hold at least one token on some rank")
         return table
@@ -586,11 +607,12 @@ class ContextParallelEncoder(nn.Module):
                 got = f"shape {tuple(mask.shape)}, {mask.dtype}" if isinstance(mask, torch.Tensor) \
                     else type(mask).__name__
                 _fail("mask", f"must be this rank's bool or float (B, n) = {tuple(x.shape)} slice, got {got}")
-            return [0, x.shape[0], x.shape[1], int(mask is not None)]
+            return _model_row(m, [0, x.shape[0], x.shape[1], int(mask is not None)])
 
-        table = _checked_exchange(check, 4, x.device if isinstance(x, torch.Tensor) else torch.device("cpu"), group)
+        table = _checked_exchange(check, 6, x.device if isinstance(x, torch.Tensor) else torch.device("cpu"), group)
         _agree(table, 1, "x", "the batch size")
         _agree(table, 3, "mask", "whether a mask is given", lambda v: "given" if v else "None")
+        _agree_model(table)
         counts, rank = table[:, 2].tolist(), dist.get_rank(group)
         o, total = sum(counts[:rank]), sum(counts)
         if total > m.max_len or total == 0:

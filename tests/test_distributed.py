@@ -368,6 +368,7 @@ def _bad_cases(world, rank):
         ("LM batch", "tokens", lambda: cp.ContextParallelLM(lm)(tokens[:2] if last else tokens)),
         ("LM targets on one rank", "targets", lambda: cp.ContextParallelLM(lm)(tokens, tokens if last else None)),
         ("encoder past max_len", "x", lambda: cp.ContextParallelEncoder(enc)(tokens)),
+        ("LM dtype", "model", lambda: cp.ContextParallelLM(lm.float() if last else lm)(tokens)),
     ]
 
 
