@@ -261,7 +261,7 @@ def main(argv=None):
 
     data, nfiles, root = load_split(args.val_percent)
     shard.print(f"data: {root}: train {nfiles['train']} files / {data['train'].numel() / 1e6:.1f} MB, "
-          f"val {nfiles['val']} files / {data['val'].numel() / 1e6:.2f} MB")
+                f"val {nfiles['val']} files / {data['val'].numel() / 1e6:.2f} MB")
 
     step, elapsed, records = 0, 0.0, []
     ckpt = None
@@ -271,7 +271,8 @@ def main(argv=None):
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         for k in MODEL_ARGS:
             if ckpt["args"][k] != getattr(args, k):
-                shard.print(f"--resume: using the checkpoint's {k}={ckpt['args'][k]!r} (given {getattr(args, k)!r})")
+                shard.print(f"--resume: using the checkpoint's {k}={ckpt['args'][k]!r} "
+                            f"(given {getattr(args, k)!r})")
                 setattr(args, k, ckpt["args"][k])
     model = build_model(args)
     opt = make_optimizer(model, args)
@@ -282,7 +283,7 @@ def main(argv=None):
         shard.print(f"resumed from {ckpt_path} at step {step} ({elapsed:.0f} s)")
     params = model.num_params()
     shard.print(f"model {args.model}: layers {model.pattern}, {params / 1e6:.2f} M parameters "
-          f"({model.num_params(exclude_embeddings=True) / 1e6:.2f} M without embeddings)")
+                f"({model.num_params(exclude_embeddings=True) / 1e6:.2f} M without embeddings)")
     if shard.world > 1:
         shard.print(f"sequence sharded over {shard.world} processes (gloo)")
     meta = {"args": vars(args), "params": params, "pattern": model.pattern, "processes": shard.world}
