@@ -8,6 +8,12 @@ checkpoints to --out/ckpt.pt (continue with --resume), logs (step, time, train l
 --out/log.json and --out/log.csv, and ends with a text sample from generate().
 
     PYTHONPATH=. python examples/train_lm.py --model pom --minutes 15 --out runs/lm_pom
+
+With the sequence sharded over processes (context parallelism, gloo on CPUs; --model pom): every rank reads
+the same batches and trains on its contiguous slice of each window through pom_ext.distributed; the
+gradients are summed over the ranks, so the loss curve is the single process's (docs/distributed.md).
+
+    PYTHONPATH=. torchrun --nproc_per_node 2 examples/train_lm.py --model pom --threads 1 --out runs/lm_cp
 """
 import argparse
 import csv
@@ -19,10 +25,13 @@ import sys
 import sysconfig
 import time
 import zlib
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from pom_ext.distributed import ContextParallelLM, token_range  # noqa: E402
 from pom_ext.models import PolymorpherLM  # noqa: E402
 
 try:
@@ -107,20 +116,65 @@ def train_batch(data: torch.Tensor, step: int, args):
     return chunk[:, :-1], chunk[:, 1:]
 
 
+class Sharding:
+    """The sequence sharded over the processes of torchrun (WORLD_SIZE > 1, gloo), or one process.
+
+    Every rank takes its contiguous slice [lo, hi) of each window; the loss it returns is its share, summed
+    over the ranks for the value; the gradients are summed over the ranks before the optimizer step."""
+
+    def __init__(self, seq_len: int):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = 0
+        if self.world > 1:
+            dist.init_process_group("gloo", timeout=timedelta(minutes=10))
+            self.rank = dist.get_rank()
+        self.lo, self.hi = token_range(seq_len, self.world, self.rank)
+
+    def wrap(self, model):
+        return ContextParallelLM(model) if self.world > 1 else model
+
+    def slice(self, t: torch.Tensor) -> torch.Tensor:
+        return t[:, self.lo:self.hi]
+
+    def total(self, value: torch.Tensor) -> float:
+        """The sum over the ranks of a scalar (the loss shares); the value itself in one process."""
+        if self.world > 1:
+            value = value.detach().clone()
+            dist.all_reduce(value)
+        return value.item()
+
+    def maximum(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.item()
+
+    def sum_grads(self, model) -> None:
+        if self.world > 1:
+            for p in model.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+
+    def print(self, *a, **kw) -> None:
+        if self.rank == 0:
+            print(*a, **kw)
+
+
 @torch.no_grad()
-def evaluate(model, data: torch.Tensor, args) -> float:
+def evaluate(net, data: torch.Tensor, args, shard: Sharding) -> float:
     """Bits per byte on fixed, evenly spaced validation windows."""
-    model.eval()
+    net.eval()
     n = args.val_batches * args.batch_size
     starts = torch.linspace(0, data.numel() - args.seq_len - 1, n).long()
     total, count = 0.0, 0
     for i in range(0, n, args.batch_size):
         idx = starts[i:i + args.batch_size, None] + torch.arange(args.seq_len + 1)
         chunk = data[idx].long()
-        _, loss = model(chunk[:, :-1], chunk[:, 1:])
-        total += loss.item() * chunk[:, 1:].numel()
+        _, loss = net(shard.slice(chunk[:, :-1]), shard.slice(chunk[:, 1:]))
+        total += shard.total(loss) * chunk[:, 1:].numel()
         count += chunk[:, 1:].numel()
-    model.train()
+    net.train()
     return total / count / LN2
 
 
@@ -197,6 +251,10 @@ MODEL_ARGS = ("model", "dim", "depth", "degree", "expand", "n_sel_heads", "conv_
 
 def main(argv=None):
     args = parse_args(argv)
+    shard = Sharding(args.seq_len)
+    if shard.world > 1 and args.model != "pom":
+        sys.exit(f"--model {args.model}: only --model pom trains with the sequence sharded (attention layers are "
+                 f"not sharded)")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out = pathlib.Path(args.out)
@@ -204,8 +262,8 @@ def main(argv=None):
     ckpt_path = out / "ckpt.pt"
 
     data, nfiles, root = load_split(args.val_percent)
-    print(f"data: {root}: train {nfiles['train']} files / {data['train'].numel() / 1e6:.1f} MB, "
-          f"val {nfiles['val']} files / {data['val'].numel() / 1e6:.2f} MB")
+    shard.print(f"data: {root}: train {nfiles['train']} files / {data['train'].numel() / 1e6:.1f} MB, "
+                f"val {nfiles['val']} files / {data['val'].numel() / 1e6:.2f} MB")
 
     step, elapsed, records = 0, 0.0, []
     ckpt = None
@@ -215,7 +273,8 @@ def main(argv=None):
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         for k in MODEL_ARGS:
             if ckpt["args"][k] != getattr(args, k):
-                print(f"--resume: using the checkpoint's {k}={ckpt['args'][k]!r} (given {getattr(args, k)!r})")
+                shard.print(f"--resume: using the checkpoint's {k}={ckpt['args'][k]!r} "
+                            f"(given {getattr(args, k)!r})")
                 setattr(args, k, ckpt["args"][k])
     model = build_model(args)
     opt = make_optimizer(model, args)
@@ -223,11 +282,14 @@ def main(argv=None):
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
         step, elapsed, records = ckpt["step"], ckpt["elapsed"], ckpt["records"]
-        print(f"resumed from {ckpt_path} at step {step} ({elapsed:.0f} s)")
+        shard.print(f"resumed from {ckpt_path} at step {step} ({elapsed:.0f} s)")
     params = model.num_params()
-    print(f"model {args.model}: layers {model.pattern}, {params / 1e6:.2f} M parameters "
-          f"({model.num_params(exclude_embeddings=True) / 1e6:.2f} M without embeddings)")
-    meta = {"args": vars(args), "params": params, "pattern": model.pattern}
+    shard.print(f"model {args.model}: layers {model.pattern}, {params / 1e6:.2f} M parameters "
+                f"({model.num_params(exclude_embeddings=True) / 1e6:.2f} M without embeddings)")
+    if shard.world > 1:
+        shard.print(f"sequence sharded over {shard.world} processes (gloo)")
+    meta = {"args": vars(args), "params": params, "pattern": model.pattern, "processes": shard.world}
+    net = shard.wrap(model)
 
     budget = args.minutes * 60 if args.minutes is not None else None
 
@@ -238,7 +300,7 @@ def main(argv=None):
         return progress() >= 1.0
 
     bar = Progress(budget if budget is not None else args.steps, "s" if budget is not None else "step",
-                   elapsed if budget is not None else step)
+                   elapsed if budget is not None else step) if shard.rank == 0 else None
     model.train()
     window_loss, window_n, val_bpb = 0.0, 0, None
     t_last = time.time()
@@ -247,37 +309,48 @@ def main(argv=None):
         for group in opt.param_groups:
             group["lr"] = lr
         x, y = train_batch(data["train"], step, args)
-        _, loss = model(x, y)
+        _, loss = net(shard.slice(x), shard.slice(y))
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        shard.sum_grads(model)
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
         step += 1
-        window_loss += loss.item()
+        loss_value = shard.total(loss)
+        window_loss += loss_value
         window_n += 1
         now = time.time()
-        elapsed += now - t_last
+        elapsed = shard.maximum(elapsed + now - t_last)  # every rank stops at the same step
         t_last = now
         if step % args.log_every == 0 or step % args.eval_every == 0 or finished():
             rec = {"step": step, "time_s": elapsed, "train_loss": window_loss / window_n, "lr": lr,
                    "tokens": step * args.batch_size * args.seq_len, "val_bpb": None}
             if step % args.eval_every == 0 or finished():
-                rec["val_bpb"] = val_bpb = evaluate(model, data["val"], args)
-                save_checkpoint(ckpt_path, model, opt, step, elapsed, records + [rec], args)
-                bar.write(f"step {step:6d}  {elapsed:7.1f} s  train {rec['train_loss'] / LN2:.3f} bpb  "
-                          f"val {val_bpb:.3f} bpb")
+                rec["val_bpb"] = val_bpb = evaluate(net, data["val"], args, shard)
+                if shard.rank == 0:
+                    save_checkpoint(ckpt_path, model, opt, step, elapsed, records + [rec], args)
+                    bar.write(f"step {step:6d}  {elapsed:7.1f} s  train {rec['train_loss'] / LN2:.3f} bpb  "
+                              f"val {val_bpb:.3f} bpb")
                 t_last = time.time()  # validation time is not training time
             records.append(rec)
-            save_log(out, meta, records)
+            if shard.rank == 0:
+                save_log(out, meta, records)
             window_loss, window_n = 0.0, 0
-        info = f"step {step} loss {loss.item():.3f}" + (f" val {val_bpb:.3f} bpb" if val_bpb is not None else "")
-        bar.update(elapsed if budget is not None else step, info)
-    bar.close()
+        if bar is not None:
+            info = f"step {step} loss {loss_value:.3f}" + (f" val {val_bpb:.3f} bpb" if val_bpb is not None else "")
+            bar.update(elapsed if budget is not None else step, info)
+    if bar is not None:
+        bar.close()
 
     last = records[-1] if records else {}
     final_bpb = last["val_bpb"] if last.get("step") == step and last.get("val_bpb") is not None \
-        else evaluate(model, data["val"], args)
+        else evaluate(net, data["val"], args, shard)
+    if shard.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+        if shard.rank > 0:  # rank 0 samples and writes the log
+            return meta
     prompt_text = b"import os\n\ndef "
     prompt = torch.tensor(list(prompt_text), dtype=torch.long)[None]
     t0 = time.time()
