@@ -66,13 +66,57 @@ inline void accumulate(const acc_t* __restrict p, acc_t* __restrict run, acc_t* 
   }
 }
 
-// Suffix sum of the token-causal backward: (run, comp) += g * inv (Kahan), gb = run - comp.
-template <typename acc_t>
-inline void suffix_add(const acc_t* __restrict g, acc_t inv, acc_t* __restrict run, acc_t* __restrict comp,
-                       acc_t* __restrict gb, int64_t n) {
-  for (int64_t e = 0; e < n; ++e) {
-    math::kahan_add(run[e], comp[e], g[e] * inv);
-    gb[e] = run[e] - comp[e];
+// One row of the token-causal forward scan, fused: the pairs' features p = poly(act(x)) (channels a.. and b..),
+// turned (c, s: the row's table entries), added to the Kahan sums (run, comp: 2 w values, first halves then
+// second halves), and the prefix means o = (run - comp) * inv written to o_lo, o_hi.
+template <int K, typename acc_t>
+inline void rope_scan_row(const acc_t* __restrict x_lo, const acc_t* __restrict x_hi, const acc_t* __restrict c,
+                          const acc_t* __restrict s, acc_t* __restrict run, acc_t* __restrict comp,
+                          acc_t* __restrict o_lo, acc_t* __restrict o_hi, acc_t inv, const acc_t* __restrict cT,
+                          int64_t E, int64_t a, int64_t b, int64_t w, int deg) {
+  acc_t* __restrict run_hi = run + w;
+  acc_t* __restrict comp_hi = comp + w;
+  for (int64_t i = 0; i < w; ++i) {
+    const acc_t pa = math::poly<K>(math::act(x_lo[i]), cT + a + i, E, deg);
+    const acc_t pb = math::poly<K>(math::act(x_hi[i]), cT + b + i, E, deg);
+    math::kahan_add(run[i], comp[i], pa * c[i] - pb * s[i]);
+    math::kahan_add(run_hi[i], comp_hi[i], pb * c[i] + pa * s[i]);
+    o_lo[i] = (run[i] - comp[i]) * inv;
+    o_hi[i] = (run_hi[i] - comp_hi[i]) * inv;
+  }
+}
+
+// One row of the token-causal backward scan, fused: g (the row's output gradient, g_lo, g_hi) * inv enters the
+// Kahan suffix sums (run, comp: 2 w), the sum is turned back (R^T) into the gradient reaching p, and the element
+// backward writes gx_lo, gx_hi and adds act^(k+1) times it to f_lo[k * w + i], f_hi[k * w + i].
+template <int K, typename acc_t>
+inline void rope_scan_row_backward(const acc_t* __restrict x_lo, const acc_t* __restrict x_hi,
+                                   const acc_t* __restrict g_lo, const acc_t* __restrict g_hi, acc_t inv,
+                                   const acc_t* __restrict c, const acc_t* __restrict s, acc_t* __restrict run,
+                                   acc_t* __restrict comp, acc_t* __restrict gx_lo, acc_t* __restrict gx_hi,
+                                   acc_t* __restrict f_lo, acc_t* __restrict f_hi, const acc_t* __restrict cT,
+                                   int64_t E, int64_t a, int64_t b, int64_t w, int deg, math::ActGrad<acc_t> ag) {
+  acc_t* __restrict run_hi = run + w;
+  acc_t* __restrict comp_hi = comp + w;
+  for (int64_t i = 0; i < w; ++i) {
+    math::kahan_add(run[i], comp[i], g_lo[i] * inv);
+    math::kahan_add(run_hi[i], comp_hi[i], g_hi[i] * inv);
+    const acc_t ga = run[i] - comp[i], gb = run_hi[i] - comp_hi[i];
+    acc_t ua = ga * c[i] + gb * s[i], ub = gb * c[i] - ga * s[i];  // R^T (ga, gb)
+    const acc_t xa = x_lo[i], xb = x_hi[i];
+    const acc_t aa = math::act(xa), ab = math::act(xb);
+    acc_t pv, da, db;
+    math::poly_and_slope<K>(aa, cT + a + i, E, deg, pv, da);
+    math::poly_and_slope<K>(ab, cT + b + i, E, deg, pv, db);
+    gx_lo[i] = ua * ag(xa) * da;
+    gx_hi[i] = ub * ag(xb) * db;
+    POM_UNROLL
+    for (int k = 0; k < math::degree_of<K>(deg); ++k) {
+      ua *= aa;
+      ub *= ab;
+      f_lo[k * w + i] += ua;
+      f_hi[k * w + i] += ub;
+    }
   }
 }
 
@@ -122,11 +166,19 @@ void rope_causal_forward(const scalar_t* h, const Rows& hr, int64_t E,
       for (int64_t blk = t.n0; blk < t.n1; blk += F) {
         const int64_t bend = std::min(blk + F, t.n1);
         for (int64_t n = blk; n < bend; ++n) {
-          rope_row<K>(h, hr, t, ps, n, rot, cT, E, deg, x, p);
           if (F == 1) {
-            accumulate<true>(p, run, comp, o, acc_t(1) / static_cast<acc_t>(n + 1), t.width);
-            store_pairs(out, outr, t.b, n, ps, o);
+            const acc_t *lo, *hi;
+            pair_rows(h, hr, t.b, n, ps, x, lo, hi);
+            const int64_t r = rot.row(t.b, n, ps.sec) + ps.i0;
+            scalar_t* row = out + outr.off(t.b, n);
+            acc_t* o_lo = out_row(row + ps.a, o);
+            acc_t* o_hi = out_row(row + ps.b, o + ps.w);
+            rope_scan_row<K>(lo, hi, rot.cos + r, rot.sin + r, run, comp, o_lo, o_hi,
+                             acc_t(1) / static_cast<acc_t>(n + 1), cT.data(), E, ps.a, ps.b, ps.w, deg);
+            commit_row(row + ps.a, ps.w, o_lo);
+            commit_row(row + ps.b, ps.w, o_hi);
           } else {
+            rope_row<K>(h, hr, t, ps, n, rot, cT, E, deg, x, p);
             accumulate<false>(p, run, comp, o, acc_t(0), t.width);
           }
         }
@@ -201,15 +253,28 @@ void rope_causal_backward(const scalar_t* g, const Rows& gr, const scalar_t* h, 
       auto drain = [&] { flush(f.data(), d, 2 * deg * ps.w); };
       int64_t rows = 0;
       const int64_t nblocks = t.n1 > t.n0 ? ceil_div(t.n1 - t.n0, F) : 0;
+      if (F == 1) {  // token-causal: one fused pass per row, from the end
+        for (int64_t n = t.n1 - 1; n >= t.n0; --n) {
+          const acc_t *glo, *ghi, *xlo, *xhi;
+          pair_rows(g, gr, t.b, n, ps, G, glo, ghi);
+          pair_rows(h, hr, t.b, n, ps, x, xlo, xhi);
+          const int64_t r = rot.row(t.b, n, ps.sec) + ps.i0;
+          scalar_t* grow = gh + ghr.off(t.b, n);
+          acc_t* gxa = out_row(grow + ps.a, gx);
+          acc_t* gxb = out_row(grow + ps.b, gp);
+          rope_scan_row_backward<K>(xlo, xhi, glo, ghi, acc_t(1) / static_cast<acc_t>(n + 1), rot.cos + r,
+                                    rot.sin + r, acc, comp, gxa, gxb, f_lo, f_hi, cT.data(), E, ps.a, ps.b, ps.w,
+                                    deg, ag);
+          commit_row(grow + ps.a, ps.w, gxa);
+          commit_row(grow + ps.b, ps.w, gxb);
+          if (++rows % kFlushRows == 0) drain();
+        }
+        drain();
+        continue;
+      }
       for (int64_t j = nblocks - 1; j >= 0; --j) {
         const int64_t blk = t.n0 + j * F, bend = std::min(blk + F, t.n1);
-        if (F == 1) {  // one row: its gradient / (n + 1) enters the suffix sum directly
-          const acc_t *lo, *hi;
-          pair_rows(g, gr, t.b, blk, ps, x, lo, hi);
-          const acc_t inv = acc_t(1) / static_cast<acc_t>(blk + 1);
-          suffix_add(lo, inv, acc, comp, gb, ps.w);
-          suffix_add(hi, inv, acc + ps.w, comp + ps.w, gb + ps.w, ps.w);
-        } else {
+        {
           block_grad(t, ps, blk, bend, G, Gc, x);
           for (int64_t e = 0; e < t.width; ++e) {
             math::kahan_add(acc[e], comp[e], G[e]);
