@@ -22,6 +22,10 @@ Before that, every call all-gathers a small int64 metadata row (the mask kind, b
 size, local token counts, a local error flag) and checks it, so ranks that disagree raise the same ValueError
 on every rank instead of waiting in mismatched collectives.
 
+Rotary layers (PoMRoPE): every rank rotates its features at their global positions (by default its offset
+o_r onwards, restarting in every packed sequence; or its slice of the positions, given), so the exchanged sums
+are sums of rotated features and nothing else changes.
+
 Models (ContextParallelLM, ContextParallelEncoder, PoM blocks only) add a halo exchange for the short causal
 convolution: the last conv_size - 1 inputs of the earlier ranks. docs/distributed.md has the bytes per layer.
 """
@@ -35,6 +39,9 @@ import torch.nn.functional as F
 from . import functional as PF
 from . import ops
 from .layers import PoM, PoMState
+from .rope import PoMRoPE
+
+_ROPE_ARGS = ("positions", "ctx_positions", "positions_hw", "ctx_positions_hw")
 
 __all__ = ["context_parallel_pom", "ContextParallelPoM", "ContextParallelLM", "ContextParallelEncoder",
            "token_range"]
@@ -252,6 +259,29 @@ def _plan(layer, xq, xc, mask, block_size, cu_seqlens, return_state, group):
     return table, cu
 
 
+class _Local:
+    """The layer's local aggregations: the plain ops, or for a rotary layer the rope ops at the context's global
+    positions `cpos` (the rope ops' (n, S) form; `pad` zero rows in front take position 0: p(0) = 0)."""
+
+    def __init__(self, layer, cpos: Optional[torch.Tensor]):
+        self.layer, self.cpos = layer, cpos
+        if cpos is not None:
+            self.cos, self.sin = layer._tables(gate=False)
+
+    def _pos(self, pad: int) -> torch.Tensor:
+        return F.pad(self.cpos, (0, 0, pad, 0)) if pad else self.cpos
+
+    def mean(self, ha, weight=None, cu=None, pad: int = 0):
+        if self.cpos is None:
+            return ops.poly_mean(ha, self.layer.po_coeff, weight, cu)
+        return ops.poly_mean_rope(ha, self.layer.po_coeff, self.cos, self.sin, self._pos(pad), weight, cu)
+
+    def causal(self, ha, F_: int, cu=None, pad: int = 0):
+        if self.cpos is None:
+            return ops.poly_causal(ha, self.layer.po_coeff, F_, cu)
+        return ops.poly_causal_rope(ha, self.layer.po_coeff, self.cos, self.sin, self._pos(pad), F_, cu)
+
+
 def _sum_rows(parts: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """parts[lo] + ... + parts[hi - 1] in rank order: the same bits on every rank. An empty range gives zeros
     that stay in the autograd graph of the gather, so that every rank's backward runs its one collective."""
@@ -277,26 +307,27 @@ def _later_heads(heads: torch.Tensor, counts: List[int], rank: int, end: int) ->
     return _sum_rows(heads, rank + 1, rank + 1 + inside)
 
 
-def _pooled(layer, h, s, weight, counts: List[int], group) -> Tuple[torch.Tensor, torch.Tensor]:
+def _pooled(layer, h, s, weight, counts: List[int], group, local: _Local) -> Tuple[torch.Tensor, torch.Tensor]:
     """Mask None or this rank's (B, n) weights -> (out, total sum (B, E)). Weighted: the rank's sum of weights
     travels in the same gather as an extra column."""
     acc = _acc(h.dtype)
     B, n, E = h.shape
     ha = h.to(acc)
     if weight is None:
-        total = _sum_rows(_gather(ops.poly_mean(ha, layer.po_coeff) * n, group), 0, len(counts))
+        total = _sum_rows(_gather(local.mean(ha) * n, group), 0, len(counts))
         W = torch.full((B, 1), sum(counts), dtype=acc, device=h.device)
     else:
         w = weight.to(acc)
         wsum = w.sum(1, keepdim=True)
-        S = ops.poly_mean(ha, layer.po_coeff, w) * wsum
+        S = local.mean(ha, w) * wsum
         both = _sum_rows(_gather(torch.cat([S, wsum], 1), group), 0, len(counts))
         total, W = both[:, :E], both[:, E:]
     H = torch.where(W > 0, total / torch.where(W > 0, W, torch.ones_like(W)), torch.zeros_like(total))
     return layer._out(s, H.to(h.dtype)), total
 
 
-def _causal(layer, h, s, F_: int, counts: List[int], rank, group) -> Tuple[torch.Tensor, torch.Tensor]:
+def _causal(layer, h, s, F_: int, counts: List[int], rank, group,
+            local: _Local) -> Tuple[torch.Tensor, torch.Tensor]:
     """Block-causal (F_ = 1: token-causal) over the sharded sequence -> (out, total sum (B, E))."""
     B, n, E = h.shape
     acc = _acc(h.dtype)
@@ -307,7 +338,7 @@ def _causal(layer, h, s, F_: int, counts: List[int], rank, group) -> Tuple[torch
         ha = F.pad(ha, (0, 0, pad, 0))
     idx = torch.arange(pad, pad + n, device=h.device)
     local_end = torch.clamp((idx // F_ + 1) * F_, max=n + pad)
-    C = ops.poly_causal(ha, layer.po_coeff, F_)[:, pad:] * local_end.to(acc)[:, None]
+    C = local.causal(ha, F_, None, pad)[:, pad:] * local_end.to(acc)[:, None]
     if n:
         last, head = C[:, -1], C[:, 0]
     else:  # (B, E) zeros, in the autograd graph like the sums of the other ranks
@@ -324,7 +355,7 @@ def _causal(layer, h, s, F_: int, counts: List[int], rank, group) -> Tuple[torch
 
 
 def _varlen(layer, h, s, causal: bool, F_: int, cu: List[int], counts: List[int], rank,
-            group) -> Tuple[torch.Tensor, torch.Tensor]:
+            group, local: _Local) -> Tuple[torch.Tensor, torch.Tensor]:
     """Packed sequences (total, E) with the batch's cu_seqlens, crossing rank boundaries, mean or block-causal
     (F_ = 1: token-causal) -> (out, per-sequence sums (B, E)). The causal terms of _causal, per sequence."""
     n, E = h.shape
@@ -337,7 +368,7 @@ def _varlen(layer, h, s, causal: bool, F_: int, cu: List[int], counts: List[int]
     ha = h.to(acc)
     seq_len = (cu_t[1:] - cu_t[:-1]).to(acc)[:, None]
     if not causal:
-        parts = _gather(ops.poly_mean(ha, layer.po_coeff, None, local_cu) * lengths.to(acc)[:, None], group)
+        parts = _gather(local.mean(ha, None, local_cu) * lengths.to(acc)[:, None], group)
         total = _sum_rows(parts, 0, len(counts))
         H = torch.where(seq_len > 0, total / seq_len.clamp_min(1), torch.zeros_like(total))
         H = H.repeat_interleave(lengths, dim=0, output_size=n)
@@ -350,11 +381,11 @@ def _varlen(layer, h, s, causal: bool, F_: int, cu: List[int], counts: List[int]
         ha = F.pad(ha, (0, 0, pad, 0))
         local_cu = torch.where(torch.arange(len(cu), device=dev) > first, local_cu + pad, local_cu)
     plen = local_cu[1:] - local_cu[:-1]  # piece lengths, padding included
-    S = ops.poly_mean(ha, layer.po_coeff, None, local_cu) * plen.to(acc)[:, None]
+    S = local.mean(ha, None, local_cu, pad) * plen.to(acc)[:, None]
     seq = torch.repeat_interleave(torch.arange(len(cu) - 1, device=dev), lengths, output_size=n)
     j = torch.arange(pad, pad + n, device=dev) - local_cu[seq]  # index inside the (padded) local piece
     local_end = torch.minimum((j // F_ + 1) * F_, plen[seq])
-    C = ops.poly_causal(ha, layer.po_coeff, F_, local_cu)[pad:] * local_end.to(acc)[:, None]
+    C = local.causal(ha, F_, local_cu, pad)[pad:] * local_end.to(acc)[:, None]
     if F_ > 1:  # this rank's head: its first token's block inside the first piece
         head = (torch.arange(len(cu) - 1, device=dev) == first).to(acc)[:, None] * C[:1] if n else S
         parts = _gather(torch.stack([S, head], 1), group)
@@ -374,7 +405,10 @@ def _varlen(layer, h, s, causal: bool, F_: int, cu: List[int], counts: List[int]
 def context_parallel_pom(layer: PoM, xq: torch.Tensor, xc: Optional[torch.Tensor] = None,
                          mask: PF.Mask = None, *, block_size: Optional[int] = None,
                          cu_seqlens: Optional[torch.Tensor] = None, group=None,
-                         return_state: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, PoMState]]:
+                         return_state: bool = False, positions: Optional[torch.Tensor] = None,
+                         ctx_positions: Optional[torch.Tensor] = None, positions_hw: Optional[torch.Tensor] = None,
+                         ctx_positions_hw: Optional[torch.Tensor] = None
+                         ) -> Union[torch.Tensor, Tuple[torch.Tensor, PoMState]]:
     """`layer(xq, xc, mask, ...)` with the sequence sharded over the ranks of `group` (default: the world).
 
     Every rank of the group calls it with the same layer (same parameters) and its contiguous slice, in rank
@@ -390,25 +424,77 @@ def context_parallel_pom(layer: PoM, xq: torch.Tensor, xc: Optional[torch.Tensor
     are this rank's slice of the unsharded ones; the parameter gradients summed over the ranks (what DDP or
     FSDP reduce) are the unsharded ones. Ranks that disagree (batch, width, dtype, mask kind, block size,
     cu_seqlens) or whose arguments are wrong raise ValueError on every rank.
+
+    A rotary layer (PoMRoPE) takes this rank's slices of its positions: 1-D `positions` (queries) and
+    `ctx_positions` (context), default the global positions (this rank's offset onwards; packed: the position
+    inside each sequence; self-mixing: one set); 2-D `positions_hw` / `ctx_positions_hw`, required.
     """
     group = dist.group.WORLD if group is None else group
     table, cu = _plan(layer, xq, xc, mask, block_size, cu_seqlens, return_state, group)
+    rope = dict(positions=positions, ctx_positions=ctx_positions, positions_hw=positions_hw,
+                ctx_positions_hw=ctx_positions_hw)
+    if not isinstance(layer, PoMRoPE) and any(v is not None for v in rope.values()):
+        given = [k for k, v in rope.items() if v is not None]
+        _fail(given[0], "applies to rotary layers (pom_ext.PoMRoPE)")
     return _apply(layer, xq, None if xc is xq else xc, mask, _KINDS[int(table[0, 1])], block_size, cu,
-                  table[:, 10].tolist(), group, return_state)
+                  table[:, 10].tolist(), group, return_state, rope, table[:, 11].tolist())
+
+
+def _rope_positions(layer: PoMRoPE, xq, xc, given: dict, counts: List[int], qcounts: List[int], rank: int,
+                    cu: Optional[List[int]]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(context, query) positions of this rank in the rope ops' form: given slices, or (1-D) the global ones."""
+    dev = xq.device
+    packed = cu is not None
+    local_cu = None
+    o, n = sum(counts[:rank]), counts[rank]
+    if packed:
+        cu_t = torch.tensor(cu, dtype=torch.int64, device=dev)
+        local_cu = torch.clamp(cu_t - o, 0, n)
+    B = 0 if packed else xq.shape[0]
+
+    def global_1d(offset: int, count: int) -> torch.Tensor:
+        g = offset + torch.arange(count, device=dev)
+        if not packed:
+            return g
+        seq = torch.searchsorted(cu_t[1:], g, right=True)  # the sequence of every packed token
+        return g - cu_t[seq]
+
+    if layer.rope_2d:
+        qp, cp, qname, cname = given["positions_hw"], given["ctx_positions_hw"], "positions_hw", "ctx_positions_hw"
+    else:
+        qp, cp, qname, cname = given["positions"], given["ctx_positions"], "positions", "ctx_positions"
+    if xc is None and cp is None:
+        cp, cname = qp, qname
+    if cp is None and not layer.rope_2d:
+        cp = global_1d(o, n)
+    cpos = layer._positions(cname, cp, B, n, dev, local_cu)
+    t = xq.shape[0] if packed else xq.shape[1]
+    if xc is None and (given[qname] is None or cp is given[qname]):
+        return cpos, cpos
+    if qp is None and not layer.rope_2d:
+        qp = global_1d(sum(qcounts[:rank]), t)
+    return cpos, layer._positions(qname, qp, B, t, dev, local_cu)
 
 
 def _apply(layer, xq, xc, mask, kind: str, block_size: Optional[int], cu: Optional[List[int]], counts: List[int],
-           group, return_state: bool):
-    """context_parallel_pom after its checks: `kind` of the mask and every rank's context token `counts`."""
+           group, return_state: bool, rope: Optional[dict] = None, qcounts: Optional[List[int]] = None):
+    """context_parallel_pom after its checks: `kind` of the mask and every rank's context (and query) token
+    `counts`; `rope`: the positions given to a rotary layer."""
     rank = dist.get_rank(group)
     h, s = layer.project(xq, xc)
+    cpos = None
+    if isinstance(layer, PoMRoPE):
+        cpos, qpos = _rope_positions(layer, xq, xc, rope or {k: None for k in _ROPE_ARGS}, counts,
+                                     counts if qcounts is None else qcounts, rank, cu)
+        s = layer._turn_gate(s, qpos)
+    local = _Local(layer, cpos)
     F_ = 1 if block_size is None else block_size
     if kind in ("none", "weights"):
-        out, total = _pooled(layer, h, s, mask if kind == "weights" else None, counts, group)
+        out, total = _pooled(layer, h, s, mask if kind == "weights" else None, counts, group, local)
     elif kind == "causal":
-        out, total = _causal(layer, h, s, F_, counts, rank, group)
+        out, total = _causal(layer, h, s, F_, counts, rank, group, local)
     else:
-        out, total = _varlen(layer, h, s, kind == "varlen_causal", F_, cu, counts, rank, group)
+        out, total = _varlen(layer, h, s, kind == "varlen_causal", F_, cu, counts, rank, group, local)
     if not return_state:
         return out
     if cu is None:
@@ -619,10 +705,11 @@ class ContextParallelEncoder(nn.Module):
             _fail("x", f"must hold 1 to max_len = {m.max_len} tokens over all ranks, got {total}")
         z = m.embed(x) + m.pos[:, o:o + x.shape[1]]
         B = z.shape[0]
-        if m.cls is not None and rank == 0:
-            z = torch.cat([m.cls.expand(B, -1, -1).to(z.dtype), z], dim=1)
-            if mask is not None:
-                mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
+        if m.cls is not None:  # the class token: global position 0, on rank 0 (every rank counts it)
+            if rank == 0:
+                z = torch.cat([m.cls.expand(B, -1, -1).to(z.dtype), z], dim=1)
+                if mask is not None:
+                    mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
             counts = [counts[0] + 1] + counts[1:]
         if mask is not None and mask.is_floating_point():
             mask = mask.to(z.dtype)

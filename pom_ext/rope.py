@@ -195,8 +195,6 @@ class PoMRoPE(PoM):
             if xc.shape[0] != xq.shape[0]:
                 _fail("xc", f"the {'packed tokens' if packed else 'batch size'} of 'xq' ({xq.shape[0]})",
                       xc.shape[0])
-        if packed and xc is not None:
-            _fail("xc", "None (self-mixing) with packed sequences (cu_seqlens)", "a tensor")
         if self.rope_2d:
             if positions is not None or ctx_positions is not None:
                 _fail("positions", "None for a 2-D layer (rope_2d=True): give positions_hw / ctx_positions_hw",
@@ -213,7 +211,7 @@ class PoMRoPE(PoM):
             cp, cname = qp, qname
         B = xq.shape[0]
         T = xq.shape[0] if packed else xq.shape[1]
-        N = T if xc is None else xc.shape[1]
+        N = T if xc is None else xc.shape[0] if packed else xc.shape[1]
         if packed:
             PF.check_cu_seqlens(cu_seqlens, T, xq.device)
         cpos = self._positions(cname, cp, B, N, xq.device, cu_seqlens)

@@ -34,6 +34,9 @@ TOL = {"float64": 1e-12, "float32": 1e-5}
 
 B, N, D, T_CROSS = 3, 13, 12, 7
 CONFIGS = [(1, 1, False), (2, 4, True)]  # (n_groups, n_sel_heads, bias)
+# The layers of the comparisons: CONFIGS, and a rotary layer (PoMRoPE, 1-D, default positions: each rank rotates at
+# its global offset, packed sequences restart at 0).
+CASE_CONFIGS = CONFIGS + [(2, 4, True, "rope")]
 # Token counts per rank: uneven, a rank inside one block, a rank with no tokens.
 SPLITS = {2: [[5, 8]], 3: [[4, 1, 8], [6, 0, 7]]}
 # Packed: sequences [0,1) [1,12) [12,12) [12,30) [30,39), some crossing one or two rank boundaries.
@@ -49,9 +52,12 @@ def _offsets(split):
 
 
 def _make_layer(config, dtype, dim=D):
-    from pom_ext import PoM
+    from pom_ext import PoM, PoMRoPE
     torch.manual_seed(0)
-    layer = PoM(dim, 3, 2, n_groups=config[0], n_sel_heads=config[1], bias=config[2]).to(dtype)
+    if len(config) > 3:
+        layer = PoMRoPE(dim, 3, 2, config[0], config[1], config[2], max_seq_len=64).to(dtype)
+    else:
+        layer = PoM(dim, 3, 2, n_groups=config[0], n_sel_heads=config[1], bias=config[2]).to(dtype)
     with torch.no_grad():
         layer.po_coeff.copy_(torch.randn_like(layer.po_coeff) * 0.5)
         if config[2]:
@@ -101,7 +107,7 @@ def _run_cases(world, rank, report):
     from conftest import rel_err
 
     for dtype_name, dtype in (("float64", torch.float64), ("float32", torch.float32)):
-        for config in CONFIGS:
+        for config in CASE_CONFIGS:
             for mode in MODES:
                 splits = VARLEN_SPLITS[world] if "varlen" in mode else SPLITS[world]
                 for split in splits:
@@ -193,7 +199,8 @@ def _run_16bit(world, rank, report):
 
 
 MODEL_CASES = [("lm", {"n_sel_heads": 1}), ("lm", {"n_sel_heads": 4, "n_groups": 2}), ("encoder", {"pool": "mean"}),
-               ("encoder_weights", {"pool": "mean"}), ("encoder_padding", {"pool": "cls"})]
+               ("encoder_weights", {"pool": "mean"}), ("encoder_padding", {"pool": "cls"}),
+               ("lm", {"n_sel_heads": 4, "rope": "1d", "rope_max_len": 32}), ("encoder", {"pool": "cls", "rope": "1d"})]
 
 
 def _model(kind, kw, dtype):
@@ -454,7 +461,8 @@ def _group(world, tmp_path_factory):
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_layer_matches_unsharded(world, tmp_path_factory):
     reports = [r["cases"] for r in _group(world, tmp_path_factory)]
-    expected = sum(len(VARLEN_SPLITS[world] if "varlen" in m else SPLITS[world]) for m in MODES) * 2 * len(CONFIGS)
+    expected = sum(len(VARLEN_SPLITS[world] if "varlen" in m else SPLITS[world]) for m in MODES) * 2 * \
+        len(CASE_CONFIGS)
     expected += len(MODEL_CASES) * len(SPLITS[world]) * 2 + (2 if world == 2 else 0) + 2 * len(MODES)
     for rank, report in enumerate(reports):
         assert len(report) == expected

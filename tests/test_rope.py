@@ -446,3 +446,13 @@ def test_image_encoder_with_2d_rope(pool):
     assert tokens(torch.randint(0, 20, (2, 12))).shape == (2, 3)
     with pytest.raises(ValueError, match="'rope'"):
         PolymorpherEncoder(3, 16, 1, num_tokens=20, max_len=12, rope="2d")
+
+
+def test_layer_packed_cross():
+    """Packed cross-mixing: queries and context share the offsets, and their positions restart in every sequence."""
+    layer = make(LAYERS[1])
+    g = torch.Generator().manual_seed(6)
+    cu = torch.tensor([0, 5, 12])
+    x, xc = (torch.randn(12, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    for mask in (None, "causal"):
+        check_layer(layer, (x, xc), dict(mask=mask, cu_seqlens=cu))

@@ -295,10 +295,8 @@ at::Tensor PoMImpl::forward(const at::Tensor& xq, const at::Tensor& xc_in, const
   auto [h, s] = project(xq, xc);
   Rotation rot;
   if (has_rope()) {
-    TORCH_CHECK(!(packed && xc.defined()), "pom_ext.PoMRoPE: argument 'xc' must be undefined (self-mixing) with "
-                "packed sequences (cu_seqlens)");
     const int64_t B = packed ? 0 : xq.size(0), T = packed ? xq.size(0) : xq.size(1);
-    const int64_t N = xc.defined() ? xc.size(1) : T;
+    const int64_t N = xc.defined() ? (packed ? xc.size(0) : xc.size(1)) : T;
     // Self-mixing: one set of positions for context and queries unless ctx_positions is given.
     const bool shared = !xc.defined() && !ctx_positions.defined();
     rot = rope_tables(/*gate=*/false);
