@@ -16,7 +16,7 @@ start=$(date +%s)
 echo "asan_check: scratch directory $WORK"
 
 DEFAULT_TESTS=(tests/test_ops.py tests/test_extremes.py tests/test_gated.py tests/test_bad_inputs.py
-               tests/test_layer.py tests/test_fuzz.py)
+               tests/test_layer.py tests/test_fuzz.py tests/test_rope.py)
 
 # The interpreter itself, not a launcher script (a pyenv shim is a bash script): only processes that load
 # the sanitized library should run with the sanitizer runtime preloaded.
