@@ -11,6 +11,7 @@ K and V. gloo on CPUs, NCCL when every rank has a GPU (--device cuda).
     PYTHONPATH=. torchrun --nproc_per_node 2 benchmarks/bench_cp.py --seq 65536
 """
 import argparse
+import datetime
 import json
 import os
 import statistics
@@ -126,6 +127,11 @@ def main():
               "pom_backward_bytes_sent_per_rank": bwd_bytes, "pom_backward_collectives": bwd_calls,
               "ring_attention_forward_bytes_per_rank_16bit_kv": ring_fwd,
               "ring_attention_backward_bytes_per_rank_16bit_kv": 2 * ring_fwd}
+    from pom_ext.bench.common import cpu_name, git_commit
+    result.update({"device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+                   "threads_per_process": torch.get_num_threads(), "torch": torch.__version__,
+                   "cuda": torch.version.cuda, "git_commit": git_commit(),
+                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
     if rank == 0:
         print(json.dumps(result, indent=1))
         if args.json:
