@@ -131,6 +131,21 @@ struct CausalRopeBackwardFn : torch::autograd::Function<CausalRopeBackwardFn> {
   }
 };
 
+struct GatedRopeBackwardFn : torch::autograd::Function<GatedRopeBackwardFn> {
+  static variable_list forward(AutogradContext*, const at::Tensor& g, const at::Tensor& hs, const at::Tensor& c,
+                               const OptT& bias, const at::Tensor& cs, const at::Tensor& sn, const at::Tensor& gcs,
+                               const at::Tensor& gsn, const at::Tensor& pos, int64_t block_size, const OptT& cu) {
+    POM_OP(op, "poly_causal_gated_rope_backward",
+           T3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptT&, const at::Tensor&,
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, const OptT&));
+    auto [ghs, gc, gb] = below_autograd(op, g, hs, c, bias, cs, sn, gcs, gsn, pos, block_size, cu);
+    return {ghs, gc, gb};
+  }
+  static variable_list backward(AutogradContext*, variable_list) {
+    no_double_backward("poly_causal_gated_rope_backward");
+  }
+};
+
 // ---- the differentiable ops ----
 
 struct EvalFn : torch::autograd::Function<EvalFn> {
@@ -251,6 +266,26 @@ struct CausalRopeFn : torch::autograd::Function<CausalRopeFn> {
   }
 };
 
+struct GatedRopeFn : torch::autograd::Function<GatedRopeFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& hs, const at::Tensor& c, const OptT& bias,
+                            const at::Tensor& cs, const at::Tensor& sn, const at::Tensor& gcs, const at::Tensor& gsn,
+                            const at::Tensor& pos, int64_t block_size, const OptT& cu) {
+    POM_OP(op, "poly_causal_gated_rope",
+           at::Tensor(const at::Tensor&, const at::Tensor&, const OptT&, const at::Tensor&, const at::Tensor&,
+                      const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, const OptT&));
+    ctx->saved_data["block_size"] = block_size;
+    ctx->save_for_backward({hs, c, or_undefined(bias), cs, sn, gcs, gsn, pos, or_undefined(cu)});
+    return below_autograd(op, hs, c, bias, cs, sn, gcs, gsn, pos, block_size, cu);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    auto g = GatedRopeBackwardFn::apply(grads[0], s[0], s[1], as_opt(s[2]), s[3], s[4], s[5], s[6], s[7],
+                                        ctx->saved_data["block_size"].toInt(), as_opt(s[8]));
+    return {g[0], g[1], s[2].defined() ? g[2] : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
 #undef POM_OP
 
 // ---- kernels for DispatchKey::Autograd ----
@@ -324,6 +359,19 @@ T2 causal_rope_bwd(const at::Tensor& g, const at::Tensor& h, const at::Tensor& c
                    const at::Tensor& sn, const at::Tensor& pos, int64_t block_size, const OptT& cu) {
   auto r = CausalRopeBackwardFn::apply(g, h, c, cs, sn, pos, block_size, cu);
   return {r[0], r[1]};
+}
+
+at::Tensor causal_gated_rope(const at::Tensor& hs, const at::Tensor& c, const OptT& bias, const at::Tensor& cs,
+                             const at::Tensor& sn, const at::Tensor& gcs, const at::Tensor& gsn, const at::Tensor& pos,
+                             int64_t block_size, const OptT& cu) {
+  return GatedRopeFn::apply(hs, c, bias, cs, sn, gcs, gsn, pos, block_size, cu);
+}
+
+T3 causal_gated_rope_bwd(const at::Tensor& g, const at::Tensor& hs, const at::Tensor& c, const OptT& bias,
+                         const at::Tensor& cs, const at::Tensor& sn, const at::Tensor& gcs, const at::Tensor& gsn,
+                         const at::Tensor& pos, int64_t block_size, const OptT& cu) {
+  auto r = GatedRopeBackwardFn::apply(g, hs, c, bias, cs, sn, gcs, gsn, pos, block_size, cu);
+  return {r[0], r[1], r[2]};
 }
 
 }  // namespace

@@ -62,20 +62,29 @@ T2 causal_bwd(const at::Tensor& grad_H, const at::Tensor& h, const at::Tensor& c
   return {like(h), like(coeff)};
 }
 
-at::Tensor causal_gated(const at::Tensor& hs, const at::Tensor& coeff, const OptT& bias, int64_t block_size,
-                        const OptT& cu) {
-  checks::causal_gated_args("pom_ext::poly_causal_gated", hs, coeff, bias, block_size, cu);
+// The gated ops' output y (hs's rows, E columns) and gradients (of hs, coeff and the S gate biases).
+at::Tensor gated_output(const at::Tensor& hs, const at::Tensor& coeff) {
   auto sizes = hs.sym_sizes().vec();
   sizes.back() = coeff.sym_size(0);
   return at::empty_symint(sizes, hs.options());
 }
 
-T3 causal_gated_bwd(const at::Tensor& grad_y, const at::Tensor& hs, const at::Tensor& coeff, const OptT& bias,
-                    int64_t block_size, const OptT& cu) {
-  checks::causal_gated_backward_args("pom_ext::poly_causal_gated_backward", grad_y, hs, coeff, bias, block_size, cu);
+T3 gated_grads(const at::Tensor& hs, const at::Tensor& coeff, const OptT& bias) {
   const auto dtype = bias.has_value() ? bias->scalar_type() : hs.scalar_type();
   at::Tensor gb = at::empty_symint({hs.sym_size(-1) - coeff.sym_size(0)}, hs.options().dtype(dtype));
   return {like(hs), like(coeff), gb};
+}
+
+at::Tensor causal_gated(const at::Tensor& hs, const at::Tensor& coeff, const OptT& bias, int64_t block_size,
+                        const OptT& cu) {
+  checks::causal_gated_args("pom_ext::poly_causal_gated", hs, coeff, bias, block_size, cu);
+  return gated_output(hs, coeff);
+}
+
+T3 causal_gated_bwd(const at::Tensor& grad_y, const at::Tensor& hs, const at::Tensor& coeff, const OptT& bias,
+                    int64_t block_size, const OptT& cu) {
+  checks::causal_gated_backward_args("pom_ext::poly_causal_gated_backward", grad_y, hs, coeff, bias, block_size, cu);
+  return gated_grads(hs, coeff, bias);
 }
 
 T3 state_update(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& state_sum, const at::Tensor& count) {
@@ -112,6 +121,22 @@ T2 causal_rope_bwd(const at::Tensor& grad_H, const at::Tensor& h, const at::Tens
                    const at::Tensor& sin, const at::Tensor& pos, int64_t block_size, const OptT& cu) {
   checks::rope("pom_ext::poly_causal_rope_backward", h, cos, sin, pos, cu);
   return causal_bwd(grad_H, h, coeff, block_size, cu);
+}
+
+at::Tensor causal_gated_rope(const at::Tensor& hs, const at::Tensor& coeff, const OptT& bias, const at::Tensor& cos,
+                             const at::Tensor& sin, const at::Tensor& gcos, const at::Tensor& gsin,
+                             const at::Tensor& pos, int64_t block_size, const OptT& cu) {
+  checks::causal_gated_rope_args("pom_ext::poly_causal_gated_rope", hs, coeff, bias, cos, sin, gcos, gsin, pos,
+                                 block_size, cu);
+  return gated_output(hs, coeff);
+}
+
+T3 causal_gated_rope_bwd(const at::Tensor& grad_y, const at::Tensor& hs, const at::Tensor& coeff, const OptT& bias,
+                         const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& gcos, const at::Tensor& gsin,
+                         const at::Tensor& pos, int64_t block_size, const OptT& cu) {
+  checks::causal_gated_rope_backward_args("pom_ext::poly_causal_gated_rope_backward", grad_y, hs, coeff, bias, cos,
+                                          sin, gcos, gsin, pos, block_size, cu);
+  return gated_grads(hs, coeff, bias);
 }
 
 at::Tensor state_step(const at::Tensor& h, const at::Tensor& coeff, at::Tensor& state_sum, at::Tensor& count) {

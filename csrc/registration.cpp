@@ -68,6 +68,16 @@ void define_ops(torch::Library& m) {
   m.def(
       "poly_causal_rope_backward(Tensor grad_H, Tensor h, Tensor coeff, Tensor cos, Tensor sin, Tensor positions, "
       "int block_size, Tensor? cu_seqlens) -> (Tensor, Tensor)");
+  // The gated mixer with rotary positions: hs = [h | pre] as in poly_causal_gated; the features turn by cos, sin
+  // (as in poly_causal_rope) and the S gates s = hardsigmoid(pre + gate_bias) by gate_cos, gate_sin (L, Pg) at the
+  // same positions (2 Pg gates per section, gate j paired with j + Pg): y = R_g s * H~, H~ the block-causal prefix
+  // mean of the turned features. No gradient for the tables.
+  m.def("poly_causal_gated_rope(Tensor hs, Tensor coeff, Tensor? gate_bias, Tensor cos, Tensor sin, Tensor gate_cos, "
+        "Tensor gate_sin, Tensor positions, int block_size=1, Tensor? cu_seqlens=None) -> Tensor");
+  m.def(
+      "poly_causal_gated_rope_backward(Tensor grad_y, Tensor hs, Tensor coeff, Tensor? gate_bias, Tensor cos, "
+      "Tensor sin, Tensor gate_cos, Tensor gate_sin, Tensor positions, int block_size, Tensor? cu_seqlens) "
+      "-> (Tensor, Tensor, Tensor)");
   // Which CPU build the kernels run: "base", "avx2" or "avx512".
   m.def("cpu_isa() -> str", [] { return cpu_isa(); });
   // The build whose kernels this process runs: "<version>+cpu" or "<version>+cuda".

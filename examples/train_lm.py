@@ -180,10 +180,19 @@ def evaluate(net, data: torch.Tensor, args, shard: Sharding) -> float:
 
 # ---- model ----
 
+# The prompt of the sample written at the end of training.
+PROMPT = b"import os\n\ndef "
+
+
+def rope_max_len(args) -> int:
+    """Positions of the rotary tables: the training windows and the end-of-training sample (prompt + bytes)."""
+    return max(args.seq_len, len(PROMPT) + getattr(args, "sample_len", 0)) + 1
+
+
 def build_model(args) -> PolymorpherLM:
     common = dict(num_tokens=256, dim=args.dim, depth=args.depth, degree=args.degree, expand=args.expand,
                   n_sel_heads=args.n_sel_heads, conv_size=args.conv_size,
-                  **({"rope": "1d", "rope_max_len": args.seq_len + 1} if getattr(args, "rope", False) else {}))
+                  **({"rope": "1d", "rope_max_len": rope_max_len(args)} if getattr(args, "rope", False) else {}))
     if args.model == "pom":
         return PolymorpherLM(**common)
     if args.model == "hybrid":
@@ -351,8 +360,7 @@ def main(argv=None):
         dist.destroy_process_group()
         if shard.rank > 0:  # rank 0 samples and writes the log
             return meta
-    prompt_text = b"import os\n\ndef "
-    prompt = torch.tensor(list(prompt_text), dtype=torch.long)[None]
+    prompt = torch.tensor(list(PROMPT), dtype=torch.long)[None]
     t0 = time.time()
     sample = model.eval().generate(prompt, args.sample_len, temperature=0.8, top_k=40,
                                    generator=torch.Generator().manual_seed(args.seed))

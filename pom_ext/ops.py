@@ -121,6 +121,22 @@ def poly_causal_rope(h: torch.Tensor, coeff: torch.Tensor, cos: torch.Tensor, si
     return torch.ops.pom_ext.poly_causal_rope(h, coeff, cos, sin, positions, block_size, cu_seqlens)
 
 
+def poly_causal_gated_rope(hs: torch.Tensor, coeff: torch.Tensor, gate_bias: Optional[torch.Tensor],
+                           cos: torch.Tensor, sin: torch.Tensor, gate_cos: torch.Tensor, gate_sin: torch.Tensor,
+                           positions: torch.Tensor, block_size: int = 1,
+                           cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """poly_causal_gated with rotary positions, in one pass: hs = [h | pre] as in poly_causal_gated; the features
+    turn by (cos, sin) as in poly_causal_rope, the S gates hardsigmoid(pre + gate_bias) by (gate_cos, gate_sin)
+    (L, Pg) at the same positions (2 Pg gates per section, gate j paired with j + Pg) -> y = s~ * H~ (E columns).
+    Its gradient w.r.t. hs is one tensor; none for the tables."""
+    if not torch.jit.is_scripting():
+        if not _native() or not has_kernel("poly_causal_gated_rope", hs.device):
+            return reference.poly_causal_gated_rope(hs, coeff, gate_bias, cos, sin, gate_cos, gate_sin, positions,
+                                                    block_size, cu_seqlens)
+    return torch.ops.pom_ext.poly_causal_gated_rope(hs, coeff, gate_bias, cos, sin, gate_cos, gate_sin, positions,
+                                                    block_size, cu_seqlens)
+
+
 def _kernel_devices():
     """{op: device types with a compiled kernel}, read once from the dispatcher (a constant for torch.compile)."""
     if not native_available():

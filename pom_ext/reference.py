@@ -136,6 +136,20 @@ def poly_causal_gated(hs, coeff, gate_bias=None, block_size: int = 1, cu_seqlens
     return select(F.hardsigmoid(pre), poly_causal(hs[..., :E], coeff, block_size, cu_seqlens), S if S < E else 1)
 
 
+def poly_causal_gated_rope(hs, coeff, gate_bias, cos, sin, gate_cos, gate_sin, positions, block_size: int = 1,
+                           cu_seqlens=None) -> torch.Tensor:
+    """hs = [h | pre] -> rotate(hardsigmoid(pre + gate_bias), gate tables) * poly_causal_rope(h), in the accumulation
+    dtype, rounded once to hs's."""
+    E = coeff.shape[0]
+    S = hs.shape[-1] - E
+    acc = _acc(hs.dtype)
+    pre = hs[..., E:].to(acc) if gate_bias is None else hs[..., E:].to(acc) + gate_bias.to(acc)
+    s = rotate(F.hardsigmoid(pre), gate_cos, gate_sin, positions)
+    h = hs[..., :E].to(acc)
+    H = poly_causal(h, coeff.to(acc), block_size, cu_seqlens, (cos, sin, positions))
+    return select(s, H, S if S < E else 1).to(hs.dtype)
+
+
 class _RoundGrad(torch.autograd.Function):
     """Identity whose gradient is rounded to `dtype` (as autograd stores the gradient of a tensor of it)."""
 

@@ -216,10 +216,13 @@ class PoMRoPE(PoM):
             PF.check_cu_seqlens(cu_seqlens, T, xq.device)
         cpos = self._positions(cname, cp, B, N, xq.device, cu_seqlens)
         qpos = cpos if xc is None and cp is qp else self._positions(qname, qp, B, T, xq.device, cu_seqlens)
-        h, s = self.project(xq, xc)
-        PF._check_aggregate(h, self.po_coeff, mask, block_size, cu_seqlens)
         if PF.is_causal(mask) and T != N:
             _fail("xq", f"as many tokens as the context with mask='causal' (N = {N})", f"T = {T}")
+        if PF.is_causal(mask) and (qpos is cpos or (qp is None and cp is None)) and \
+                ops.has_kernel("poly_causal_gated_rope", xq.device):
+            return self._causal_fused_rope(xq, xc, cpos, block_size, cu_seqlens)
+        h, s = self.project(xq, xc)
+        PF._check_aggregate(h, self.po_coeff, mask, block_size, cu_seqlens)
         s = self._turn_gate(s, qpos)
         cos, sin = self._tables(gate=False)
         if PF.is_causal(mask):
@@ -240,6 +243,19 @@ class PoMRoPE(PoM):
         den = m.sum(-1, keepdim=True)
         H = (torch.bmm(m, p) / torch.where(den == 0, torch.ones_like(den), den)).to(h.dtype)
         return self.ag_proj(PF.select(s, H, self.n_sel_heads))
+
+    def _causal_fused_rope(self, xq: torch.Tensor, xc: Optional[torch.Tensor], pos: torch.Tensor,
+                           block_size: Optional[int], cu_seqlens: Optional[torch.Tensor]) -> torch.Tensor:
+        """Causal mixing through the fused gated rope op (queries and context at the same positions): h and the
+        gate are read once, turned inside the op, and y written once."""
+        hs, bias = self._gated_input(xq, xc)
+        E = self.state_width
+        PF._check_aggregate(hs[..., :E], self.po_coeff, "causal", block_size, cu_seqlens)
+        cos, sin = self._tables(gate=False)
+        gcos, gsin = self._tables(gate=True)
+        y = ops.poly_causal_gated_rope(hs, self.po_coeff, bias, cos, sin, gcos, gsin, pos,
+                                       1 if block_size is None else block_size, cu_seqlens)
+        return self.ag_proj(y)
 
     # ---- recurrent state ----
 

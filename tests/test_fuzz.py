@@ -620,11 +620,11 @@ def test_fuzz_state_chunks(config, seed, chunks, as_dict):
 
 
 @given(st.data(), dtype_st, st.integers(1, 12), st.integers(1, 3), degree_st, seed_st, scale_st, isa_st,
-       st.sampled_from(VIEWS), st.sampled_from(["causal", "mean", "weights"]), st.booleans(), st.booleans())
+       st.sampled_from(VIEWS), st.sampled_from(["causal", "mean", "weights", "gated"]), st.booleans(), st.booleans())
 @FUZZ
 def test_fuzz_rope(data, dtype, P, S, K, seed, scale, which, view, kind, packed, per_row):
-    """The rope ops (rotation fused into the mean and the block-causal mean): tables of any float dtype, S
-    sections of 2 P channels, positions shared by the batch, per batch row or packed."""
+    """The rope ops (rotation fused into the mean, the block-causal mean and the gated block-causal mixer): tables
+    of any float dtype, S sections of 2 P channels, positions shared by the batch, per batch row or packed."""
     g = torch.Generator().manual_seed(seed)
     E = 2 * P * S
     cd = data.draw(coeff_dtype(dtype, K))
@@ -647,6 +647,13 @@ def test_fuzz_rope(data, dtype, P, S, K, seed, scale, which, view, kind, packed,
         fn = lambda x, impl: impl.poly_causal_rope(x[0], x[1], cos, sin, pos, F_, cu)
     elif kind == "mean":
         fn = lambda x, impl: impl.poly_mean_rope(x[0], x[1], cos, sin, pos, None, cu)
+    elif kind == "gated":  # hs = [h | pre]: 2 Pg gates per section, Pg dividing P
+        Pg = data.draw(st.sampled_from([d for d in range(1, P + 1) if P % d == 0]))
+        gcos, gsin = (torch.randn(L, Pg, generator=g).to(td) for _ in range(2))
+        pre = torch.randn(*h.shape[:-1], 2 * Pg * S, generator=g, dtype=torch.float64) * 3
+        bias = torch.randn(2 * Pg * S, generator=g, dtype=torch.float64) if data.draw(st.booleans()) else None
+        fn = lambda x, impl: impl.poly_causal_gated_rope(x[0], x[1], x[2], cos, sin, gcos, gsin, pos, F_, cu)
+        inputs, dtypes, diff = [torch.cat([h, pre], -1), c, bias], [dtype, cd, dtype], [True, True, bias is not None]
     else:
         w, wd = data.draw(weights(h.shape[0], h.shape[1], dtype, g))
         fn = lambda x, impl: impl.poly_mean_rope(x[0], x[1], cos, sin, pos, x[2])
@@ -660,7 +667,11 @@ def test_fuzz_rope(data, dtype, P, S, K, seed, scale, which, view, kind, packed,
             return (torch.einsum("bne,be->bn", p.abs(), seeds[0].abs()) / den).norm().item()
 
         extra = {2: rotated_weight_scale}
+    floors = poly_floors(fn, [d for d in dtypes if d is not None], extra)
+    if kind == "gated":  # the terms of the h and coefficient gradients: those of the ungated op (the gate scales them)
+        proxy = poly_floors(lambda x, impl: impl.poly_causal_rope(x[0], x[1], cos, sin, pos, F_, cu),
+                            [d for d in dtypes if d is not None])
+        floors = {j: (lambda ref_in, seeds, f=f: f([ref_in[0][..., :E], ref_in[1]], seeds)) for j, f in proxy.items()}
     with isa(which):
         check(fn, inputs, dtypes, diff, view_fn(view, h.dim()), g, data.draw(st.booleans()),
-              f"rope/{kind} P={P} S={S} F={F_} packed={cu is not None}",
-              floors=poly_floors(fn, [d for d in dtypes if d is not None], extra))
+              f"rope/{kind} P={P} S={S} F={F_} packed={cu is not None}", floors=floors)

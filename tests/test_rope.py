@@ -130,6 +130,10 @@ def rope_opcheck_cases():
     pp = torch.randint(0, 20, (34, 2), generator=g)
     cu = torch.tensor([0, 3, 3, 34], dtype=torch.int32)
     H = ops.poly_mean_rope(h, c, cos, sin, pos, w).detach()
+    hs = torch.randn(2, 17, 12, generator=g, dtype=torch.float64, requires_grad=True)  # 8 features, 4 gates
+    hsp = torch.randn(34, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
+    gcos, gsin = tables(20, 1, g, torch.float64)
     return [
         ("mean", R.poly_mean_rope, (h, c, cos, sin, pos, None, None)),
         ("mean_weighted", R.poly_mean_rope, (h, c, cos, sin, pos, w, None)),
@@ -140,6 +144,11 @@ def rope_opcheck_cases():
         ("block_batch_positions", R.poly_causal_rope, (h, c, cos, sin, pos.expand(2, 17, 2).contiguous(), 4, None)),
         ("causal_varlen", R.poly_causal_rope, (hp, c, cos, sin, pp, 2, cu)),
         ("causal_bwd", R.poly_causal_rope_backward, (torch.randn_like(h), h, c, cos, sin, pos, 3, None)),
+        ("gated", R.poly_causal_gated_rope, (hs, c, b, cos, sin, gcos, gsin, pos, 1, None)),
+        ("gated_block_no_bias", R.poly_causal_gated_rope, (hs, c, None, cos, sin, gcos, gsin, pos, 4, None)),
+        ("gated_varlen", R.poly_causal_gated_rope, (hsp, c, b, cos, sin, gcos, gsin, pp, 2, cu)),
+        ("gated_bwd", R.poly_causal_gated_rope_backward, (torch.randn_like(h), hs, c, b, cos, sin, gcos, gsin, pos,
+                                                          3, None)),
     ]
 
 
@@ -185,6 +194,139 @@ def test_rope_op_bad_inputs(bad, match):
         R.poly_causal_rope(h, c, a["cos"], a["sin"], a["pos"], 1, None)
     with pytest.raises(RuntimeError, match=match):
         R.poly_mean_rope(h, c, a["cos"], a["sin"], a["pos"], None, None)
+
+
+# ---- the gated op: y = R_g(pos) hardsigmoid(pre + bias) * H~ ----
+
+# B, N, E, P, Pg, K: P pairs of features and Pg of gates per section (sections E / (2 P); q = P / Pg channels per
+# gate): one gate per channel (Pg = P), gate heads, 2 and 3 sections, a generic degree, a chunked long sequence.
+GATED_CASES = [
+    (2, 37, 16, 8, 8, 3),
+    (2, 37, 16, 8, 2, 3),
+    (1, 50, 16, 4, 1, 2),
+    (3, 29, 24, 4, 2, 5),
+    (1, 2600, 40, 20, 5, 2),
+    (2, 1, 4, 2, 1, 4),
+]
+
+
+def gated_inputs(B, N, E, P, Pg, K, g, packed=False):
+    sec = E // (2 * P)
+    S = 2 * Pg * sec
+    rows = (B * N,) if packed else (B, N)
+    hs = 2 * torch.randn(*rows, E + S, generator=g, dtype=torch.float64)
+    c = torch.randn(E, K, generator=g, dtype=torch.float64) * torch.tensor([2.0 ** -k for k in range(K)])
+    b = torch.randn(S, generator=g, dtype=torch.float64)
+    cos, sin = tables(N + 5, P, g)
+    gcos, gsin = tables(N + 5, Pg, g)
+    pos = torch.randint(0, N + 5, rows + (sec,), generator=g)
+    return hs, c, b, cos, sin, gcos, gsin, pos
+
+
+def gated_run(impl, hs, c, b, tabs, pos, F, cu, up):
+    leaves = [t.detach().requires_grad_() for t in (hs, c)] + ([b.detach().requires_grad_()] if b is not None else [])
+    y = impl.poly_causal_gated_rope(leaves[0], leaves[1], leaves[2] if b is not None else None, *tabs, pos, F, cu)
+    return y.detach(), torch.autograd.grad(y, leaves, up.to(y.dtype))
+
+
+@native
+@pytest.mark.parametrize("case", GATED_CASES, ids=str)
+@pytest.mark.parametrize("F", [1, 3, 64])
+def test_gated_rope_matches_reference(case, F, cpu_isa):
+    g = torch.Generator().manual_seed(case[1] + F)
+    hs, c, b, cos, sin, gcos, gsin, pos = gated_inputs(*case, g)
+    up = torch.randn(hs.shape[:-1] + (case[2],), generator=g, dtype=torch.float64)
+    for p, bias in ((pos, b), (pos[0], None)):  # per batch row with a bias, shared without
+        y, grads = gated_run(ops, hs, c, bias, (cos, sin, gcos, gsin), p, F, None, up)
+        y_ref, ref = gated_run(reference, hs, c, bias, (cos, sin, gcos, gsin), p, F, None, up)
+        assert_close(y, y_ref, torch.float64, "forward")
+        for a, r, name in zip(grads, ref, ["hs", "coeff", "gate_bias"]):
+            assert rel_err(a, r) < 1e-9, name
+
+
+@native
+@pytest.mark.parametrize("dtype", DTYPES[1:], ids=str)
+@pytest.mark.parametrize("Pg", [8, 2])
+@pytest.mark.parametrize("F", [1, 4])
+def test_gated_rope_dtypes(dtype, Pg, F):
+    g = torch.Generator().manual_seed(Pg + F)
+    hs, c, b, cos, sin, gcos, gsin, pos = gated_inputs(2, 63, 32, 8, Pg, 3, g)
+    hs_q = hs.to(dtype).double()  # the reference sees hs rounded as the kernel does
+    up = torch.randn(2, 63, 32, generator=g, dtype=torch.float64).to(dtype).double()
+    y, grads = gated_run(ops, hs.to(dtype), c, b, (cos, sin, gcos, gsin), pos, F, None, up)
+    y_ref, ref = gated_run(reference, hs_q, c, b, (cos, sin, gcos, gsin), pos, F, None, up)
+    assert y.dtype == dtype
+    assert_close(y, y_ref, dtype, f"y {dtype}")
+    for a, r, name in zip(grads, ref, ["hs", "coeff", "gate_bias"]):
+        assert_close(a, r, dtype, f"grad {name} {dtype}")
+
+
+@native
+@pytest.mark.parametrize("F", [1, 3])
+def test_gated_rope_packed(F):
+    g = torch.Generator().manual_seed(11)
+    hs, c, b, cos, sin, gcos, gsin, pos = gated_inputs(2, 40, 24, 4, 2, 3, g, packed=True)
+    cu = torch.tensor([0, 0, 1, 30, 80], dtype=torch.int32)
+    up = torch.randn(80, 24, generator=g, dtype=torch.float64)
+    y, grads = gated_run(ops, hs, c, b, (cos, sin, gcos, gsin), pos, F, cu, up)
+    y_ref, ref = gated_run(reference, hs, c, b, (cos, sin, gcos, gsin), pos, F, cu, up)
+    assert_close(y, y_ref, torch.float64, "packed")
+    for a, r in zip(grads, ref):
+        assert rel_err(a, r) < 1e-9
+
+
+@native
+def test_gated_rope_strided_and_deterministic():
+    g = torch.Generator().manual_seed(12)
+    big = torch.randn(2, 60, 40, generator=g)
+    hs = big[:, ::2, 3:23]  # E = 16 features + S = 4 gates: strided rows, a channel offset
+    c = torch.randn(16, 2, generator=g)
+    b = torch.randn(4, generator=g)
+    cos, sin = tables(40, 4, g)
+    gcos, gsin = tables(40, 1, g)
+    pos = torch.randint(0, 40, (30, 2), generator=g)
+    f = lambda x: ops.poly_causal_gated_rope(x, c, b, cos, sin, gcos, gsin, pos, 3)
+    a, b2 = f(hs), f(hs.contiguous())
+    assert torch.equal(a, b2) and torch.equal(f(hs), a)
+
+
+@native
+def test_gated_rope_gradcheck():
+    g = torch.Generator().manual_seed(13)
+    hs = torch.randn(2, 9, 12, generator=g, dtype=torch.float64, requires_grad=True)  # E = 8, S = 4
+    c = torch.randn(8, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
+    cos, sin = tables(9, 2, g, torch.float64)
+    gcos, gsin = tables(9, 1, g, torch.float64)
+    pos = torch.randint(0, 9, (9, 2), generator=g)
+    for F in (1, 2):
+        assert torch.autograd.gradcheck(
+            lambda x, y, z: ops.poly_causal_gated_rope(x, y, z, cos, sin, gcos, gsin, pos, F), (hs, c, b))
+
+
+@native
+@pytest.mark.parametrize("bad,match", [
+    (lambda a: a.update(gcos=torch.randn(20, 2), gsin=torch.randn(20, 2)), "2 Pg gates in each of the 2 rotation"),
+    (lambda a: a.update(gcos=a["gcos"][:10], gsin=a["gsin"][:10]), "number of rows L of 'cos'"),
+    (lambda a: a.update(gsin=a["gsin"][:, :0]), "'gate_cos' and 'gate_sin' must have one shape"),
+    (lambda a: a.update(gcos=a["gcos"].long()), "'gate_cos' must be float32"),
+    (lambda a: a.update(gcos=a["gcos"][0]), "'gate_cos' must be a 2-D tensor"),
+    (lambda a: a.update(pos=a["pos"] + 20), r"'positions' must lie in \[0, 20\)"),
+    (lambda a: a.update(hs=torch.randn(2, 17, 11)), r"'hs' must hold E \+ S columns"),
+    (lambda a: a.update(b=torch.randn(3)), "'gate_bias' has size 3"),
+])
+def test_gated_rope_bad_inputs(bad, match):
+    g = torch.Generator().manual_seed(14)
+    a = dict(pos=torch.randint(0, 20, (17, 2), generator=g), hs=torch.randn(2, 17, 12), b=torch.randn(4))
+    a["cos"], a["sin"] = tables(20, 2, g)
+    a["gcos"], a["gsin"] = tables(20, 1, g)
+    bad(a)
+    c = torch.randn(8, 3)
+    args = (a["hs"], c, a["b"], a["cos"], a["sin"], a["gcos"], a["gsin"], a["pos"])
+    with pytest.raises(RuntimeError, match=match):
+        R.poly_causal_gated_rope(*args, 1, None)
+    with pytest.raises(RuntimeError, match=match):
+        R.poly_causal_gated_rope_backward(torch.randn(2, 17, 8), *args, 1, None)
 
 
 # ---- the layer ----

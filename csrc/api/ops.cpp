@@ -61,6 +61,9 @@ using MeanRopeSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::T
                                const at::Tensor&, const OptTensor&, const OptTensor&);
 using CausalRopeSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                  const at::Tensor&, int64_t, const OptTensor&);
+using GatedRopeSig = at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&,
+                                const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                                const OptTensor&);
 
 #define POM_HANDLE(fn, Sig, name)                                                \
   const c10::TypedOperatorHandle<Sig>& fn() {                                    \
@@ -80,6 +83,7 @@ POM_HANDLE(state_bwd_op, StateBwdSig, "poly_state_update_backward")
 POM_HANDLE(step_op, StepSig, "poly_state_step_")
 POM_HANDLE(mean_rope_op, MeanRopeSig, "poly_mean_rope")
 POM_HANDLE(causal_rope_op, CausalRopeSig, "poly_causal_rope")
+POM_HANDLE(gated_rope_op, GatedRopeSig, "poly_causal_gated_rope")
 #undef POM_HANDLE
 
 }  // namespace
@@ -149,6 +153,14 @@ at::Tensor poly_causal_rope(const at::Tensor& h, const at::Tensor& coeff, const 
   return call<false>(causal_rope_op(), h, coeff, cos, sin, positions, block_size, cu_seqlens);
 }
 
+at::Tensor poly_causal_gated_rope(const at::Tensor& hs, const at::Tensor& coeff, const OptTensor& gate_bias,
+                                  const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& gate_cos,
+                                  const at::Tensor& gate_sin, const at::Tensor& positions, int64_t block_size,
+                                  const OptTensor& cu_seqlens) {
+  return call<false>(gated_rope_op(), hs, coeff, gate_bias, cos, sin, gate_cos, gate_sin, positions, block_size,
+                     cu_seqlens);
+}
+
 }  // namespace ops
 
 // ---- differentiable ----
@@ -184,6 +196,14 @@ at::Tensor poly_causal_rope(const at::Tensor& h, const at::Tensor& coeff, const 
                             const at::Tensor& sin, const at::Tensor& positions, int64_t block_size,
                             const OptTensor& cu_seqlens) {
   return call<true>(causal_rope_op(), h, coeff, cos, sin, positions, block_size, cu_seqlens);
+}
+
+at::Tensor poly_causal_gated_rope(const at::Tensor& hs, const at::Tensor& coeff, const OptTensor& gate_bias,
+                                  const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& gate_cos,
+                                  const at::Tensor& gate_sin, const at::Tensor& positions, int64_t block_size,
+                                  const OptTensor& cu_seqlens) {
+  return call<true>(gated_rope_op(), hs, coeff, gate_bias, cos, sin, gate_cos, gate_sin, positions, block_size,
+                    cu_seqlens);
 }
 
 at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions) {

@@ -49,6 +49,16 @@
   std::tuple<at::Tensor, at::Tensor> poly_causal_rope_backward_cpu(                                               \
       const at::Tensor& grad_H, const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& cos,              \
       const at::Tensor& sin, const at::Tensor& positions, int64_t block_size, const c10::optional<at::Tensor>& cu); \
+  at::Tensor poly_causal_gated_rope_cpu(const at::Tensor& hs, const at::Tensor& coeff,                             \
+                                        const c10::optional<at::Tensor>& gate_bias, const at::Tensor& cos,         \
+                                        const at::Tensor& sin, const at::Tensor& gate_cos,                         \
+                                        const at::Tensor& gate_sin, const at::Tensor& positions,                   \
+                                        int64_t block_size, const c10::optional<at::Tensor>& cu);                  \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_causal_gated_rope_backward_cpu(                              \
+      const at::Tensor& grad_y, const at::Tensor& hs, const at::Tensor& coeff,                                    \
+      const c10::optional<at::Tensor>& gate_bias, const at::Tensor& cos, const at::Tensor& sin,                   \
+      const at::Tensor& gate_cos, const at::Tensor& gate_sin, const at::Tensor& positions, int64_t block_size,    \
+      const c10::optional<at::Tensor>& cu);                                                                       \
   }                                                                                                               \
   }                                                                                                               \
   }

@@ -503,10 +503,12 @@ at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDo
 // and the positions as int64 (B, N, S) (a broadcast view when given as (N, S)) or (total, S), every value checked.
 struct RopeTensors {
   at::Tensor cos, sin, pos;
+  at::Tensor gate_cos, gate_sin;  // the gated rope op's gate tables (L, Pg), when set by gate()
   int64_t P = 0, S = 0;
+  at::ScalarType acc;
   RopeTensors(const char* op, const at::Tensor& h, const at::Tensor& cos_, const at::Tensor& sin_,
-              const at::Tensor& positions, const c10::optional<at::Tensor>& cu) {
-    const at::ScalarType acc = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+              const at::Tensor& positions, const c10::optional<at::Tensor>& cu)
+      : acc(h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat) {
     cos = cos_.to(acc).contiguous();
     sin = sin_.to(acc).contiguous();
     P = cos.size(1);
@@ -518,12 +520,18 @@ struct RopeTensors {
       checks::rope_positions(op, std::get<0>(mm).item<int64_t>(), std::get<1>(mm).item<int64_t>(), cos.size(0));
     }
   }
+  void gate(const at::Tensor& c, const at::Tensor& s) {
+    gate_cos = c.to(acc).contiguous();
+    gate_sin = s.to(acc).contiguous();
+  }
+  // The rotation by cos, sin (or, with gate, by the gate tables) at the positions.
   template <typename acc_t>
-  Rotation<acc_t> rotation(const int64_t* cu) const {
+  Rotation<acc_t> rotation(const int64_t* cu, bool gate = false) const {
+    const at::Tensor& c = gate ? gate_cos : cos;
     Rotation<acc_t> r;
-    r.cos = cos.data_ptr<acc_t>();
-    r.sin = sin.data_ptr<acc_t>();
-    r.P = P;
+    r.cos = c.data_ptr<acc_t>();
+    r.sin = (gate ? gate_sin : sin).data_ptr<acc_t>();
+    r.P = c.size(1);
     r.S = S;
     r.pos = pos.data_ptr<int64_t>();
     r.pr = rows_of(pos, cu);
@@ -1214,6 +1222,14 @@ struct GatedSetup {
   GatedSetup& operator=(const GatedSetup&) = delete;
 };
 
+// The gradient of the gate bias from its fp64 sums, in the bias's dtype (hs's without one).
+inline at::Tensor gate_bias_grad(const std::vector<double>& bsum, const c10::optional<at::Tensor>& gate_bias,
+                                 const at::Tensor& hs) {
+  auto bt = at::empty({static_cast<int64_t>(bsum.size())}, hs.options().dtype(at::kDouble));
+  std::copy(bsum.begin(), bsum.end(), bt.data_ptr<double>());
+  return bt.to(gate_bias.has_value() ? gate_bias->scalar_type() : hs.scalar_type());
+}
+
 // Gated: hs = [h | pre] (E + S columns), y = hardsigmoid(pre + bias) (per gate group) * H.
 at::Tensor poly_causal_gated_cpu(const at::Tensor& hs, const at::Tensor& coeff,
                                  const c10::optional<at::Tensor>& gate_bias, int64_t block_size,
@@ -1267,9 +1283,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_causal_gated_backward_cpu(
       const int64_t j0 = a.tasks[i].e0 / q, nj = ceil_div(a.tasks[i].width, q);
       for (int64_t j = 0; j < nj; ++j) bsum[j0 + j] += bpart[i * W + j];
     }
-    auto bt = at::empty({a.S}, hs.options().dtype(at::kDouble));
-    std::copy(bsum.begin(), bsum.end(), bt.data_ptr<double>());
-    gbias = bt.to(gate_bias.has_value() ? gate_bias->scalar_type() : hs.scalar_type());
+    gbias = gate_bias_grad(bsum, gate_bias, hs);
   });
   return {ghs, gc, gbias};
 }

@@ -119,6 +119,16 @@ T2 causal_rope_bwd(const at::Tensor& g, const at::Tensor& h, const at::Tensor& c
                    const at::Tensor& sn, const at::Tensor& pos, int64_t f, const OptT& cu) {
   return POM_CPU_PICK(poly_causal_rope_backward_cpu, g, h, c, cs, sn, pos, f, cu);
 }
+at::Tensor causal_gated_rope(const at::Tensor& hs, const at::Tensor& c, const OptT& b, const at::Tensor& cs,
+                             const at::Tensor& sn, const at::Tensor& gcs, const at::Tensor& gsn, const at::Tensor& pos,
+                             int64_t f, const OptT& cu) {
+  return POM_CPU_PICK(poly_causal_gated_rope_cpu, hs, c, b, cs, sn, gcs, gsn, pos, f, cu);
+}
+T3 causal_gated_rope_bwd(const at::Tensor& g, const at::Tensor& hs, const at::Tensor& c, const OptT& b,
+                         const at::Tensor& cs, const at::Tensor& sn, const at::Tensor& gcs, const at::Tensor& gsn,
+                         const at::Tensor& pos, int64_t f, const OptT& cu) {
+  return POM_CPU_PICK(poly_causal_gated_rope_backward_cpu, g, hs, c, b, cs, sn, gcs, gsn, pos, f, cu);
+}
 
 }  // namespace
 }  // namespace cpu

@@ -15,10 +15,12 @@ namespace pom_ext {
 namespace cpu {
 namespace POM_CPU_ARCH {
 
-// Pair blocks of the rope scans: (first pair, 2 * pairs), at most kEB / 2 pairs each, never across sections.
-inline std::vector<std::pair<int64_t, int64_t>> rope_blocks(int64_t P, int64_t S) {
+// Pair blocks of the rope scans: (first pair, 2 * pairs), at most kEB / 2 pairs each (rounded down to a multiple
+// of q, at least q), never across sections. q (dividing P): the gated op's channels per gate, so that a block holds
+// whole gates.
+inline std::vector<std::pair<int64_t, int64_t>> rope_blocks(int64_t P, int64_t S, int64_t q = 1) {
   std::vector<std::pair<int64_t, int64_t>> blocks;
-  const int64_t W = std::max<int64_t>(1, kEB / 2);
+  const int64_t W = std::max<int64_t>(q, (kEB / 2 / q) * q);
   for (int64_t s = 0; s < S; ++s)
     for (int64_t i = 0; i < P; i += W) blocks.push_back({s * P + i, 2 * std::min(W, P - i)});
   if (blocks.empty()) blocks.push_back({0, 0});
@@ -120,6 +122,39 @@ inline void rope_scan_row_backward(const acc_t* __restrict x_lo, const acc_t* __
   }
 }
 
+// The gate of the gated rope op, s~ = R_g(pos) hardsigmoid(pre + bias): S gate columns in the sections of the
+// features (S = 2 Pg per section, Pg q = P with q = E / S); gate j of a section's first half pairs with gate j + Pg
+// and turns by column j of the gate tables at the row's position. Channel e uses gate e / q, so a rope task
+// (channels [a, a + w) and [a + P, a + P + w), w and a multiples of q) uses the w / q gates from a / q and the w / q
+// from (a + P) / q: whole pairs of gates. (S = E: q = 1, the gates turn with the features' pairs.)
+template <typename scalar_t>
+struct RopeGate {
+  using acc_t = at::opmath_type<scalar_t>;
+  Gate<scalar_t> gate;  // pre + bias, one gate per q channels
+  Rotation<acc_t> rot;  // the gate tables (Pg columns) at the rows' positions
+  // x = pre + bias of the task's gates in row n (first halves, then second halves: 2 w / q values); returns w / q.
+  int64_t inputs(int64_t b, int64_t n, const PairSpan& ps, acc_t* __restrict x) const {
+    const int64_t nh = gate.inputs(b, n, ps.a, ps.w, x);
+    gate.inputs(b, n, ps.b, ps.w, x + nh);
+    return nh;
+  }
+  // Offset of the gate tables' entries of the task's first gate in row n.
+  int64_t table_row(int64_t b, int64_t n, const PairSpan& ps) const {
+    return rot.row(b, n, ps.sec) + ps.i0 / gate.q;
+  }
+  // s~ of the task's 2 w channels in row n (first halves, then second halves); x: scratch of 2 w.
+  void values(int64_t b, int64_t n, const PairSpan& ps, acc_t* __restrict s, acc_t* __restrict x) const {
+    const int64_t q = gate.q;
+    const int64_t nh = inputs(b, n, ps, x);
+    acc_t* u = q == 1 ? s : x + 2 * nh;  // q >= 2: 4 w / q <= 2 w
+    for (int64_t j = 0; j < 2 * nh; ++j) u[j] = math::hsig(x[j]);
+    const int64_t r = table_row(b, n, ps);
+    turn(u, u + nh, rot.cos + r, rot.sin + r, nh);
+    if (q == 1) return;
+    for (int64_t j = 0; j < 2 * nh; ++j) std::fill(s + j * q, s + (j + 1) * q, u[j]);
+  }
+};
+
 // Store 2 w values of a task's pairs into row n of a contiguous output.
 template <typename scalar_t, typename acc_t>
 inline void store_pairs(scalar_t* out, const Rows& r, int64_t b, int64_t n, const PairSpan& ps, const acc_t* v) {
@@ -128,16 +163,15 @@ inline void store_pairs(scalar_t* out, const Rows& r, int64_t b, int64_t n, cons
   store(row + ps.b, ps.w, v + ps.w);
 }
 
-// out = the block-causal prefix mean of R p(h).
+// Totals of R p over every chunk that has a successor in its group (fp64, tasks x W): the carries of a forward
+// scan cut into chunks.
 template <typename scalar_t, int K>
-void rope_causal_forward(const scalar_t* h, const Rows& hr, int64_t E,
-                         const std::vector<at::opmath_type<scalar_t>>& cT, int deg, int64_t F,
-                         const std::vector<ScanTask>& tasks, const Rotation<at::opmath_type<scalar_t>>& rot,
-                         scalar_t* out, const Rows& outr) {
+std::vector<double> rope_forward_carries(const scalar_t* h, const Rows& hr, int64_t E,
+                                         const std::vector<at::opmath_type<scalar_t>>& cT, int deg,
+                                         const std::vector<ScanTask>& tasks,
+                                         const Rotation<at::opmath_type<scalar_t>>& rot, int64_t W) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t nt = static_cast<int64_t>(tasks.size());
-  const int64_t W = max_width(tasks);
-  // Pass 1: totals of every chunk with a successor in its group (the carries).
   std::vector<double> tot(nt * W, 0.0);
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
     RowBufs<acc_t> buf(3, W);
@@ -155,10 +189,23 @@ void rope_causal_forward(const scalar_t* h, const Rows& hr, int64_t E,
       flush(f, &tot[i * W], t.width);
     }
   });
-  // Pass 2: every chunk scanned from its carry.
+  return tot;
+}
+
+// out = H~, the block-causal prefix mean of R p(h); gated (gate given): out = s~ * H~.
+template <typename scalar_t, int K>
+void rope_causal_forward(const scalar_t* h, const Rows& hr, int64_t E,
+                         const std::vector<at::opmath_type<scalar_t>>& cT, int deg, int64_t F,
+                         const std::vector<ScanTask>& tasks, const Rotation<at::opmath_type<scalar_t>>& rot,
+                         const RopeGate<scalar_t>* gate, scalar_t* out, const Rows& outr) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t nt = static_cast<int64_t>(tasks.size());
+  const int64_t W = max_width(tasks);
+  const std::vector<double> tot = rope_forward_carries<scalar_t, K>(h, hr, E, cT, deg, tasks, rot, W);
+  // Every chunk scanned from its carry.
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
-    RowBufs<acc_t> buf(5, W);
-    acc_t *x = buf[0], *p = buf[1], *run = buf[2], *comp = buf[3], *o = buf[4];
+    RowBufs<acc_t> buf(7, W);
+    acc_t *x = buf[0], *p = buf[1], *run = buf[2], *comp = buf[3], *o = buf[4], *sg = buf[5], *sx = buf[6];
     for (int64_t i = t0; i < t1; ++i) {
       const ScanTask& t = tasks[i];
       const PairSpan ps(t, rot.P);
@@ -175,6 +222,11 @@ void rope_causal_forward(const scalar_t* h, const Rows& hr, int64_t E,
             acc_t* o_hi = out_row(row + ps.b, o + ps.w);
             rope_scan_row<K>(lo, hi, rot.cos + r, rot.sin + r, run, comp, o_lo, o_hi,
                              acc_t(1) / static_cast<acc_t>(n + 1), cT.data(), E, ps.a, ps.b, ps.w, deg);
+            if (gate) {
+              gate->values(t.b, n, ps, sg, sx);
+              for (int64_t e = 0; e < ps.w; ++e) o_lo[e] *= sg[e];
+              for (int64_t e = 0; e < ps.w; ++e) o_hi[e] *= sg[ps.w + e];
+            }
             commit_row(row + ps.a, ps.w, o_lo);
             commit_row(row + ps.b, ps.w, o_hi);
           } else {
@@ -185,32 +237,51 @@ void rope_causal_forward(const scalar_t* h, const Rows& hr, int64_t E,
         if (F == 1) continue;
         const acc_t inv = acc_t(1) / static_cast<acc_t>(bend);
         for (int64_t e = 0; e < t.width; ++e) o[e] = (run[e] - comp[e]) * inv;
-        for (int64_t n = blk; n < bend; ++n) store_pairs(out, outr, t.b, n, ps, o);
+        for (int64_t n = blk; n < bend; ++n) {
+          if (gate) {
+            gate->values(t.b, n, ps, sg, sx);
+            for (int64_t e = 0; e < t.width; ++e) p[e] = o[e] * sg[e];
+            store_pairs(out, outr, t.b, n, ps, p);
+          } else {
+            store_pairs(out, outr, t.b, n, ps, o);
+          }
+        }
       }
     }
   });
 }
 
 // Reverse scan: the gradient reaching p~_n is gb_n = sum over blocks ending at or after n's of the block's
-// gradient rows / the block's end; p_n gets R^T gb_n, then the element backward (gh, grad_coeff partials: per
-// task deg * w values for channels [a, a + w), then deg * w for [a + P, a + P + w)).
+// gradient rows (times s~ when gated) / the block's end; p_n gets R^T gb_n, then the element backward (gh,
+// grad_coeff partials: per task deg * w values for channels [a, a + w), then deg * w for [a + P, a + P + w)).
 template <typename scalar_t, int K>
 void rope_causal_backward(const scalar_t* g, const Rows& gr, const scalar_t* h, const Rows& hr, int64_t E,
                           const std::vector<at::opmath_type<scalar_t>>& cT, int deg, int64_t F,
                           const std::vector<ScanTask>& tasks, const Rotation<at::opmath_type<scalar_t>>& rot,
-                          scalar_t* gh, const Rows& ghr, std::vector<double>& part) {
+                          const RopeGate<scalar_t>* gate, scalar_t* gh, const Rows& ghr, std::vector<double>& part) {
   using acc_t = at::opmath_type<scalar_t>;
   const math::ActGrad<acc_t> ag = math::act_grad_rule<acc_t>();
   const int64_t nt = static_cast<int64_t>(tasks.size());
   const int64_t W = max_width(tasks);
-  // The block's gradient rows summed (Kahan; comp scratch) and divided by the block's end.
+  // The gradient rows of row n (times s~ when gated: into sg, with sx scratch).
+  auto grad_rows = [&](const ScanTask& t, const PairSpan& ps, int64_t n, acc_t* x, acc_t* sg, acc_t* sx,
+                       const acc_t*& lo, const acc_t*& hi) {
+    pair_rows(g, gr, t.b, n, ps, x, lo, hi);
+    if (!gate) return;
+    gate->values(t.b, n, ps, sg, sx);
+    for (int64_t e = 0; e < ps.w; ++e) sg[e] *= lo[e];
+    for (int64_t e = 0; e < ps.w; ++e) sg[ps.w + e] *= hi[e];
+    lo = sg;
+    hi = sg + ps.w;
+  };
+  // The block's (gated) gradient rows summed (Kahan; comp scratch) and divided by the block's end.
   auto block_grad = [&](const ScanTask& t, const PairSpan& ps, int64_t blk, int64_t bend, acc_t* G, acc_t* comp,
-                        acc_t* x) {
+                        acc_t* x, acc_t* sg, acc_t* sx) {
     std::fill(G, G + t.width, acc_t(0));
     std::fill(comp, comp + t.width, acc_t(0));
     for (int64_t n = blk; n < bend; ++n) {
       const acc_t *lo, *hi;
-      pair_rows(g, gr, t.b, n, ps, x, lo, hi);
+      grad_rows(t, ps, n, x, sg, sx, lo, hi);
       for (int64_t e = 0; e < ps.w; ++e) math::kahan_add(G[e], comp[e], lo[e]);
       for (int64_t e = 0; e < ps.w; ++e) math::kahan_add(G[ps.w + e], comp[ps.w + e], hi[e]);
     }
@@ -220,8 +291,8 @@ void rope_causal_backward(const scalar_t* g, const Rows& gr, const scalar_t* h, 
   // Pass 1: totals of every chunk with a predecessor in its group (the reverse scan's carries).
   std::vector<double> tot(nt * W, 0.0);
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
-    RowBufs<acc_t> buf(4, W);
-    acc_t *x = buf[0], *G = buf[1], *f = buf[2], *Gc = buf[3];
+    RowBufs<acc_t> buf(6, W);
+    acc_t *x = buf[0], *G = buf[1], *f = buf[2], *Gc = buf[3], *sg = buf[4], *sx = buf[5];
     for (int64_t i = t0; i < t1; ++i) {
       const ScanTask& t = tasks[i];
       if (i == t.group_first) continue;
@@ -229,7 +300,7 @@ void rope_causal_backward(const scalar_t* g, const Rows& gr, const scalar_t* h, 
       std::fill(f, f + W, acc_t(0));
       int64_t rows = 0;
       for (int64_t blk = t.n0; blk < t.n1; blk += F) {
-        block_grad(t, ps, blk, std::min(blk + F, t.n1), G, Gc, x);
+        block_grad(t, ps, blk, std::min(blk + F, t.n1), G, Gc, x, sg, sx);
         for (int64_t e = 0; e < t.width; ++e) f[e] += G[e];
         if (++rows % kFlushRows == 0) flush(f, &tot[i * W], t.width);
       }
@@ -239,9 +310,9 @@ void rope_causal_backward(const scalar_t* g, const Rows& gr, const scalar_t* h, 
   part.assign(nt * deg * W, 0.0);
   // Pass 2: reverse scan of every chunk from its carry.
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
-    RowBufs<acc_t> buf(8, W);
+    RowBufs<acc_t> buf(10, W);
     acc_t *x = buf[0], *G = buf[1], *Gc = buf[2], *acc = buf[3], *comp = buf[4], *gb = buf[5], *gp = buf[6],
-          *gx = buf[7];
+          *gx = buf[7], *sg = buf[8], *sx = buf[9];
     std::vector<acc_t> f(static_cast<size_t>(deg) * W);
     for (int64_t i = t0; i < t1; ++i) {
       const ScanTask& t = tasks[i];
@@ -256,7 +327,7 @@ void rope_causal_backward(const scalar_t* g, const Rows& gr, const scalar_t* h, 
       if (F == 1) {  // token-causal: one fused pass per row, from the end
         for (int64_t n = t.n1 - 1; n >= t.n0; --n) {
           const acc_t *glo, *ghi, *xlo, *xhi;
-          pair_rows(g, gr, t.b, n, ps, G, glo, ghi);
+          grad_rows(t, ps, n, G, sg, sx, glo, ghi);
           pair_rows(h, hr, t.b, n, ps, x, xlo, xhi);
           const int64_t r = rot.row(t.b, n, ps.sec) + ps.i0;
           scalar_t* grow = gh + ghr.off(t.b, n);
@@ -275,7 +346,7 @@ void rope_causal_backward(const scalar_t* g, const Rows& gr, const scalar_t* h, 
       for (int64_t j = nblocks - 1; j >= 0; --j) {
         const int64_t blk = t.n0 + j * F, bend = std::min(blk + F, t.n1);
         {
-          block_grad(t, ps, blk, bend, G, Gc, x);
+          block_grad(t, ps, blk, bend, G, Gc, x, sg, sx);
           for (int64_t e = 0; e < t.width; ++e) {
             math::kahan_add(acc[e], comp[e], G[e]);
             gb[e] = acc[e] - comp[e];
@@ -299,6 +370,78 @@ void rope_causal_backward(const scalar_t* g, const Rows& gr, const scalar_t* h, 
         }
       }
       drain();
+    }
+  });
+}
+
+// Gradient of the gate inputs of the gated rope op, by a forward scan that recomputes H~: the gradient reaching
+// s~ of a gate is the sum over its q channels of g H~; turned back by the gate tables (R_g^T) and times
+// hardsigmoid'(pre + bias). Bias partials per task (fp64, tasks x W: the w / q gates of the first halves, then the
+// w / q of the second halves).
+template <typename scalar_t, int K>
+void rope_causal_gate_backward(const scalar_t* g, const Rows& gr, const scalar_t* h, const Rows& hr, int64_t E,
+                               const std::vector<at::opmath_type<scalar_t>>& cT, int deg, int64_t F,
+                               const std::vector<ScanTask>& tasks, const Rotation<at::opmath_type<scalar_t>>& rot,
+                               const RopeGate<scalar_t>& gate, scalar_t* gpre, const Rows& gpr,
+                               std::vector<double>& bpart) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t nt = static_cast<int64_t>(tasks.size());
+  const int64_t W = max_width(tasks), q = gate.gate.q;
+  const std::vector<double> tot = rope_forward_carries<scalar_t, K>(h, hr, E, cT, deg, tasks, rot, W);
+  bpart.assign(nt * W, 0.0);
+  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+    RowBufs<acc_t> buf(9, W);
+    acc_t *x = buf[0], *p = buf[1], *run = buf[2], *comp = buf[3], *Hb = buf[4], *gy = buf[5], *gs = buf[6],
+          *gp = buf[7], *fb = buf[8];
+    for (int64_t i = t0; i < t1; ++i) {
+      const ScanTask& t = tasks[i];
+      const PairSpan ps(t, rot.P);
+      const int64_t nh = ps.w / q;
+      start_from_carry(tot, W, t, i, false, run, comp);
+      std::fill(fb, fb + W, acc_t(0));
+      int64_t rows = 0;
+      for (int64_t blk = t.n0; blk < t.n1; blk += F) {
+        const int64_t bend = std::min(blk + F, t.n1);
+        if (F == 1) {
+          const acc_t *lo, *hi;
+          pair_rows(h, hr, t.b, blk, ps, x, lo, hi);
+          const int64_t r = rot.row(t.b, blk, ps.sec) + ps.i0;
+          rope_scan_row<K>(lo, hi, rot.cos + r, rot.sin + r, run, comp, Hb, Hb + ps.w,
+                           acc_t(1) / static_cast<acc_t>(blk + 1), cT.data(), E, ps.a, ps.b, ps.w, deg);
+        } else {
+          for (int64_t n = blk; n < bend; ++n) {
+            rope_row<K>(h, hr, t, ps, n, rot, cT, E, deg, x, p);
+            accumulate<false>(p, run, comp, Hb, acc_t(0), t.width);
+          }
+          const acc_t inv = acc_t(1) / static_cast<acc_t>(bend);
+          for (int64_t e = 0; e < t.width; ++e) Hb[e] = (run[e] - comp[e]) * inv;
+        }
+        for (int64_t n = blk; n < bend; ++n) {
+          const acc_t *glo, *ghi;
+          pair_rows(g, gr, t.b, n, ps, gy, glo, ghi);
+          for (int64_t j = 0; j < nh; ++j) {
+            acc_t sl = 0, sh = 0;
+            for (int64_t e = j * q; e < (j + 1) * q; ++e) {
+              sl += glo[e] * Hb[e];
+              sh += ghi[e] * Hb[ps.w + e];
+            }
+            gs[j] = sl;
+            gs[nh + j] = sh;
+          }
+          gate.inputs(t.b, n, ps, x);
+          const int64_t r = gate.table_row(t.b, n, ps);
+          turn_back(gs, gs + nh, gp, gp + nh, gate.rot.cos + r, gate.rot.sin + r, nh);
+          for (int64_t j = 0; j < 2 * nh; ++j) {
+            gp[j] *= math::hsig_grad(x[j]);
+            fb[j] += gp[j];
+          }
+          scalar_t* dst = gpre + gpr.off(t.b, n);
+          for (int64_t j = 0; j < nh; ++j) dst[(ps.a / q + j) * gpr.sE] = static_cast<scalar_t>(gp[j]);
+          for (int64_t j = 0; j < nh; ++j) dst[(ps.b / q + j) * gpr.sE] = static_cast<scalar_t>(gp[nh + j]);
+          if (++rows % kFlushRows == 0) flush(fb, &bpart[i * W], 2 * nh);
+        }
+      }
+      flush(fb, &bpart[i * W], 2 * nh);
     }
   });
 }
@@ -343,30 +486,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_mean_rope_backward_cpu(
   return mean_backward_op(op, grad_H, H, h, coeff, weight, cu_seqlens, weight_grad, &rope);
 }
 
+// What the causal rope ops derive from their arguments: the packed offsets, the rows of h, the tables and
+// positions, and the pair tasks (holding whole gates of q channels for the gated op). Not copyable: cup points
+// into cu.
+struct RopeCausalSetup {
+  int deg;
+  int64_t E, B;
+  std::vector<int64_t> cu;
+  const int64_t* cup;
+  at::Tensor h;
+  Rows hr;
+  RopeTensors rope;
+  std::vector<ScanTask> tasks;
+  RopeCausalSetup(const char* op, const at::Tensor& h_, const at::Tensor& coeff, const at::Tensor& cos,
+                  const at::Tensor& sin, const at::Tensor& positions, int64_t block_size,
+                  const c10::optional<at::Tensor>& cu_seqlens, int64_t q = 1)
+      : deg(static_cast<int>(coeff.size(1))), E(coeff.size(0)), B(checks::batch_of(h_, cu_seqlens)),
+        cu(host_offsets(op, cu_seqlens, h_.size(0))), cup(cu_seqlens ? cu.data() : nullptr), h(h_),
+        hr(rows_of(h, cup)), rope(op, h, cos, sin, positions, cu_seqlens),
+        tasks(scan_tasks_over(hr, B, rope_blocks(rope.P, rope.S, q), block_size)) {}
+  RopeCausalSetup(const RopeCausalSetup&) = delete;
+  RopeCausalSetup& operator=(const RopeCausalSetup&) = delete;
+};
+
+// The plain (gate_bias unused, pre undefined) or gated forward.
+at::Tensor rope_causal_op(const RopeCausalSetup& a, const at::Tensor& coeff, int64_t block_size, const at::Tensor& pre,
+                          const c10::optional<at::Tensor>& gate_bias) {
+  auto sizes = a.h.sizes().vec();
+  auto out = pooled_empty(sizes, a.h.options());
+  const Rows outr = rows_of(out, a.cup);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.h.scalar_type(), "poly_causal_rope_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto cT = coeff_table<acc_t>(coeff);
+    const Rotation<acc_t> rot = a.rope.rotation<acc_t>(a.cup);
+    RopeGate<scalar_t> gate;
+    if (pre.defined()) gate = {make_gate<scalar_t>(pre, a.cup, a.E, gate_bias), a.rope.rotation<acc_t>(a.cup, true)};
+    dispatch_degree(a.deg, [&](auto Kc) {
+      rope_causal_forward<scalar_t, decltype(Kc)::value>(a.h.data_ptr<scalar_t>(), a.hr, a.E, cT, a.deg, block_size,
+                                                         a.tasks, rot, pre.defined() ? &gate : nullptr,
+                                                         out.data_ptr<scalar_t>(), outr);
+    });
+  });
+  return out;
+}
+
 at::Tensor poly_causal_rope_cpu(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& cos,
                                 const at::Tensor& sin, const at::Tensor& positions, int64_t block_size,
                                 const c10::optional<at::Tensor>& cu_seqlens) {
   const char* op = "pom_ext::poly_causal_rope";
   checks::causal_rope_args(op, h, coeff, cos, sin, positions, block_size, cu_seqlens);
-  const RopeTensors rope(op, h, cos, sin, positions, cu_seqlens);
-  const int deg = static_cast<int>(coeff.size(1));
-  const int64_t E = h.size(-1), B = checks::batch_of(h, cu_seqlens);
-  auto cu = host_offsets(op, cu_seqlens, h.size(0));
-  const int64_t* cup = cu_seqlens ? cu.data() : nullptr;
-  const Rows hr = rows_of(h, cup);
-  auto out = pooled_empty(h.sizes(), h.options());
-  const Rows outr = rows_of(out, cup);
-  auto tasks = scan_tasks_over(hr, B, rope_blocks(rope.P, rope.S), block_size);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "poly_causal_rope_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    auto cT = coeff_table<acc_t>(coeff);
-    const Rotation<acc_t> rot = rope.rotation<acc_t>(cup);
-    dispatch_degree(deg, [&](auto Kc) {
-      rope_causal_forward<scalar_t, decltype(Kc)::value>(h.data_ptr<scalar_t>(), hr, E, cT, deg, block_size, tasks,
-                                                         rot, out.data_ptr<scalar_t>(), outr);
-    });
-  });
-  return out;
+  const RopeCausalSetup a(op, h, coeff, cos, sin, positions, block_size, cu_seqlens);
+  return rope_causal_op(a, coeff, block_size, at::Tensor(), c10::nullopt);
 }
 
 std::tuple<at::Tensor, at::Tensor> poly_causal_rope_backward_cpu(const at::Tensor& grad_H, const at::Tensor& h,
@@ -377,31 +547,92 @@ std::tuple<at::Tensor, at::Tensor> poly_causal_rope_backward_cpu(const at::Tenso
   const char* op = "pom_ext::poly_causal_rope_backward";
   checks::causal_backward_args(op, grad_H, h, coeff, block_size, cu_seqlens);
   checks::rope(op, h, cos, sin, positions, cu_seqlens);
-  const RopeTensors rope(op, h, cos, sin, positions, cu_seqlens);
-  const int deg = static_cast<int>(coeff.size(1));
-  const int64_t E = h.size(-1), B = checks::batch_of(h, cu_seqlens);
-  auto cu = host_offsets(op, cu_seqlens, h.size(0));
-  const int64_t* cup = cu_seqlens ? cu.data() : nullptr;
-  const Rows hr = rows_of(h, cup);
+  const RopeCausalSetup a(op, h, coeff, cos, sin, positions, block_size, cu_seqlens);
   auto g = grad_H.scalar_type() == h.scalar_type() ? grad_H : grad_H.to(h.scalar_type());
-  const Rows gr = rows_of(g, cup);
+  const Rows gr = rows_of(g, a.cup);
   auto gh = pooled_empty(h.sizes(), h.options());
-  const Rows ghr = rows_of(gh, cup);
-  auto tasks = scan_tasks_over(hr, B, rope_blocks(rope.P, rope.S), block_size);
+  const Rows ghr = rows_of(gh, a.cup);
   at::Tensor gc;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "poly_causal_rope_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto cT = coeff_table<acc_t>(coeff);
-    const Rotation<acc_t> rot = rope.rotation<acc_t>(cup);
+    const Rotation<acc_t> rot = a.rope.rotation<acc_t>(a.cup);
     std::vector<double> part;
-    dispatch_degree(deg, [&](auto Kc) {
-      rope_causal_backward<scalar_t, decltype(Kc)::value>(g.data_ptr<scalar_t>(), gr, h.data_ptr<scalar_t>(), hr, E,
-                                                          cT, deg, block_size, tasks, rot, gh.data_ptr<scalar_t>(),
-                                                          ghr, part);
+    dispatch_degree(a.deg, [&](auto Kc) {
+      rope_causal_backward<scalar_t, decltype(Kc)::value>(g.data_ptr<scalar_t>(), gr, h.data_ptr<scalar_t>(), a.hr,
+                                                          a.E, cT, a.deg, block_size, a.tasks, rot, nullptr,
+                                                          gh.data_ptr<scalar_t>(), ghr, part);
     });
-    gc = rope_coeff_grad(part, tasks, rope.P, deg, E, coeff);
+    gc = rope_coeff_grad(part, a.tasks, a.rope.P, a.deg, a.E, coeff);
   });
   return {gh, gc};
+}
+
+// Gated: hs = [h | pre] (E + S columns), y = s~ * H~ with s~ = R_g(positions) hardsigmoid(pre + bias) turned by
+// the gate tables (per gate group of E / S channels).
+at::Tensor poly_causal_gated_rope_cpu(const at::Tensor& hs, const at::Tensor& coeff,
+                                      const c10::optional<at::Tensor>& gate_bias, const at::Tensor& cos,
+                                      const at::Tensor& sin, const at::Tensor& gate_cos, const at::Tensor& gate_sin,
+                                      const at::Tensor& positions, int64_t block_size,
+                                      const c10::optional<at::Tensor>& cu_seqlens) {
+  const char* op = "pom_ext::poly_causal_gated_rope";
+  checks::causal_gated_rope_args(op, hs, coeff, gate_bias, cos, sin, gate_cos, gate_sin, positions, block_size,
+                                 cu_seqlens);
+  const int64_t E = coeff.size(0), S = hs.size(-1) - E;
+  RopeCausalSetup a(op, hs.narrow(-1, 0, E), coeff, cos, sin, positions, block_size, cu_seqlens, E / S);
+  a.rope.gate(gate_cos, gate_sin);
+  return rope_causal_op(a, coeff, block_size, hs.narrow(-1, E, S), gate_bias);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_causal_gated_rope_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& hs, const at::Tensor& coeff,
+    const c10::optional<at::Tensor>& gate_bias, const at::Tensor& cos, const at::Tensor& sin,
+    const at::Tensor& gate_cos, const at::Tensor& gate_sin, const at::Tensor& positions, int64_t block_size,
+    const c10::optional<at::Tensor>& cu_seqlens) {
+  const char* op = "pom_ext::poly_causal_gated_rope_backward";
+  checks::causal_gated_rope_backward_args(op, grad_y, hs, coeff, gate_bias, cos, sin, gate_cos, gate_sin, positions,
+                                          block_size, cu_seqlens);
+  const int64_t E = coeff.size(0), S = hs.size(-1) - E, q = E / S;
+  RopeCausalSetup a(op, hs.narrow(-1, 0, E), coeff, cos, sin, positions, block_size, cu_seqlens, q);
+  a.rope.gate(gate_cos, gate_sin);
+  const at::Tensor pre = hs.narrow(-1, E, S);
+  auto g = grad_y.scalar_type() == hs.scalar_type() ? grad_y : grad_y.to(hs.scalar_type());
+  const Rows gr = rows_of(g, a.cup);
+  // One buffer for both gradients, with the layout of a contiguous hs.
+  auto ghs = pooled_empty(hs.sizes(), hs.options());
+  const at::Tensor gh = ghs.narrow(-1, 0, E), gpre = ghs.narrow(-1, E, S);
+  const Rows ghr = rows_of(gh, a.cup), gpr = rows_of(gpre, a.cup);
+  at::Tensor gc, gbias;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hs.scalar_type(), "poly_causal_gated_rope_backward_cpu",
+                                  [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto cT = coeff_table<acc_t>(coeff);
+    const Rotation<acc_t> rot = a.rope.rotation<acc_t>(a.cup);
+    const RopeGate<scalar_t> gate{make_gate<scalar_t>(pre, a.cup, E, gate_bias), a.rope.rotation<acc_t>(a.cup, true)};
+    std::vector<double> part, bpart;
+    dispatch_degree(a.deg, [&](auto Kc) {
+      constexpr int Kv = decltype(Kc)::value;
+      rope_causal_gate_backward<scalar_t, Kv>(g.data_ptr<scalar_t>(), gr, a.h.data_ptr<scalar_t>(), a.hr, E, cT,
+                                              a.deg, block_size, a.tasks, rot, gate, gpre.data_ptr<scalar_t>(), gpr,
+                                              bpart);
+      rope_causal_backward<scalar_t, Kv>(g.data_ptr<scalar_t>(), gr, a.h.data_ptr<scalar_t>(), a.hr, E, cT, a.deg,
+                                         block_size, a.tasks, rot, &gate, gh.data_ptr<scalar_t>(), ghr, part);
+    });
+    gc = rope_coeff_grad(part, a.tasks, a.rope.P, a.deg, E, coeff);
+    // Bias: each task's partials of its two spans of w / q gates, summed in task order.
+    const int64_t W = max_width(a.tasks);
+    std::vector<double> bsum(S, 0.0);
+    for (size_t i = 0; i < a.tasks.size(); ++i) {
+      const PairSpan ps(a.tasks[i], a.rope.P);
+      const int64_t nh = ps.w / q;
+      for (int64_t j = 0; j < nh; ++j) {
+        bsum[ps.a / q + j] += bpart[i * W + j];
+        bsum[ps.b / q + j] += bpart[i * W + nh + j];
+      }
+    }
+    gbias = gate_bias_grad(bsum, gate_bias, hs);
+  });
+  return {ghs, gc, gbias};
 }
 
 }  // namespace POM_CPU_ARCH

@@ -94,6 +94,25 @@ int main() {
           "poly_causal_gated gradients");
   }
 
+  // The gated rope op, differentiable: equals the turned gate times the rotary causal mean (2 sections, 4 gates).
+  {
+    const torch::Tensor hs = torch::randn({2, 9, 12}, torch::kDouble).requires_grad_();
+    const torch::Tensor coeff = (torch::randn({8, 3}, torch::kDouble) * 0.5).requires_grad_();
+    const torch::Tensor bias = torch::randn({4}, torch::kDouble).requires_grad_();
+    const torch::Tensor cos = torch::randn({12, 2}, torch::kDouble), sin = torch::randn({12, 2}, torch::kDouble);
+    const torch::Tensor gcos = torch::randn({12, 1}, torch::kDouble), gsin = torch::randn({12, 1}, torch::kDouble);
+    const torch::Tensor pos = torch::randint(0, 12, {9, 2}, torch::kLong);
+    const torch::Tensor y = pom_ext::poly_causal_gated_rope(hs, coeff, bias, cos, sin, gcos, gsin, pos, 2);
+    const torch::Tensor gate = pom_ext::rotate(torch::hardsigmoid(hs.narrow(-1, 8, 4) + bias), gcos, gsin, pos);
+    const torch::Tensor H = pom_ext::poly_causal_rope(hs.narrow(-1, 0, 8), coeff, cos, sin, pos, 2);
+    const torch::Tensor want = pom_ext::select(gate, H, 4);
+    check(close(y, want, 1e-12), "poly_causal_gated_rope == select(rotate(gate), poly_causal_rope)");
+    const auto g1 = torch::autograd::grad({y.sum()}, {hs, coeff, bias});
+    const auto g2 = torch::autograd::grad({want.sum()}, {hs, coeff, bias});
+    check(close(g1[0], g2[0], 1e-12) && close(g1[1], g2[1], 1e-12) && close(g1[2], g2[2], 1e-12),
+          "poly_causal_gated_rope gradients");
+  }
+
   // The meta device: shapes through the Meta kernels, forward and backward, for every mask form of aggregate.
   // (A torch::nn module cannot be moved to the meta device in libtorch: Module::to refuses the change of tensor
   // type, so the module's own meta run is Python's, tests/test_layer.py::test_meta_device.)

@@ -80,6 +80,13 @@ POM_EXT_API at::Tensor poly_mean_rope(const at::Tensor& h, const at::Tensor& coe
 POM_EXT_API at::Tensor poly_causal_rope(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& cos,
                                         const at::Tensor& sin, const at::Tensor& positions, int64_t block_size = 1,
                                         const OptTensor& cu_seqlens = {});
+// The gated mixer with rotary positions: hs = [h | pre] as for poly_causal_gated; the features turn by (cos, sin) as
+// for poly_causal_rope, the S gates hardsigmoid(pre + gate_bias) by (gate_cos, gate_sin) (L, Pg) at the same
+// positions (2 Pg gates per section, gate j paired with j + Pg) -> y = s~ * H~ (E columns).
+POM_EXT_API at::Tensor poly_causal_gated_rope(const at::Tensor& hs, const at::Tensor& coeff, const OptTensor& gate_bias,
+                                              const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& gate_cos,
+                                              const at::Tensor& gate_sin, const at::Tensor& positions,
+                                              int64_t block_size = 1, const OptTensor& cu_seqlens = {});
 
 }  // namespace ops
 
@@ -108,6 +115,12 @@ POM_EXT_API at::Tensor poly_mean_rope(const at::Tensor& h, const at::Tensor& coe
 POM_EXT_API at::Tensor poly_causal_rope(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& cos,
                                         const at::Tensor& sin, const at::Tensor& positions, int64_t block_size = 1,
                                         const ops::OptTensor& cu_seqlens = {});
+// ops::poly_causal_gated_rope with gradients for hs (one tensor), coeff and gate_bias.
+POM_EXT_API at::Tensor poly_causal_gated_rope(const at::Tensor& hs, const at::Tensor& coeff,
+                                              const ops::OptTensor& gate_bias, const at::Tensor& cos,
+                                              const at::Tensor& sin, const at::Tensor& gate_cos,
+                                              const at::Tensor& gate_sin, const at::Tensor& positions,
+                                              int64_t block_size = 1, const ops::OptTensor& cu_seqlens = {});
 
 // x~ = R(positions) x for x (..., N, E) (tables and positions as for the rope ops), in x's dtype; differentiable.
 POM_EXT_API at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,

@@ -245,8 +245,9 @@ inline void state_backward_args(const char* op, const at::Tensor& grad_H, const 
 // channels; in section s, pair i joins channels 2Ps + i and 2Ps + P + i. positions: integer, (N, S) or (B, N, S)
 // for a dense h (B, N, E), (total, S) for a packed h; their values index the rows of the tables (checked by the
 // kernels, which read them).
+// (The gated op's features are the first E columns of hs: E given, h the whole tensor.)
 inline void rope(const char* op, const at::Tensor& h, const at::Tensor& cos, const at::Tensor& sin,
-                 const at::Tensor& pos, const c10::optional<at::Tensor>& cu) {
+                 const at::Tensor& pos, const c10::optional<at::Tensor>& cu, const c10::SymInt& E) {
   floating(op, "cos", cos);
   floating(op, "sin", sin);
   same_device(op, "cos", cos, h);
@@ -255,9 +256,9 @@ inline void rope(const char* op, const at::Tensor& h, const at::Tensor& cos, con
   rank(op, "cos", cos, 2, "(L, P)");
   TORCH_CHECK(sin.sym_sizes() == cos.sym_sizes(), op, ": arguments 'cos' and 'sin' must have one shape, got ",
               cos.sym_sizes(), " and ", sin.sym_sizes());
-  const c10::SymInt P = cos.sym_size(1), E = h.sym_size(-1);
+  const c10::SymInt P = cos.sym_size(1);
   TORCH_CHECK(P >= 1 && E % (2 * P) == 0, op, ": argument 'cos' must be (L, P) with 2 P dividing the width E = ", E,
-              " of 'h' (E / (2 P) rotation sections), got shape ", cos.sym_sizes());
+              " of the features (E / (2 P) rotation sections), got shape ", cos.sym_sizes());
   const c10::SymInt S = E / (2 * P);
   TORCH_CHECK(pos.scalar_type() == at::kLong || pos.scalar_type() == at::kInt, op,
               ": argument 'positions' must be int64 or int32, got ", pos.scalar_type());
@@ -271,6 +272,51 @@ inline void rope(const char* op, const at::Tensor& h, const at::Tensor& cos, con
     size_is(op, "positions", pos, pos.dim() - 2, h.sym_size(1), "the length N of 'h'");
   }
   size_is(op, "positions", pos, pos.dim() - 1, S, "the number of rotation sections S = E / (2 P)");
+}
+
+inline void rope(const char* op, const at::Tensor& h, const at::Tensor& cos, const at::Tensor& sin,
+                 const at::Tensor& pos, const c10::optional<at::Tensor>& cu) {
+  rope(op, h, cos, sin, pos, cu, h.sym_size(-1));
+}
+
+// The gated rope op: the E features of hs = [h | pre] turn by cos, sin at the positions; its S gates by gate_cos,
+// gate_sin (L, Pg) at the same positions, in the features' sections: 2 Pg gates per section, gate j paired with
+// gate j + Pg.
+inline void gate_rope(const char* op, const at::Tensor& hs, const at::Tensor& c, const at::Tensor& cos,
+                      const at::Tensor& sin, const at::Tensor& gcos, const at::Tensor& gsin, const at::Tensor& pos,
+                      const c10::optional<at::Tensor>& cu) {
+  const c10::SymInt E = c.sym_size(0), S = hs.sym_size(-1) - E;
+  rope(op, hs, cos, sin, pos, cu, E);
+  floating(op, "gate_cos", gcos);
+  floating(op, "gate_sin", gsin);
+  same_device(op, "gate_cos", gcos, hs);
+  same_device(op, "gate_sin", gsin, hs);
+  rank(op, "gate_cos", gcos, 2, "(L, Pg)");
+  TORCH_CHECK(gsin.sym_sizes() == gcos.sym_sizes(), op,
+              ": arguments 'gate_cos' and 'gate_sin' must have one shape, got ", gcos.sym_sizes(), " and ",
+              gsin.sym_sizes());
+  size_is(op, "gate_cos", gcos, 0, cos.sym_size(0), "the number of rows L of 'cos'");
+  const c10::SymInt sections = E / (2 * cos.sym_size(1));
+  TORCH_CHECK(gcos.sym_size(1) * 2 * sections == S, op, ": argument 'gate_cos' must be (L, Pg) with 2 Pg gates in "
+              "each of the ", sections, " rotation sections of the S = ", S,
+              " gate columns of 'hs' (gate j paired with j + Pg), got shape ", gcos.sym_sizes());
+}
+
+inline void causal_gated_rope_args(const char* op, const at::Tensor& hs, const at::Tensor& c,
+                                   const c10::optional<at::Tensor>& bias, const at::Tensor& cos,
+                                   const at::Tensor& sin, const at::Tensor& gcos, const at::Tensor& gsin,
+                                   const at::Tensor& pos, int64_t f, const c10::optional<at::Tensor>& cu) {
+  causal_gated_args(op, hs, c, bias, f, cu);
+  gate_rope(op, hs, c, cos, sin, gcos, gsin, pos, cu);
+}
+
+inline void causal_gated_rope_backward_args(const char* op, const at::Tensor& grad_y, const at::Tensor& hs,
+                                            const at::Tensor& c, const c10::optional<at::Tensor>& bias,
+                                            const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& gcos,
+                                            const at::Tensor& gsin, const at::Tensor& pos, int64_t f,
+                                            const c10::optional<at::Tensor>& cu) {
+  causal_gated_backward_args(op, grad_y, hs, c, bias, f, cu);
+  gate_rope(op, hs, c, cos, sin, gcos, gsin, pos, cu);
 }
 
 // Position values, for backends that read them: every one a row of the (L, P) tables.

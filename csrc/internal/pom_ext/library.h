@@ -48,8 +48,8 @@ ClampBounds clamp_bounds();
 
 // m.impl of every op but the in-place decode step, each to the function of the op's short name in the scope of
 // the call (eval, eval_bwd, mean, mean_bwd, causal, causal_bwd, causal_gated, causal_gated_bwd, state_update,
-// state_update_bwd, mean_rope, mean_rope_bwd, causal_rope, causal_rope_bwd): one list for the CPU, Meta and
-// Autograd registrations.
+// state_update_bwd, mean_rope, mean_rope_bwd, causal_rope, causal_rope_bwd, causal_gated_rope,
+// causal_gated_rope_bwd): one list for the CPU, Meta and Autograd registrations.
 #define POM_EXT_IMPL_OPS(m)                                    \
   do {                                                         \
     (m).impl("poly_eval", &eval);                              \
@@ -66,6 +66,8 @@ ClampBounds clamp_bounds();
     (m).impl("poly_mean_rope_backward", &mean_rope_bwd);       \
     (m).impl("poly_causal_rope", &causal_rope);                \
     (m).impl("poly_causal_rope_backward", &causal_rope_bwd);   \
+    (m).impl("poly_causal_gated_rope", &causal_gated_rope);    \
+    (m).impl("poly_causal_gated_rope_backward", &causal_gated_rope_bwd); \
   } while (0)
 
 // The typed handle of a registered op, e.g. op_handle<at::Tensor(const at::Tensor&, const at::Tensor&)>(
