@@ -15,6 +15,8 @@ namespace pom_ext {
 namespace cpu {
 namespace POM_CPU_ARCH {
 
+constexpr int64_t kRopePrefetchRows = 2;  // how far ahead the token-causal rope backward prefetches rows
+
 // Pair blocks of the rope scans: (first pair, 2 * pairs), at most kEB / 2 pairs each (rounded down to a multiple
 // of q, at least q), never across sections. q (dividing P): the gated op's channels per gate, so that a block holds
 // whole gates.
@@ -155,6 +157,27 @@ struct RopeGate {
   }
 };
 
+// Prefetch the two half rows of a task's pairs in row n of t (contiguous channels only) into L1, for reading or
+// (write) for a store. A task's row is two streams half a row apart, which the hardware prefetchers follow poorly
+// (forward scan, AVX2 EPYC: 1.9x the plain scan's time without, 1.4x with one row ahead; the reverse scans walk
+// rows downwards, which they do not follow at all).
+template <typename T>
+inline void prefetch_pairs(const T* t, const Rows& r, int64_t b, int64_t n, const PairSpan& ps, bool write) {
+  if (r.sE != 1) return;
+  const char* lo = reinterpret_cast<const char*>(t + r.off(b, n) + ps.a);
+  const char* hi = reinterpret_cast<const char*>(t + r.off(b, n) + ps.b);
+  const int64_t bytes = ps.w * static_cast<int64_t>(sizeof(T));
+  for (int64_t o = 0; o < bytes; o += 64) {
+    if (write) {
+      __builtin_prefetch(lo + o, 1, 3);
+      __builtin_prefetch(hi + o, 1, 3);
+    } else {
+      __builtin_prefetch(lo + o, 0, 3);
+      __builtin_prefetch(hi + o, 0, 3);
+    }
+  }
+}
+
 // Store 2 w values of a task's pairs into row n of a contiguous output.
 template <typename scalar_t, typename acc_t>
 inline void store_pairs(scalar_t* out, const Rows& r, int64_t b, int64_t n, const PairSpan& ps, const acc_t* v) {
@@ -214,6 +237,10 @@ void rope_causal_forward(const scalar_t* h, const Rows& hr, int64_t E,
         const int64_t bend = std::min(blk + F, t.n1);
         for (int64_t n = blk; n < bend; ++n) {
           if (F == 1) {
+            if (n + 1 < t.n1) {
+              prefetch_pairs(h, hr, t.b, n + 1, ps, false);
+              prefetch_pairs(out, outr, t.b, n + 1, ps, true);
+            }
             const acc_t *lo, *hi;
             pair_rows(h, hr, t.b, n, ps, x, lo, hi);
             const int64_t r = rot.row(t.b, n, ps.sec) + ps.i0;
@@ -326,6 +353,12 @@ void rope_causal_backward(const scalar_t* g, const Rows& gr, const scalar_t* h, 
       const int64_t nblocks = t.n1 > t.n0 ? ceil_div(t.n1 - t.n0, F) : 0;
       if (F == 1) {  // token-causal: one fused pass per row, from the end
         for (int64_t n = t.n1 - 1; n >= t.n0; --n) {
+          if (n - kRopePrefetchRows >= t.n0) {
+            const int64_t m = n - kRopePrefetchRows;
+            prefetch_pairs(g, gr, t.b, m, ps, false);
+            prefetch_pairs(h, hr, t.b, m, ps, false);
+            prefetch_pairs(gh, ghr, t.b, m, ps, true);
+          }
           const acc_t *glo, *ghi, *xlo, *xhi;
           grad_rows(t, ps, n, G, sg, sx, glo, ghi);
           pair_rows(h, hr, t.b, n, ps, x, xlo, xhi);
