@@ -459,12 +459,8 @@ def _rope_positions(layer: PoMRoPE, xq, xc, given: dict, counts: List[int], qcou
         seq = torch.searchsorted(cu_t[1:], g, right=True)  # the sequence of every packed token
         return g - cu_t[seq]
 
-    if layer.rope_2d:
-        qp, cp, qname, cname = given["positions_hw"], given["ctx_positions_hw"], "positions_hw", "ctx_positions_hw"
-    else:
-        qp, cp, qname, cname = given["positions"], given["ctx_positions"], "positions", "ctx_positions"
-    if xc is None and cp is None:
-        cp, cname = qp, qname
+    qp, cp, qname, cname = layer._position_args(given["positions"], given["ctx_positions"], given["positions_hw"],
+                                                given["ctx_positions_hw"], xc is None)
     if cp is None and not layer.rope_2d:
         cp = global_1d(o, n)
     cpos = layer._positions(cname, cp, B, n, dev, local_cu)

@@ -119,6 +119,24 @@ class PoMRoPE(PoM):
             c, s = c[:, :: head // 2][:, : G // 2], s[:, :: head // 2][:, : G // 2]
         return c, s
 
+    def _position_args(self, positions, ctx_positions, positions_hw, ctx_positions_hw, self_mixing: bool):
+        """(query positions, context positions, their argument names): the 1-D pair or the 2-D pair, as the layer
+        takes (the other pair must be None); the context's default to the queries' when mixing a sequence with
+        itself."""
+        if self.rope_2d:
+            if positions is not None or ctx_positions is not None:
+                _fail("positions", "None for a 2-D layer (rope_2d=True): give positions_hw / ctx_positions_hw",
+                      "a tensor")
+            qp, cp, qname, cname = positions_hw, ctx_positions_hw, "positions_hw", "ctx_positions_hw"
+        else:
+            if positions_hw is not None or ctx_positions_hw is not None:
+                _fail("positions_hw", "None for a 1-D layer (rope_2d=False): give positions / ctx_positions",
+                      "a tensor")
+            qp, cp, qname, cname = positions, ctx_positions, "positions", "ctx_positions"
+        if self_mixing and cp is None:
+            cp, cname = qp, qname
+        return qp, cp, qname, cname
+
     def _positions(self, arg: str, pos: Optional[torch.Tensor], B: int, N: int, device: torch.device,
                    cu_seqlens: Optional[torch.Tensor]) -> torch.Tensor:
         """The rope ops' positions: (N, S), (B, N, S) or packed (total, S), from a user's 1-D (N,) / (B, N) or 2-D
@@ -195,20 +213,8 @@ class PoMRoPE(PoM):
             if xc.shape[0] != xq.shape[0]:
                 _fail("xc", f"the {'packed tokens' if packed else 'batch size'} of 'xq' ({xq.shape[0]})",
                       xc.shape[0])
-        if self.rope_2d:
-            if positions is not None or ctx_positions is not None:
-                _fail("positions", "None for a 2-D layer (rope_2d=True): give positions_hw / ctx_positions_hw",
-                      "a tensor")
-            qp, cp = positions_hw, ctx_positions_hw
-            qname, cname = "positions_hw", "ctx_positions_hw"
-        else:
-            if positions_hw is not None or ctx_positions_hw is not None:
-                _fail("positions_hw", "None for a 1-D layer (rope_2d=False): give positions / ctx_positions",
-                      "a tensor")
-            qp, cp = positions, ctx_positions
-            qname, cname = "positions", "ctx_positions"
-        if xc is None and cp is None:
-            cp, cname = qp, qname
+        qp, cp, qname, cname = self._position_args(positions, ctx_positions, positions_hw, ctx_positions_hw,
+                                                   xc is None)
         B = xq.shape[0]
         T = xq.shape[0] if packed else xq.shape[1]
         N = T if xc is None else xc.shape[0] if packed else xc.shape[1]
