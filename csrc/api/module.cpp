@@ -292,6 +292,25 @@ at::Tensor PoMImpl::forward(const at::Tensor& xq, const at::Tensor& xc_in, const
   }
   TORCH_CHECK(has_rope() || (!positions.defined() && !ctx_positions.defined()),
               "pom_ext.PoM: arguments 'positions' / 'ctx_positions' apply to rotary layers (PoMOptions.rope)");
+  if (has_rope() && mask.is_causal() && !xc.defined() && !ctx_positions.defined()) {
+    // Causal self-mixing at one set of positions: the fused gated rope op (h and the gate read once, turned inside
+    // the op, y written once), as the Python layer does.
+    const int64_t B = packed ? 0 : xq.size(0), T = packed ? xq.size(0) : xq.size(1);
+    const Rotation rot = rope_tables(/*gate=*/false), gate_rot = rope_tables(/*gate=*/true);
+    const at::Tensor pos = rope_positions("positions", positions, B, T, cu_seqlens);
+    at::Tensor hs;
+    ops::OptTensor bias;
+    if (options.n_groups() == 1) {
+      hs = F::linear(xq, qc_proj->weight);
+      bias = se_bias;
+    } else {
+      hs = at::cat({context(xq), se_proj->forward(xq)}, -1);  // the gate's bias inside its projection
+    }
+    return ag_proj->forward(poly_causal_gated_rope(hs, po_coeff, bias, rot.cos, rot.sin, gate_rot.cos, gate_rot.sin,
+                                                   pos, mask.block_size(),
+                                                   cu_seqlens.defined() ? ops::OptTensor(cu_seqlens)
+                                                                        : ops::OptTensor()));
+  }
   auto [h, s] = project(xq, xc);
   Rotation rot;
   if (has_rope()) {
