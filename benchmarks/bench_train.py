@@ -14,9 +14,7 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -26,21 +24,14 @@ sys.path.insert(0, ROOT)
 
 import pom_ext  # noqa: E402
 from pom_ext import ops  # noqa: E402
-from pom_ext.bench.common import cpu_name, git_commit  # noqa: E402
+from pom_ext.bench.common import cpu_name, fwd_bwd, git_commit, median_time  # noqa: E402
 from pom_ext.models import PolymorpherLM  # noqa: E402
 
 PATTERNS = {"pom": "PPPPPP", "hybrid": "PPAPPA", "attention": "AAAAAA"}
 
 
-def median_ms(fn, repeat: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+def median_ms(fn, repeat: int) -> float:
+    return median_time(fn, repeat)[0] * 1e3
 
 
 def build(args, pattern: str) -> PolymorpherLM:
@@ -65,17 +56,6 @@ def batch(B: int, T: int):
     return data[:, :-1], data[:, 1:]
 
 
-def fwd_bwd(fn, *leaves):
-    """fn() -> tensor; one forward and backward with a fixed upstream gradient, gradients reset each call."""
-    grad = torch.randn_like(fn())
-
-    def run():
-        for t in leaves:
-            t.grad = None
-        fn().backward(grad)
-    return run
-
-
 def breakdown(args, model: PolymorpherLM, opt, tokens, targets, repeat: int) -> dict:
     """The parts of a PoM step timed alone (forward + backward at the step's shapes), per model; 'other' is the
     step's median minus their sum (residual adds, autograd and allocation overhead, timing noise)."""
@@ -87,8 +67,8 @@ def breakdown(args, model: PolymorpherLM, opt, tokens, targets, repeat: int) -> 
     mixer = block.mixer
     params = [p for p in mixer.parameters()]
     hs_fn = lambda: mixer._gated_input(x, None)[0]  # noqa: E731
-    hs = hs_fn().detach().requires_grad_()
-    bias = mixer._gated_input(x, None)[1]
+    hs, bias = mixer._gated_input(x, None)
+    hs = hs.detach().requires_grad_()
     y = torch.randn(B, T, mixer.state_width, requires_grad=True)
     parts = {
         "layer norms": median_ms(fwd_bwd(lambda: block.norm2(block.norm1(x)), x), repeat),
@@ -162,14 +142,12 @@ def main() -> None:
     for n in names:
         print(f"{n:<34}" + "".join(f"{b['parts_ms'][n]:>9.1f} ms" for b in breakdowns.values()))
     print(f"{'step (measured)':<34}" + "".join(f"{b['step_ms']:>9.1f} ms" for b in breakdowns.values()))
-    ratios = {T: {m: next(r["step_ms"] for r in rows if r["model"] == m and r["T"] == T) for m in models}
-              for T in seq_lens}
     out = {
         "device": cpu_name(), "cpu_isa": pom_ext.cpu_isa(),
         "threads": args.threads, "torch": torch.__version__, "cuda": torch.version.cuda,
         "git_commit": git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config": {k: v for k, v in vars(args).items() if k != "out"}, "results": rows,
-        "pom_breakdown": breakdowns, "step_ms_by_T": ratios,
+        "pom_breakdown": breakdowns,
     }
     if not args.quick:
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
