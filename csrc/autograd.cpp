@@ -76,6 +76,22 @@ struct CausalBackwardFn : torch::autograd::Function<CausalBackwardFn> {
   static variable_list backward(AutogradContext*, variable_list) { no_double_backward("poly_causal_backward"); }
 };
 
+struct CausalWeightedBackwardFn : torch::autograd::Function<CausalWeightedBackwardFn> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& g, const at::Tensor& H, const at::Tensor& h,
+                               const at::Tensor& c, const at::Tensor& w, int64_t block_size, const OptT& cu,
+                               bool weight_grad) {
+    POM_OP(op, "poly_causal_weighted_backward",
+           T3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+              const OptT&, bool));
+    auto [gh, gc, gw] = below_autograd(op, g, H, h, c, w, block_size, cu, weight_grad);
+    if (!weight_grad) ctx->mark_non_differentiable({gw});
+    return {gh, gc, gw};
+  }
+  static variable_list backward(AutogradContext*, variable_list) {
+    no_double_backward("poly_causal_weighted_backward");
+  }
+};
+
 struct GatedBackwardFn : torch::autograd::Function<GatedBackwardFn> {
   static variable_list forward(AutogradContext*, const at::Tensor& g, const at::Tensor& hs, const at::Tensor& c,
                                const OptT& bias, int64_t block_size, const OptT& cu) {
@@ -191,6 +207,25 @@ struct CausalFn : torch::autograd::Function<CausalFn> {
     auto g = CausalBackwardFn::apply(grads[0], saved[0], saved[1], ctx->saved_data["block_size"].toInt(),
                                      as_opt(saved[2]));
     return {g[0], g[1], at::Tensor(), at::Tensor()};
+  }
+};
+
+struct CausalWeightedFn : torch::autograd::Function<CausalWeightedFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& c, const at::Tensor& w,
+                            int64_t block_size, const OptT& cu) {
+    POM_OP(op, "poly_causal_weighted",
+           at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, const OptT&));
+    at::Tensor H = below_autograd(op, h, c, w, block_size, cu);
+    ctx->saved_data["block_size"] = block_size;
+    ctx->save_for_backward({h, c, w, or_undefined(cu), H});
+    return H;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const bool weight_grad = ctx->needs_input_grad(2);
+    auto g = CausalWeightedBackwardFn::apply(grads[0], saved[4], saved[0], saved[1], saved[2],
+                                             ctx->saved_data["block_size"].toInt(), as_opt(saved[3]), weight_grad);
+    return {g[0], g[1], weight_grad ? g[2] : at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -314,6 +349,17 @@ at::Tensor causal(const at::Tensor& h, const at::Tensor& c, int64_t block_size, 
 T2 causal_bwd(const at::Tensor& g, const at::Tensor& h, const at::Tensor& c, int64_t block_size, const OptT& cu) {
   auto r = CausalBackwardFn::apply(g, h, c, block_size, cu);
   return {r[0], r[1]};
+}
+
+at::Tensor causal_weighted(const at::Tensor& h, const at::Tensor& c, const at::Tensor& w, int64_t block_size,
+                           const OptT& cu) {
+  return CausalWeightedFn::apply(h, c, w, block_size, cu);
+}
+
+T3 causal_weighted_bwd(const at::Tensor& g, const at::Tensor& H, const at::Tensor& h, const at::Tensor& c,
+                       const at::Tensor& w, int64_t block_size, const OptT& cu, bool weight_grad) {
+  auto r = CausalWeightedBackwardFn::apply(g, H, h, c, w, block_size, cu, weight_grad);
+  return {r[0], r[1], r[2]};
 }
 
 at::Tensor causal_gated(const at::Tensor& hs, const at::Tensor& c, const OptT& bias, int64_t block_size,

@@ -37,18 +37,17 @@ at::Tensor mean(const at::Tensor& h, const at::Tensor& coeff, const OptT& weight
   return rows(h, checks::sym_batch_of(h, cu));
 }
 
+// The weight's gradient (a bool mask gets h's dtype), or an empty tensor when not asked for.
+at::Tensor weight_grad_like(const at::Tensor& h, const at::Tensor& weight, bool weight_grad) {
+  if (!weight_grad) return at::empty({0}, h.options());
+  const auto dtype = weight.scalar_type() == at::kBool ? h.scalar_type() : weight.scalar_type();
+  return at::empty_symint(weight.sym_sizes(), h.options().dtype(dtype));
+}
+
 T3 mean_bwd(const at::Tensor& grad_H, const at::Tensor& H, const at::Tensor& h, const at::Tensor& coeff,
             const OptT& weight, const OptT& cu, bool weight_grad) {
   checks::mean_backward_args("pom_ext::poly_mean_backward", grad_H, H, h, coeff, weight, cu, weight_grad);
-  at::Tensor gw;
-  if (weight_grad) {
-    // A bool mask gets a gradient of h's dtype.
-    const auto dtype = weight->scalar_type() == at::kBool ? h.scalar_type() : weight->scalar_type();
-    gw = at::empty_symint(weight->sym_sizes(), h.options().dtype(dtype));
-  } else {
-    gw = at::empty({0}, h.options());
-  }
-  return {like(h), like(coeff), gw};
+  return {like(h), like(coeff), weight_grad ? weight_grad_like(h, *weight, true) : at::empty({0}, h.options())};
 }
 
 at::Tensor causal(const at::Tensor& h, const at::Tensor& coeff, int64_t block_size, const OptT& cu) {
@@ -60,6 +59,19 @@ T2 causal_bwd(const at::Tensor& grad_H, const at::Tensor& h, const at::Tensor& c
               const OptT& cu) {
   checks::causal_backward_args("pom_ext::poly_causal_backward", grad_H, h, coeff, block_size, cu);
   return {like(h), like(coeff)};
+}
+
+at::Tensor causal_weighted(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& weight, int64_t block_size,
+                           const OptT& cu) {
+  checks::causal_weighted_args("pom_ext::poly_causal_weighted", h, coeff, weight, block_size, cu);
+  return like(h);
+}
+
+T3 causal_weighted_bwd(const at::Tensor& grad_H, const at::Tensor& H, const at::Tensor& h, const at::Tensor& coeff,
+                       const at::Tensor& weight, int64_t block_size, const OptT& cu, bool weight_grad) {
+  checks::causal_weighted_backward_args("pom_ext::poly_causal_weighted_backward", grad_H, H, h, coeff, weight,
+                                        block_size, cu);
+  return {like(h), like(coeff), weight_grad_like(h, weight, weight_grad)};
 }
 
 // The gated ops' output y (hs's rows, E columns) and gradients (of hs, coeff and the S gate biases).

@@ -39,6 +39,14 @@ void define_ops(torch::Library& m) {
   m.def(
       "poly_causal_backward(Tensor grad_H, Tensor h, Tensor coeff, int block_size, Tensor? cu_seqlens) "
       "-> (Tensor, Tensor)");
+  // Weighted block-causal prefix mean: H_t = sum_{n <= end(t)} w_n p_n / sum_{n <= end(t)} w_n (0 where that sum is
+  // 0), end(t) the last row of t's block; weight: (B, N), or (total,) when packed, bool or floating. Padding (w = 0)
+  // contributes nothing. The backward returns the weight's gradient when weight_grad is true (else an empty tensor).
+  m.def("poly_causal_weighted(Tensor h, Tensor coeff, Tensor weight, int block_size=1, Tensor? cu_seqlens=None) "
+        "-> Tensor");
+  m.def(
+      "poly_causal_weighted_backward(Tensor grad_H, Tensor H, Tensor h, Tensor coeff, Tensor weight, int block_size, "
+      "Tensor? cu_seqlens, bool weight_grad) -> (Tensor, Tensor, Tensor)");
   // Gated block-causal mixer: hs = [h | pre] (E + S columns, E = coeff.size(0)); y = hardsigmoid(pre + gate_bias)
   // * H, one gate per channel (S = E) or per group of E / S channels; y has E columns. The backward returns the
   // gradient of hs as one tensor (h and pre columns), of coeff and of gate_bias.

@@ -6,7 +6,8 @@
 
 Masks: None (mean), a (B, N) bool/float weight tensor (weighted mean, padding),
 "causal" with optional `block_size` F (block-causal, F frames), a (B, T, N) tensor
-(arbitrary mask, O(T N E)), and packed sequences through `cu_seqlens`.
+(arbitrary mask, O(T N E)), and packed sequences through `cu_seqlens`. `weight` (B, N) ((total,) packed)
+weighs the context tokens of the mean or of the causal prefix means: padding (0 / False) contributes nothing.
 """
 from typing import Optional, Tuple, Union
 
@@ -82,13 +83,41 @@ def is_pooled(mask: Mask) -> bool:
     return False
 
 
-def _check_aggregate(h, coeff, mask, block_size, cu_seqlens) -> None:
+def as_weight(weight: torch.Tensor) -> torch.Tensor:
+    """An integer padding mask (e.g. an attention_mask of 0 / 1) as float32 weights; bool and floats as given."""
+    if not isinstance(weight, torch.Tensor) or weight.dtype == torch.bool or weight.is_floating_point() or \
+            weight.is_complex():
+        return weight
+    return weight.to(torch.float32)
+
+
+def check_weight(weight, h: torch.Tensor, packed: bool, mask: Mask) -> None:
+    """weight: (B, N) for h (B, N, E), (total,) for packed h (total, E); bool or floating, on h's device; not
+    together with a tensor mask."""
+    if not isinstance(weight, torch.Tensor):
+        _fail("weight", "a tensor of per-token weights", type(weight))
+    if isinstance(mask, torch.Tensor):
+        _fail("weight", "None when 'mask' is a tensor (give the weights once, as 'mask' or as 'weight')",
+              "both")
+    want = (h.shape[0],) if packed else (h.shape[0], h.shape[1])
+    if tuple(weight.shape) != want:
+        _fail("weight", f"{'(total,)' if packed else '(B, N)'} = {want}, one weight per context token",
+              _shape(weight))
+    if weight.is_complex():
+        _fail("weight", "bool or integer (padding mask), or floating point", weight.dtype)
+    if weight.device != h.device:
+        _fail("weight", f"on {h.device} like the input", weight.device)
+
+
+def _check_aggregate(h, coeff, mask, block_size, cu_seqlens, weight=None) -> None:
     """The argument checks of aggregate, with Python-only messages (skipped under TorchScript)."""
     packed = cu_seqlens is not None
     _check_h(h, packed)
     check_coeff(coeff, h.shape[-1])
     if coeff.device != h.device:
         _fail("coeff", f"on {h.device} like 'h'", coeff.device)
+    if weight is not None:
+        check_weight(weight, h, packed, mask)
     if block_size is not None:
         _check_block_size(block_size)
         if not is_causal(mask):
@@ -122,15 +151,29 @@ def _check_aggregate(h, coeff, mask, block_size, cu_seqlens) -> None:
 
 
 def aggregate(h: torch.Tensor, coeff: torch.Tensor, mask: Mask = None, block_size: Optional[int] = None,
-              cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+              cu_seqlens: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """H from h: (B, N, E), coeff: (E, K).
 
     mask None -> (B, 1, E); (B, N) weights -> (B, 1, E); "causal" [block_size F] -> (B, N, E);
     (B, T, N) -> (B, T, E). Packed h: (total, E) with cu_seqlens (B + 1,): mask None -> (B, E) per
-    sequence, "causal" -> (total, E). Pass block_size and cu_seqlens by keyword.
+    sequence, "causal" -> (total, E). weight: (B, N) ((total,) packed) token weights of the mean or of the
+    causal prefix means, bool padding or floats >= 0 (a prefix of zero weight reads 0). Pass block_size,
+    cu_seqlens and weight by keyword.
     """
     if not torch.jit.is_scripting():
-        _check_aggregate(h, coeff, mask, block_size, cu_seqlens)
+        _check_aggregate(h, coeff, mask, block_size, cu_seqlens, weight)
+    if weight is not None:
+        if isinstance(mask, str):
+            if mask != "causal":
+                raise ValueError(f"pom_ext: argument 'mask' must be None, 'causal', a (B, N) or a (B, T, N) "
+                                 f"tensor, got the string '{mask}'")
+            return ops.poly_causal_weighted(h, coeff, weight, 1 if block_size is None else block_size, cu_seqlens)
+        if mask is not None:
+            raise ValueError("pom_ext: argument 'weight' must be None when 'mask' is a tensor")
+        if block_size is not None:
+            raise ValueError("pom_ext: argument 'block_size' must be given only with mask='causal'")
+        H = ops.poly_mean(h, coeff, weight, cu_seqlens)
+        return H if cu_seqlens is not None else H.unsqueeze(1)
     # The raises below are reached only under TorchScript (eager calls were checked above). Every type test of
     # mask returns: a refined mask that lives on after an `if` does not survive torch.jit.save / load.
     if isinstance(mask, str):
@@ -172,12 +215,14 @@ def select(s: torch.Tensor, H: torch.Tensor, n_sel_heads: int = 1) -> torch.Tens
 
 
 def pom(h: torch.Tensor, s: torch.Tensor, coeff: torch.Tensor, mask: Mask = None, n_sel_heads: int = 1,
-        block_size: Optional[int] = None, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        block_size: Optional[int] = None, cu_seqlens: Optional[torch.Tensor] = None,
+        weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The mixer: y = s * aggregate(poly(h)). h: (B, N, E), s: (B, T, S) -> y: (B, T, E).
 
-    Packed: h: (total, E), s: (total, S) with cu_seqlens -> (total, E). Pass the arguments after mask by keyword.
+    Packed: h: (total, E), s: (total, S) with cu_seqlens -> (total, E). weight: as in aggregate. Pass the
+    arguments after mask by keyword.
     """
-    H = aggregate(h, coeff, mask, block_size, cu_seqlens)
+    H = aggregate(h, coeff, mask, block_size, cu_seqlens, weight)
     if is_causal(mask):
         if s.shape[-2] != H.shape[-2]:
             raise ValueError(f"pom_ext: argument 's' must be {H.shape[-2]} query tokens for a causal mask "
@@ -191,8 +236,35 @@ def pom(h: torch.Tensor, s: torch.Tensor, coeff: torch.Tensor, mask: Mask = None
 def state_update(h: torch.Tensor, coeff: torch.Tensor, state_sum: torch.Tensor,
                  count: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Append h: (B, T, E) to the recurrent state -> (H (B, E), new_sum (B, E), new_count (B,))."""
+    if isinstance(count, torch.Tensor) and count.is_floating_point():  # a weight total
+        return weighted_state_update(h, coeff, state_sum, count, None)
     check_state(h, coeff, state_sum, count)
     return ops.poly_state_update(h, coeff, state_sum, count)
+
+
+def weighted_state_update(h: torch.Tensor, coeff: torch.Tensor, state_sum: torch.Tensor, count: torch.Tensor,
+                          weight: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Append h: (B, T, E) with token weights (B, T) (None: 1 each) to (state_sum, count): the sum grows by
+    sum_t w_t p_t and the count (the weight total) by sum_t w_t; H = sum / count, 0 where count is 0. An int64
+    count (a token count) takes whole weights only (padding masks); a floating count any weights >= 0."""
+    check_state(h, coeff, state_sum, count)
+    acc = state_sum.dtype
+    p = ops.poly_eval(h.to(acc), coeff).to(acc)
+    if weight is None:
+        w = torch.ones(h.shape[0], h.shape[1], dtype=acc, device=h.device)
+    else:
+        check_weight(weight, h, False, None)
+        if not count.is_floating_point() and weight.is_floating_point() and not torch.compiler.is_compiling() \
+                and bool((weight != weight.round()).any()):
+            _fail("weight", "whole numbers (a padding mask) for a state that counts tokens (int64 count); "
+                            "allocate the state with weighted=True for fractional weights", "fractional weights")
+        w = weight.to(acc)
+    new_sum = state_sum + (p * w.unsqueeze(-1)).sum(1)
+    total = w.sum(1)
+    new_count = count + (total.to(count.dtype) if count.is_floating_point() else total.round().long())
+    c = new_count.to(acc).unsqueeze(-1)
+    H = torch.where(c != 0, new_sum / torch.where(c != 0, c, torch.ones_like(c)), torch.zeros_like(new_sum))
+    return H.to(h.dtype), new_sum, new_count
 
 
 def check_state(h: torch.Tensor, coeff: torch.Tensor, state_sum: torch.Tensor, count: torch.Tensor) -> None:
@@ -204,8 +276,10 @@ def check_state(h: torch.Tensor, coeff: torch.Tensor, state_sum: torch.Tensor, c
               if isinstance(state_sum, torch.Tensor) else type(state_sum))
     if state_sum.dtype not in (torch.float32, torch.float64):
         _fail("state_sum", "float32 (or float64)", state_sum.dtype)
-    if not isinstance(count, torch.Tensor) or tuple(count.shape) != (B,) or count.dtype != torch.int64:
-        _fail("count", f"an int64 tensor of shape (B,) = {(B,)}", f"{_shape(count)}, {count.dtype}"
+    if not isinstance(count, torch.Tensor) or tuple(count.shape) != (B,) or \
+            count.dtype not in (torch.int64, state_sum.dtype):
+        _fail("count", f"a tensor of shape (B,) = {(B,)}, int64 (tokens) or {state_sum.dtype} like 'state_sum' "
+                       f"(a weight total)", f"{_shape(count)}, {count.dtype}"
               if isinstance(count, torch.Tensor) else type(count))
     for name, t in (("coeff", coeff), ("state_sum", state_sum), ("count", count)):
         if t.device != h.device:

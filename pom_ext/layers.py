@@ -18,7 +18,8 @@ def _check_int(name: str, value, minimum: int) -> int:
 
 class PoMState:
     """Recurrent state of one PoM layer: a running sum `sum` (B, E) fp32 (fp64 for a float64 layer) and a token
-    count `count` (B,) int64.
+    count `count` (B,) int64 — or, for a weighted state (allocate(..., weighted=True)), the sum of w p and the
+    weight total `count` (B,) in the sum's dtype.
 
     Memory is constant in the context length. `PoM.step` updates it in place.
     """
@@ -28,9 +29,10 @@ class PoMState:
         self.count = count
 
     @classmethod
-    def allocate(cls, batch_size: int, width: int, device=None, dtype: torch.dtype = torch.float32) -> "PoMState":
+    def allocate(cls, batch_size: int, width: int, device=None, dtype: torch.dtype = torch.float32,
+                 weighted: bool = False) -> "PoMState":
         return cls(torch.zeros(batch_size, width, device=device, dtype=dtype),
-                   torch.zeros(batch_size, device=device, dtype=torch.int64))
+                   torch.zeros(batch_size, device=device, dtype=dtype if weighted else torch.int64))
 
     @classmethod
     def from_reference(cls, state: Dict[str, Any], batch_size: int, width: int, device=None,
@@ -85,7 +87,9 @@ class PoM(nn.Module):
     PoM(dim, degree, expand, n_groups=1, n_sel_heads=1, bias=False); E = expand * dim.
     forward(xq: (B, T, D), xc: (B, N, D) | None, mask) -> (B, T, D), with mask None, "causal"
     (block-causal with block_size=F), (B, N) weights or padding, or (B, T, N); packed sequences:
-    xq: (total, D) with cu_seqlens (B + 1,) and mask None or "causal".
+    xq: (total, D) with cu_seqlens (B + 1,) and mask None or "causal". weight=(B, N) (or (total,)) weighs the
+    context tokens of a mean or of causal prefix means: with mask="causal" and a padding mask (False / 0 on
+    padded tokens) every row gives what it gives alone, left or right padded.
     Parameter names and shapes match the reference implementation (state dicts load both ways).
     torch.jit.script compiles forward (every mask form); scripted, the checks of xq / xc are left to the ops.
     """
@@ -230,10 +234,13 @@ class PoM(nn.Module):
     # ---- forward ----
 
     def forward(self, xq: torch.Tensor, xc: Optional[torch.Tensor] = None, mask: PF.Mask = None,
-                block_size: Optional[int] = None, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+                block_size: Optional[int] = None, cu_seqlens: Optional[torch.Tensor] = None,
+                weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         """xq: (B, T, D), xc: (B, N, D) or None (self-mixing) -> (B, T, D); packed: (total, D) with cu_seqlens.
 
-        Pass block_size and cu_seqlens by keyword.
+        weight: (B, N) ((total,) packed) per-token weights of the context, bool / integer padding masks or floats
+        >= 0; with mask None it is the weighted mean, with mask="causal" the weighted prefix means (a query whose
+        prefix weighs nothing reads H = 0). Pass block_size, cu_seqlens and weight by keyword.
         """
         packed = cu_seqlens is not None
         if xc is xq:
@@ -259,13 +266,15 @@ class PoM(nn.Module):
                     raise ValueError(f"pom_ext.PoM: argument 'mask' must be (B, T, N) = {(B, T, N)} for a (B, T, N) "
                                      f"mask (T query tokens of 'xq', N context tokens), got shape "
                                      f"{tuple(mask.shape)}")
-            if PF.is_causal(mask) and ops.has_kernel("poly_causal_gated", xq.device):
+            if weight is None and PF.is_causal(mask) and ops.has_kernel("poly_causal_gated", xq.device):
                 return self._causal_fused(xq, xc, block_size, cu_seqlens)
+        if weight is not None:
+            weight = PF.as_weight(weight)
         h, s = self.project(xq, xc)
         if PF.is_pooled(mask) and not packed:
-            return self._out(s, PF.aggregate(h, self.po_coeff, mask, block_size=block_size)[:, 0])
+            return self._out(s, PF.aggregate(h, self.po_coeff, mask, block_size=block_size, weight=weight)[:, 0])
         y = PF.pom(h, s, self.po_coeff, mask, n_sel_heads=self.n_sel_heads, block_size=block_size,
-                   cu_seqlens=cu_seqlens)
+                   cu_seqlens=cu_seqlens, weight=weight)
         return self.ag_proj(y)
 
     # ---- recurrent state ----
@@ -274,9 +283,11 @@ class PoM(nn.Module):
         """The running sum's dtype: float64 for a float64 layer, else float32."""
         return torch.float64 if self.po_coeff.dtype == torch.float64 else torch.float32
 
-    def allocate_state(self, batch_size: int, device=None, dtype: Optional[torch.dtype] = None) -> PoMState:
+    def allocate_state(self, batch_size: int, device=None, dtype: Optional[torch.dtype] = None,
+                       weighted: bool = False) -> PoMState:
         """A zero state for `step`, on the layer's device unless given; its sum is float64 for a float64 layer,
-        else float32, unless `dtype` says otherwise."""
+        else float32, unless `dtype` says otherwise. Its count is an int64 token count, which takes padding masks
+        (whole weights); weighted=True makes it a weight total in the sum's dtype, for any weights >= 0."""
         _check_int("batch_size", batch_size, 0)
         if dtype is None:
             dtype = self._state_dtype()
@@ -285,7 +296,7 @@ class PoM(nn.Module):
                              f"got {dtype}")
         if device is None:
             device = self.po_coeff.device
-        return PoMState.allocate(batch_size, self.state_width, device=device, dtype=dtype)
+        return PoMState.allocate(batch_size, self.state_width, device=device, dtype=dtype, weighted=bool(weighted))
 
     def _as_state(self, state, batch: int, device) -> Tuple[PoMState, bool]:
         if state is None:
@@ -298,10 +309,11 @@ class PoM(nn.Module):
         return PoMState.from_reference(state, batch, self.state_width, device, self._state_dtype()), True
 
     def state_forward(self, xq: torch.Tensor, xc: Optional[torch.Tensor] = None,
-                      state: Union[None, PoMState, Dict[str, Any]] = None):
+                      state: Union[None, PoMState, Dict[str, Any]] = None, weight: Optional[torch.Tensor] = None):
         """Append a chunk and read it: every token of the chunk sees the state including the whole chunk.
 
-        xq: (B, T, D), xc: (B, N, D) or None. Returns (out (B, T, D), new_state); the state is not modified
+        xq: (B, T, D), xc: (B, N, D) or None; weight: (B, N) weights of the chunk's context tokens (a padding mask,
+        or any weights >= 0 with a weighted state). Returns (out (B, T, D), new_state); the state is not modified
         (autograd flows through it). A reference-style dict {'h', 'n'} is accepted and returned as such.
         """
         self._check_x("xq", xq, False)
@@ -312,21 +324,33 @@ class PoM(nn.Module):
                                  f"{xc.shape[0]} and {xq.shape[0]}")
         st, as_dict = self._as_state(state, xq.shape[0], xq.device)
         h, s = self.project(xq, xc)
-        PF.check_state(h, self.po_coeff, st.sum, st.count)
-        H, new_sum, new_count = ops.poly_state_update(h, self.po_coeff, st.sum, st.count)
+        H, new_sum, new_count = self._update(h, st, weight)
         new = PoMState(new_sum, new_count)
         return self._out(s, H), (new.to_reference() if as_dict else new)
 
-    def step(self, x: torch.Tensor, state: PoMState) -> torch.Tensor:
-        """Decode: x (B, T, D) (usually T = 1) appended to `state`, which is updated in place."""
+    def _update(self, h: torch.Tensor, state: PoMState, weight: Optional[torch.Tensor]):
+        """(H, new_sum, new_count) of appending h (B, T, E), with token weights (B, T) or None."""
+        if weight is None and not state.count.is_floating_point():
+            PF.check_state(h, self.po_coeff, state.sum, state.count)
+            return ops.poly_state_update(h, self.po_coeff, state.sum, state.count)
+        return PF.weighted_state_update(h, self.po_coeff, state.sum, state.count, weight)
+
+    def step(self, x: torch.Tensor, state: PoMState, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Decode: x (B, T, D) (usually T = 1) appended to `state`, which is updated in place. weight: (B, T)
+        weights of the new tokens (a padding mask: 0 / False adds nothing to the state), or None."""
         if not isinstance(state, PoMState):
             raise ValueError(f"pom_ext.PoM.step: argument 'state' must be a PoMState (see allocate_state), "
                              f"got {type(state).__name__}")
         self._check_x("x", x, False)
         h, s = self.project(x)
-        PF.check_state(h, self.po_coeff, state.sum, state.count)
+        if weight is None and not state.count.is_floating_point() and \
+                not (torch.is_grad_enabled() and (h.requires_grad or state.sum.requires_grad)):
+            PF.check_state(h, self.po_coeff, state.sum, state.count)
+            return self._out(s, ops.poly_state_step_(h, self.po_coeff, state.sum, state.count))
+        H, new_sum, new_count = self._update(h, state, weight)
         if torch.is_grad_enabled() and (h.requires_grad or state.sum.requires_grad):
-            H, state.sum, state.count = ops.poly_state_update(h, self.po_coeff, state.sum, state.count)
+            state.sum, state.count = new_sum, new_count
         else:
-            H = ops.poly_state_step_(h, self.po_coeff, state.sum, state.count)
+            state.sum.copy_(new_sum)
+            state.count.copy_(new_count)
         return self._out(s, H)

@@ -88,6 +88,17 @@ def poly_causal(h: torch.Tensor, coeff: torch.Tensor, block_size: int = 1,
     return torch.ops.pom_ext.poly_causal(h, coeff, block_size, cu_seqlens)
 
 
+def poly_causal_weighted(h: torch.Tensor, coeff: torch.Tensor, weight: torch.Tensor, block_size: int = 1,
+                         cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Weighted block-causal prefix mean: H_t = sum_{n <= end(t)} w_n p_n / sum_{n <= end(t)} w_n (0 where that sum
+    is 0; end(t) the last token of t's block). weight: (B, N) (or (total,) packed), bool padding or floating >= 0;
+    padded tokens (w = 0) contribute nothing. Output has h's shape; gradients for h, coeff and a floating weight."""
+    if not torch.jit.is_scripting():
+        if not _native() or not has_kernel("poly_causal_weighted", h.device):
+            return reference.poly_causal_weighted(h, coeff, weight, block_size, cu_seqlens)
+    return torch.ops.pom_ext.poly_causal_weighted(h, coeff, weight, block_size, cu_seqlens)
+
+
 def poly_causal_gated(hs: torch.Tensor, coeff: torch.Tensor, gate_bias: Optional[torch.Tensor] = None,
                       block_size: int = 1, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The causal mixer in one pass: hs = [h | pre] with E = coeff.shape[0] context columns then S gate columns

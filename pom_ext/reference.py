@@ -96,6 +96,23 @@ def poly_causal(h, coeff, block_size: int = 1, cu_seqlens=None, rope=None) -> to
     return _prefix_mean(p, block_size).to(h.dtype)
 
 
+def _weighted_prefix_mean(p, w, block_size: int):
+    n = p.shape[1]
+    end = torch.clamp((torch.arange(n, device=p.device) // block_size + 1) * block_size, max=n) - 1
+    w = w.to(p.dtype)
+    return _divide((p * w[..., None]).cumsum(1)[:, end], w.cumsum(1)[:, end][..., None])
+
+
+def poly_causal_weighted(h, coeff, weight, block_size: int = 1, cu_seqlens=None) -> torch.Tensor:
+    """Weighted block-causal prefix mean: H_t = sum_{n <= end(t)} w_n p_n / sum_{n <= end(t)} w_n, 0 where the
+    weights of the prefix sum to 0; end(t) = min(N, (t // F + 1) F) - 1."""
+    p = _poly(h, coeff)
+    if cu_seqlens is not None:
+        return torch.cat([_weighted_prefix_mean(p[a:b][None], weight[a:b][None], block_size)[0]
+                          for a, b in _segments(cu_seqlens)], 0).to(h.dtype)
+    return _weighted_prefix_mean(p, weight, block_size).to(h.dtype)
+
+
 def poly_mean_rope(h, coeff, cos, sin, positions, weight=None, cu_seqlens=None) -> torch.Tensor:
     return poly_mean(h, coeff, weight, cu_seqlens, (cos, sin, positions))
 

@@ -276,8 +276,18 @@ class PoMRoPE(PoM):
         H = torch.where(cnt > 0, new_sum / cnt.clamp_min(1), torch.zeros_like(new_sum))
         return H, new_sum
 
+    def allocate_state(self, batch_size: int, device=None, dtype: Optional[torch.dtype] = None,
+                       weighted: bool = False) -> PoMState:
+        """A zero state for `step` (see PoM.allocate_state); its count is the token count that positions continue
+        from, so weighted states are refused."""
+        if weighted:
+            _fail("weighted", "False for a rotary layer (its state counts tokens, the next position)", weighted)
+        return super().allocate_state(batch_size, device, dtype)
+
     def _chunk_positions(self, st: PoMState, B: int, T: int, positions, positions_hw, device) -> torch.Tensor:
         """Positions of an appended chunk: given, or (1-D) count + 0..T-1 per batch row."""
+        if st.count.is_floating_point():
+            _fail("state", "a state that counts tokens (int64 count; see allocate_state)", "a weighted state")
         if self.rope_2d:
             if positions is not None:
                 _fail("positions", "None for a 2-D layer (rope_2d=True): give positions_hw", "a tensor")

@@ -167,7 +167,9 @@ def build_cases():
     add("functional.state_update sum width", "state_sum", lambda: PF.state_update(h, c, torch.zeros(2, 3), n))
     add("functional.state_update sum meta", "state_sum", lambda: PF.state_update(h, c, meta(s), n))
     add("functional.state_update sum list", "state_sum", lambda: PF.state_update(h, c, [0.0], n))
-    add("functional.state_update count float", "count", lambda: PF.state_update(h, c, s, n.float()))
+    # A float count in the sum's dtype is a weighted state's weight total; another dtype is an error.
+    add("functional.state_update count float64", "count", lambda: PF.state_update(h, c, s, n.double()))
+    add("functional.state_update count int32", "count", lambda: PF.state_update(h, c, s, n.int()))
     add("functional.state_update count batch", "count", lambda: PF.state_update(h, c, s, torch.zeros(3, dtype=i64)))
     add("functional.state_update count meta", "count", lambda: PF.state_update(h, c, s, meta(n)))
     add("functional.state_update count list", "count", lambda: PF.state_update(h, c, s, [0, 0]))
@@ -248,8 +250,8 @@ def build_cases():
         lambda: layer.state_forward(x, state={"h": torch.zeros(2, 1, 32), "n": torch.tensor([1, 2, 3])}))
     add("PoM.state_forward state sum int", "state_sum",
         lambda: layer.state_forward(x, state=PoMState(torch.zeros(2, 32, dtype=i64), torch.zeros(2, dtype=i64))))
-    add("PoM.state_forward state count float", "count",
-        lambda: layer.state_forward(x, state=PoMState(torch.zeros(2, 32), torch.zeros(2))))
+    add("PoM.state_forward state count float64", "count",
+        lambda: layer.state_forward(x, state=PoMState(torch.zeros(2, 32), torch.zeros(2, dtype=torch.float64))))
     add("PoM.state_forward state count batch", "count",
         lambda: layer.state_forward(x, state=PoMState(torch.zeros(2, 32), torch.zeros(3, dtype=i64))))
     add("PoM.state_forward state meta", ("state", "state_sum"),

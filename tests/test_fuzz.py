@@ -315,6 +315,40 @@ def test_fuzz_causal(data, dtype, E, K, seed, scale, which, view, packed, expand
               f"causal F={F_} packed={packed}", floors=poly_floors(fn, [dtype, cd]))
 
 
+def causal_weight_grad_scale(F_):
+    """The size of the terms of d L / d w_j = sum_i g_i . (p_j - H_i) / W_i over the rows i whose prefix holds j:
+    sum_e |p_je| sum_i |g_ie| / W_i (W_i the weight of i's prefix, to its block's end; terms with W_i = 0 are 0)."""
+    def scale(ref_in, seeds):
+        h, c, w = ref_in[:3]
+        p, g, w = R._poly(h, c).abs(), seeds[0].double().abs(), w.double()
+        N = w.shape[1]
+        idx = torch.arange(N)
+        end = torch.clamp((idx // F_ + 1) * F_, max=N) - 1
+        W = w.cumsum(1)[:, end]
+        t = g * torch.where(W != 0, 1 / torch.where(W != 0, W, torch.ones_like(W)), torch.zeros_like(W))[..., None]
+        suffix = t.flip(1).cumsum(1).flip(1)  # sum over rows >= n
+        A = suffix[:, (idx // F_) * F_]        # from the start of j's block
+        return (p * A).sum(-1).norm().item()
+    return scale
+
+
+@given(st.data(), dtype_st, width_st, degree_st, seed_st, scale_st, isa_st, st.sampled_from(VIEWS), st.booleans())
+@FUZZ
+def test_fuzz_causal_weighted(data, dtype, E, K, seed, scale, which, view, expand_grad):
+    g = torch.Generator().manual_seed(seed)
+    cd = data.draw(coeff_dtype(dtype, K))
+    c = coeffs(g, E, K)
+    B, N = data.draw(sequence_shape(E))
+    h = torch.randn(B, N, E, generator=g, dtype=torch.float64) * scale
+    F_ = data.draw(st.one_of(st.integers(1, N + 3), st.sampled_from([1, 2048])))
+    w, wd = data.draw(weights(B, N, dtype, g))
+    fn = lambda x, impl: impl.poly_causal_weighted(x[0], x[1], x[2], F_)
+    dtypes, diff = [dtype, cd, wd], [True, True, wd is not None]
+    with isa(which):
+        check(fn, [h, c, w], dtypes, diff, view_fn(view, 3), g, expand_grad, f"causal_weighted F={F_}",
+              floors=poly_floors(fn, [d for d in dtypes if d is not None], {2: causal_weight_grad_scale(F_)}))
+
+
 @given(st.data(), dtype_st, st.integers(1, 40), degree_st, seed_st, scale_st, isa_st,
        st.sampled_from(["contig", "sliced", "transposed"]), st.sampled_from(["bool", "float"]))
 @FUZZ

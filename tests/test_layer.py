@@ -358,3 +358,100 @@ def test_forward_errors():
     _raises(lambda: layer.step(x, PoMState.allocate(3, 32)), "state_sum")
     _raises(lambda: layer.state_forward(x, state=PoMState.allocate(2, 31)), "state")
     _raises(lambda: layer.state_forward(x, state={"mean": 0}), "state")
+
+
+# ---- token weights with causal masks (padding) ----
+
+def _weighted_reference(layer, x, w, block_size):
+    """ag_proj(select(s, H)) with H the float64 reference of the weighted block-causal prefix means."""
+    h, s = layer.project(x)
+    H = R.poly_causal_weighted(h, layer.po_coeff, w, block_size)
+    return layer.ag_proj(R.select(s, H, layer.n_sel_heads))
+
+
+@pytest.mark.parametrize("block_size", [None, 4])
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"g{c[0]}h{c[1]}{'b' if c[2] else ''}")
+def test_causal_weights_match_reference(config, block_size):
+    layer = make_layer(16, 3, *config)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 21, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(3, 21, generator=g, dtype=torch.float64)
+    w[w < 0.3] = 0
+    w[2, :6] = 0  # a prefix of zero weight reads 0
+    got = layer(x, mask="causal", block_size=block_size, weight=w)
+    want = _weighted_reference(layer, x, w, 1 if block_size is None else block_size)
+    assert_close(got, want, torch.float64, "weighted causal layer")
+    gy = torch.randn_like(got)
+    params = [x] + list(layer.parameters())
+    for a, b, name in zip(torch.autograd.grad(got, params, gy), torch.autograd.grad(want, params, gy),
+                          ["x"] + [n for n, _ in layer.named_parameters()]):
+        assert_close(a, b, torch.float64, f"weighted causal grad {name}")
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"g{c[0]}h{c[1]}{'b' if c[2] else ''}")
+def test_left_padded_batch_rows_equal_rows_alone(config):
+    """A left-padded batch with its (integer, 0 / 1) attention mask: every row's outputs and gradients are the
+    ones it has alone; decoding on from the padded prompt's state continues each row exactly."""
+    layer = make_layer(16, 3, *config)
+    g = torch.Generator().manual_seed(6)
+    lengths = [9, 4, 1]
+    N = max(lengths)
+    rows = [torch.randn(1, n, 16, generator=g, dtype=torch.float64) for n in lengths]
+    x = torch.randn(3, N, 16, generator=g, dtype=torch.float64) * 50  # padding content must not matter
+    mask = torch.zeros(3, N, dtype=torch.long)
+    for b, (r, n) in enumerate(zip(rows, lengths)):
+        x[b, N - n:] = r[0]
+        mask[b, N - n:] = 1
+    x.requires_grad_()
+    out = layer(x, mask="causal", weight=mask)
+    gys = [torch.randn(1, n, 16, generator=g, dtype=torch.float64) for n in lengths]
+    gy = torch.zeros_like(out)
+    for b, n in enumerate(lengths):
+        gy[b, N - n:] = gys[b][0]
+    (gx,) = torch.autograd.grad(out, x, gy)
+    nxt = torch.randn(3, 2, 16, generator=g, dtype=torch.float64)
+    state = f64_state(layer, 3)
+    with torch.no_grad():
+        layer.step(x.detach(), state, weight=mask)  # the prompt, T = N tokens in one chunk: the state after it
+        cont = torch.cat([layer.step(nxt[:, t:t + 1], state) for t in range(2)], 1)
+    assert state.count.tolist() == [n + 2 for n in lengths]
+    for b, (r, n) in enumerate(zip(rows, lengths)):
+        xa = r.clone().requires_grad_()
+        alone = layer(xa, mask="causal")
+        (ga,) = torch.autograd.grad(alone, xa, gys[b])
+        assert_close(out[b, N - n:], alone[0], torch.float64, f"row {b}")
+        assert_close(gx[b, N - n:], ga[0], torch.float64, f"row {b} gradient")
+        assert torch.equal(gx[b, :N - n], torch.zeros(N - n, 16, dtype=torch.float64))
+        full = layer(torch.cat([r, nxt[b:b + 1]], 1), mask="causal")
+        assert_close(cont[b], full[0, n:], torch.float64, f"row {b} continued")
+
+
+def test_weighted_state_equals_weighted_causal():
+    """A weighted state (fractional weights, weight total as count): decoding token by token with the weights
+    equals the weighted causal forward; chunks see the whole chunk as with plain states."""
+    layer = decoder()
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 15, 32, generator=g, dtype=torch.float64)
+    w = torch.rand(2, 15, generator=g, dtype=torch.float64)
+    w[0, :3] = 0
+    state = layer.allocate_state(2, weighted=True)
+    assert state.count.dtype == torch.float64
+    steps = torch.cat([layer.step(x[:, t:t + 1], state, weight=w[:, t:t + 1]) for t in range(15)], 1)
+    assert_close(steps, layer(x, mask="causal", weight=w), torch.float64, "weighted decode")
+    assert_close(state.count, w.sum(1), torch.float64, "weight total")
+    out, st = layer.state_forward(x[:, :5], weight=w[:, :5], state=layer.allocate_state(2, weighted=True))
+    assert_close(out, layer(x[:, :5], mask="causal", block_size=5, weight=w[:, :5]), torch.float64, "chunk")
+
+
+def test_weight_errors_name_the_argument():
+    layer = decoder()
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    _raises(lambda: layer(x, mask="causal", weight=torch.ones(2, 4)), "weight")
+    _raises(lambda: layer(x, mask="causal", weight=torch.ones(2, 5, dtype=torch.complex64)), "weight")
+    _raises(lambda: layer(x, mask=torch.ones(2, 5), weight=torch.ones(2, 5)), "weight")
+    _raises(lambda: layer.step(x, layer.allocate_state(2), weight=torch.full((2, 5), 0.5, dtype=torch.float64)),
+            "weight")
+    _raises(lambda: layer.step(x, layer.allocate_state(2), weight=torch.ones(2, 4)), "weight")
+    # mask=None with weights is the weighted mean
+    w = torch.rand(2, 5, dtype=torch.float64)
+    assert_close(layer(x, weight=w), layer(x, mask=w), torch.float64, "weighted mean")

@@ -18,7 +18,7 @@ from conftest import DEVICES, DTYPES, TOL, assert_close, hardware_isa, rel_err
 native = pytest.mark.skipif(not pom_ext.native_available(), reason="compiled kernels not built")
 
 MODES = ["eval", "mean", "weighted", "bool", "causal", "block4", "block7", "varlen_mean", "varlen_causal",
-         "masked", "state"]
+         "masked", "state", "wcausal", "wblock5", "wpad", "varlen_wcausal"]
 DEGREES = [1, 2, 3, 4, 5, 6, 7, 8, 13]
 
 
@@ -51,11 +51,31 @@ def make_case(mode, B, N, E, K, dtype, device="cpu", seed=0, requires_grad=False
     elif mode.startswith("block") or mode == "causal":
         f = int(mode[5:]) if mode.startswith("block") else 1
         fn = lambda h, c, impl: impl.poly_causal(h, c, f)
+    elif mode in ("wcausal", "wblock5", "wpad"):
+        f = 5 if mode == "wblock5" else 1
+        if mode == "wpad":
+            # Left padding (bool): row b starts with (5 b + 2) mod (N + 1) padded tokens, so prefixes of nothing
+            # but padding occur (H = 0 there).
+            pad = torch.tensor([(5 * b + 2) % (N + 1) for b in range(B)])
+            extra = [(torch.arange(N)[None, :] >= pad[:, None]).to(device)]
+        else:
+            # Float weights with zeros inside (never the first token: the gradient w.r.t. w is defined).
+            w = torch.rand(B, N, generator=g, dtype=torch.float64)
+            w[w < 0.2] = 0
+            w[:, 0] += 0.5
+            extra = [w.to(device)]
+        fn = lambda h, c, w, impl: impl.poly_causal_weighted(h, c, w, f)
     elif mode.startswith("varlen"):
         h = h.reshape(B * N, E)
         cu = offsets(B, N, device)
         if mode == "varlen_mean":
             fn = lambda h, c, impl: impl.poly_mean(h, c, None, cu)
+        elif mode == "varlen_wcausal":
+            w = torch.rand(B * N, generator=g, dtype=torch.float64)
+            w[w < 0.2] = 0
+            w[cu[:-1].long().clamp(max=max(B * N - 1, 0))] += 0.5  # every sequence's first token weighs > 0
+            extra = [w.to(device)]
+            fn = lambda h, c, w, impl: impl.poly_causal_weighted(h, c, w, 3, cu)
         else:
             fn = lambda h, c, impl: impl.poly_causal(h, c, 3, cu)
     elif mode == "masked":
@@ -167,12 +187,13 @@ def test_gradients(dtype, mode, K, device):
     check_grads(mode, 2, 63, 48, K, dtype, device)
 
 
-@pytest.mark.parametrize("mode", ["mean", "weighted", "causal", "block7", "varlen_causal", "state"])
+@pytest.mark.parametrize("mode", ["mean", "weighted", "causal", "block7", "varlen_causal", "state", "wcausal",
+                                  "wblock5", "wpad"])
 def test_gradients_cpu_isas(cpu_isa, mode):
     check_grads(mode, 2, 129, 600, 3, torch.float32)
 
 
-@pytest.mark.parametrize("mode", [m for m in MODES if m != "bool"])
+@pytest.mark.parametrize("mode", [m for m in MODES if m not in ("bool", "wpad")])
 @pytest.mark.parametrize("K", [2, 5])
 def test_gradcheck(mode, K):
     fn, inputs = make_case(mode, 2, 9, 5, K, torch.float64, requires_grad=True)
@@ -219,6 +240,12 @@ def opcheck_cases():
         ("block", o.poly_causal, (h, c, 4, None)),
         ("causal_varlen", o.poly_causal, (hp, c, 2, cu)),
         ("causal_bwd", o.poly_causal_backward, (torch.randn_like(h), h, c, 3, None)),
+        ("causal_weighted", o.poly_causal_weighted, (h, c, w, 1, None)),
+        ("block_weighted", o.poly_causal_weighted, (h, c, w, 4, None)),
+        ("causal_weighted_bool", o.poly_causal_weighted, (h, c, w.detach() > 0.5, 3, None)),
+        ("causal_weighted_varlen", o.poly_causal_weighted, (hp, c, torch.rand(34, dtype=torch.float64), 2, cu)),
+        ("causal_weighted_bwd", o.poly_causal_weighted_backward,
+         (torch.randn_like(h), ops.poly_causal_weighted(h, c, w).detach(), h, c, w, 1, None, True)),
         ("state", o.poly_state_update, (h, c, s, n)),
         ("state_bwd", o.poly_state_update_backward, (torch.randn(2, 8, dtype=torch.float64), torch.randn_like(s), h, c,
                                                      n)),
@@ -289,6 +316,36 @@ def test_zero_weight_rows_give_zero(dtype):
     assert torch.isfinite(H3).all() and H3[1].abs().sum() == 0
 
 
+@pytest.mark.parametrize("block_size", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_causal_weighted_padding_is_invisible(dtype, block_size):
+    """A row behind left padding (or before right padding) gives the outputs and gradients it gives alone; the
+    padded positions read 0 until a real token arrives and get no gradient."""
+    g = torch.Generator().manual_seed(11)
+    E, n, pad = 24, 13, 8  # pad a multiple of the block size: blocks stay aligned with the row alone
+    x = torch.randn(1, n, E, generator=g, dtype=dtype)
+    junk = torch.randn(1, pad, E, generator=g, dtype=dtype) * 100
+    c = torch.randn(E, 3, generator=g, dtype=dtype)
+    gy = torch.randn(1, n, E, generator=g, dtype=dtype)
+    for left in (True, False):
+        h = (torch.cat([junk, x], 1) if left else torch.cat([x, junk], 1)).requires_grad_()
+        w = torch.ones(1, n + pad, dtype=torch.bool)
+        real = slice(pad, None) if left else slice(0, n)
+        w[:, slice(0, pad) if left else slice(n, None)] = False
+        H = ops.poly_causal_weighted(h, c, w, block_size)
+        gfull = torch.zeros(1, n + pad, E, dtype=dtype)
+        gfull[:, real] = gy
+        (gh,) = torch.autograd.grad(H, h, gfull)
+        xa = x.clone().requires_grad_()
+        Ha = ops.poly_causal(xa, c, block_size)
+        (ga,) = torch.autograd.grad(Ha, xa, gy)
+        assert_close(H[:, real], Ha, dtype, "padded row")
+        assert_close(gh[:, real], ga, dtype, "padded row gradient")
+        assert torch.equal(gh[:, slice(0, pad) if left else slice(n, None)], torch.zeros(1, pad, E, dtype=dtype))
+        if left:
+            assert torch.equal(H[:, :pad], torch.zeros(1, pad, E, dtype=dtype))
+
+
 def test_empty_sequences():
     h = torch.randn(0, 5, dtype=torch.float32)
     c = torch.randn(5, 2)
@@ -313,7 +370,8 @@ def test_state_step_in_place_matches_functional():
     assert s2.data_ptr() == ptr
 
 
-@pytest.mark.parametrize("mode", ["mean", "weighted", "causal", "block7", "varlen_causal", "state"])
+@pytest.mark.parametrize("mode", ["mean", "weighted", "causal", "block7", "varlen_causal", "state", "wcausal",
+                                  "wblock5"])
 def test_bitwise_deterministic(cpu_isa, mode):
     fn, inputs = make_case(mode, 2, 700, 96, 3, torch.float64, requires_grad=True)
     inputs = cast(inputs, torch.float32)
@@ -400,6 +458,16 @@ def test_op_errors_name_the_argument():
     _raises(lambda: o.poly_causal(hp, c, 1, torch.tensor([0., 10.])), "cu_seqlens")
     _raises(lambda: o.poly_causal(hp, c, 1, torch.tensor([0], dtype=torch.int32)), "cu_seqlens")
     _raises(lambda: o.poly_causal_backward(torch.randn(2, 4, 4), h, c, 1, None), "grad_H")
+    w = torch.rand(2, 5)
+    _raises(lambda: o.poly_causal_weighted(h, c, torch.rand(2, 4)), "weight")
+    _raises(lambda: o.poly_causal_weighted(h, c, torch.rand(5)), "weight")
+    _raises(lambda: o.poly_causal_weighted(h, c, torch.ones(2, 5, dtype=torch.long)), "weight")
+    _raises(lambda: o.poly_causal_weighted(h, c, w, 0), "block_size")
+    _raises(lambda: o.poly_causal_weighted(hp, c, torch.rand(2, 5), 1, torch.tensor([0, 10], dtype=torch.int32)),
+            "weight")
+    _raises(lambda: o.poly_causal_weighted(h.long(), c, w), "h")
+    _raises(lambda: o.poly_causal_weighted_backward(torch.randn(2, 4, 4), h, h, c, w, 1, None, False), "grad_H")
+    _raises(lambda: o.poly_causal_weighted_backward(h, h[:, :4], h, c, w, 1, None, False), "H")
     s, n = torch.zeros(2, 4), torch.zeros(2, dtype=torch.long)
     _raises(lambda: o.poly_state_update(h, c, torch.zeros(3, 4), n), "state_sum")
     _raises(lambda: o.poly_state_update(h, c, torch.zeros(2, 5), n), "state_sum")
@@ -432,7 +500,12 @@ def test_functional_errors_name_the_argument():
     _raises(lambda: PF.pom(h, torch.rand(2, 3, 4), c, "causal"), "s")
     _raises(lambda: PF.state_update(h, c, torch.zeros(2, 4, dtype=torch.int32), torch.zeros(2, dtype=torch.long)),
             "state_sum")
-    _raises(lambda: PF.state_update(h, c, torch.zeros(2, 4), torch.zeros(2)), "count")
+    _raises(lambda: PF.state_update(h, c, torch.zeros(2, 4), torch.zeros(2, dtype=torch.int32)), "count")
+    _raises(lambda: PF.state_update(h, c, torch.zeros(2, 4), torch.zeros(2, dtype=torch.float64)), "count")
+    _raises(lambda: PF.weighted_state_update(h, c, torch.zeros(2, 4), torch.zeros(2, dtype=torch.long),
+                                             torch.full((2, 5), 0.5)), "weight")
+    _raises(lambda: PF.weighted_state_update(h, c, torch.zeros(2, 4), torch.zeros(2, dtype=torch.long),
+                                             torch.ones(2, 4)), "weight")
 
 
 def test_fallback_warns_once_at_first_use():

@@ -51,6 +51,9 @@ using MeanBwdSig = T3(const at::Tensor&, const at::Tensor&, const at::Tensor&, c
                       const OptTensor&, bool);
 using CausalSig = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const OptTensor&);
 using CausalBwdSig = T2(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, const OptTensor&);
+using WeightedSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, const OptTensor&);
+using WeightedBwdSig = T3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                          const at::Tensor&, int64_t, const OptTensor&, bool);
 using GatedSig = at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, int64_t, const OptTensor&);
 using GatedBwdSig = T3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, int64_t,
                        const OptTensor&);
@@ -76,6 +79,8 @@ POM_HANDLE(mean_op, MeanSig, "poly_mean")
 POM_HANDLE(mean_bwd_op, MeanBwdSig, "poly_mean_backward")
 POM_HANDLE(causal_op, CausalSig, "poly_causal")
 POM_HANDLE(causal_bwd_op, CausalBwdSig, "poly_causal_backward")
+POM_HANDLE(weighted_op, WeightedSig, "poly_causal_weighted")
+POM_HANDLE(weighted_bwd_op, WeightedBwdSig, "poly_causal_weighted_backward")
 POM_HANDLE(gated_op, GatedSig, "poly_causal_gated")
 POM_HANDLE(gated_bwd_op, GatedBwdSig, "poly_causal_gated_backward")
 POM_HANDLE(state_op, StateSig, "poly_state_update")
@@ -116,6 +121,17 @@ at::Tensor poly_causal(const at::Tensor& h, const at::Tensor& coeff, int64_t blo
 T2 poly_causal_backward(const at::Tensor& grad_H, const at::Tensor& h, const at::Tensor& coeff, int64_t block_size,
                         const OptTensor& cu_seqlens) {
   return call<false>(causal_bwd_op(), grad_H, h, coeff, block_size, cu_seqlens);
+}
+
+at::Tensor poly_causal_weighted(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& weight,
+                                int64_t block_size, const OptTensor& cu_seqlens) {
+  return call<false>(weighted_op(), h, coeff, weight, block_size, cu_seqlens);
+}
+
+T3 poly_causal_weighted_backward(const at::Tensor& grad_H, const at::Tensor& H, const at::Tensor& h,
+                                 const at::Tensor& coeff, const at::Tensor& weight, int64_t block_size,
+                                 const OptTensor& cu_seqlens, bool weight_grad) {
+  return call<false>(weighted_bwd_op(), grad_H, H, h, coeff, weight, block_size, cu_seqlens, weight_grad);
 }
 
 at::Tensor poly_causal_gated(const at::Tensor& hs, const at::Tensor& coeff, const OptTensor& gate_bias,
@@ -175,6 +191,11 @@ at::Tensor poly_mean(const at::Tensor& h, const at::Tensor& coeff, const OptTens
 at::Tensor poly_causal(const at::Tensor& h, const at::Tensor& coeff, int64_t block_size,
                        const OptTensor& cu_seqlens) {
   return call<true>(causal_op(), h, coeff, block_size, cu_seqlens);
+}
+
+at::Tensor poly_causal_weighted(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& weight,
+                                int64_t block_size, const OptTensor& cu_seqlens) {
+  return call<true>(weighted_op(), h, coeff, weight, block_size, cu_seqlens);
 }
 
 at::Tensor poly_causal_gated(const at::Tensor& hs, const at::Tensor& coeff, const OptTensor& gate_bias,

@@ -23,6 +23,11 @@
   std::tuple<at::Tensor, at::Tensor> poly_causal_backward_cpu(const at::Tensor& grad_H, const at::Tensor& h,      \
                                                               const at::Tensor& coeff, int64_t block_size,        \
                                                               const c10::optional<at::Tensor>& cu_seqlens);       \
+  at::Tensor poly_causal_weighted_cpu(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& weight,       \
+                                      int64_t block_size, const c10::optional<at::Tensor>& cu_seqlens);           \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_causal_weighted_backward_cpu(                               \
+      const at::Tensor& grad_H, const at::Tensor& H, const at::Tensor& h, const at::Tensor& coeff,                \
+      const at::Tensor& weight, int64_t block_size, const c10::optional<at::Tensor>& cu_seqlens, bool weight_grad); \
   at::Tensor poly_causal_gated_cpu(const at::Tensor& hs, const at::Tensor& coeff,                                 \
                                    const c10::optional<at::Tensor>& gate_bias, int64_t block_size,                \
                                    const c10::optional<at::Tensor>& cu_seqlens);                                  \

@@ -16,5 +16,6 @@
 #include "pom_ext/library.h"
 #include "pom_ext/poly_math.h"
 #include "pom_ext/state_grad.h"
+#include "pom_ext/weight_grad.h"
 #include "output_pool.h"
 #include "poly_cpu.h"

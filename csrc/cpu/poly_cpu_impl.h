@@ -185,12 +185,15 @@ inline void poly_row(const acc_t* __restrict x, acc_t* __restrict p, const acc_t
   for (int64_t e = 0; e < n; ++e) p[e] = math::poly<K>(math::act(x[e]), cT + e0 + e, E, deg);
 }
 
-// One row of a forward scan: (run, comp) += p(x) (Kahan); with OUT also o = (run - comp) * inv.
-template <int K, bool OUT, typename acc_t>
+// One row of a forward scan: (run, comp) += p(x) (Kahan), w * p(x) when WEIGHTED; with OUT also
+// o = (run - comp) * inv.
+template <int K, bool OUT, bool WEIGHTED = false, typename acc_t>
 inline void scan_row(const acc_t* __restrict x, acc_t* __restrict run, acc_t* __restrict comp, acc_t* __restrict o,
-                     acc_t inv, const acc_t* __restrict cT, int64_t E, int64_t e0, int64_t n, int deg) {
+                     acc_t inv, const acc_t* __restrict cT, int64_t E, int64_t e0, int64_t n, int deg,
+                     acc_t w = acc_t(1)) {
   for (int64_t e = 0; e < n; ++e) {
-    math::kahan_add(run[e], comp[e], math::poly<K>(math::act(x[e]), cT + e0 + e, E, deg));
+    const acc_t pv = math::poly<K>(math::act(x[e]), cT + e0 + e, E, deg);
+    math::kahan_add(run[e], comp[e], WEIGHTED ? w * pv : pv);
     if (OUT) o[e] = (run[e] - comp[e]) * inv;
   }
 }
@@ -219,14 +222,14 @@ inline void poly_row_backward(const acc_t* __restrict x, const acc_t* __restrict
 
 // R consecutive rows of the reverse scan of a token-causal backward, fused, rows in scan order (row i is
 // the one before row i - 1 in the sequence): ghat_i = g_i (* s_i when GATED) * inv_i enters the Kahan suffix
-// sum (run, comp), and the element backward runs with the sum: gx_i = (run - comp) * dp/dh(x_i),
-// f[k] += sum_i (run - comp)_i * act(x_i)^(k+1). The running sums and f are read and written once per R rows
-// (R = 1: one row).
-template <int K, bool GATED, int R, typename acc_t>
+// sum (run, comp), and the element backward runs with the sum (times the row's weight w_i when WEIGHTED):
+// gx_i = (run - comp) * dp/dh(x_i), f[k] += sum_i (run - comp)_i * act(x_i)^(k+1). The running sums and f are
+// read and written once per R rows (R = 1: one row).
+template <int K, bool GATED, int R, bool WEIGHTED, typename acc_t>
 inline void scan_rows_backward(const acc_t* const* x, const acc_t* const* g, const acc_t* const* s,
-                               const acc_t* inv, acc_t* __restrict run, acc_t* __restrict comp, acc_t* const* gx,
-                               acc_t* __restrict f, const acc_t* __restrict cT, int64_t E, int64_t e0, int64_t n,
-                               int deg, math::ActGrad<acc_t> ag) {
+                               const acc_t* inv, const acc_t* w, acc_t* __restrict run, acc_t* __restrict comp,
+                               acc_t* const* gx, acc_t* __restrict f, const acc_t* __restrict cT, int64_t E,
+                               int64_t e0, int64_t n, int deg, math::ActGrad<acc_t> ag) {
 #pragma GCC ivdep
   for (int64_t e = 0; e < n; ++e) {
     acc_t r = run[e], c = comp[e];
@@ -236,6 +239,7 @@ inline void scan_rows_backward(const acc_t* const* x, const acc_t* const* g, con
       if constexpr (GATED) ge *= s[i][e];
       math::kahan_add(r, c, ge * inv[i]);
       gb[i] = r - c;
+      if constexpr (WEIGHTED) gb[i] *= w[i];
       const acc_t u = x[i][e];
       a[i] = math::act(u);
       acc_t pv, dp;
@@ -858,12 +862,45 @@ Gate<scalar_t> make_gate(const at::Tensor& pre, const int64_t* cu, int64_t E, co
   return g;
 }
 
-// Totals of p over every chunk that has a successor in its group (fp64, tasks x W): the carries of a
-// forward scan that was cut into chunks.
+// The token weights of the weighted causal op: row n of sequence b enters the prefix sums as w_n p_n and reads
+// them times inv_n = 1 / (the sum of w over the rows it sees, up to the end of its block), 0 where that sum is 0.
+template <typename acc_t>
+struct Weights {
+  const acc_t* w = nullptr;  // (B, N), or (total,) when packed; contiguous, in the accumulation dtype
+  Rows r;
+  std::vector<acc_t> inv;  // indexed like w
+  acc_t at(int64_t b, int64_t n) const { return w[r.off(b, n)]; }
+  acc_t inverse(int64_t b, int64_t n) const { return inv[r.off(b, n)]; }
+};
+
+// wa: the weight converted to acc_t and made contiguous; the prefix sums of w in fp64.
+template <typename acc_t>
+Weights<acc_t> make_weights(const at::Tensor& wa, const int64_t* cu, int64_t B, int64_t F) {
+  Weights<acc_t> wt;
+  wt.w = wa.data_ptr<acc_t>();
+  wt.r = rows_of(wa, cu);
+  wt.inv.assign(static_cast<size_t>(wa.numel()), acc_t(0));
+  std::vector<double> cum;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t L = wt.r.len(b);
+    cum.assign(static_cast<size_t>(L), 0.0);
+    double run = 0;
+    for (int64_t n = 0; n < L; ++n) cum[n] = run += static_cast<double>(wt.at(b, n));
+    for (int64_t n = 0; n < L; ++n) {
+      const double total = cum[std::min(L, (n / F + 1) * F) - 1];
+      wt.inv[wt.r.off(b, n)] = total != 0 ? static_cast<acc_t>(1.0 / total) : acc_t(0);
+    }
+  }
+  return wt;
+}
+
+// Totals of p (w p with weights) over every chunk that has a successor in its group (fp64, tasks x W): the
+// carries of a forward scan that was cut into chunks.
 template <typename scalar_t, int K>
 std::vector<double> forward_carries(const scalar_t* h, const Rows& hr, int64_t E,
                                     const std::vector<at::opmath_type<scalar_t>>& cT, int deg,
-                                    const std::vector<ScanTask>& tasks, int64_t W) {
+                                    const std::vector<ScanTask>& tasks, int64_t W,
+                                    const Weights<at::opmath_type<scalar_t>>* wt = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t nt = static_cast<int64_t>(tasks.size());
   std::vector<double> tot(nt * W, 0.0);
@@ -877,7 +914,12 @@ std::vector<double> forward_carries(const scalar_t* h, const Rows& hr, int64_t E
       for (int64_t n = t.n0; n < t.n1; ++n) {
         poly_row<K>(in_row(h + hr.off(t.b, n) + t.e0 * hr.sE, hr.sE, t.width, x), p, cT.data(), E, t.e0, t.width,
                     deg);
-        for (int64_t e = 0; e < t.width; ++e) f[e] += p[e];
+        if (wt) {
+          const acc_t wn = wt->at(t.b, n);
+          for (int64_t e = 0; e < t.width; ++e) f[e] += wn * p[e];
+        } else {
+          for (int64_t e = 0; e < t.width; ++e) f[e] += p[e];
+        }
         if ((n - t.n0 + 1) % kFlushRows == 0) flush(f, &tot[i * W], t.width);
       }
       flush(f, &tot[i * W], t.width);
@@ -902,15 +944,16 @@ void start_from_carry(const std::vector<double>& tot, int64_t W, const ScanTask&
   }
 }
 
-// out = H (plain) or gate * H (gated), H the block-causal prefix mean of p(h).
+// out = H (plain) or gate * H (gated), H the block-causal prefix mean of p(h), or with weights wt its weighted
+// prefix mean.
 template <typename scalar_t, int K>
 void causal_forward(const scalar_t* h, const Rows& hr, int64_t E, const std::vector<at::opmath_type<scalar_t>>& cT,
                     int deg, int64_t F, const std::vector<ScanTask>& tasks, const Gate<scalar_t>* gate,
-                    scalar_t* out, const Rows& outr) {
+                    const Weights<at::opmath_type<scalar_t>>* wt, scalar_t* out, const Rows& outr) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t nt = static_cast<int64_t>(tasks.size());
   const int64_t W = max_width(tasks);
-  const std::vector<double> tot = forward_carries<scalar_t, K>(h, hr, E, cT, deg, tasks, W);
+  const std::vector<double> tot = forward_carries<scalar_t, K>(h, hr, E, cT, deg, tasks, W, wt);
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
     RowBufs<acc_t> buf(6, W);
     acc_t *x = buf[0], *run = buf[1], *comp = buf[2], *o = buf[3], *s = buf[4], *gx = buf[5];
@@ -920,8 +963,14 @@ void causal_forward(const scalar_t* h, const Rows& hr, int64_t E, const std::vec
       if (F == 1) {
         for (int64_t n = t.n0; n < t.n1; ++n) {
           acc_t* orow = out_row(out + outr.off(t.b, n) + t.e0, o);
-          scan_row<K, true>(in_row(h + hr.off(t.b, n) + t.e0 * hr.sE, hr.sE, t.width, x), run, comp, orow,
-                            acc_t(1) / static_cast<acc_t>(n + 1), cT.data(), E, t.e0, t.width, deg);
+          const acc_t* xr = in_row(h + hr.off(t.b, n) + t.e0 * hr.sE, hr.sE, t.width, x);
+          if (wt) {
+            scan_row<K, true, true>(xr, run, comp, orow, wt->inverse(t.b, n), cT.data(), E, t.e0, t.width, deg,
+                                    wt->at(t.b, n));
+          } else {
+            scan_row<K, true>(xr, run, comp, orow, acc_t(1) / static_cast<acc_t>(n + 1), cT.data(), E, t.e0,
+                              t.width, deg);
+          }
           if (gate) {
             gate->values(t.b, n, t.e0, t.width, s, gx);
             for (int64_t e = 0; e < t.width; ++e) orow[e] *= s[e];
@@ -933,10 +982,14 @@ void causal_forward(const scalar_t* h, const Rows& hr, int64_t E, const std::vec
       for (int64_t blk = t.n0; blk < t.n1; blk += F) {
         const int64_t bend = std::min(blk + F, t.n1);
         for (int64_t n = blk; n < bend; ++n) {
-          scan_row<K, false>(in_row(h + hr.off(t.b, n) + t.e0 * hr.sE, hr.sE, t.width, x), run, comp, o, acc_t(0),
-                             cT.data(), E, t.e0, t.width, deg);
+          const acc_t* xr = in_row(h + hr.off(t.b, n) + t.e0 * hr.sE, hr.sE, t.width, x);
+          if (wt) {
+            scan_row<K, false, true>(xr, run, comp, o, acc_t(0), cT.data(), E, t.e0, t.width, deg, wt->at(t.b, n));
+          } else {
+            scan_row<K, false>(xr, run, comp, o, acc_t(0), cT.data(), E, t.e0, t.width, deg);
+          }
         }
-        const acc_t inv = acc_t(1) / static_cast<acc_t>(bend);
+        const acc_t inv = wt ? wt->inverse(t.b, blk) : acc_t(1) / static_cast<acc_t>(bend);
         for (int64_t e = 0; e < t.width; ++e) o[e] = (run[e] - comp[e]) * inv;
         for (int64_t n = blk; n < bend; ++n) {
           scalar_t* dst = out + outr.off(t.b, n) + t.e0;
@@ -954,11 +1007,13 @@ void causal_forward(const scalar_t* h, const Rows& hr, int64_t E, const std::vec
 }
 
 // Reverse scan: gh = dp/dh * sum_{t >= n} ghat_t and grad_coeff partials, where ghat is g (plain) or
-// g * gate (gated) summed over each block and divided by the block's end.
+// g * gate (gated) summed over each block and divided by the block's end; with weights wt divided by the weight
+// the block's rows see, and row n's share times w_n.
 template <typename scalar_t, int K>
 void causal_backward(const scalar_t* g, const Rows& gr, const scalar_t* h, const Rows& hr, int64_t E,
                      const std::vector<at::opmath_type<scalar_t>>& cT, int deg, int64_t F,
-                     const std::vector<ScanTask>& tasks, const Gate<scalar_t>* gate, scalar_t* gh, const Rows& ghr,
+                     const std::vector<ScanTask>& tasks, const Gate<scalar_t>* gate,
+                     const Weights<at::opmath_type<scalar_t>>* wt, scalar_t* gh, const Rows& ghr,
                      std::vector<double>& part) {
   using acc_t = at::opmath_type<scalar_t>;
   const math::ActGrad<acc_t> ag = math::act_grad_rule<acc_t>();
@@ -979,7 +1034,7 @@ void causal_backward(const scalar_t* g, const Rows& gr, const scalar_t* h, const
         for (int64_t e = 0; e < t.width; ++e) math::kahan_add(G[e], comp[e], xr[e]);
       }
     }
-    const acc_t inv = acc_t(1) / static_cast<acc_t>(bend);
+    const acc_t inv = wt ? wt->inverse(t.b, blk) : acc_t(1) / static_cast<acc_t>(bend);
     for (int64_t e = 0; e < t.width; ++e) G[e] = (G[e] - comp[e]) * inv;
   };
   // Pass 1: totals of every chunk that has a predecessor in its group (the reverse scan's carries).
@@ -1024,7 +1079,7 @@ void causal_backward(const scalar_t* g, const Rows& gr, const scalar_t* h, const
           const acc_t* gv[R];
           const acc_t* sv[R];
           acc_t* gxr[R];
-          acc_t inv[R];
+          acc_t inv[R], wv[R];
           // The rows kPrefetchRows ahead in the walk (before n in memory): h, g, the gate and the output row.
           for (int r = 0; r < R; ++r) {
             const int64_t m = n - r - kPrefetchRows;
@@ -1041,14 +1096,18 @@ void causal_backward(const scalar_t* g, const Rows& gr, const scalar_t* h, const
             gxr[r] = out_row(gh + ghr.off(t.b, m) + t.e0, buf[4 * r + 2]);
             sv[r] = buf[4 * r + 3];
             if (gate) gate->values(t.b, m, t.e0, t.width, buf[4 * r + 3], sx);
-            inv[r] = acc_t(1) / static_cast<acc_t>(m + 1);
+            inv[r] = wt ? wt->inverse(t.b, m) : acc_t(1) / static_cast<acc_t>(m + 1);
+            wv[r] = wt ? wt->at(t.b, m) : acc_t(1);
           }
           if (gate) {
-            scan_rows_backward<K, true, R>(xr, gv, sv, inv, acc, comp, gxr, f.data(), cT.data(), E, t.e0, t.width,
-                                           deg, ag);
+            scan_rows_backward<K, true, R, false>(xr, gv, sv, inv, wv, acc, comp, gxr, f.data(), cT.data(), E, t.e0,
+                                                  t.width, deg, ag);
+          } else if (wt) {
+            scan_rows_backward<K, false, R, true>(xr, gv, sv, inv, wv, acc, comp, gxr, f.data(), cT.data(), E, t.e0,
+                                                  t.width, deg, ag);
           } else {
-            scan_rows_backward<K, false, R>(xr, gv, sv, inv, acc, comp, gxr, f.data(), cT.data(), E, t.e0,
-                                            t.width, deg, ag);
+            scan_rows_backward<K, false, R, false>(xr, gv, sv, inv, wv, acc, comp, gxr, f.data(), cT.data(), E,
+                                                   t.e0, t.width, deg, ag);
           }
           for (int r = 0; r < R; ++r) commit_row(gh + ghr.off(t.b, n - r) + t.e0, t.width, gxr[r]);
           rows += R;
@@ -1074,8 +1133,8 @@ void causal_backward(const scalar_t* g, const Rows& gr, const scalar_t* h, const
         for (int64_t n = blk; n < bend; ++n) {
           acc_t* gxr = out_row(gh + ghr.off(t.b, n) + t.e0, gx);
           poly_row_backward<K, true, false, acc_t>(in_row(h + hr.off(t.b, n) + t.e0 * hr.sE, hr.sE, t.width, x), gb,
-                                                   acc_t(1), gxr, f.data(), nullptr, cT.data(), E, t.e0, t.width, deg,
-                                                   ag);
+                                                   wt ? wt->at(t.b, n) : acc_t(1), gxr, f.data(), nullptr, cT.data(),
+                                                   E, t.e0, t.width, deg, ag);
           commit_row(gh + ghr.off(t.b, n) + t.e0, t.width, gxr);
           if (++rows % kFlushRows == 0) flush(f.data(), d, deg * t.width);
         }
@@ -1151,10 +1210,10 @@ at::Tensor scan_coeff_grad(const std::vector<double>& part, const std::vector<Sc
   return reduce_coeff_grad(packed, e0s, widths, deg, E, coeff);
 }
 
-at::Tensor poly_causal_cpu(const at::Tensor& h, const at::Tensor& coeff, int64_t block_size,
-                           const c10::optional<at::Tensor>& cu_seqlens) {
-  const char* op = "pom_ext::poly_causal";
-  checks::causal_args(op, h, coeff, block_size, cu_seqlens);
+// The plain and the weighted causal ops (weight: (B, N) or (total,), bool or floating; none for poly_causal).
+at::Tensor causal_op(const char* op, const at::Tensor& h, const at::Tensor& coeff,
+                     const c10::optional<at::Tensor>& weight, int64_t block_size,
+                     const c10::optional<at::Tensor>& cu_seqlens) {
   const int deg = static_cast<int>(coeff.size(1));
   const int64_t E = h.size(-1), B = checks::batch_of(h, cu_seqlens);
   auto cu = host_offsets(op, cu_seqlens, h.size(0));
@@ -1163,21 +1222,24 @@ at::Tensor poly_causal_cpu(const at::Tensor& h, const at::Tensor& coeff, int64_t
   auto out = pooled_empty(h.sizes(), h.options());
   const Rows outr = rows_of(out, cup);
   auto tasks = scan_tasks(hr, B, E, block_size);
+  const at::Tensor wa = weight_as(weight, acc_type_of(h.scalar_type()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "poly_causal_cpu", [&] {
-    auto cT = coeff_table<at::opmath_type<scalar_t>>(coeff);
+    using acc_t = at::opmath_type<scalar_t>;
+    auto cT = coeff_table<acc_t>(coeff);
+    const Weights<acc_t> wt = weight ? make_weights<acc_t>(wa, cup, B, block_size) : Weights<acc_t>();
     dispatch_degree(deg, [&](auto Kc) {
       causal_forward<scalar_t, decltype(Kc)::value>(h.data_ptr<scalar_t>(), hr, E, cT, deg, block_size, tasks,
-                                                    nullptr, out.data_ptr<scalar_t>(), outr);
+                                                    nullptr, weight ? &wt : nullptr, out.data_ptr<scalar_t>(), outr);
     });
   });
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> poly_causal_backward_cpu(const at::Tensor& grad_H, const at::Tensor& h,
-                                                            const at::Tensor& coeff, int64_t block_size,
-                                                            const c10::optional<at::Tensor>& cu_seqlens) {
-  const char* op = "pom_ext::poly_causal_backward";
-  checks::causal_backward_args(op, grad_H, h, coeff, block_size, cu_seqlens);
+// (grad_h, grad_coeff) of causal_op.
+std::tuple<at::Tensor, at::Tensor> causal_backward_op(const char* op, const at::Tensor& grad_H, const at::Tensor& h,
+                                                      const at::Tensor& coeff, const c10::optional<at::Tensor>& weight,
+                                                      int64_t block_size,
+                                                      const c10::optional<at::Tensor>& cu_seqlens) {
   const int deg = static_cast<int>(coeff.size(1));
   const int64_t E = h.size(-1), B = checks::batch_of(h, cu_seqlens);
   auto cu = host_offsets(op, cu_seqlens, h.size(0));
@@ -1188,18 +1250,54 @@ std::tuple<at::Tensor, at::Tensor> poly_causal_backward_cpu(const at::Tensor& gr
   auto gh = pooled_empty(h.sizes(), h.options());
   const Rows ghr = rows_of(gh, cup);
   auto tasks = scan_tasks(hr, B, E, block_size);
+  const at::Tensor wa = weight_as(weight, acc_type_of(h.scalar_type()));
   at::Tensor gc;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "poly_causal_backward_cpu", [&] {
-    auto cT = coeff_table<at::opmath_type<scalar_t>>(coeff);
+    using acc_t = at::opmath_type<scalar_t>;
+    auto cT = coeff_table<acc_t>(coeff);
+    const Weights<acc_t> wt = weight ? make_weights<acc_t>(wa, cup, B, block_size) : Weights<acc_t>();
     std::vector<double> part;
     dispatch_degree(deg, [&](auto Kc) {
       causal_backward<scalar_t, decltype(Kc)::value>(g.data_ptr<scalar_t>(), gr, h.data_ptr<scalar_t>(), hr, E, cT,
-                                                     deg, block_size, tasks, nullptr, gh.data_ptr<scalar_t>(), ghr,
-                                                     part);
+                                                     deg, block_size, tasks, nullptr, weight ? &wt : nullptr,
+                                                     gh.data_ptr<scalar_t>(), ghr, part);
     });
     gc = scan_coeff_grad(part, tasks, deg, E, coeff);
   });
   return {gh, gc};
+}
+
+at::Tensor poly_causal_cpu(const at::Tensor& h, const at::Tensor& coeff, int64_t block_size,
+                           const c10::optional<at::Tensor>& cu_seqlens) {
+  const char* op = "pom_ext::poly_causal";
+  checks::causal_args(op, h, coeff, block_size, cu_seqlens);
+  return causal_op(op, h, coeff, c10::nullopt, block_size, cu_seqlens);
+}
+
+std::tuple<at::Tensor, at::Tensor> poly_causal_backward_cpu(const at::Tensor& grad_H, const at::Tensor& h,
+                                                            const at::Tensor& coeff, int64_t block_size,
+                                                            const c10::optional<at::Tensor>& cu_seqlens) {
+  const char* op = "pom_ext::poly_causal_backward";
+  checks::causal_backward_args(op, grad_H, h, coeff, block_size, cu_seqlens);
+  return causal_backward_op(op, grad_H, h, coeff, c10::nullopt, block_size, cu_seqlens);
+}
+
+at::Tensor poly_causal_weighted_cpu(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& weight,
+                                    int64_t block_size, const c10::optional<at::Tensor>& cu_seqlens) {
+  const char* op = "pom_ext::poly_causal_weighted";
+  checks::causal_weighted_args(op, h, coeff, weight, block_size, cu_seqlens);
+  return causal_op(op, h, coeff, weight, block_size, cu_seqlens);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_causal_weighted_backward_cpu(
+    const at::Tensor& grad_H, const at::Tensor& H, const at::Tensor& h, const at::Tensor& coeff,
+    const at::Tensor& weight, int64_t block_size, const c10::optional<at::Tensor>& cu_seqlens, bool weight_grad) {
+  const char* op = "pom_ext::poly_causal_weighted_backward";
+  checks::causal_weighted_backward_args(op, grad_H, H, h, coeff, weight, block_size, cu_seqlens);
+  auto [gh, gc] = causal_backward_op(op, grad_H, h, coeff, weight, block_size, cu_seqlens);
+  at::Tensor gw = weight_grad ? causal_weight_grad(grad_H, H, poly_eval_cpu(h, coeff), weight, block_size, cu_seqlens)
+                              : at::empty({0}, h.options());
+  return {gh, gc, gw};
 }
 
 // What both gated ops derive from their arguments: the split of hs = [h | pre], the packed offsets and the
@@ -1245,7 +1343,7 @@ at::Tensor poly_causal_gated_cpu(const at::Tensor& hs, const at::Tensor& coeff,
     const Gate<scalar_t> gate = make_gate<scalar_t>(a.pre, a.cup, a.E, gate_bias);
     dispatch_degree(a.deg, [&](auto Kc) {
       causal_forward<scalar_t, decltype(Kc)::value>(a.h.data_ptr<scalar_t>(), a.hr, a.E, cT, a.deg, block_size,
-                                                    a.tasks, &gate, out.data_ptr<scalar_t>(), outr);
+                                                    a.tasks, &gate, nullptr, out.data_ptr<scalar_t>(), outr);
     });
   });
   return out;
@@ -1273,7 +1371,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_causal_gated_backward_cpu(
       causal_gate_backward<scalar_t, Kv>(g.data_ptr<scalar_t>(), gr, a.h.data_ptr<scalar_t>(), a.hr, a.E, cT, a.deg,
                                          block_size, a.tasks, gate, gpre.data_ptr<scalar_t>(), gpr, bpart);
       causal_backward<scalar_t, Kv>(g.data_ptr<scalar_t>(), gr, a.h.data_ptr<scalar_t>(), a.hr, a.E, cT, a.deg,
-                                    block_size, a.tasks, &gate, gh.data_ptr<scalar_t>(), ghr, part);
+                                    block_size, a.tasks, &gate, nullptr, gh.data_ptr<scalar_t>(), ghr, part);
     });
     gc = scan_coeff_grad(part, a.tasks, a.deg, a.E, coeff);
     // Bias: the per-task partials of each gate column, summed in task order.

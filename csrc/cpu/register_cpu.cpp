@@ -85,6 +85,15 @@ at::Tensor causal(const at::Tensor& h, const at::Tensor& c, int64_t f, const Opt
 T2 causal_bwd(const at::Tensor& g, const at::Tensor& h, const at::Tensor& c, int64_t f, const OptT& cu) {
   return POM_CPU_PICK(poly_causal_backward_cpu, g, h, c, f, cu);
 }
+at::Tensor causal_weighted(const at::Tensor& h, const at::Tensor& c, const at::Tensor& w, int64_t f, const OptT& cu) {
+  return POM_CPU_PICK(poly_causal_weighted_cpu, h, c, w, f, cu);
+}
+
+T3 causal_weighted_bwd(const at::Tensor& g, const at::Tensor& H, const at::Tensor& h, const at::Tensor& c,
+                       const at::Tensor& w, int64_t f, const OptT& cu, bool wg) {
+  return POM_CPU_PICK(poly_causal_weighted_backward_cpu, g, H, h, c, w, f, cu, wg);
+}
+
 at::Tensor causal_gated(const at::Tensor& hs, const at::Tensor& c, const OptT& b, int64_t f, const OptT& cu) {
   return POM_CPU_PICK(poly_causal_gated_cpu, hs, c, b, f, cu);
 }

@@ -94,6 +94,24 @@ int main() {
           "poly_causal_gated gradients");
   }
 
+  // The weighted causal op, differentiable: all-one weights give poly_causal; a left-padded row gives the row
+  // alone; gradients for h, coeff and the weights.
+  {
+    const torch::Tensor h = torch::randn({2, 9, 8}, torch::kDouble).requires_grad_();
+    const torch::Tensor coeff = (torch::randn({8, 3}, torch::kDouble) * 0.5).requires_grad_();
+    const torch::Tensor ones = torch::ones({2, 9}, torch::kDouble);
+    check(close(pom_ext::poly_causal_weighted(h, coeff, ones, 2), pom_ext::poly_causal(h, coeff, 2), 1e-12),
+          "poly_causal_weighted(w = 1) == poly_causal");
+    const torch::Tensor pad = torch::arange(9).ge(3).unsqueeze(0).expand({2, 9});
+    const torch::Tensor y = pom_ext::poly_causal_weighted(h, coeff, pad);
+    check(close(y.narrow(1, 3, 6), pom_ext::poly_causal(h.narrow(1, 3, 6), coeff), 1e-12) &&
+              y.narrow(1, 0, 3).eq(0).all().item<bool>(),
+          "poly_causal_weighted: left padding is invisible");
+    const torch::Tensor w = (torch::rand({2, 9}, torch::kDouble) + 0.1).requires_grad_();
+    const auto g = torch::autograd::grad({pom_ext::poly_causal_weighted(h, coeff, w).sum()}, {h, coeff, w});
+    check(g[0].defined() && g[1].defined() && g[2].sizes() == w.sizes(), "poly_causal_weighted gradients");
+  }
+
   // The gated rope op, differentiable: equals the turned gate times the rotary causal mean (2 sections, 4 gates).
   {
     const torch::Tensor hs = torch::randn({2, 9, 12}, torch::kDouble).requires_grad_();

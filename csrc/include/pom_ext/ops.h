@@ -49,6 +49,14 @@ POM_EXT_API std::tuple<at::Tensor, at::Tensor> poly_causal_backward(const at::Te
                                                                     const at::Tensor& coeff, int64_t block_size,
                                                                     const OptTensor& cu_seqlens);
 
+// Weighted block-causal prefix mean: H_t = sum_{n <= end(t)} w_n p_n / sum_{n <= end(t)} w_n (0 where that sum is
+// 0), layout of h; weight (B, N), or (total,) with cu_seqlens, bool (padding) or floating.
+POM_EXT_API at::Tensor poly_causal_weighted(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& weight,
+                                            int64_t block_size = 1, const OptTensor& cu_seqlens = {});
+POM_EXT_API std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_causal_weighted_backward(
+    const at::Tensor& grad_H, const at::Tensor& H, const at::Tensor& h, const at::Tensor& coeff,
+    const at::Tensor& weight, int64_t block_size, const OptTensor& cu_seqlens, bool weight_grad);
+
 // Gated block-causal mixer: hs (B, N, E + S) = [h | gate pre-activation] -> y = hardsigmoid(pre + gate_bias) * H,
 // (B, N, E); S = E (a gate per channel) or S dividing E (a gate per group of E / S channels).
 POM_EXT_API at::Tensor poly_causal_gated(const at::Tensor& hs, const at::Tensor& coeff,
@@ -102,6 +110,10 @@ POM_EXT_API at::Tensor poly_mean(const at::Tensor& h, const at::Tensor& coeff, c
 // Block-causal prefix mean, layout of h. Gradients for h and coeff.
 POM_EXT_API at::Tensor poly_causal(const at::Tensor& h, const at::Tensor& coeff, int64_t block_size = 1,
                                    const ops::OptTensor& cu_seqlens = {});
+
+// Weighted block-causal prefix mean (ops::poly_causal_weighted). Gradients for h, coeff and a floating weight.
+POM_EXT_API at::Tensor poly_causal_weighted(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& weight,
+                                            int64_t block_size = 1, const ops::OptTensor& cu_seqlens = {});
 
 // Gated block-causal mixer (ops::poly_causal_gated). Gradients for hs (one tensor), coeff and gate_bias.
 POM_EXT_API at::Tensor poly_causal_gated(const at::Tensor& hs, const at::Tensor& coeff,

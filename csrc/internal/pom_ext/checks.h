@@ -179,6 +179,22 @@ inline void causal_backward_args(const char* op, const at::Tensor& grad_H, const
   same_shape(op, "grad_H", grad_H, h.sym_sizes(), "the output H");
 }
 
+inline void causal_weighted_args(const char* op, const at::Tensor& h, const at::Tensor& c, const at::Tensor& w,
+                                 int64_t f, const c10::optional<at::Tensor>& cu) {
+  causal_args(op, h, c, f, cu);
+  weight(op, h, w, cu);
+}
+
+inline void causal_weighted_backward_args(const char* op, const at::Tensor& grad_H, const at::Tensor& H,
+                                          const at::Tensor& h, const at::Tensor& c, const at::Tensor& w, int64_t f,
+                                          const c10::optional<at::Tensor>& cu) {
+  causal_weighted_args(op, h, c, w, f, cu);
+  same_device(op, "grad_H", grad_H, h);
+  same_device(op, "H", H, h);
+  same_shape(op, "grad_H", grad_H, h.sym_sizes(), "the output H");
+  same_shape(op, "H", H, h.sym_sizes(), "the output H");
+}
+
 // Gated causal: hs = [h | pre] holds E = coeff.size(0) context columns then S gate columns, S = E or a
 // divisor of E (one gate per group of E / S channels); gate_bias: (S,).
 inline void causal_gated_args(const char* op, const at::Tensor& hs, const at::Tensor& c,

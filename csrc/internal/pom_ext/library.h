@@ -47,7 +47,8 @@ struct ClampBounds {
 ClampBounds clamp_bounds();
 
 // m.impl of every op but the in-place decode step, each to the function of the op's short name in the scope of
-// the call (eval, eval_bwd, mean, mean_bwd, causal, causal_bwd, causal_gated, causal_gated_bwd, state_update,
+// the call (eval, eval_bwd, mean, mean_bwd, causal, causal_bwd, causal_weighted, causal_weighted_bwd, causal_gated,
+// causal_gated_bwd, state_update,
 // state_update_bwd, mean_rope, mean_rope_bwd, causal_rope, causal_rope_bwd, causal_gated_rope,
 // causal_gated_rope_bwd): one list for the CPU, Meta and Autograd registrations.
 #define POM_EXT_IMPL_OPS(m)                                    \
@@ -58,6 +59,8 @@ ClampBounds clamp_bounds();
     (m).impl("poly_mean_backward", &mean_bwd);                 \
     (m).impl("poly_causal", &causal);                          \
     (m).impl("poly_causal_backward", &causal_bwd);             \
+    (m).impl("poly_causal_weighted", &causal_weighted);        \
+    (m).impl("poly_causal_weighted_backward", &causal_weighted_bwd); \
     (m).impl("poly_causal_gated", &causal_gated);              \
     (m).impl("poly_causal_gated_backward", &causal_gated_bwd); \
     (m).impl("poly_state_update", &state_update);              \
