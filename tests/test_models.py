@@ -54,6 +54,52 @@ def test_greedy_generation_with_cache_equals_recompute(name):
         assert torch.equal(model.generate(prompt, 20, temperature=0, use_cache=False), manual)
 
 
+def _left_padded(prompts, pad_id=0):
+    """A left-padded batch of 1-D prompts and its 0 / 1 attention mask."""
+    T = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        tokens[b, T - len(p):] = p
+        mask[b, T - len(p):] = 1
+    return tokens, mask
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_left_padded_batch_equals_rows_alone(name):
+    """A left-padded batch with its attention mask: the logits at each row's tokens, the greedy continuation with
+    the cache (prefill of the padded prompt, then steps) and without it are each row's own."""
+    model = make_lm(name).double()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, V, (n,), generator=g) for n in (11, 5, 1)]
+    tokens, mask = _left_padded(prompts)
+    tokens[mask == 0] = torch.randint(1, V, (int((mask == 0).sum()),), generator=g)  # padding content is ignored
+    logits = model(tokens, attention_mask=mask)
+    fast = model.generate(tokens, 8, temperature=0, attention_mask=mask)
+    slow = model.generate(tokens, 8, temperature=0, attention_mask=mask, use_cache=False)
+    assert torch.equal(fast, slow)
+    T = tokens.shape[1]
+    for b, p in enumerate(prompts):
+        alone = model(p[None])
+        torch.testing.assert_close(logits[b, T - len(p):], alone[0], rtol=1e-10, atol=1e-10)
+        assert torch.equal(fast[b, T:], model.generate(p[None], 8, temperature=0)[0, len(p):])
+
+
+def test_cache_rows_can_be_selected():
+    """select_ on every block's cache (beam search reorders rows): continuing from the selected rows equals
+    continuing those rows' own caches."""
+    model = make_lm("hybrid_local").double()
+    x = torch.randint(0, V, (3, 9))
+    cache = model.allocate_cache(3)
+    model.step(x, cache)
+    idx = torch.tensor([2, 0, 0])
+    picked = [c.select_(idx) for c in cache]
+    nxt = torch.randint(0, V, (3, 1))
+    ref = model.allocate_cache(3)
+    model.step(x[idx], ref)
+    torch.testing.assert_close(model.step(nxt, picked), model.step(nxt, ref), rtol=1e-12, atol=1e-12)
+
+
 def test_sampling_is_seeded_and_top_k_restricts():
     model = make_lm("hybrid_local")
     prompt = torch.randint(0, V, (2, 5))

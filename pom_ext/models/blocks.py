@@ -99,30 +99,54 @@ class PoMCache:
     def tensors(self) -> List[torch.Tensor]:
         return [self.state.sum, self.state.count] + ([] if self.conv is None else [self.conv])
 
+    def select_(self, index: torch.Tensor) -> "PoMCache":
+        """Keep (and reorder, repeat) batch rows: every tensor becomes tensor[index] (beam search)."""
+        self.state = PoMState(self.state.sum[index], self.state.count[index])
+        if self.conv is not None:
+            self.conv = self.conv[index]
+        return self
+
     @property
     def length(self) -> int:
         return int(self.state.count.max().item()) if self.state.count.numel() else 0
 
 
-def pom_causal_step(layer: PoM, x: torch.Tensor, state: PoMState) -> torch.Tensor:
+def pom_causal_step(layer: PoM, x: torch.Tensor, state: PoMState, weight: Optional[torch.Tensor] = None
+                    ) -> torch.Tensor:
     """Causal continuation of `state` by x: (B, T, D) -> (B, T, D); updates `state` in place.
 
     Token t of x sees the state plus x[:, :t + 1], so on an empty state the output is layer(x, mask="causal")
     and the new state is the one that decoding x token by token leaves. T = 1 uses the layer's step kernel.
+    weight: (B, T) padding mask (or weights) of the new tokens: padded tokens add nothing to the state.
     """
-    if x.shape[1] == 1:
-        return layer.step(x, state)
     if isinstance(layer, PoMRoPE):
-        return _rope_causal_step(layer, x, state)
+        if weight is not None:
+            raise ValueError("pom_ext.models: argument 'weight' (padding) is not supported with rotary PoM layers "
+                             "yet (rope=None only)")
+        return layer.step(x, state) if x.shape[1] == 1 else _rope_causal_step(layer, x, state)
+    if x.shape[1] == 1:
+        return layer.step(x, state, weight=weight)
     h, s = layer.project(x)
     coeff = layer.po_coeff
-    if bool((state.count == 0).all()):
-        H = PF.aggregate(h, coeff, "causal")
+    if weight is None and not state.count.is_floating_point():
+        if bool((state.count == 0).all()):
+            H = PF.aggregate(h, coeff, "causal")
+        else:
+            sums = state.sum.unsqueeze(1) + torch.cumsum(ops.poly_eval(h, coeff).to(state.sum.dtype), dim=1)
+            counts = state.count.unsqueeze(1) + torch.arange(1, x.shape[1] + 1, device=x.device)
+            H = (sums / counts.unsqueeze(-1).to(sums.dtype)).to(h.dtype)
+        _, new_sum, new_count = PF.state_update(h, coeff, state.sum, state.count)
     else:
-        sums = state.sum.unsqueeze(1) + torch.cumsum(ops.poly_eval(h, coeff).to(state.sum.dtype), dim=1)
-        counts = state.count.unsqueeze(1) + torch.arange(1, x.shape[1] + 1, device=x.device)
-        H = (sums / counts.unsqueeze(-1).to(sums.dtype)).to(h.dtype)
-    _, new_sum, new_count = PF.state_update(h, coeff, state.sum, state.count)
+        _, new_sum, new_count = PF.weighted_state_update(h, coeff, state.sum, state.count, weight)
+        acc = state.sum.dtype
+        w = torch.ones(h.shape[:2], dtype=acc, device=h.device) if weight is None else PF.as_weight(weight).to(acc)
+        if bool((state.count == 0).all()):
+            H = PF.aggregate(h, coeff, "causal", weight=w)
+        else:
+            sums = state.sum.unsqueeze(1) + torch.cumsum(ops.poly_eval(h.to(acc), coeff).to(acc) * w[..., None], 1)
+            counts = (state.count.to(acc).unsqueeze(1) + torch.cumsum(w, 1)).unsqueeze(-1)
+            H = torch.where(counts != 0, sums / torch.where(counts != 0, counts, torch.ones_like(counts)),
+                            torch.zeros_like(sums)).to(h.dtype)
     with torch.no_grad():
         state.sum.copy_(new_sum)
         state.count.copy_(new_count)
@@ -219,12 +243,21 @@ class PolymorpherBlock(nn.Module):
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.mlp is None else x + self.mlp(self.norm2(x))
 
-    def forward(self, x: torch.Tensor, mask: PF.Mask = None, block_size: Optional[int] = None) -> torch.Tensor:
-        u = self._conv(self.norm1(x))
+    def forward(self, x: torch.Tensor, mask: PF.Mask = None, block_size: Optional[int] = None,
+                weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """weight: (B, N) padding mask (0 / False on padded tokens) or token weights: padded tokens enter neither
+        the convolution nor the PoM mean, so each row gives what it gives alone (left or right padding)."""
+        u = self.norm1(x)
+        if weight is not None:
+            u = u * (weight != 0).unsqueeze(-1).to(u.dtype)
+        u = self._conv(u)
         if self.use_rope:
+            if weight is not None:
+                raise ValueError("pom_ext.models.PolymorpherBlock: argument 'weight' (padding) is not supported "
+                                 "with rotary PoM layers yet (rope=None only)")
             y = self.mixer(u, mask=mask, block_size=block_size, positions_hw=self.positions_hw)
         else:
-            y = self.mixer(u, mask=mask, block_size=block_size)
+            y = self.mixer(u, mask=mask, block_size=block_size, weight=weight)
         return self._mlp(x + self.drop(y))
 
     def allocate_cache(self, batch_size: int, device=None, dtype: Optional[torch.dtype] = None) -> PoMCache:
@@ -235,15 +268,18 @@ class PolymorpherBlock(nn.Module):
             conv = torch.zeros(batch_size, self.conv_size - 1, self.dim, device=device, dtype=dtype)
         return PoMCache(self.mixer.allocate_state(batch_size, device), conv)
 
-    def step(self, x: torch.Tensor, cache: PoMCache) -> torch.Tensor:
-        """x: (B, T, D) causal continuation of `cache` (updated in place) -> (B, T, D)."""
+    def step(self, x: torch.Tensor, cache: PoMCache, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (B, T, D) causal continuation of `cache` (updated in place) -> (B, T, D); weight: (B, T) padding
+        mask of the new tokens (padded ones enter neither the convolution buffer nor the state), or None."""
         u = self.norm1(x)
+        if weight is not None:
+            u = u * (weight != 0).unsqueeze(-1).to(u.dtype)
         if self.conv is not None:
             full = torch.cat([cache.conv.to(u.dtype), u], dim=1)
             with torch.no_grad():
                 cache.conv.copy_(full[:, -(self.conv_size - 1):])
             u = self.conv(full.transpose(1, 2)).transpose(1, 2)
-        x = x + pom_causal_step(self.mixer, u, cache.state)
+        x = x + pom_causal_step(self.mixer, u, cache.state, weight)
         return self._mlp(x)
 
 
@@ -252,16 +288,26 @@ class PolymorpherBlock(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 
 class KVCache:
-    """Keys and values (B, H, L, hd) of the positions [pos - L, pos); L <= window when the attention is local."""
+    """Keys and values (B, H, L, hd) of the positions [pos - L, pos); L <= window when the attention is local.
+    valid: (B, L) bool, False on padded positions (None: no padding seen)."""
 
     def __init__(self, window: Optional[int] = None):
         self.k: Optional[torch.Tensor] = None
         self.v: Optional[torch.Tensor] = None
+        self.valid: Optional[torch.Tensor] = None
         self.pos = 0
         self.window = window
 
     def tensors(self) -> List[torch.Tensor]:
-        return [] if self.k is None else [self.k, self.v]
+        return ([] if self.k is None else [self.k, self.v]) + ([] if self.valid is None else [self.valid])
+
+    def select_(self, index: torch.Tensor) -> "KVCache":
+        """Keep (and reorder, repeat) batch rows: every tensor becomes tensor[index] (beam search)."""
+        if self.k is not None:
+            self.k, self.v = self.k[index], self.v[index]
+        if self.valid is not None:
+            self.valid = self.valid[index]
+        return self
 
     @property
     def length(self) -> int:
@@ -327,25 +373,36 @@ class Attention(nn.Module):
     def _flash_ok(self, q: torch.Tensor) -> bool:
         return flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
-    def forward(self, x: torch.Tensor, mask=None) -> torch.Tensor:
-        """x: (B, N, D), mask None | "causal" | (B, N) key padding/weights | (B, T, N) -> (B, N, D)."""
+    def forward(self, x: torch.Tensor, mask=None, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (B, N, D), mask None | "causal" | (B, N) key padding/weights | (B, T, N) -> (B, N, D); weight: (B, N)
+        key padding (0 / False: padded) with mask None or "causal"."""
         B, N, _ = x.shape
         q, k, v = self._qkv(x, 0)
         causal = isinstance(mask, str)
         if causal and mask != "causal":
             raise ValueError(f"pom_ext.models.Attention: argument 'mask' must be None, 'causal' or a tensor, "
                              f"got {mask!r}")
-        if (mask is None or causal) and self._flash_ok(q):
+        if weight is not None:
+            if isinstance(mask, torch.Tensor):
+                raise ValueError("pom_ext.models.Attention: argument 'weight' must be None when 'mask' is a tensor")
+            if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (B, N):
+                raise ValueError(f"pom_ext.models.Attention: argument 'weight' must be a (B, N) = {(B, N)} padding "
+                                 f"mask, got {getattr(weight, 'shape', type(weight))}")
+            mask = mask if causal else weight
+        if weight is None and (mask is None or causal) and self._flash_ok(q):
             w = -1 if self.window is None else self.window - 1
             out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                   dropout_p=self.dropout if self.training else 0.0, causal=causal,
                                   window_size=(w, 0 if causal else w)).transpose(1, 2)
-        elif causal and self.window is None:
+        elif causal and self.window is None and weight is None:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
                                                  is_causal=True)
         else:
             pos = torch.arange(N, device=x.device)
             allowed = self._window_mask(pos, pos, causal)
+            if causal and weight is not None:
+                keys = (weight != 0)[:, None, None, :]
+                allowed = keys if allowed is None else allowed & keys
             if isinstance(mask, torch.Tensor):
                 if mask.dim() == 2 and tuple(mask.shape) == (B, N):
                     m = (mask > 0)[:, None, None, :]
@@ -361,10 +418,18 @@ class Attention(nn.Module):
             out = self._sdpa(q, k, v, allowed)
         return self.proj(out.transpose(1, 2).reshape(B, N, self.dim))
 
-    def step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """x: (B, T, D) causal continuation of `cache` (updated) -> (B, T, D)."""
+    def step(self, x: torch.Tensor, cache: KVCache, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (B, T, D) causal continuation of `cache` (updated) -> (B, T, D); weight: (B, T) padding mask of the
+        new tokens (padded keys are never attended to), or None."""
         B, T, _ = x.shape
         q, k, v = self._qkv(x, cache.pos)
+        valid = cache.valid
+        if weight is not None or valid is not None:
+            new = torch.ones(B, T, dtype=torch.bool, device=x.device) if weight is None else weight != 0
+            old = cache.k.shape[2] if cache.k is not None else 0
+            if valid is None:
+                valid = torch.ones(B, old, dtype=torch.bool, device=x.device)
+            valid = torch.cat([valid, new], 1)
         if cache.k is not None:
             k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)
         L = k.shape[2]
@@ -373,10 +438,14 @@ class Attention(nn.Module):
         if T > 1 or (self.window is not None and L > self.window):
             allowed = self._window_mask(torch.arange(cache.pos, end, device=x.device),
                                         torch.arange(end - L, end, device=x.device), causal=True)
+        if valid is not None:
+            keys = valid[:, None, None, :]
+            allowed = keys if allowed is None else allowed & keys
         out = self._sdpa(q, k, v, allowed)
         if self.window is not None and L > self.window:
             k, v = k[:, :, -self.window:], v[:, :, -self.window:]
-        cache.k, cache.v, cache.pos = k, v, end
+            valid = None if valid is None else valid[:, -self.window:]
+        cache.k, cache.v, cache.pos, cache.valid = k, v, end, valid
         return self.proj(out.transpose(1, 2).reshape(B, T, self.dim))
 
 
@@ -398,17 +467,18 @@ class AttentionBlock(nn.Module):
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.mlp is None else x + self.mlp(self.norm2(x))
 
-    def forward(self, x: torch.Tensor, mask=None, *, block_size: Optional[int] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask=None, *, block_size: Optional[int] = None,
+                weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         if block_size is not None:
             raise ValueError("pom_ext.models.AttentionBlock: argument 'block_size' is not supported by attention "
                              "layers (use mask='causal')")
-        return self._mlp(x + self.drop(self.mixer(self.norm1(x), mask=mask)))
+        return self._mlp(x + self.drop(self.mixer(self.norm1(x), mask=mask, weight=weight)))
 
     def allocate_cache(self, batch_size: int, device=None, dtype: Optional[torch.dtype] = None) -> KVCache:
         return KVCache(self.mixer.window)
 
-    def step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        return self._mlp(x + self.mixer.step(self.norm1(x), cache))
+    def step(self, x: torch.Tensor, cache: KVCache, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self._mlp(x + self.mixer.step(self.norm1(x), cache, weight))
 
 
 def build_blocks(dim: int, pattern: str, *, degree: int, expand: int, n_sel_heads: int, n_groups: int,

@@ -68,11 +68,25 @@ class PolymorpherLM(nn.Module):
         if tokens.shape[1] == 0:
             raise ValueError(f"pom_ext.models.PolymorpherLM: argument '{name}' must hold at least one token")
 
-    def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None):
+    def _check_padding(self, tokens: torch.Tensor, attention_mask) -> None:
+        if attention_mask is None:
+            return
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != tokens.shape or \
+                attention_mask.is_complex():
+            got = f"shape {tuple(attention_mask.shape)}, {attention_mask.dtype}" \
+                if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+            raise ValueError(f"pom_ext.models.PolymorpherLM: argument 'attention_mask' must be a (B, T) = "
+                             f"{tuple(tokens.shape)} padding mask (1 / True: token, 0 / False: padding), got {got}")
+
+    def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None):
+        """attention_mask: (B, T) padding mask, 0 on padded positions (left or right padding): every row gives the
+        logits it gives alone at its tokens."""
         self._check_tokens("tokens", tokens)
+        self._check_padding(tokens, attention_mask)
         x = self.drop(self.embed(tokens))
         for block in self.blocks:
-            x = block(x, mask="causal")
+            x = block(x, mask="causal", weight=attention_mask)
         logits = self.head(self.norm(x))
         if targets is None:
             return logits
@@ -92,19 +106,22 @@ class PolymorpherLM(nn.Module):
         dtype = self.embed.weight.dtype if dtype is None else dtype
         return [block.allocate_cache(batch_size, device, dtype) for block in self.blocks]
 
-    def step(self, tokens: torch.Tensor, cache: Cache) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor, cache: Cache, attention_mask: Optional[torch.Tensor] = None
+             ) -> torch.Tensor:
         """Causal continuation: tokens (B, T) after everything in `cache` (updated in place) -> logits (B, T, V).
 
         On a fresh cache this is the prefill: one parallel causal pass whose logits equal forward(tokens) and
         which leaves each PoM layer with the state of the whole prompt. T = 1 is one decoding step.
+        attention_mask: (B, T) padding mask of the new tokens (a left-padded prompt), or None.
         """
         self._check_tokens("tokens", tokens)
+        self._check_padding(tokens, attention_mask)
         if not isinstance(cache, (list, tuple)) or len(cache) != len(self.blocks):
             raise ValueError(f"pom_ext.models.PolymorpherLM: argument 'cache' must be the list of {len(self.blocks)} "
                              f"per-layer caches from allocate_cache, got {type(cache).__name__}")
         x = self.embed(tokens)
         for block, c in zip(self.blocks, cache):
-            x = block.step(x, c)
+            x = block.step(x, c, attention_mask)
         return self.head(self.norm(x))
 
     @staticmethod
@@ -121,15 +138,18 @@ class PolymorpherLM(nn.Module):
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: Optional[int] = None, *, use_cache: bool = True,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                 generator: Optional[torch.Generator] = None,
+                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Continue prompt: (B, T) long by max_new_tokens tokens -> (B, T + max_new_tokens).
 
         temperature 0 is greedy decoding; top_k keeps the k most likely tokens. use_cache=True prefills the
         per-layer caches in one parallel pass and then decodes one token at a time (PoM memory constant in
         the context length); use_cache=False recomputes the full causal forward at every step.
+        attention_mask: (B, T) padding mask of a left-padded batch of prompts: each row continues as it would alone.
         """
         owner = "pom_ext.models.PolymorpherLM.generate"
         self._check_tokens("prompt", prompt)
+        self._check_padding(prompt, attention_mask)
         check_int(owner, "max_new_tokens", max_new_tokens, 0)
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
             raise ValueError(f"{owner}: argument 'temperature' must be a number >= 0 (0: greedy), got "
@@ -137,12 +157,15 @@ class PolymorpherLM(nn.Module):
         if top_k is not None:
             check_int(owner, "top_k", top_k, 1)
         if not use_cache:
-            seq = prompt
+            seq, mask = prompt, attention_mask
             for _ in range(max_new_tokens):
-                seq = torch.cat([seq, self._sample(self(seq)[:, -1], temperature, top_k, generator)], dim=1)
+                nxt = self._sample(self(seq, attention_mask=mask)[:, -1], temperature, top_k, generator)
+                seq = torch.cat([seq, nxt], dim=1)
+                if mask is not None:
+                    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             return seq
         cache = self.allocate_cache(prompt.shape[0], prompt.device)
-        logits = self.step(prompt, cache)[:, -1]  # prefill: one parallel causal pass
+        logits = self.step(prompt, cache, attention_mask)[:, -1]  # prefill: one parallel causal pass
         out = [prompt]
         for i in range(max_new_tokens):
             out.append(self._sample(logits, temperature, top_k, generator))
