@@ -1,186 +1,325 @@
-"""Multi-query associative recall (MQAR, after the Zoology benchmark) for Polymorpher LMs.
+"""Multi-query associative recall (MQAR) as the Zoology benchmark runs it, for Polymorpher LMs.
 
-A sequence starts with num_kv key-value pairs (k1 v1 k2 v2 ...; keys from the lower half of the vocabulary,
-values from the upper half, keys distinct), then every key is queried once at a random later position
-(the other positions hold the filler token 0). At a query the model must predict the key's value; accuracy
-is over all queries of a held-out set. num_kv = seq_len // 16 unless --num-kv is given.
+The task (Zoology's generator, written here): a sequence starts with num_kv key-value pairs (k1 v1 k2 v2 ...;
+keys distinct, from the lower half of the vocabulary, values from the upper half); then every key is queried
+once, followed by its value, at an even offset after the pairs drawn from Zoology's power law (offset gaps with
+probability proportional to gap^(a - 1), a = 0.01: most queries come soon after the pairs, some far); every other
+position holds the token 0. The model must predict the value at each query; accuracy is over all queries of a
+held-out set. The loss and the predictions read the model's last hidden state at the query positions only, so
+the 8192-token vocabulary costs num_kv rows of the head per sequence, not seq_len.
 
-Sweep: every sequence length x every (degree, expand) configuration, each trained for the same number of
-steps on the same batches (equal training tokens). The PoM cost per token is recorded with each result:
-projections 2 D (E + S) + 2 E D and the polynomial ~2 E K, E = expand D (SPEC §3). Results go to
---out/mqar.json and --out/mqar.png.
+Runs: every (model, width, length, learning rate, seed) of the command line is one run, appended to
+OUT/results.jsonl as it finishes; a run already there is skipped, so a sweep stops and resumes at will (and
+several processes may share OUT if they run different models). Each run trains with AdamW (weight decay 0.1,
+linear warm-up over 10% of the steps, then cosine decay) on fresh batches, evaluates every --eval-every steps and
+stops early once the held-out accuracy reaches --target; the best held-out accuracy is its result.
 
-    PYTHONPATH=. python examples/mqar.py --quick --out runs/mqar_quick
-    PYTHONPATH=. python examples/mqar.py --out runs/mqar
-    PYTHONPATH=. python examples/mqar.py --merge runs/a/mqar.json runs/b/mqar.json --out runs/all
+Models: "attention" (rotary multi-head attention, 1 head per 64 channels, at least 1) and "pom-KxE" or
+"pom-KxE-hS" (PoM degree K, expand E, S gate heads; default 1). Every model: 2 layers (--depth), each with its
+MLP; PoM layers keep their short causal convolution (--conv-size). The recurrent state's size is measured on the
+model's own decoding cache after a prefill of seq_len tokens (bytes per sequence, in the training dtype): PoM
+the running sums, counts and convolution tail of every layer (constant in the length), attention its KV cache.
+
+    # Zoology's grid (vocabulary 8192; lengths 64-512 with 4-32 pairs; a learning-rate sweep):
+    PYTHONPATH=. python examples/mqar.py --models attention --dims 64,128 --out benchmarks/results/mqar_zoology
+    PYTHONPATH=. python examples/mqar.py --models pom-1x2,pom-2x2,pom-4x2 --dims 64 --out benchmarks/results/mqar_zoology
+    # seeds 1, 2 at each (model, width)'s best learning rate of seed 0:
+    PYTHONPATH=. python examples/mqar.py --models pom-2x2 --dims 64 --lrs best --seeds 1,2 --out ...
+    # the table, the JSON summary and the accuracy-vs-state-size plot of everything in OUT:
+    PYTHONPATH=. python examples/mqar.py --report --out benchmarks/results/mqar_zoology
+    PYTHONPATH=. python examples/mqar.py --quick --out /tmp/mqar_quick       # a smoke run, well under a minute
 """
 import argparse
+import datetime
 import json
+import math
 import pathlib
+import platform
+import re
 import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from pom_ext.models import PolymorpherLM  # noqa: E402
 
+ZOOLOGY_LRS = "1e-4,4.6e-4,2.2e-3,1e-2"  # Zoology's sweep: logspace(-4, -2, 4)
+MODEL_RE = re.compile(r"^(attention|pom-(\d+)x(\d+)(?:-h(\d+))?)$")
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in well under a minute")
-    p.add_argument("--seq-lens", default="64,128,256,512,1024")
-    p.add_argument("--configs", default="1x2,2x2,4x2,8x2,8x1,2x4,1x8",
-                   help="comma-separated DEGREExEXPAND pairs (degree sweep at expand 2, and degree x expand = 8)")
-    p.add_argument("--baseline", action="store_true", help="also train an attention model of the same width")
-    p.add_argument("--num-kv", type=int, default=None)
-    p.add_argument("--vocab", type=int, default=512)
-    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--models", default="attention,pom-2x2",
+                   help="comma-separated: attention, pom-KxE or pom-KxE-hS (degree K, expand E, S gate heads)")
+    p.add_argument("--dims", default="64", help="model widths, comma-separated")
+    p.add_argument("--seq-lens", default="64,128,256,512")
+    p.add_argument("--num-kv", default="4,8,16,32", help="key-value pairs, one per length (or one for all)")
+    p.add_argument("--lrs", default=ZOOLOGY_LRS,
+                   help="learning rates, comma-separated, or 'best': each (model, width)'s best of seed 0 in OUT")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--depth", type=int, default=2)
-    p.add_argument("--n-sel-heads", type=int, default=1)
     p.add_argument("--conv-size", type=int, default=4)
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--test-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=4000, help="training steps at most (fewer once --target is met)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--test-size", type=int, default=1024, help="held-out sequences")
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--target", type=float, default=0.99, help="stop a run once its held-out accuracy reaches this")
+    p.add_argument("--power-a", type=float, default=0.01, help="Zoology's query-offset power law")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="runs/mqar")
-    p.add_argument("--merge", nargs="+", metavar="JSON", default=None,
-                   help="train nothing: combine the mqar.json files of earlier runs into --out and plot them")
+    p.add_argument("--report", action="store_true", help="train nothing: summarize OUT/results.jsonl")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    if "--quick" in (sys.argv[1:] if argv is None else argv):  # small defaults; explicit arguments still win
+        p.set_defaults(seq_lens="32,64", num_kv="4", vocab=64, dims="32", steps=40, batch_size=16, test_size=64,
+                       eval_every=20, lrs="3e-3")
     args = p.parse_args(argv)
-    if args.quick:
-        args.seq_lens, args.configs = "64,128", "1x2,4x2,2x4"
-        args.vocab, args.dim, args.steps, args.batch_size, args.test_size = 64, 32, 30, 16, 64
     try:
-        args.seq_lens = [int(s) for s in args.seq_lens.split(",")]
-        args.configs = [tuple(int(v) for v in c.lower().split("x")) for c in args.configs.split(",")]
+        args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+        args.dims = [int(v) for v in args.dims.split(",")]
+        args.seq_lens = [int(v) for v in args.seq_lens.split(",")]
+        kv = [int(v) for v in args.num_kv.split(",")]
+        args.seeds = [int(v) for v in args.seeds.split(",")]
+        args.lrs = "best" if args.lrs == "best" else [float(v) for v in args.lrs.split(",")]
     except ValueError:
-        p.error("--seq-lens must be integers and --configs DEGREExEXPAND pairs, e.g. 2x4")
-    if any(len(c) != 2 or min(c) < 1 for c in args.configs):
-        p.error("--configs must be DEGREExEXPAND pairs of positive integers, e.g. 1x2,4x2")
+        p.error("--dims, --seq-lens, --num-kv and --seeds take integers, --lrs numbers or 'best'")
+    for m in args.models:
+        if not MODEL_RE.match(m):
+            p.error(f"--models: {m!r} is not 'attention', 'pom-KxE' or 'pom-KxE-hS'")
+    if len(kv) not in (1, len(args.seq_lens)):
+        p.error(f"--num-kv: give one value or one per length ({len(args.seq_lens)}), got {len(kv)}")
+    args.num_kv = kv * len(args.seq_lens) if len(kv) == 1 else kv
+    for L, n in zip(args.seq_lens, args.num_kv):
+        if 4 * n > L or n > args.vocab // 2 - 1:
+            p.error(f"--num-kv: {n} pairs do not fit length {L} (4 num_kv <= seq_len) or vocabulary {args.vocab} "
+                    f"(num_kv < vocab / 2)")
     return args
 
 
-def num_kv_for(seq_len: int, args) -> int:
-    n = args.num_kv if args.num_kv is not None else max(2, seq_len // 16)
-    if 4 * n > seq_len or n > args.vocab // 2 - 1:
-        raise SystemExit(f"num_kv = {n} does not fit seq_len = {seq_len} (needs 4 num_kv <= seq_len) or "
-                         f"vocab = {args.vocab} (needs num_kv < vocab / 2)")
-    return n
+# ---- the task ----
 
-
-def mqar_batch(batch: int, seq_len: int, num_kv: int, vocab: int, g: torch.Generator):
-    """(inputs (B, L), targets (B, L)): targets are -100 except at the query positions, where they are values."""
+def mqar_batch(batch: int, seq_len: int, num_kv: int, vocab: int, g: torch.Generator, power_a: float = 0.01):
+    """(inputs (B, L), targets (B, L)): targets are -100 except at the query positions, where they hold the value."""
     half = vocab // 2
     keys = torch.argsort(torch.rand(batch, half - 1, generator=g), dim=1)[:, :num_kv] + 1
     values = torch.randint(half, vocab, (batch, num_kv), generator=g)
+    ctx = 2 * num_kv
     x = torch.zeros(batch, seq_len, dtype=torch.long)
     y = torch.full((batch, seq_len), -100, dtype=torch.long)
-    x[:, 0:2 * num_kv:2], x[:, 1:2 * num_kv:2] = keys, values
-    free = seq_len - 2 * num_kv
-    pos = torch.argsort(torch.rand(batch, free, generator=g), dim=1)[:, :num_kv] + 2 * num_kv
-    order = torch.argsort(torch.rand(batch, num_kv, generator=g), dim=1)
-    x.scatter_(1, pos, keys.gather(1, order))
-    y.scatter_(1, pos, values.gather(1, order))
+    x[:, 0:ctx:2], x[:, 1:ctx:2] = keys, values
+    space = (seq_len - ctx) // 2  # query slots: even offsets after the pairs, each followed by its value
+    gap = torch.arange(1, space + 1, dtype=torch.float64)
+    prob = power_a * gap ** (power_a - 1)
+    slots = torch.multinomial((prob / prob.sum()).expand(batch, space), num_kv, replacement=False, generator=g)
+    pos = ctx + 2 * slots
+    x.scatter_(1, pos, keys)
+    x.scatter_(1, pos + 1, values)
+    y.scatter_(1, pos, values)
     return x, y
 
 
-def cost_per_token(dim: int, degree: int, expand: int, n_sel_heads: int) -> int:
-    E = expand * dim
-    S = n_sel_heads if n_sel_heads > 1 else E
-    return 2 * dim * (E + S) + 2 * E * dim + 2 * E * degree
+# ---- models ----
+
+def spec(model: str) -> dict:
+    m = MODEL_RE.match(model)
+    if m.group(1) == "attention":
+        return {"kind": "attention"}
+    return {"kind": "pom", "degree": int(m.group(2)), "expand": int(m.group(3)),
+            "gate_heads": int(m.group(4) or 1)}
 
 
-def build(args, kind: str, degree: int, expand: int) -> PolymorpherLM:
-    common = dict(num_tokens=args.vocab, dim=args.dim, depth=args.depth, conv_size=args.conv_size)
-    if kind == "attention":
-        return PolymorpherLM(**common, layer_pattern="A", n_heads=max(1, args.dim // 32))
-    return PolymorpherLM(**common, degree=degree, expand=expand, n_sel_heads=args.n_sel_heads)
+def build(model: str, dim: int, args) -> PolymorpherLM:
+    s = spec(model)
+    common = dict(num_tokens=args.vocab, dim=dim, depth=args.depth, conv_size=args.conv_size)
+    if s["kind"] == "attention":
+        return PolymorpherLM(**common, layer_pattern="A", n_heads=max(1, dim // 64))
+    return PolymorpherLM(**common, degree=s["degree"], expand=s["expand"], n_sel_heads=s["gate_heads"])
+
+
+def query_logits(lm: PolymorpherLM, x: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+    """Logits at the positions sel (B, L) only: the head multiplies num_kv rows per sequence."""
+    h = lm.embed(x)
+    for block in lm.blocks:
+        h = block(h, mask="causal")
+    return lm.head(lm.norm(h[sel]))
 
 
 @torch.no_grad()
-def accuracy(model, test) -> float:
-    model.eval()
+def state_bytes(lm: PolymorpherLM, seq_len: int) -> int:
+    """Bytes per sequence of the decoding cache after a prefill of seq_len tokens."""
+    cache = lm.allocate_cache(1)
+    lm.step(torch.zeros(1, seq_len, dtype=torch.long), cache)
+    return sum(t.numel() * t.element_size() for c in cache for t in c.tensors())
+
+
+@torch.no_grad()
+def accuracy(lm, test) -> float:
+    lm.eval()
     correct = total = 0
     for x, y in test:
-        pred = model(x).argmax(-1)
         sel = y != -100
-        correct += (pred[sel] == y[sel]).sum().item()
+        correct += (query_logits(lm, x, sel).argmax(-1) == y[sel]).sum().item()
         total += sel.sum().item()
-    model.train()
+    lm.train()
     return correct / max(total, 1)
 
 
-def run_one(args, kind: str, seq_len: int, degree: int, expand: int) -> dict:
-    num_kv = num_kv_for(seq_len, args)
-    torch.manual_seed(args.seed)
-    model = build(args, kind, degree, expand)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
-    g_test = torch.Generator().manual_seed(10_000 + seq_len)
-    test = [mqar_batch(min(args.batch_size, args.test_size), seq_len, num_kv, args.vocab, g_test)
+def lr_at(step: int, steps: int, lr: float) -> float:
+    warm = max(1, steps // 10)
+    if step < warm:
+        return lr * (step + 1) / warm
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+
+def run_one(args, model: str, dim: int, seq_len: int, num_kv: int, lr: float, seed: int) -> dict:
+    torch.manual_seed(seed)
+    lm = build(model, dim, args)
+    opt = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.1)
+    g_test = torch.Generator().manual_seed(10_000 + seq_len)  # the same held-out set for every model
+    test = [mqar_batch(min(args.batch_size, args.test_size), seq_len, num_kv, args.vocab, g_test, args.power_a)
             for _ in range(max(1, args.test_size // args.batch_size))]
-    g = torch.Generator().manual_seed(args.seed)
-    t0 = time.time()
-    losses = []
-    for _ in range(args.steps):
-        x, y = mqar_batch(args.batch_size, seq_len, num_kv, args.vocab, g)
-        _, loss = model(x, y)
+    g = torch.Generator().manual_seed(seed)
+    curve, best, reached, t0, step = [], 0.0, None, time.time(), 0
+    while step < args.steps:
+        x, y = mqar_batch(args.batch_size, seq_len, num_kv, args.vocab, g, args.power_a)
+        sel = y != -100
+        loss = F.cross_entropy(query_logits(lm, x, sel).float(), y[sel])
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.steps, lr)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
         opt.step()
-        sched.step()
-        losses.append(loss.item())
-    train_s = time.time() - t0
-    tail = losses[-max(1, len(losses) // 10):]
-    return {"model": kind, "seq_len": seq_len, "num_kv": num_kv, "degree": degree, "expand": expand,
-            "dim": args.dim, "depth": args.depth, "params": model.num_params(),
-            "pom_cost_per_token": None if kind == "attention" else cost_per_token(args.dim, degree, expand,
-                                                                                   args.n_sel_heads),
-            "accuracy": accuracy(model, test), "final_loss": sum(tail) / len(tail), "train_s": train_s}
+        step += 1
+        if not math.isfinite(loss.item()):
+            break
+        if step % args.eval_every == 0 or step == args.steps:
+            acc = accuracy(lm, test)
+            curve.append([step, round(loss.item(), 4), acc])
+            best = max(best, acc)
+            if acc >= args.target:
+                reached = step
+                break
+    s = spec(model)
+    return {"model": model, **s, "dim": dim, "depth": args.depth, "seq_len": seq_len, "num_kv": num_kv,
+            "vocab": args.vocab, "lr": lr, "seed": seed, "batch_size": args.batch_size, "max_steps": args.steps,
+            "steps": step, "reached_target_at": reached, "accuracy": best, "final_accuracy": curve[-1][2]
+            if curve else 0.0, "curve": curve, "params": lm.num_params(), "state_bytes": state_bytes(lm, seq_len),
+            "train_s": round(time.time() - t0, 1)}
 
 
-def label(r: dict) -> str:
-    return "attention" if r["model"] == "attention" else f"PoM K={r['degree']} expand={r['expand']}"
+# ---- results ----
+
+def key(r: dict) -> tuple:
+    return (r["model"], r["dim"], r["seq_len"], r["num_kv"], r["vocab"], r["lr"], r["seed"], r["max_steps"],
+            r["batch_size"], r["depth"])
 
 
-def plot(results, path: pathlib.Path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def load(out: pathlib.Path) -> list:
+    f = out / "results.jsonl"
+    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    labels = sorted({label(r) for r in results}, key=lambda s: (s == "attention", s))
-    for i, lab in enumerate(labels):
-        rs = sorted((r for r in results if label(r) == lab), key=lambda r: r["seq_len"])
-        axes[0].plot([r["seq_len"] for r in rs], [r["accuracy"] for r in rs], "o-", color=f"C{i % 10}", label=lab)
-    axes[0].set_xscale("log", base=2)
-    axes[0].set_xlabel("sequence length")
-    axes[0].set_ylabel("MQAR accuracy")
-    axes[0].set_ylim(-0.02, 1.02)
-    axes[0].legend(fontsize=7)
-    pom = [r for r in results if r["model"] == "pom"]
-    for j, L in enumerate(sorted({r["seq_len"] for r in pom})):
-        rs = sorted((r for r in pom if r["seq_len"] == L), key=lambda r: (r["expand"], r["degree"]))
-        for expand in sorted({r["expand"] for r in rs}):
-            sub = [r for r in rs if r["expand"] == expand]
-            if len(sub) > 1:
-                axes[1].plot([r["degree"] for r in sub], [r["accuracy"] for r in sub], "o-", color=f"C{j % 10}",
-                             alpha=0.4 + 0.6 * expand / max(r["expand"] for r in rs),
-                             label=f"L={L}, expand={expand}")
-    axes[1].set_xscale("log", base=2)
-    axes[1].set_xlabel("degree K")
-    axes[1].set_ylabel("MQAR accuracy")
-    axes[1].set_ylim(-0.02, 1.02)
-    if axes[1].lines:
-        axes[1].legend(fontsize=7)
-    for ax in axes:
+
+def best_lrs(results: list) -> dict:
+    """(model, dim) -> the learning rate of seed 0 with the highest mean accuracy over the lengths it ran."""
+    by = {}
+    for r in results:
+        if r["seed"] == 0:
+            by.setdefault((r["model"], r["dim"]), {}).setdefault(r["lr"], []).append(r["accuracy"])
+    return {k: max(v, key=lambda lr: (sum(v[lr]) / len(v[lr]), len(v[lr]))) for k, v in by.items()}
+
+
+def summarize(results: list) -> list:
+    """One row per (model, dim, seq_len) at the (model, dim)'s best learning rate: accuracy over its seeds."""
+    best = best_lrs(results)
+    rows = {}
+    for r in results:
+        if best.get((r["model"], r["dim"])) != r["lr"]:
+            continue
+        row = rows.setdefault((r["model"], r["dim"], r["seq_len"]), {
+            "model": r["model"], "dim": r["dim"], "seq_len": r["seq_len"], "num_kv": r["num_kv"], "lr": r["lr"],
+            "state_bytes": r["state_bytes"], "params": r["params"], "accuracies": [], "seeds": []})
+        row["accuracies"].append(r["accuracy"])
+        row["seeds"].append(r["seed"])
+    out = []
+    for row in rows.values():
+        a = row["accuracies"]
+        row["mean"] = sum(a) / len(a)
+        row["std"] = (sum((v - row["mean"]) ** 2 for v in a) / len(a)) ** 0.5
+        out.append(row)
+    return sorted(out, key=lambda r: (r["model"] != "attention", r["model"], r["dim"], r["seq_len"]))
+
+
+def table(rows: list) -> str:
+    lens = sorted({r["seq_len"] for r in rows})
+    lines = ["| model | width | lr | state (bytes/seq) | " + " | ".join(f"L={L}" for L in lens) + " |",
+             "|---|---|---|---|" + "---|" * len(lens)]
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["dim"]), {})[r["seq_len"]] = r
+    for (model, dim), by_len in groups.items():
+        first = next(iter(by_len.values()))
+        state = "KV: " + ", ".join(f"{by_len[L]['state_bytes']:,}" for L in lens if L in by_len) \
+            if model == "attention" else f"{first['state_bytes']:,}"
+        cells = [f"{by_len[L]['mean']:.3f}" + (f" ± {by_len[L]['std']:.3f}" if len(by_len[L]['accuracies']) > 1
+                                                 else "") if L in by_len else "" for L in lens]
+        lines.append(f"| {model} | {dim} | {first['lr']:g} | {state} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list, path: pathlib.Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return False
+    lens = sorted({r["seq_len"] for r in rows})
+    fig, axes = plt.subplots(1, len(lens), figsize=(4.2 * len(lens), 4), squeeze=False)
+    for ax, L in zip(axes[0], lens):
+        at = [r for r in rows if r["seq_len"] == L]
+        degrees = sorted({spec(r["model"]).get("degree", 0) for r in at})
+        for r in at:
+            s = spec(r["model"])
+            if s["kind"] == "attention":
+                ax.scatter(r["state_bytes"], r["mean"], marker="*", s=120, color="k", zorder=3)
+                ax.annotate(f"attention d={r['dim']}", (r["state_bytes"], r["mean"]), fontsize=6)
+            else:
+                i = degrees.index(s["degree"])
+                ax.errorbar(r["state_bytes"], r["mean"], yerr=r["std"], fmt="o", color=f"C{i % 10}", ms=4,
+                            label=f"PoM K={s['degree']}")
+                ax.annotate(f"{s['degree']}x{s['expand']} d={r['dim']}", (r["state_bytes"], r["mean"]), fontsize=6)
+        handles = {h.get_label(): h for h in ax.get_legend_handles_labels()[0]}
+        if handles:
+            ax.legend(handles.values(), handles.keys(), fontsize=7, loc="lower right")
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"L={L}, {at[0]['num_kv']} pairs" if at else f"L={L}")
+        ax.set_xlabel("recurrent state (bytes / sequence)")
         ax.grid(alpha=0.3)
-    fig.suptitle("multi-query associative recall")
+    axes[0][0].set_ylabel("MQAR accuracy")
+    fig.suptitle("multi-query associative recall: accuracy vs state size")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    return True
+
+
+def report(out: pathlib.Path) -> None:
+    results = load(out)
+    if not results:
+        raise SystemExit(f"no results in {out / 'results.jsonl'}")
+    rows = summarize(results)
+    md = table(rows)
+    (out / "mqar.md").write_text(md + "\n")
+    (out / "mqar.json").write_text(json.dumps({"best_lr": {f"{m} d={d}": lr for (m, d), lr in
+                                                           best_lrs(results).items()},
+                                               "rows": rows, "runs": len(results)}, indent=1))
+    drew = plot(rows, out / "mqar.png")
+    print(md)
+    print(f"{len(results)} runs -> {out / 'mqar.md'}, {out / 'mqar.json'}" + (f", {out / 'mqar.png'}" if drew else ""))
 
 
 def main(argv=None):
@@ -188,27 +327,35 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.merge:
-        runs = [json.loads(pathlib.Path(f).read_text()) for f in args.merge]
-        results = [r for run in runs for r in run["results"]]
-        (out / "mqar.json").write_text(json.dumps({"runs": [run["args"] for run in runs], "results": results},
-                                                  indent=1))
-        plot(results, out / "mqar.png")
-        print(f"merged {len(results)} results from {len(runs)} runs into {out / 'mqar.json'} and {out / 'mqar.png'}")
+    if args.report:
+        report(out)
         return
-    # Shortest sequences first, every model at a length before the next length, so a partial sweep is usable.
-    jobs = [job for L in args.seq_lens
-            for job in [("pom", L, k, e) for k, e in args.configs] + ([("attention", L, 0, 0)] if args.baseline else [])]
-    results = []
-    for i, (kind, L, k, e) in enumerate(jobs, 1):
-        r = run_one(args, kind, L, k, e)
-        results.append(r)
-        print(f"[{i}/{len(jobs)}] {label(r):24s} L={L:5d} kv={r['num_kv']:3d} params={r['params'] / 1e3:6.1f}k "
-              f"acc={r['accuracy']:.3f} loss={r['final_loss']:.3f} ({r['train_s']:.0f} s)", flush=True)
-        (out / "mqar.json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items()},
-                                                   "results": results}, indent=1))
-    plot(results, out / "mqar.png")
-    print(f"wrote {out / 'mqar.json'} and {out / 'mqar.png'}")
+    done = {key(r) for r in load(out)}
+    best = best_lrs(load(out)) if args.lrs == "best" else None
+    jobs = []
+    for model in args.models:
+        for dim in args.dims:
+            if best is not None and (model, dim) not in best:
+                print(f"--lrs best: no seed-0 results of {model} d={dim} in {out}: skipped")
+                continue
+            for L, kv in zip(args.seq_lens, args.num_kv):
+                for lr in ([best[(model, dim)]] if best is not None else args.lrs):
+                    for seed in args.seeds:
+                        jobs.append((model, dim, L, kv, lr, seed))
+    meta = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
+            "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+    for i, (model, dim, L, kv, lr, seed) in enumerate(jobs, 1):
+        k = (model, dim, L, kv, args.vocab, lr, seed, args.steps, args.batch_size, args.depth)
+        if k in done:
+            continue
+        r = run_one(args, model, dim, L, kv, lr, seed)
+        r.update(meta)
+        with open(out / "results.jsonl", "a") as f:
+            f.write(json.dumps(r) + "\n")
+        print(f"[{i}/{len(jobs)}] {model:14s} d={dim:3d} L={L:4d} kv={kv:2d} lr={lr:g} seed={seed} "
+              f"acc={r['accuracy']:.3f} steps={r['steps']} state={r['state_bytes']:,} B ({r['train_s']:.0f} s)",
+              flush=True)
+    report(out)
 
 
 if __name__ == "__main__":

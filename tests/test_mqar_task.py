@@ -1,0 +1,69 @@
+"""The MQAR task of examples/mqar.py: what its sequences hold, the state size it reports, and a smoke run."""
+import importlib.util
+import json
+import pathlib
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def mqar():
+    spec = importlib.util.spec_from_file_location("mqar_example", ROOT / "examples" / "mqar.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("L,kv,vocab", [(64, 4, 8192), (128, 32, 256), (512, 64, 8192)])
+def test_sequences(mqar, L, kv, vocab):
+    x, y = mqar.mqar_batch(8, L, kv, vocab, torch.Generator().manual_seed(0))
+    half = vocab // 2
+    for b in range(8):
+        keys, values = x[b, 0:2 * kv:2], x[b, 1:2 * kv:2]
+        assert len(set(keys.tolist())) == kv and keys.min() >= 1 and keys.max() < half
+        assert values.min() >= half and values.max() < vocab
+        pos = (y[b] != -100).nonzero().flatten()
+        assert len(pos) == kv and pos.min() >= 2 * kv and ((pos - 2 * kv) % 2 == 0).all()
+        pair = dict(zip(keys.tolist(), values.tolist()))
+        for p in pos.tolist():
+            # the query is a key of the pairs, its target that key's value, and the value follows the query
+            assert pair[x[b, p].item()] == y[b, p].item() == x[b, p + 1].item()
+        rest = torch.ones(L, dtype=torch.bool)
+        rest[:2 * kv] = False
+        rest[pos] = False
+        rest[pos + 1] = False
+        assert (x[b][rest] == 0).all()
+
+
+def test_power_law_offsets(mqar):
+    """Zoology's gaps: most queries come soon after the pairs, the far half of the slots gets few."""
+    _, y = mqar.mqar_batch(256, 512, 16, 8192, torch.Generator().manual_seed(1))
+    pos = (y != -100).nonzero()[:, 1].float()
+    near = ((pos - 32) / 2 < 112).float().mean().item()
+    assert near > 0.6
+
+
+def test_state_bytes(mqar):
+    args = mqar.parse_args(["--vocab", "64", "--seq-lens", "32", "--num-kv", "4"])
+    pom = mqar.build("pom-2x2", 32, args)
+    # per layer: the running sum (expand * dim fp32), the count (int64), the convolution tail (3 * dim fp32)
+    assert mqar.state_bytes(pom, 32) == mqar.state_bytes(pom, 64) == 2 * (4 * 64 + 8 + 4 * 3 * 32)
+    att = mqar.build("attention", 32, args)
+    assert mqar.state_bytes(att, 32) == 2 * 2 * 32 * 32 * 4  # layers x (k, v) x L x dim x fp32
+
+
+def test_smoke_run_and_resume(mqar, tmp_path, capsys):
+    argv = ["--quick", "--models", "pom-2x2", "--seq-lens", "32", "--threads", "1", "--out", str(tmp_path)]
+    mqar.main(argv)
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 1
+    r = json.loads(lines[0])
+    assert r["model"] == "pom-2x2" and r["degree"] == 2 and 0 <= r["accuracy"] <= 1 and r["curve"]
+    mqar.main(argv)  # the run is there: nothing is trained again
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 1
+    summary = json.loads((tmp_path / "mqar.json").read_text())
+    assert summary["rows"][0]["accuracies"] == [r["accuracy"]]
+    assert "| pom-2x2 | 32 |" in (tmp_path / "mqar.md").read_text()
