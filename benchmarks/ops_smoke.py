@@ -31,6 +31,8 @@ def cases(device, dtype):
     h = torch.randn(B, N, E, generator=g, dtype=torch.float64) * 2
     w = torch.rand(B, N, generator=g, dtype=torch.float64)
     cu = torch.tensor([0, 5, 5, 40, B * N], dtype=torch.int32)
+    wz = w * (torch.rand(B, N, generator=g) > 0.2)  # weights, some 0
+    pad = torch.arange(N).expand(B, N) >= torch.tensor([[0], [4], [N]])  # left padding; row 2 all padding
     s0 = torch.randn(B, E, generator=g, dtype=torch.float64)
     n0 = torch.tensor([0, 3, 11])
     pre = torch.randn(B, N, 6, generator=g, dtype=torch.float64)
@@ -48,6 +50,10 @@ def cases(device, dtype):
         ("block 64", lambda m, x, c: [m.poly_causal(x, c, 64)]),
         ("packed causal", lambda m, x, c: [m.poly_causal(x.reshape(-1, E), c, 1, dev(cu))]),
         ("packed block 3", lambda m, x, c: [m.poly_causal(x.reshape(-1, E), c, 3, dev(cu))]),
+        ("weighted causal", lambda m, x, c: [m.poly_causal_weighted(x, c, dev(wz), 1)]),
+        ("padded block 5", lambda m, x, c: [m.poly_causal_weighted(x, c, dev(pad), 5)]),
+        ("packed weighted block 2", lambda m, x, c: [m.poly_causal_weighted(x.reshape(-1, E), c,
+                                                                               dev(wz).reshape(-1), 2, dev(cu))]),
         ("strided causal", lambda m, x, c: [m.poly_causal(x.transpose(0, 1).contiguous().transpose(0, 1), c, 1)]),
         ("gated per channel", lambda m, x, c: [m.poly_causal_gated(
             torch.cat([x, pre_e.to(x.device, dtype).to(x.dtype)], -1), c, None, 1)]),

@@ -14,8 +14,18 @@ pytestmark = NEEDS_CUDA
 DEVICES = ["cuda"]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 FWD_MODES = ["eval", "mean", "weighted", "bool", "causal", "block4", "block7", "varlen_mean", "varlen_weighted",
-             "varlen_causal1", "varlen_causal4", "state"]
+             "varlen_causal1", "varlen_causal4", "state", "wcausal1", "wcausal5", "wpad1", "wpad4",
+             "varlen_wcausal1", "varlen_wcausal4"]
 BWD_MODES = [m for m in FWD_MODES if m != "bool"]
+
+
+def weighted_causal(mode):
+    """(block size, packed, padding) of a poly_causal_weighted mode ("wcausalF": float weights, "wpadF": a bool
+    left-padding mask, "varlen_wcausalF": packed), or None for the other ops."""
+    for prefix, packed, pad in (("varlen_wcausal", True, False), ("wcausal", False, False), ("wpad", False, True)):
+        if mode.startswith(prefix):
+            return int(mode[len(prefix):]), packed, pad
+    return None
 
 
 def check(a, b, dtype, what):
@@ -55,6 +65,14 @@ class Case:
             self.aux_ref["w"], self.aux_dev["w"] = w, w.to(device)
         if mode == "bool":
             w = torch.rand(B, N, generator=g) > 0.4
+            self.aux_ref["w"], self.aux_dev["w"] = w, w.to(device)
+        wc = weighted_causal(mode)
+        if wc is not None:
+            if wc[2]:  # row b is left-padded by 3 b tokens (all of it when N <= 3 b)
+                w = torch.arange(N).expand(B, N) >= 3 * torch.arange(B).unsqueeze(1)
+            else:  # float weights, some exactly 0 (an empty prefix where the first ones are)
+                w = torch.rand(B, N, generator=g, dtype=torch.float64) * (torch.rand(B, N, generator=g) > 0.2)
+                w = w.reshape(-1) if wc[1] else w
             self.aux_ref["w"], self.aux_dev["w"] = w, w.to(device)
         if mode.startswith("varlen"):
             cu = offsets(B * N, cu_dtype)
@@ -102,6 +120,12 @@ class Case:
             return [impl.poly_causal(h.reshape(-1, E), c, int(m[len("varlen_causal"):]), aux["cu"])]
         if m == "state":
             return list(impl.poly_state_update(h, c, aux["s"], aux["n"]))
+        wc = weighted_causal(m)
+        if wc is not None:
+            F, packed, _ = wc
+            if packed:
+                return [impl.poly_causal_weighted(h.reshape(-1, E), c, aux["w"], F, aux["cu"])]
+            return [impl.poly_causal_weighted(h, c, aux["w"], F)]
         raise AssertionError(m)
 
 
@@ -155,7 +179,7 @@ def check_backward(case):
 # ---- every op, every dtype, degrees (fixed and generic), odd shapes ----
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("K", [1, 3, 4, 6])
+@pytest.mark.parametrize("K", [1, 2, 3, 4, 6])
 @pytest.mark.parametrize("mode", FWD_MODES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_forward_degrees(dtype, mode, K, device):
@@ -171,7 +195,7 @@ def test_forward_shapes(dtype, mode, B, N, E, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("K", [1, 3, 4, 6])
+@pytest.mark.parametrize("K", [1, 2, 3, 4, 6])
 @pytest.mark.parametrize("mode", BWD_MODES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_backward_degrees(dtype, mode, K, device):
@@ -218,12 +242,14 @@ def test_block_sizes(dtype, F, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("F", [100, 256, 999, 1000, 4096])
-@pytest.mark.parametrize("mode", ["block", "varlen_block"])
+@pytest.mark.parametrize("mode", ["block", "varlen_block", "wblock", "varlen_wblock", "wpad"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
 def test_large_block_sizes(dtype, mode, F, device):
     """Blocks larger than the rows a chunk holds (csrc/cuda/plan.h: split blocks, several chunks a block), dense
-    and packed, the last block short; the grid stays full where whole-block chunks would collapse it."""
-    name = f"block{F}" if mode == "block" else f"varlen_causal{F}"
+    and packed, weighted or not, the last block short; the grid stays full where whole-block chunks would collapse
+    it."""
+    name = {"block": f"block{F}", "varlen_block": f"varlen_causal{F}", "wblock": f"wcausal{F}",
+            "varlen_wblock": f"varlen_wcausal{F}", "wpad": f"wpad{F}"}[mode]
     case = Case(name, 2, 2500, 40, 3, dtype, device)
     check_forward(case)
     check_backward(case)
@@ -409,7 +435,7 @@ def test_zero_weight_rows_give_zero(dtype, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["eval", "mean", "weighted", "causal", "block7", "varlen_causal4", "varlen_mean",
-                                  "state"])
+                                  "state", "wcausal1", "varlen_wcausal4"])
 def test_bitwise_deterministic(mode, device):
     case = Case(mode, 2, 3000, 96, 3, torch.float32, device)
 
@@ -451,6 +477,10 @@ def opcheck_cases(device):
         ("block", o.poly_causal, (h, c, 4, None)),
         ("causal_varlen", o.poly_causal, (hp, c, 2, cu)),
         ("causal_bwd", o.poly_causal_backward, (torch.randn_like(h), h, c, 3, None)),
+        ("causal_weighted", o.poly_causal_weighted, (h, c, w, 1, None)),
+        ("causal_weighted_varlen", o.poly_causal_weighted, (hp, c, w.reshape(-1), 4, cu)),
+        ("causal_weighted_bwd", o.poly_causal_weighted_backward,
+         (torch.randn_like(h), o.poly_causal_weighted(h, c, w, 3, None).detach(), h, c, w, 3, None, True)),
         ("state", o.poly_state_update, (h, c, s, n)),
         ("state_bwd", o.poly_state_update_backward, (torch.randn(2, 8, dtype=torch.float64, device=device),
                                                      torch.randn_like(s), h, c, n)),
@@ -459,7 +489,7 @@ def opcheck_cases(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("index", range(14))
+@pytest.mark.parametrize("index", range(17))
 def test_opcheck(index, device):
     name, op, args = opcheck_cases(device)[index]
     if name.endswith("_bwd"):
@@ -467,7 +497,7 @@ def test_opcheck(index, device):
     torch.library.opcheck(op, args)
 
 
-@pytest.mark.parametrize("op", ["mean", "causal", "gated", "mean_backward", "causal_backward"])
+@pytest.mark.parametrize("op", ["mean", "causal", "gated", "weighted", "mean_backward", "causal_backward"])
 def test_bad_cu_seqlens_is_an_ordinary_error(op):
     """Offsets that do not start at 0, decrease, or end elsewhere than the number of rows raise an error naming
     cu_seqlens (checked on the host once per tensor), and the CUDA context stays usable afterwards."""
@@ -481,6 +511,7 @@ def test_bad_cu_seqlens_is_an_ordinary_error(op):
             "mean": lambda: o.poly_mean(h, c, None, cu),
             "causal": lambda: o.poly_causal(h, c, 2, cu),
             "gated": lambda: o.poly_causal_gated(torch.cat([h, h], -1), c, None, 1, cu),
+            "weighted": lambda: o.poly_causal_weighted(h, c, torch.ones(20, device="cuda"), 1, cu),
             "mean_backward": lambda: o.poly_mean_backward(HB, HB, h, c, None, cu, False),
             "causal_backward": lambda: o.poly_causal_backward(h, h, c, 1, cu),
         }[op]

@@ -873,24 +873,16 @@ struct Weights {
   acc_t inverse(int64_t b, int64_t n) const { return inv[r.off(b, n)]; }
 };
 
-// wa: the weight converted to acc_t and made contiguous; the prefix sums of w in fp64.
+// wa: the weight converted to acc_t and made contiguous; the inverse prefix sums (weight_grad.h) in fp64.
 template <typename acc_t>
-Weights<acc_t> make_weights(const at::Tensor& wa, const int64_t* cu, int64_t B, int64_t F) {
+Weights<acc_t> make_weights(const at::Tensor& wa, const c10::optional<at::Tensor>& cu_seqlens, const int64_t* cu,
+                            int64_t F) {
   Weights<acc_t> wt;
   wt.w = wa.data_ptr<acc_t>();
   wt.r = rows_of(wa, cu);
-  wt.inv.assign(static_cast<size_t>(wa.numel()), acc_t(0));
-  std::vector<double> cum;
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t L = wt.r.len(b);
-    cum.assign(static_cast<size_t>(L), 0.0);
-    double run = 0;
-    for (int64_t n = 0; n < L; ++n) cum[n] = run += static_cast<double>(wt.at(b, n));
-    for (int64_t n = 0; n < L; ++n) {
-      const double total = cum[std::min(L, (n / F + 1) * F) - 1];
-      wt.inv[wt.r.off(b, n)] = total != 0 ? static_cast<acc_t>(1.0 / total) : acc_t(0);
-    }
-  }
+  const at::Tensor inv = inverse_prefix_weights(wa, F, cu_seqlens).to(c10::CppTypeToScalarType<acc_t>::value)
+                             .contiguous();
+  wt.inv.assign(inv.data_ptr<acc_t>(), inv.data_ptr<acc_t>() + inv.numel());
   return wt;
 }
 
@@ -1226,7 +1218,7 @@ at::Tensor causal_op(const char* op, const at::Tensor& h, const at::Tensor& coef
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "poly_causal_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto cT = coeff_table<acc_t>(coeff);
-    const Weights<acc_t> wt = weight ? make_weights<acc_t>(wa, cup, B, block_size) : Weights<acc_t>();
+    const Weights<acc_t> wt = weight ? make_weights<acc_t>(wa, cu_seqlens, cup, block_size) : Weights<acc_t>();
     dispatch_degree(deg, [&](auto Kc) {
       causal_forward<scalar_t, decltype(Kc)::value>(h.data_ptr<scalar_t>(), hr, E, cT, deg, block_size, tasks,
                                                     nullptr, weight ? &wt : nullptr, out.data_ptr<scalar_t>(), outr);
@@ -1255,7 +1247,7 @@ std::tuple<at::Tensor, at::Tensor> causal_backward_op(const char* op, const at::
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "poly_causal_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto cT = coeff_table<acc_t>(coeff);
-    const Weights<acc_t> wt = weight ? make_weights<acc_t>(wa, cup, B, block_size) : Weights<acc_t>();
+    const Weights<acc_t> wt = weight ? make_weights<acc_t>(wa, cu_seqlens, cup, block_size) : Weights<acc_t>();
     std::vector<double> part;
     dispatch_degree(deg, [&](auto Kc) {
       causal_backward<scalar_t, decltype(Kc)::value>(g.data_ptr<scalar_t>(), gr, h.data_ptr<scalar_t>(), hr, E, cT,

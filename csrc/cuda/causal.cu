@@ -20,6 +20,9 @@
 //  3. causal_bwd_scan: whole blocks: F-blocks in reverse, gbar = running suffix sum of G (reads g and h); split
 //     blocks: gbar = the reverse carry plus total of the block's first chunk (reads h only); grad_h =
 //     gbar * dp/dh, grad_coeff partials per chunk, reduced in chunk order (reduce_coeff_grad).
+// Weighted (poly_causal_weighted, a WeightArg): row n adds w_n p to the sums and reads them times inv_n (1 / the
+// weight of the rows it sees, from ATen prefix sums, weight_grad.h) in place of 1 / (n + 1) or 1 / end; the
+// backward scans g * inv and scales row n's share by w_n.
 // Gated (hs = [h | pre], y = hardsigmoid(pre + bias) * H, one gate per q = E / S channels): the same kernels
 // with a GateArg: the forward scales each output row by its gate, the backward scans g * gate. A third
 // backward pass (causal_gate_bwd) recomputes H from forward carries and writes the gate's gradient:
@@ -31,6 +34,7 @@
 #include <numeric>
 
 #include "common.cuh"
+#include "pom_ext/weight_grad.h"
 
 namespace pom_ext {
 namespace cuda {
@@ -127,10 +131,26 @@ struct GateArg {
   }
 };
 
-template <typename scalar_t, int K>
-__global__ void __launch_bounds__(128)
-    causal_tot_kernel(const scalar_t* __restrict__ h, Strides hs, bool vin, Layout L, int64_t E,
-                      CoeffArg<at::opmath_type<scalar_t>> ca, double* __restrict__ tot) {
+// The token weights of poly_causal_weighted (wi == nullptr: none): per row of h, its weight w and inv (weight_grad.h)
+// side by side in the accumulation type, rows in order (dense: b * N + n; packed: the global row), so one pointer and
+// no strides reach both.
+template <typename acc_t>
+struct WeightArg {
+  const acc_t* wi = nullptr;
+  __device__ __forceinline__ const acc_t* row(const Layout& L, int64_t b, int64_t n) const {
+    return wi + 2 * (L.cu ? L.base(b) + n : b * L.N + n);
+  }
+  __device__ __forceinline__ acc_t at(const Layout& L, int64_t b, int64_t n) const { return row(L, b, n)[0]; }
+  __device__ __forceinline__ acc_t inverse(const Layout& L, int64_t b, int64_t n) const { return row(L, b, n)[1]; }
+};
+
+// The kernels below are __device__ bodies with a compile-time W (weighted), each behind two __global__ entry
+// points: the plain kernel (W = false: the code of the unweighted ops does not change with the weighted op) and
+// its _weighted twin, instantiated for the degrees of weighted_dispatch_degree only.
+template <typename scalar_t, int K, bool W>
+__device__ __forceinline__ void causal_tot(const scalar_t* __restrict__ h, Strides hs, bool vin,
+                                           Layout L, int64_t E, CoeffArg<at::opmath_type<scalar_t>> ca,
+                                           WeightArg<at::opmath_type<scalar_t>> wa, double* __restrict__ tot) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = Vec<scalar_t>::value;
   int64_t b, n0, n1;
@@ -145,14 +165,32 @@ __global__ void __launch_bounds__(128)
   acc_t run[V], comp[V];
 #pragma unroll
   for (int j = 0; j < V; ++j) run[j] = comp[j] = acc_t(0);
-  for_rows<V, scalar_t, acc_t>(h, hs, vin, L, b, n0, n1, e0, nv, [&](int64_t, const acc_t (&x)[V]) {
+  for_rows<V, scalar_t, acc_t>(h, hs, vin, L, b, n0, n1, e0, nv, [&](int64_t n, const acc_t (&x)[V]) {
 #pragma unroll
-    for (int j = 0; j < V; ++j) math::kahan_add(run[j], comp[j], cc.poly(j, math::act(x[j])));
+    for (int j = 0; j < V; ++j) {
+      const acc_t p = cc.poly(j, math::act(x[j]));
+      math::kahan_add(run[j], comp[j], W ? wa.at(L, b, n) * p : p);
+    }
   });
   double* t = tot + static_cast<int64_t>(blockIdx.x) * E + e0;
 #pragma unroll
   for (int j = 0; j < V; ++j)
     if (j < nv) t[j] = static_cast<double>(run[j]) - static_cast<double>(comp[j]);
+}
+
+template <typename scalar_t, int K>
+__global__ void __launch_bounds__(128)
+    causal_tot_kernel(const scalar_t* __restrict__ h, Strides hs, bool vin, Layout L, int64_t E,
+                      CoeffArg<at::opmath_type<scalar_t>> ca, double* __restrict__ tot) {
+  causal_tot<scalar_t, K, false>(h, hs, vin, L, E, ca, {}, tot);
+}
+
+template <typename scalar_t, int K>
+__global__ void __launch_bounds__(128)
+    causal_tot_weighted_kernel(const scalar_t* __restrict__ h, Strides hs, bool vin, Layout L, int64_t E,
+                               CoeffArg<at::opmath_type<scalar_t>> ca, WeightArg<at::opmath_type<scalar_t>> wa,
+                               double* __restrict__ tot) {
+  causal_tot<scalar_t, K, true>(h, hs, vin, L, E, ca, wa, tot);
 }
 
 template <typename acc_t, int V>
@@ -169,19 +207,21 @@ __device__ __forceinline__ void start_from_carry(const double* carry, int64_t c,
 // fn(n, H) for rows n = n0 .. n1 - 1 of chunk blockIdx.x in order, H the mean of p over rows 0 .. n (F = 1)
 // or over rows 0 .. the end of n's F-block; the scan starts from the chunk's carry (none for a sequence's first).
 // Split blocks: H is the block's sum, its last chunk's carry plus total (fp64), over its end row; h is not read.
-template <int V, typename scalar_t, int K, typename acc_t, typename Fn>
+template <bool W, int V, typename scalar_t, int K, typename acc_t, typename Fn>
 __device__ __forceinline__ void prefix_means(const scalar_t* __restrict__ h, const Strides& hs, bool vin,
                                              const Layout& L, int64_t b, int64_t n0, int64_t n1, int64_t E,
                                              int64_t e0, int nv, int64_t F, const ChanCoeff<K, V, acc_t>& cc,
-                                             const double* carry, const double* tot, Fn&& fn) {
+                                             const double* carry, const double* tot, const WeightArg<acc_t>& wa,
+                                             Fn&& fn) {
   if (L.plan.cpb > 0) {
     int64_t cf, cl, bend;
     L.block_chunks(b, blockIdx.x, cf, cl, bend);
+    // Every row of the block reads the same total (its chunks' rows share the block's end).
+    const double inv = W ? static_cast<double>(wa.inverse(L, b, n0)) : 1.0 / static_cast<double>(bend);
     acc_t H[V];
 #pragma unroll
     for (int j = 0; j < V; ++j)
-      H[j] = j < nv ? static_cast<acc_t>((carry[cl * E + e0 + j] + tot[cl * E + e0 + j]) / static_cast<double>(bend))
-                    : acc_t(0);
+      H[j] = j < nv ? static_cast<acc_t>((carry[cl * E + e0 + j] + tot[cl * E + e0 + j]) * inv) : acc_t(0);
     for (int64_t n = n0; n < n1; ++n) fn(n, H);
     return;
   }
@@ -189,11 +229,13 @@ __device__ __forceinline__ void prefix_means(const scalar_t* __restrict__ h, con
   start_from_carry<acc_t, V>(n0 > 0 ? carry : nullptr, blockIdx.x, E, e0, nv, run, comp);
   if (F == 1) {
     for_rows<V, scalar_t, acc_t>(h, hs, vin, L, b, n0, n1, e0, nv, [&](int64_t n, const acc_t (&x)[V]) {
-      const acc_t inv = acc_t(1) / static_cast<acc_t>(n + 1);
+      const acc_t inv = W ? wa.inverse(L, b, n) : acc_t(1) / static_cast<acc_t>(n + 1);
+      const acc_t w = W ? wa.at(L, b, n) : acc_t(1);
       acc_t H[V];
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        math::kahan_add(run[j], comp[j], cc.poly(j, math::act(x[j])));
+        const acc_t p = cc.poly(j, math::act(x[j]));
+        math::kahan_add(run[j], comp[j], W ? w * p : p);
         H[j] = (run[j] - comp[j]) * inv;
       }
       fn(n, H);
@@ -202,11 +244,14 @@ __device__ __forceinline__ void prefix_means(const scalar_t* __restrict__ h, con
   }
   for (int64_t blk = n0; blk < n1; blk += F) {
     const int64_t bend = blk + F < n1 ? blk + F : n1;
-    for_rows<V, scalar_t, acc_t>(h, hs, vin, L, b, blk, bend, e0, nv, [&](int64_t, const acc_t (&x)[V]) {
+    for_rows<V, scalar_t, acc_t>(h, hs, vin, L, b, blk, bend, e0, nv, [&](int64_t n, const acc_t (&x)[V]) {
 #pragma unroll
-      for (int j = 0; j < V; ++j) math::kahan_add(run[j], comp[j], cc.poly(j, math::act(x[j])));
+      for (int j = 0; j < V; ++j) {
+        const acc_t p = cc.poly(j, math::act(x[j]));
+        math::kahan_add(run[j], comp[j], W ? wa.at(L, b, n) * p : p);
+      }
     });
-    const acc_t inv = acc_t(1) / static_cast<acc_t>(bend);
+    const acc_t inv = W ? wa.inverse(L, b, blk) : acc_t(1) / static_cast<acc_t>(bend);
     acc_t H[V];
 #pragma unroll
     for (int j = 0; j < V; ++j) H[j] = (run[j] - comp[j]) * inv;
@@ -214,11 +259,13 @@ __device__ __forceinline__ void prefix_means(const scalar_t* __restrict__ h, con
   }
 }
 
-template <typename scalar_t, int K>
-__global__ void __launch_bounds__(128)
-    causal_scan_kernel(const scalar_t* __restrict__ h, Strides hs, bool vin, scalar_t* __restrict__ out, Strides os,
-                       bool vout, Layout L, int64_t E, int64_t F, CoeffArg<at::opmath_type<scalar_t>> ca,
-                       const double* __restrict__ carry, const double* __restrict__ tot, GateArg<scalar_t> gate) {
+template <typename scalar_t, int K, bool W>
+__device__ __forceinline__ void causal_scan(const scalar_t* __restrict__ h, Strides hs, bool vin,
+                                            scalar_t* __restrict__ out, Strides os, bool vout, Layout L,
+                                            int64_t E, int64_t F, CoeffArg<at::opmath_type<scalar_t>> ca,
+                                            const double* __restrict__ carry, const double* __restrict__ tot,
+                                            GateArg<scalar_t> gate,
+                                            WeightArg<at::opmath_type<scalar_t>> wa) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = Vec<scalar_t>::value;
   int64_t b, n0, n1;
@@ -228,19 +275,37 @@ __global__ void __launch_bounds__(128)
   if (!thread_channels<V>(E, e0, nv)) return;
   ChanCoeff<K, V, acc_t> cc;
   cc.load(ca, e0, nv);
-  prefix_means<V>(h, hs, vin, L, b, n0, n1, E, e0, nv, F, cc, carry, tot, [&](int64_t n, const acc_t (&H)[V]) {
+  prefix_means<W, V>(h, hs, vin, L, b, n0, n1, E, e0, nv, F, cc, carry, tot, wa,
+                     [&](int64_t n, const acc_t (&H)[V]) {
     acc_t y[V];
     gate.template apply<V>(L, b, n, e0, nv, H, y);
     store_row<V>(out + L.off(os, b, n), e0, os.e, nv, vout, y);
   });
 }
 
+template <typename scalar_t, int K>
+__global__ void __launch_bounds__(128)
+    causal_scan_kernel(const scalar_t* __restrict__ h, Strides hs, bool vin, scalar_t* __restrict__ out, Strides os,
+                       bool vout, Layout L, int64_t E, int64_t F, CoeffArg<at::opmath_type<scalar_t>> ca,
+                       const double* __restrict__ carry, const double* __restrict__ tot, GateArg<scalar_t> gate) {
+  causal_scan<scalar_t, K, false>(h, hs, vin, out, os, vout, L, E, F, ca, carry, tot, gate, {});
+}
+
+template <typename scalar_t, int K>
+__global__ void __launch_bounds__(128)
+    causal_scan_weighted_kernel(const scalar_t* __restrict__ h, Strides hs, bool vin, scalar_t* __restrict__ out,
+                                Strides os, bool vout, Layout L, int64_t E, int64_t F,
+                                CoeffArg<at::opmath_type<scalar_t>> ca, const double* __restrict__ carry,
+                                const double* __restrict__ tot, WeightArg<at::opmath_type<scalar_t>> wa) {
+  causal_scan<scalar_t, K, true>(h, hs, vin, out, os, vout, L, E, F, ca, carry, tot, GateArg<scalar_t>{}, wa);
+}
+
 // Kahan-compensated sum of the (gated) gradient rows of F-block [blk, bend) (thousands of rows, for a large F),
 // divided by bend.
-template <int V, typename scalar_t, typename acc_t>
+template <bool W, int V, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void block_grad(const scalar_t* g, const Strides& gs, bool vg, const GateArg<scalar_t>& gate,
-                                           const Layout& L, int64_t b, int64_t blk, int64_t bend, int64_t e0, int nv,
-                                           acc_t (&G)[V]) {
+                                           const WeightArg<acc_t>& wa, const Layout& L, int64_t b, int64_t blk,
+                                           int64_t bend, int64_t e0, int nv, acc_t (&G)[V]) {
   acc_t comp[V];
 #pragma unroll
   for (int j = 0; j < V; ++j) G[j] = comp[j] = acc_t(0);
@@ -250,15 +315,16 @@ __device__ __forceinline__ void block_grad(const scalar_t* g, const Strides& gs,
 #pragma unroll
     for (int j = 0; j < V; ++j) math::kahan_add(G[j], comp[j], y[j]);
   });
-  const acc_t inv = acc_t(1) / static_cast<acc_t>(bend);
+  const acc_t inv = W ? wa.inverse(L, b, blk) : acc_t(1) / static_cast<acc_t>(bend);
 #pragma unroll
   for (int j = 0; j < V; ++j) G[j] = (G[j] - comp[j]) * inv;
 }
 
-template <typename scalar_t>
-__global__ void __launch_bounds__(128)
-    causal_bwd_tot_kernel(const scalar_t* __restrict__ g, Strides gs, bool vg, GateArg<scalar_t> gate, Layout L,
-                          int64_t E, int64_t F, double* __restrict__ tot) {
+template <typename scalar_t, bool W>
+__device__ __forceinline__ void causal_bwd_tot(const scalar_t* __restrict__ g, Strides gs, bool vg,
+                                               GateArg<scalar_t> gate,
+                                               WeightArg<at::opmath_type<scalar_t>> wa, Layout L,
+                                               int64_t E, int64_t F, double* __restrict__ tot) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = Vec<scalar_t>::value;
   int64_t b, n0, n1;
@@ -275,7 +341,7 @@ __global__ void __launch_bounds__(128)
     // Split blocks: every row of the chunk is in one block, which ends at bend.
     int64_t cf, cl, bend;
     L.block_chunks(b, blockIdx.x, cf, cl, bend);
-    const acc_t inv = acc_t(1) / static_cast<acc_t>(bend);
+    const acc_t inv = W ? wa.inverse(L, b, n0) : acc_t(1) / static_cast<acc_t>(bend);
     for_rows<V, scalar_t, acc_t>(g, gs, vg, L, b, n0, n1, e0, nv, [&](int64_t n, const acc_t (&x)[V]) {
       acc_t y[V];
       gate.template apply<V>(L, b, n, e0, nv, x, y);
@@ -284,7 +350,7 @@ __global__ void __launch_bounds__(128)
     });
   } else if (F == 1) {
     for_rows<V, scalar_t, acc_t>(g, gs, vg, L, b, n0, n1, e0, nv, [&](int64_t n, const acc_t (&x)[V]) {
-      const acc_t inv = acc_t(1) / static_cast<acc_t>(n + 1);
+      const acc_t inv = W ? wa.inverse(L, b, n) : acc_t(1) / static_cast<acc_t>(n + 1);
       acc_t y[V];
       gate.template apply<V>(L, b, n, e0, nv, x, y);
 #pragma unroll
@@ -294,7 +360,7 @@ __global__ void __launch_bounds__(128)
     for (int64_t blk = n0; blk < n1; blk += F) {
       const int64_t bend = blk + F < n1 ? blk + F : n1;
       acc_t G[V];
-      block_grad<V>(g, gs, vg, gate, L, b, blk, bend, e0, nv, G);
+      block_grad<W, V>(g, gs, vg, gate, wa, L, b, blk, bend, e0, nv, G);
 #pragma unroll
       for (int j = 0; j < V; ++j) math::kahan_add(run[j], comp[j], G[j]);
     }
@@ -305,19 +371,36 @@ __global__ void __launch_bounds__(128)
     if (j < nv) t[j] = static_cast<double>(run[j]) - static_cast<double>(comp[j]);
 }
 
+template <typename scalar_t>
+__global__ void __launch_bounds__(128)
+    causal_bwd_tot_kernel(const scalar_t* __restrict__ g, Strides gs, bool vg, GateArg<scalar_t> gate, Layout L,
+                          int64_t E, int64_t F, double* __restrict__ tot) {
+  causal_bwd_tot<scalar_t, false>(g, gs, vg, gate, {}, L, E, F, tot);
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(128)
+    causal_bwd_tot_weighted_kernel(const scalar_t* __restrict__ g, Strides gs, bool vg,
+                                   WeightArg<at::opmath_type<scalar_t>> wa, Layout L, int64_t E, int64_t F,
+                                   double* __restrict__ tot) {
+  causal_bwd_tot<scalar_t, true>(g, gs, vg, GateArg<scalar_t>{}, wa, L, E, F, tot);
+}
+
 // MODE: kTokens (F = 1), kWholeBlocks (chunks of whole F-blocks) or kSplitBlocks (plan.cpb > 0: the gradient
 // reaching a block, the suffix sum of the block totals from it on, is its first chunk's reverse carry plus total,
 // the same for every row of the chunk; g is not read).
 enum ScanMode { kTokens = 0, kWholeBlocks = 1, kSplitBlocks = 2 };
 
-template <typename scalar_t, int K, int MODE>
-__global__ void __launch_bounds__(128)
-    causal_bwd_scan_kernel(const scalar_t* __restrict__ g, Strides gs, bool vg, GateArg<scalar_t> gate,
-                           const scalar_t* __restrict__ h, Strides hs, bool vin, scalar_t* __restrict__ gh,
-                           Strides ghs, bool vout, Layout L,
-                           int64_t E, int64_t F, CoeffArg<at::opmath_type<scalar_t>> ca,
-                           const double* __restrict__ carry, const double* __restrict__ tot,
-                           at::opmath_type<scalar_t>* __restrict__ part) {
+template <typename scalar_t, int K, int MODE, bool W>
+__device__ __forceinline__ void causal_bwd_scan(const scalar_t* __restrict__ g, Strides gs, bool vg,
+                                                GateArg<scalar_t> gate,
+                                                WeightArg<at::opmath_type<scalar_t>> wa,
+                                                const scalar_t* __restrict__ h, Strides hs, bool vin,
+                                                scalar_t* __restrict__ gh, Strides ghs, bool vout,
+                                                Layout L, int64_t E, int64_t F,
+                                                CoeffArg<at::opmath_type<scalar_t>> ca,
+                                                const double* __restrict__ carry, const double* __restrict__ tot,
+                                                at::opmath_type<scalar_t>* __restrict__ part) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = Vec<scalar_t>::value;
   int64_t b = 0, n0 = 0, n1 = 0;
@@ -334,16 +417,18 @@ __global__ void __launch_bounds__(128)
     if constexpr (MODE != kSplitBlocks) {
       start_from_carry<acc_t, V>(n1 < L.len(b) ? carry : nullptr, blockIdx.x, E, e0, nv, run, comp);
     }
-    // gbar-weighted element backward of one row of h.
+    // gbar-weighted element backward of one row of h (times the row's weight).
     auto row_backward = [&](int64_t n, const acc_t (&gb)[V], const acc_t (&x)[V]) {
+      const acc_t w = W ? wa.at(L, b, n) : acc_t(1);
       acc_t gx[V];
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         const acc_t a = math::act(x[j]);
+        const acc_t gw = W ? w * gb[j] : gb[j];
         acc_t p, dp;
         cc.poly_and_slope(j, a, p, dp);
-        gx[j] = gb[j] * ca.act_grad(x[j]) * dp;
-        f.add_powers(j, gb[j], a);
+        gx[j] = gw * ca.act_grad(x[j]) * dp;
+        f.add_powers(j, gw, a);
       }
       store_row<V>(gh + L.off(ghs, b, n), e0, ghs.e, nv, vout, gx);
     };
@@ -359,7 +444,8 @@ __global__ void __launch_bounds__(128)
     } else if constexpr (MODE == kTokens) {
       for_rows2_rev<V, scalar_t, acc_t>(g, gs, vg, h, hs, vin, L, b, n0, n1, e0, nv,
                                         [&](int64_t n, const acc_t (&gv)[V], const acc_t (&x)[V]) {
-                                          const acc_t inv = acc_t(1) / static_cast<acc_t>(n + 1);
+                                          const acc_t inv = W ? wa.inverse(L, b, n)
+                                                              : acc_t(1) / static_cast<acc_t>(n + 1);
                                           acc_t y[V], gb[V];
                                           gate.template apply<V>(L, b, n, e0, nv, gv, y);
 #pragma unroll
@@ -375,7 +461,7 @@ __global__ void __launch_bounds__(128)
         const int64_t blk = n0 + jb * F;
         const int64_t bend = blk + F < n1 ? blk + F : n1;
         acc_t G[V], gb[V];
-        block_grad<V>(g, gs, vg, gate, L, b, blk, bend, e0, nv, G);
+        block_grad<W, V>(g, gs, vg, gate, wa, L, b, blk, bend, e0, nv, G);
 #pragma unroll
         for (int j = 0; j < V; ++j) {
           math::kahan_add(run[j], comp[j], G[j]);
@@ -387,6 +473,30 @@ __global__ void __launch_bounds__(128)
     }
   }
   f.finish();
+}
+
+template <typename scalar_t, int K, int MODE>
+__global__ void __launch_bounds__(128)
+    causal_bwd_scan_kernel(const scalar_t* __restrict__ g, Strides gs, bool vg, GateArg<scalar_t> gate,
+                           const scalar_t* __restrict__ h, Strides hs, bool vin, scalar_t* __restrict__ gh,
+                           Strides ghs, bool vout, Layout L,
+                           int64_t E, int64_t F, CoeffArg<at::opmath_type<scalar_t>> ca,
+                           const double* __restrict__ carry, const double* __restrict__ tot,
+                           at::opmath_type<scalar_t>* __restrict__ part) {
+  causal_bwd_scan<scalar_t, K, MODE, false>(g, gs, vg, gate, {}, h, hs, vin, gh, ghs, vout, L, E, F, ca, carry, tot,
+                                            part);
+}
+
+template <typename scalar_t, int K, int MODE>
+__global__ void __launch_bounds__(128)
+    causal_bwd_scan_weighted_kernel(const scalar_t* __restrict__ g, Strides gs, bool vg,
+                                    WeightArg<at::opmath_type<scalar_t>> wa, const scalar_t* __restrict__ h,
+                                    Strides hs, bool vin, scalar_t* __restrict__ gh, Strides ghs, bool vout, Layout L,
+                                    int64_t E, int64_t F, CoeffArg<at::opmath_type<scalar_t>> ca,
+                                    const double* __restrict__ carry, const double* __restrict__ tot,
+                                    at::opmath_type<scalar_t>* __restrict__ part) {
+  causal_bwd_scan<scalar_t, K, MODE, true>(g, gs, vg, GateArg<scalar_t>{}, wa, h, hs, vin, gh, ghs, vout, L, E, F, ca,
+                                           carry, tot, part);
 }
 
 // Gradient of the gate inputs, by a forward scan that recomputes H from the forward carries; P = g * H.
@@ -415,7 +525,8 @@ __global__ void __launch_bounds__(128)
     ChanCoeff<K, V, acc_t> cc;
     cc.load(ca, e0, nv);
     // Row n of the gate's gradient from H (the row's prefix or block mean).
-    prefix_means<V>(h, hs, vin, L, b, n0, n1, E, e0, nv, F, cc, carry, tot, [&](int64_t n, const acc_t (&H)[V]) {
+    prefix_means<false, V>(h, hs, vin, L, b, n0, n1, E, e0, nv, F, cc, carry, tot, WeightArg<acc_t>{},
+                    [&](int64_t n, const acc_t (&H)[V]) {
       acc_t P[V];
       load_row<V>(g + L.off(gs, b, n), e0, gs.e, nv, vg, P);
 #pragma unroll
@@ -498,11 +609,41 @@ GateArg<scalar_t> gate_arg(const at::Tensor& pre, bool packed, int64_t E, const 
   return a;
 }
 
-// out (E columns, laid out like h) = H, or gate * H when the gate is set.
+// The degrees the _weighted kernels are instantiated for: 2 (the models' default) with its fixed-degree kernels,
+// every other degree with the generic-degree kernels (coefficients from a table), which keeps the build's size
+// and time near those of the unweighted op alone.
+template <int K>
+constexpr bool kWeightedDegree = K == 0 || K == 2;
+template <typename Fn>
+void weighted_dispatch_degree(int degree, Fn&& fn) {
+#ifdef POM_CUDA_ONE_VARIANT
+  (void)degree;
+  fn(std::integral_constant<int, 0>{});
+#else
+  if (degree == 2) {
+    fn(std::integral_constant<int, 2>{});
+  } else {
+    fn(std::integral_constant<int, 0>{});
+  }
+#endif
+}
+
+// The degree dispatch of an op: the weighted kernels' degrees when wa is set.
+template <typename acc_t, typename Fn>
+void dispatch_causal_degree(int degree, const WeightArg<acc_t>* wa, Fn&& fn) {
+  if (wa) {
+    weighted_dispatch_degree(degree, std::forward<Fn>(fn));
+  } else {
+    cuda_dispatch_degree(degree, std::forward<Fn>(fn));
+  }
+}
+
+// out (E columns, laid out like h) = H, or gate * H when the gate is set; with wa (no gate) the weighted prefix
+// means.
 template <typename scalar_t>
 void causal_forward(const at::Tensor& h, const at::Tensor& coeff, int64_t block_size,
-                    const c10::optional<at::Tensor>& cu, const GateArg<scalar_t>& gate, at::Tensor& out,
-                    cudaStream_t stream) {
+                    const c10::optional<at::Tensor>& cu, const GateArg<scalar_t>& gate,
+                    const WeightArg<at::opmath_type<scalar_t>>* wa, at::Tensor& out, cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t E = h.size(-1);
   const bool packed = cu.has_value();
@@ -516,20 +657,39 @@ void causal_forward(const at::Tensor& h, const at::Tensor& coeff, int64_t block_
   const bool vout = vectorizable<scalar_t>(out.data_ptr(), os, E);
   const dim3 grid = grid_of(p.L.nchunks, p.tiles);
   at::Tensor tot, carry;
-  cuda_dispatch_degree(static_cast<int>(coeff.size(1)), [&](auto Kc) {
+  dispatch_causal_degree(static_cast<int>(coeff.size(1)), wa, [&](auto Kc) {
     constexpr int K = decltype(Kc)::value;
     if (!p.single) {
       tot = at::empty({p.L.nchunks, E}, h.options().dtype(at::kDouble));
       carry = at::empty({p.L.nchunks, E}, h.options().dtype(at::kDouble));
-      causal_tot_kernel<scalar_t, K><<<grid, p.tx, 0, stream>>>(h.data_ptr<scalar_t>(), hs, vin, p.L, E, ca,
-                                                                 tot.data_ptr<double>());
+      bool done = false;
+      if constexpr (kWeightedDegree<K>) {
+        if (wa) {
+          causal_tot_weighted_kernel<scalar_t, K><<<grid, p.tx, 0, stream>>>(h.data_ptr<scalar_t>(), hs, vin, p.L,
+                                                                              E, ca, *wa, tot.data_ptr<double>());
+          done = true;
+        }
+      }
+      if (!done) {
+        causal_tot_kernel<scalar_t, K><<<grid, p.tx, 0, stream>>>(h.data_ptr<scalar_t>(), hs, vin, p.L, E, ca,
+                                                                   tot.data_ptr<double>());
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       launch_chunk_scan(tot.data_ptr<double>(), carry.data_ptr<double>(), p.L, E, false, stream);
     }
+    const double* cp = p.single ? nullptr : carry.data_ptr<double>();
+    const double* tp = p.single ? nullptr : tot.data_ptr<double>();
+    if constexpr (kWeightedDegree<K>) {
+      if (wa) {
+        causal_scan_weighted_kernel<scalar_t, K><<<grid, p.tx, 0, stream>>>(
+            h.data_ptr<scalar_t>(), hs, vin, out.data_ptr<scalar_t>(), os, vout, p.L, E, p.F, ca, cp, tp, *wa);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
+    }
     causal_scan_kernel<scalar_t, K><<<grid, p.tx, 0, stream>>>(h.data_ptr<scalar_t>(), hs, vin,
                                                                 out.data_ptr<scalar_t>(), os, vout, p.L, E, p.F, ca,
-                                                                p.single ? nullptr : carry.data_ptr<double>(),
-                                                                p.single ? nullptr : tot.data_ptr<double>(), gate);
+                                                                cp, tp, gate);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -538,7 +698,8 @@ void causal_forward(const at::Tensor& h, const at::Tensor& coeff, int64_t block_
 // grad_coeff. p: the backward's plan (chunks of at most kMaxBwdRows rows).
 template <typename scalar_t>
 at::Tensor causal_backward(const at::Tensor& g, const at::Tensor& h, const at::Tensor& coeff, const ScanPlan& p,
-                           const GateArg<scalar_t>& gate, const at::Tensor& gh, bool packed, cudaStream_t stream) {
+                           const GateArg<scalar_t>& gate, const WeightArg<at::opmath_type<scalar_t>>* wa,
+                           const at::Tensor& gh, bool packed, cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
   const int deg = static_cast<int>(coeff.size(1));
   const int64_t E = h.size(-1);
@@ -557,21 +718,37 @@ at::Tensor causal_backward(const at::Tensor& g, const at::Tensor& h, const at::T
     if (!p.single) {
       tot = at::empty({p.L.nchunks, E}, h.options().dtype(at::kDouble));
       carry = at::empty({p.L.nchunks, E}, h.options().dtype(at::kDouble));
-      causal_bwd_tot_kernel<scalar_t><<<grid, p.tx, 0, stream>>>(g.data_ptr<scalar_t>(), gs, vg, gate, p.L, E, p.F,
-                                                                  tot.data_ptr<double>());
+      if (wa) {
+        causal_bwd_tot_weighted_kernel<scalar_t><<<grid, p.tx, 0, stream>>>(g.data_ptr<scalar_t>(), gs, vg, *wa,
+                                                                             p.L, E, p.F, tot.data_ptr<double>());
+      } else {
+        causal_bwd_tot_kernel<scalar_t><<<grid, p.tx, 0, stream>>>(g.data_ptr<scalar_t>(), gs, vg, gate, p.L, E,
+                                                                    p.F, tot.data_ptr<double>());
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       launch_chunk_scan(tot.data_ptr<double>(), carry.data_ptr<double>(), p.L, E, true, stream);
     }
     acc_t* const partp = part.data_ptr<acc_t>();
-    cuda_dispatch_degree(deg, [&](auto Kc) {
+    const double* cp = p.single ? nullptr : carry.data_ptr<double>();
+    const double* tp = p.single ? nullptr : tot.data_ptr<double>();
+    dispatch_causal_degree(deg, wa, [&](auto Kc) {
       constexpr int K = decltype(Kc)::value;
+      if constexpr (kWeightedDegree<K>) {
+        if (wa) {
+          auto kernel = p.L.plan.cpb > 0 ? causal_bwd_scan_weighted_kernel<scalar_t, K, kSplitBlocks>
+                        : p.F == 1      ? causal_bwd_scan_weighted_kernel<scalar_t, K, kTokens>
+                                        : causal_bwd_scan_weighted_kernel<scalar_t, K, kWholeBlocks>;
+          kernel<<<grid, p.tx, 0, stream>>>(g.data_ptr<scalar_t>(), gs, vg, *wa, h.data_ptr<scalar_t>(), hs, vin,
+                                            gh.data_ptr<scalar_t>(), ghs, vout, p.L, E, p.F, ca, cp, tp, partp);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          return;
+        }
+      }
       auto kernel = p.L.plan.cpb > 0 ? causal_bwd_scan_kernel<scalar_t, K, kSplitBlocks>
                     : p.F == 1      ? causal_bwd_scan_kernel<scalar_t, K, kTokens>
                                     : causal_bwd_scan_kernel<scalar_t, K, kWholeBlocks>;
       kernel<<<grid, p.tx, 0, stream>>>(g.data_ptr<scalar_t>(), gs, vg, gate, h.data_ptr<scalar_t>(), hs, vin,
-                                        gh.data_ptr<scalar_t>(), ghs, vout, p.L, E, p.F, ca,
-                                        p.single ? nullptr : carry.data_ptr<double>(),
-                                        p.single ? nullptr : tot.data_ptr<double>(), partp);
+                                        gh.data_ptr<scalar_t>(), ghs, vout, p.L, E, p.F, ca, cp, tp, partp);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -640,25 +817,40 @@ at::Tensor gate_backward(const at::Tensor& g, const at::Tensor& h, const at::Ten
   return gp.to(at::kDouble).sum(0).to(like.scalar_type());
 }
 
-at::Tensor poly_causal_cuda(const at::Tensor& h, const at::Tensor& coeff, int64_t block_size,
-                            const c10::optional<at::Tensor>& cu_seqlens) {
-  checks::causal_args("pom_ext::poly_causal", h, coeff, block_size, cu_seqlens);
-  validate_offsets("pom_ext::poly_causal", cu_seqlens, h.size(0));
+// The weights as the kernels read them: (w, inv) pairs (weight_grad.h) in the accumulation type, one per row of h
+// (held by keep).
+template <typename acc_t>
+WeightArg<acc_t> weight_arg(const at::Tensor& weight, int64_t block_size, const c10::optional<at::Tensor>& cu,
+                            at::Tensor& keep) {
+  const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+  keep = at::stack({weight.to(at::kDouble), inverse_prefix_weights(weight, block_size, cu)}, -1).to(acc).contiguous();
+  WeightArg<acc_t> a;
+  a.wi = keep.data_ptr<acc_t>();
+  return a;
+}
+
+// The forward and the backward (grad_h, grad_coeff) of the plain (weight == nullptr) and the weighted causal op,
+// after their checks.
+at::Tensor causal_op(const at::Tensor& h, const at::Tensor& coeff, int64_t block_size,
+                     const c10::optional<at::Tensor>& cu_seqlens, const at::Tensor* weight) {
   c10::cuda::CUDAGuard guard(h.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   auto out = at::empty(h.sizes(), h.options());
   if (h.numel() == 0) return out;
   POM_DISPATCH_FLOATING(h.scalar_type(), "poly_causal_cuda", [&] {
-    causal_forward<scalar_t>(h, coeff, block_size, cu_seqlens, GateArg<scalar_t>{}, out, stream);
+    at::Tensor keep;
+    WeightArg<at::opmath_type<scalar_t>> wa;
+    if (weight) wa = weight_arg<at::opmath_type<scalar_t>>(*weight, block_size, cu_seqlens, keep);
+    causal_forward<scalar_t>(h, coeff, block_size, cu_seqlens, GateArg<scalar_t>{}, weight ? &wa : nullptr, out,
+                             stream);
   });
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> poly_causal_backward_cuda(const at::Tensor& grad_H, const at::Tensor& h,
-                                                             const at::Tensor& coeff, int64_t block_size,
-                                                             const c10::optional<at::Tensor>& cu_seqlens) {
-  checks::causal_backward_args("pom_ext::poly_causal_backward", grad_H, h, coeff, block_size, cu_seqlens);
-  validate_offsets("pom_ext::poly_causal_backward", cu_seqlens, h.size(0));
+std::tuple<at::Tensor, at::Tensor> causal_backward_op(const at::Tensor& grad_H, const at::Tensor& h,
+                                                      const at::Tensor& coeff, int64_t block_size,
+                                                      const c10::optional<at::Tensor>& cu_seqlens,
+                                                      const at::Tensor* weight) {
   c10::cuda::CUDAGuard guard(h.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   auto g = grad_H.scalar_type() == h.scalar_type() ? grad_H : grad_H.to(h.scalar_type());
@@ -667,9 +859,53 @@ std::tuple<at::Tensor, at::Tensor> poly_causal_backward_cuda(const at::Tensor& g
   POM_DISPATCH_FLOATING(h.scalar_type(), "poly_causal_backward_cuda", [&] {
     // grad_coeff partials are plain fp32 sums per chunk: keep chunks short.
     const ScanPlan p = plan_scan<scalar_t>(h, cu_seqlens, block_size, kMaxBwdRows, stream);
-    gc = causal_backward<scalar_t>(g, h, coeff, p, GateArg<scalar_t>{}, gh, cu_seqlens.has_value(), stream);
+    at::Tensor keep;
+    WeightArg<at::opmath_type<scalar_t>> wa;
+    if (weight) wa = weight_arg<at::opmath_type<scalar_t>>(*weight, block_size, cu_seqlens, keep);
+    gc = causal_backward<scalar_t>(g, h, coeff, p, GateArg<scalar_t>{}, weight ? &wa : nullptr, gh,
+                                   cu_seqlens.has_value(), stream);
   });
   return {gh, gc};
+}
+
+at::Tensor poly_causal_cuda(const at::Tensor& h, const at::Tensor& coeff, int64_t block_size,
+                            const c10::optional<at::Tensor>& cu_seqlens) {
+  checks::causal_args("pom_ext::poly_causal", h, coeff, block_size, cu_seqlens);
+  validate_offsets("pom_ext::poly_causal", cu_seqlens, h.size(0));
+  return causal_op(h, coeff, block_size, cu_seqlens, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor> poly_causal_backward_cuda(const at::Tensor& grad_H, const at::Tensor& h,
+                                                             const at::Tensor& coeff, int64_t block_size,
+                                                             const c10::optional<at::Tensor>& cu_seqlens) {
+  checks::causal_backward_args("pom_ext::poly_causal_backward", grad_H, h, coeff, block_size, cu_seqlens);
+  validate_offsets("pom_ext::poly_causal_backward", cu_seqlens, h.size(0));
+  return causal_backward_op(grad_H, h, coeff, block_size, cu_seqlens, nullptr);
+}
+
+at::Tensor poly_causal_weighted_cuda(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& weight,
+                                     int64_t block_size, const c10::optional<at::Tensor>& cu_seqlens) {
+  const char* op = "pom_ext::poly_causal_weighted";
+  checks::causal_weighted_args(op, h, coeff, weight, block_size, cu_seqlens);
+  validate_offsets(op, cu_seqlens, h.size(0));
+  return causal_op(h, coeff, block_size, cu_seqlens, &weight);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_causal_weighted_backward_cuda(
+    const at::Tensor& grad_H, const at::Tensor& H, const at::Tensor& h, const at::Tensor& coeff,
+    const at::Tensor& weight, int64_t block_size, const c10::optional<at::Tensor>& cu_seqlens, bool weight_grad) {
+  const char* op = "pom_ext::poly_causal_weighted_backward";
+  checks::causal_weighted_backward_args(op, grad_H, H, h, coeff, weight, block_size, cu_seqlens);
+  validate_offsets(op, cu_seqlens, h.size(0));
+  auto [gh, gc] = causal_backward_op(grad_H, h, coeff, block_size, cu_seqlens, &weight);
+  at::Tensor gw = at::empty({0}, h.options());
+  if (weight_grad) {
+    // The weights' gradient needs p: the element-wise op through the dispatcher (its CUDA kernel).
+    c10::cuda::CUDAGuard guard(h.device());
+    static const auto eval = detail::op_handle<at::Tensor(const at::Tensor&, const at::Tensor&)>("pom_ext::poly_eval");
+    gw = causal_weight_grad(grad_H, H, eval.call(h, coeff), weight, block_size, cu_seqlens);
+  }
+  return {gh, gc, gw};
 }
 
 // Gated: hs = [h | pre] (E + S columns), y = hardsigmoid(pre + gate_bias) (per gate group) * H.
@@ -689,7 +925,7 @@ at::Tensor poly_causal_gated_cuda(const at::Tensor& hs, const at::Tensor& coeff,
   POM_DISPATCH_FLOATING(hs.scalar_type(), "poly_causal_gated_cuda", [&] {
     at::Tensor keep;
     const auto gate = gate_arg<scalar_t>(pre, cu_seqlens.has_value(), E, gate_bias, keep);
-    causal_forward<scalar_t>(h, coeff, block_size, cu_seqlens, gate, out, stream);
+    causal_forward<scalar_t>(h, coeff, block_size, cu_seqlens, gate, nullptr, out, stream);
   });
   return out;
 }
@@ -716,7 +952,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_causal_gated_backward_cuda(
     at::Tensor keep;
     const auto gate = gate_arg<scalar_t>(pre, packed, E, gate_bias, keep);
     gbias = gate_backward<scalar_t>(g, h, pre, coeff, p, gate, keep, gpre, packed, like, stream);
-    gc = causal_backward<scalar_t>(g, h, coeff, p, gate, gh, packed, stream);
+    gc = causal_backward<scalar_t>(g, h, coeff, p, gate, nullptr, gh, packed, stream);
   });
   return {ghs, gc, gbias};
 }
@@ -730,6 +966,8 @@ namespace detail {
 void register_cuda_causal(torch::Library& m) {
   m.impl("poly_causal", &cuda::poly_causal_cuda);
   m.impl("poly_causal_backward", &cuda::poly_causal_backward_cuda);
+  m.impl("poly_causal_weighted", &cuda::poly_causal_weighted_cuda);
+  m.impl("poly_causal_weighted_backward", &cuda::poly_causal_weighted_backward_cuda);
   m.impl("poly_causal_gated", &cuda::poly_causal_gated_cuda);
   m.impl("poly_causal_gated_backward", &cuda::poly_causal_gated_backward_cuda);
 }

@@ -13,11 +13,16 @@ attention layers of hybrids their keys and values. `convert` puts PoM layers int
 models in place of their self-attention; `from_polymorpher_lm` / `to_polymorpher_lm` convert weights to and from
 `pom_ext.models.PolymorpherLM`.
 """
+_NEEDS = "pip install 'transformers>=5.25,<6' (or install pom_ext with its 'hf' extra)"
 try:
-    import transformers  # noqa: F401
-except ImportError as e:  # pragma: no cover - exercised without transformers
-    raise ImportError("pom_ext.hf needs Hugging Face Transformers: pip install 'transformers>=5.25' (or install "
-                      "pom_ext with its 'hf' extra)") from e
+    import transformers
+except ImportError as e:
+    raise ImportError(f"pom_ext.hf needs Hugging Face Transformers: {_NEEDS}") from e
+try:  # the Cache and model APIs pom_ext.hf is written against (transformers 5.x)
+    from transformers import PreTrainedConfig  # noqa: F401
+    from transformers.cache_utils import LinearAttentionCacheLayerMixin  # noqa: F401
+except ImportError as e:
+    raise ImportError(f"pom_ext.hf needs transformers >= 5.25, found {transformers.__version__}: {_NEEDS}") from e
 
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM,  # noqa: E402
                           AutoModelForSequenceClassification)
