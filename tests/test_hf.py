@@ -14,6 +14,7 @@ H = pytest.importorskip("pom_ext.hf")
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM,  # noqa: E402
                           AutoModelForSequenceClassification)
 
+import pom_ext  # noqa: E402
 from pom_ext.models import PolymorpherLM  # noqa: E402
 
 V = 64
@@ -22,7 +23,10 @@ CONFIGS = {
     "pom_heads_noconv": dict(layer_pattern="P", num_hidden_layers=2, pom_gate_heads=4, conv_size=0, pom_degree=3),
     "hybrid": dict(layer_pattern="PPA", num_hidden_layers=3, num_attention_heads=2),
     "hybrid_local": dict(layer_pattern="PA", num_hidden_layers=4, num_attention_heads=2, sliding_window=4),
+    "rope_hybrid": dict(layer_pattern="PPA", num_hidden_layers=3, num_attention_heads=2, pom_rope="1d", conv_size=0,
+                        max_position_embeddings=64),
 }
+PADDABLE = [n for n in CONFIGS if "pom_rope" not in CONFIGS[n]]
 
 
 def make(name, dtype=torch.float64, seed=0):
@@ -85,7 +89,7 @@ def test_generate_with_cache_equals_recompute(name):
         assert torch.equal(a, b), kw
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", PADDABLE)
 def test_left_padded_batch_decodes_each_row_alone(name):
     model = make(name)
     g = torch.Generator().manual_seed(2)
@@ -145,6 +149,35 @@ def test_weights_convert_both_ways_with_polymorpher_lm():
     torch.testing.assert_close(back(ids), lm(ids), rtol=0, atol=0)
     with pytest.raises(ValueError, match="'lm'"):
         H.from_polymorpher_lm(torch.nn.Linear(2, 2))
+
+
+def test_rotary_pom_layers(tmp_path):
+    """pom_rope='1d': PoMRoPE mixers whose decoding state turns each token at its position; the weights and the
+    rotary tables convert both ways with PolymorpherLM(rope='1d') and survive save / load; padding is refused
+    with an error naming attention_mask."""
+    torch.manual_seed(0)
+    lm = PolymorpherLM(V, 32, 3, layer_pattern="PPA", n_heads=2, conv_size=0, rope="1d", rope_max_len=48,
+                       degree=3).double().eval()
+    model = H.from_polymorpher_lm(lm).eval()
+    assert model.config.pom_rope == "1d" and model.config.max_position_embeddings == 48
+    assert isinstance(model.model.layers[0].mixer, pom_ext.PoMRoPE)
+    ids = torch.randint(1, V, (2, 11))
+    torch.testing.assert_close(model(ids).logits, lm(ids), rtol=1e-12, atol=1e-12)
+    assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), lm.generate(ids, 6, temperature=0))
+    torch.testing.assert_close(H.to_polymorpher_lm(model).eval()(ids), lm(ids), rtol=0, atol=0)
+    model.save_pretrained(tmp_path)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    for (n, a), (_, b) in zip(model.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), n  # the rotary tables included
+    torch.testing.assert_close(back(ids).logits, model(ids).logits, rtol=1e-12, atol=1e-12)
+    without = PolymorpherLM(V, 32, 3, layer_pattern="PPA", n_heads=2, conv_size=0, degree=3).double().eval()
+    without.load_state_dict({k: v for k, v in lm.state_dict().items() if "cos" not in k and "sin" not in k})
+    assert not torch.allclose(without(ids), lm(ids))  # the rotation matters
+    _, mask = left_padded([ids[0], ids[1, :5]])
+    with pytest.raises(ValueError, match="attention_mask"):
+        model.generate(torch.where(mask.bool(), 7, 0), attention_mask=mask, max_new_tokens=2)
+    with pytest.raises(ValueError, match="pom_rope"):
+        AutoConfig.for_model("polymorpher", pom_rope="2d")
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

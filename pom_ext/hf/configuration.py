@@ -13,7 +13,8 @@ class PolymorpherConfig(PreTrainedConfig):
     num_attention_heads (attention layers of hybrids, default max(1, D // 64)), sliding_window (local attention),
     layer_pattern ('P' PoM, 'A' attention, tiled over the layers: "PPPA"), pom_degree, pom_expand (E = expand D),
     pom_gate_heads (gate heads, n_sel_heads), pom_groups, conv_size (short causal convolution before each PoM layer,
-    0 for none), use_bias, dropout, tie_word_embeddings, pad / bos / eos token ids. layer_types is derived from the
+    0 for none), pom_rope (None, or "1d": rotary positions in the PoM mixers, pom_ext.PoMRoPE, whose tables hold
+    max_position_embeddings positions), use_bias, dropout, tie_word_embeddings, pad / bos / eos token ids. layer_types is derived from the
     pattern ("linear_attention" for PoM layers, "full_attention" or "sliding_attention" for attention layers).
     """
 
@@ -32,6 +33,8 @@ class PolymorpherConfig(PreTrainedConfig):
     pom_gate_heads: int = 1
     pom_groups: int = 1
     conv_size: int = 4
+    pom_rope: Optional[str] = None
+    max_position_embeddings: int = 4096
     use_bias: bool = False
     dropout: float = 0.0
     initializer_range: float = 0.02
@@ -45,6 +48,13 @@ class PolymorpherConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         owner = "pom_ext.hf.PolymorpherConfig"
         pattern = resolve_layer_pattern(self.num_hidden_layers, self.layer_pattern, None, owner)
+        if self.pom_rope not in (None, "1d"):
+            raise ValueError(f"{owner}: argument 'pom_rope' must be None or '1d' (rotary positions of a sequence), "
+                             f"got {self.pom_rope!r}")
+        if isinstance(self.max_position_embeddings, bool) or not isinstance(self.max_position_embeddings, int) \
+                or self.max_position_embeddings < 1:
+            raise ValueError(f"{owner}: argument 'max_position_embeddings' must be a positive int, got "
+                             f"{self.max_position_embeddings!r}")
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size
         if self.num_attention_heads is None:

@@ -38,6 +38,13 @@ def _padding(attention_mask, T: int) -> Optional[torch.Tensor]:
     return None
 
 
+def _rope_kwargs(config: PolymorpherConfig) -> dict:
+    """build_blocks' / PolymorpherLM's rotary arguments of a config."""
+    if config.pom_rope is None:
+        return {}
+    return dict(rope=config.pom_rope, rope_max_len=config.max_position_embeddings)
+
+
 class PolymorpherPreTrainedModel(PreTrainedModel):
     config_class = PolymorpherConfig
     config: PolymorpherConfig
@@ -100,7 +107,8 @@ class PolymorpherModel(PolymorpherPreTrainedModel):
                                    n_sel_heads=config.pom_gate_heads, n_groups=config.pom_groups,
                                    mlp_ratio=config.intermediate_size / D, conv_size=config.conv_size,
                                    n_heads=config.num_attention_heads, window=config.sliding_window,
-                                   bias=config.use_bias, dropout=config.dropout, owner="pom_ext.hf.PolymorpherModel")
+                                   bias=config.use_bias, dropout=config.dropout, owner="pom_ext.hf.PolymorpherModel",
+                                   **_rope_kwargs(config))
         self.norm = nn.LayerNorm(D)
         self.gradient_checkpointing = False
         _mark_init(self.layers)
@@ -135,6 +143,10 @@ class PolymorpherModel(PolymorpherPreTrainedModel):
         x = self.drop(x)
         B, T = x.shape[0], x.shape[1]
         w = _padding(attention_mask, T)
+        if w is not None and self.config.pom_rope is not None:
+            raise ValueError("pom_ext.hf.PolymorpherModel: argument 'attention_mask' pads tokens, which models with "
+                             "rotary PoM layers (pom_rope='1d') do not support yet: decode rows of different "
+                             "lengths one by one, or use a model without pom_rope")
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         hidden = [x] if output_hidden_states else None
@@ -198,9 +210,9 @@ class PolymorpherForSequenceClassification(GenericForSequenceClassification, Pol
 def _config_of(lm: PolymorpherLM, **overrides) -> PolymorpherConfig:
     pom = next((b for b in lm.blocks if isinstance(b, PolymorpherBlock)), None)
     attn = next((b for b in lm.blocks if isinstance(b, AttentionBlock)), None)
-    if pom is not None and pom.use_rope:
-        raise ValueError("pom_ext.hf: argument 'lm' has rotary PoM layers (rope='1d'), which the Transformers "
-                         "models do not support yet")
+    if pom is not None and pom.rope not in (None, "1d"):
+        raise ValueError(f"pom_ext.hf: argument 'lm' has rotary PoM layers with rope={pom.rope!r}; a language model "
+                         f"takes rope=None or '1d'")
     first = lm.blocks[0]
     mlp = first.mlp
     mixer = pom.mixer if pom is not None else None
@@ -211,6 +223,8 @@ def _config_of(lm: PolymorpherLM, **overrides) -> PolymorpherConfig:
     if mixer is not None:
         kw.update(pom_degree=mixer.degree, pom_expand=mixer.expand, pom_gate_heads=mixer.n_sel_heads,
                   pom_groups=mixer.n_groups, conv_size=pom.conv_size)
+        if pom.use_rope:
+            kw.update(pom_rope=pom.rope, max_position_embeddings=mixer.max_seq_len)
     if attn is not None:
         kw.update(num_attention_heads=attn.mixer.n_heads, sliding_window=attn.mixer.window)
     kw.update(overrides)
@@ -249,7 +263,8 @@ def to_polymorpher_lm(model: PolymorpherForCausalLM) -> PolymorpherLM:
                        n_sel_heads=c.pom_gate_heads, n_groups=c.pom_groups,
                        mlp_ratio=c.intermediate_size / c.hidden_size, conv_size=c.conv_size,
                        layer_pattern=c.pattern, n_heads=c.num_attention_heads, window=c.sliding_window,
-                       tie_embeddings=c.tie_word_embeddings, bias=c.use_bias, dropout=c.dropout)
+                       tie_embeddings=c.tie_word_embeddings, bias=c.use_bias, dropout=c.dropout,
+                       **_rope_kwargs(c))
     inverse = {_hf_key(k): k for k in lm.state_dict()}
     state = {inverse[k]: v for k, v in model.state_dict().items() if k in inverse}
     lm.load_state_dict(state, strict=True)
