@@ -1,4 +1,4 @@
-"""Multi-query associative recall (MQAR) as the Zoology benchmark runs it, for Polymorpher LMs.
+r"""Multi-query associative recall (MQAR) as the Zoology benchmark runs it, for Polymorpher LMs.
 
 The task (Zoology's generator, written here): a sequence starts with num_kv key-value pairs (k1 v1 k2 v2 ...;
 keys distinct, from the lower half of the vocabulary, values from the upper half); then every key is queried
@@ -22,7 +22,8 @@ the running sums, counts and convolution tail of every layer (constant in the le
 
     # Zoology's grid (vocabulary 8192; lengths 64-512 with 4-32 pairs; a learning-rate sweep):
     PYTHONPATH=. python examples/mqar.py --models attention --dims 64,128 --out benchmarks/results/mqar_zoology
-    PYTHONPATH=. python examples/mqar.py --models pom-1x2,pom-2x2,pom-4x2 --dims 64 --out benchmarks/results/mqar_zoology
+    PYTHONPATH=. python examples/mqar.py --models pom-1x2,pom-2x2,pom-4x2 --dims 64 \
+        --out benchmarks/results/mqar_zoology
     # seeds 1, 2 at each (model, width)'s best learning rate of seed 0:
     PYTHONPATH=. python examples/mqar.py --models pom-2x2 --dims 64 --lrs best --seeds 1,2 --out ...
     # the table, the JSON summary and the accuracy-vs-state-size plot of everything in OUT:
