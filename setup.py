@@ -4,6 +4,8 @@ CUDA is decided from the toolchain, never from the presence of a GPU:
   POM_EXT_CUDA=1   build the CUDA kernels (fail if torch or the toolkit lacks CUDA)
   POM_EXT_CUDA=0   CPU only
   unset            CUDA when torch is a CUDA build and a CUDA toolkit (nvcc) is found
+  POM_EXT_CPU_ISAS=base   only the baseline CPU kernels (no AVX2 / AVX-512 builds): about a third of the
+                          compile time, slower kernels on x86-64; for test builds (default: all)
 TORCH_CUDA_ARCH_LIST, MAX_JOBS and NVCC_THREADS are honoured.
 """
 import glob
@@ -41,16 +43,28 @@ def _want_cuda() -> bool:
     return have
 
 
+def _base_isa_only() -> bool:
+    isas = os.environ.get("POM_EXT_CPU_ISAS", "all").strip().lower() or "all"
+    if isas not in ("all", "base"):
+        sys.exit(f"POM_EXT_CPU_ISAS must be 'all' (the default) or 'base', got {isas!r}")
+    return isas == "base"
+
+
 def _extension():
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
     # The baseline CPU kernels are listed first, for a linker that keeps the first copy of shared inline code;
     # besides, poly_cpu_avx2.cpp and poly_cpu_avx512.cpp include every header before their instruction-set
     # pragma, so shared inline code is baseline code in every object (objdump of the library: no VEX/EVEX
     # instruction outside the avx2 and avx512 namespaces).
-    cpu = ["csrc/cpu/poly_cpu_base.cpp"] + [p for p in rel("csrc/cpu/*.cpp") if not p.endswith("_base.cpp")]
+    # POM_EXT_CPU_ISAS=base leaves out the instruction-set builds (poly_cpu.h then declares none).
+    base_only = _base_isa_only()
+    isa_build = lambda p: os.path.basename(p).startswith(("poly_cpu_avx2", "poly_cpu_avx512"))
+    cpu = ["csrc/cpu/poly_cpu_base.cpp"] + [
+        p for p in rel("csrc/cpu/*.cpp") if not p.endswith("_base.cpp") and not (base_only and isa_build(p))
+    ]
     sources = rel("csrc/*.cpp") + cpu
     # -fno-trapping-math lets the channel loops (selects on comparisons) vectorize; it never reassociates.
-    cxx = ["-O3", "-fno-trapping-math", "-fvisibility=hidden"]
+    cxx = ["-O3", "-fno-trapping-math", "-fvisibility=hidden"] + (["-DPOM_CPU_BASE_ONLY"] if base_only else [])
     link = []
     if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
         # at::parallel_for is inline OpenMP code: without -fopenmp it runs on one thread. The loader

@@ -71,7 +71,9 @@ rm -rf "$WORK/pkg/pom_ext"
 cp -r "$ROOT/pom_ext" "$WORK/pkg/pom_ext"
 find "$WORK/pkg/pom_ext" \( -name '*.so' -o -name '__pycache__' \) -prune -exec rm -rf {} +
 
-# Same sources and flags as setup.py's CPU build, with the sanitizers and -O1 instead of -O3. The build
+# Same sources and flags as setup.py's CPU build with POM_EXT_CPU_ISAS=base, with the sanitizers and -O1 instead
+# of -O3. The baseline kernels only: the AVX2 and AVX-512 builds are the same source (poly_cpu_impl.h,
+# rope_cpu_impl.h) under another target pragma, and leaving them out takes two thirds off the build. The build
 # loads the library it made, so this process runs with the runtime preloaded; the compiler and linker that
 # ninja starts do not (LD_PRELOAD is dropped from the environment they inherit: they are not sanitized and
 # build about a quarter slower under the ASan allocator).
@@ -83,12 +85,13 @@ from torch.utils import cpp_extension
 root, work = sys.argv[1], sys.argv[2]
 rel = lambda pattern: sorted(glob.glob(os.path.join(root, pattern)))
 base = os.path.join(root, "csrc", "cpu", "poly_cpu_base.cpp")  # first, as in setup.py
-sources = rel("csrc/*.cpp") + [base] + [p for p in rel("csrc/cpu/*.cpp") if p != base]
+isa_build = lambda p: os.path.basename(p).startswith(("poly_cpu_avx2", "poly_cpu_avx512"))
+sources = rel("csrc/*.cpp") + [base] + [p for p in rel("csrc/cpu/*.cpp") if p != base and not isa_build(p)]
 san = ["-fsanitize=address,undefined", "-fno-sanitize=vptr", "-fno-sanitize-recover=undefined",
        "-fno-omit-frame-pointer", "-g"]
 cpp_extension.load(
     name="_C", sources=sources, build_directory=os.path.join(work, "build"),
-    extra_cflags=["-O1", "-fno-trapping-math", "-fvisibility=hidden", "-fopenmp"] + san,
+    extra_cflags=["-O1", "-fno-trapping-math", "-fvisibility=hidden", "-fopenmp", "-DPOM_CPU_BASE_ONLY"] + san,
     extra_ldflags=["-fopenmp"] + san,
     extra_include_paths=[os.path.join(root, "csrc", "include"), os.path.join(root, "csrc", "internal")],
     with_cuda=False, is_python_module=False, verbose=False)

@@ -50,7 +50,9 @@ if [[ ! -f "$CUDA_HOME/include/cuda_runtime.h" ]]; then
     if [[ -f "$d/include/cuda_runtime.h" ]]; then CUDA_HOME="$d"; break; fi
   done
 fi
-POM_EXT_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-2}" \
+# The baseline CPU kernels only (POM_EXT_CPU_ISAS=base): this check is about the CUDA kernels and torch 2.14; the
+# instruction-set builds are the first torch's (.ci/run).
+POM_EXT_CUDA=1 POM_EXT_CPU_ISAS=base TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-2}" \
   "$py" -m pip install --quiet --no-build-isolation -e .
 echo "built: $(elapsed)"
 

@@ -88,8 +88,9 @@ def hardware_isa() -> str:
 
 
 # The CPU builds to test on this machine besides the best one ("native"): AVX2 where AVX-512 is the best,
-# and the baseline wherever there is a compiled library.
-OTHER_ISAS = (["avx2"] if hardware_isa() == "avx512" else []) + (["base"] if pom_ext.native_available() else [])
+# and the baseline wherever the best is another build (a POM_EXT_CPU_ISAS=base build has only the baseline).
+OTHER_ISAS = (["avx2"] if hardware_isa() == "avx512" else []) + (
+    ["base"] if hardware_isa() in ("avx2", "avx512") else [])
 
 
 @pytest.fixture(params=["native"] + OTHER_ISAS if pom_ext.native_available() else ["reference"])

@@ -69,7 +69,8 @@
   }
 
 POM_CPU_DECLARE_OPS(base)
-#if defined(__x86_64__) && defined(__GNUC__)
+// POM_CPU_BASE_ONLY: a build of the baseline kernels only (setup.py / CMake POM_EXT_CPU_ISAS=base).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(POM_CPU_BASE_ONLY)
 #define POM_CPU_HAVE_AVX2 1
 POM_CPU_DECLARE_OPS(avx2)
 POM_CPU_DECLARE_OPS(avx512)

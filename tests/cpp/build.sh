@@ -9,6 +9,9 @@
 #   MAX_JOBS        parallel compile jobs (default 2)
 #   POM_EXT_CUDA    CUDA kernels in the library: OFF by default here (the C++ tests run on the CPU; AUTO or ON
 #                   builds them as the library's own default would)
+#   POM_EXT_CPU_ISAS  CPU kernel builds in the library: base by default here (a third of the compile time; the
+#                   C++ tests check the API and the interop, tests/test_ops.py every instruction-set build; all
+#                   builds them as the library's own default would)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -32,7 +35,7 @@ configure() {  # SOURCE DIR ARGS...
 }
 
 configure . "$build/lib" -DCMAKE_PREFIX_PATH="$torch_prefix" -DCMAKE_INSTALL_PREFIX="$build/prefix" \
-  -DPOM_EXT_CUDA="${POM_EXT_CUDA:-OFF}"
+  -DPOM_EXT_CUDA="${POM_EXT_CUDA:-OFF}" -DPOM_EXT_CPU_ISAS="${POM_EXT_CPU_ISAS:-base}"
 cmake --build "$build/lib" -j "$jobs"
 cmake --install "$build/lib" >/dev/null
 for pair in examples/cpp:examples tests/cpp:tests; do
