@@ -426,7 +426,8 @@ def test_vector_instructions_only_in_their_builds():
             vector_ins += 1
         else:
             offenders.add(func)
-    assert vector_ins > 0, "no vector code found in the avx2/avx512 builds: the check would be vacuous"
+    if hardware_isa() != "base":  # else a build without them (POM_EXT_CPU_ISAS=base) or a CPU without AVX2
+        assert vector_ins > 0, "no vector code found in the avx2/avx512 builds: the check would be vacuous"
     assert not offenders, f"vector instructions outside the avx2/avx512 builds: {sorted(offenders)[:5]}"
 
 

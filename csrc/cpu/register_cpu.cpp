@@ -61,7 +61,8 @@ Isa pick() {
     }                                                             \
   }()
 #else
-#define POM_CPU_PICK(fn, ...) base::fn(__VA_ARGS__)
+// One build (POM_EXT_CPU_ISAS=base, or not x86-64): POM_EXT_CPU_ISA is still checked, as in the other builds.
+#define POM_CPU_PICK(fn, ...) (static_cast<void>(pick()), base::fn(__VA_ARGS__))
 #endif
 
 using OptT = c10::optional<at::Tensor>;
