@@ -89,8 +89,8 @@ def hardware_isa() -> str:
 
 # The CPU builds to test on this machine besides the best one ("native"): AVX2 where AVX-512 is the best,
 # and the baseline wherever the best is another build (a POM_EXT_CPU_ISAS=base build has only the baseline).
-OTHER_ISAS = (["avx2"] if hardware_isa() == "avx512" else []) + (
-    ["base"] if hardware_isa() in ("avx2", "avx512") else [])
+_BEST_ISA = hardware_isa()
+OTHER_ISAS = (["avx2"] if _BEST_ISA == "avx512" else []) + (["base"] if _BEST_ISA in ("avx2", "avx512") else [])
 
 
 @pytest.fixture(params=["native"] + OTHER_ISAS if pom_ext.native_available() else ["reference"])
