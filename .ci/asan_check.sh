@@ -84,11 +84,11 @@ import glob, shutil, sys, sysconfig
 from torch.utils import cpp_extension
 root, work = sys.argv[1], sys.argv[2]
 rel = lambda pattern: sorted(glob.glob(os.path.join(root, pattern)))
-base = os.path.join(root, "csrc", "cpu", "poly_cpu_base.cpp")  # first, as in setup.py
-isa_build = lambda p: os.path.basename(p).startswith(("poly_cpu_avx2", "poly_cpu_avx512"))
-sources = rel("csrc/*.cpp") + [base] + [p for p in rel("csrc/cpu/*.cpp") if p != base and not isa_build(p)]
+base = rel("csrc/cpu/poly_cpu_base_*.cpp")  # first, as in setup.py
+isa_build = lambda p: os.path.basename(p).startswith(("poly_cpu_avx2_", "poly_cpu_avx512_"))
+sources = rel("csrc/*.cpp") + base + [p for p in rel("csrc/cpu/*.cpp") if p not in base and not isa_build(p)]
 san = ["-fsanitize=address,undefined", "-fno-sanitize=vptr", "-fno-sanitize-recover=undefined",
-       "-fno-omit-frame-pointer", "-g"]
+       "-fno-omit-frame-pointer", "-g1"]  # line tables for the reports, not full debug information
 cpp_extension.load(
     name="_C", sources=sources, build_directory=os.path.join(work, "build"),
     extra_cflags=["-O1", "-fno-trapping-math", "-fvisibility=hidden", "-fopenmp", "-DPOM_CPU_BASE_ONLY"] + san,

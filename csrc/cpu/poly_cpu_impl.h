@@ -1,7 +1,17 @@
 // CPU kernels of the pom_ext ops, written once and compiled once per instruction
-// set (poly_cpu_base.cpp, poly_cpu_avx2.cpp, poly_cpu_avx512.cpp) into the namespace POM_CPU_ARCH;
+// set (poly_cpu_isa_base.h, poly_cpu_isa_avx2.h, poly_cpu_isa_avx512.h) into the namespace POM_CPU_ARCH;
 // register_cpu.cpp picks one at run time. Include only after every header it
 // needs, so that the instruction-set pragma of a TU applies to this code alone.
+//
+// Each instruction set's kernels are compiled in four translation units (poly_cpu_<isa>_<part>.cpp), so that a
+// build compiles them in parallel (the one unit they were took 5-8 minutes of one core per instruction set).
+// POM_CPU_PART says which entry points a unit defines; the ops that share a scan template are in the same part, so
+// no template is instantiated twice. Everything else here is a template, inline or internal, so each part may hold
+// a copy.
+//   1  eval_mean        poly_eval, poly_mean, poly_mean_rope, the state ops (and their backwards)
+//   2  causal           the causal forwards: plain, weighted, gated, rope, gated rope
+//   3  causal_backward  the causal backwards: plain, weighted, gated
+//   4  rope_backward    the rope causal backwards: plain, gated
 //
 // Layout: every op walks rows of h, either dense (B, N, E) or packed (total, E)
 // with per-sequence offsets, through one `Rows` descriptor that carries element
@@ -27,6 +37,9 @@
 #ifndef POM_CPU_ARCH
 #error "define POM_CPU_ARCH before including poly_cpu_impl.h"
 #endif
+#if !defined(POM_CPU_PART) || POM_CPU_PART < 1 || POM_CPU_PART > 4
+#error "define POM_CPU_PART (1-4) before including poly_cpu_impl.h"
+#endif
 
 namespace pom_ext {
 namespace cpu {
@@ -51,7 +64,7 @@ struct Rows {
   int64_t off(int64_t b, int64_t n) const { return b * sB + (start(b) + n) * sN; }
 };
 
-Rows rows_of(const at::Tensor& t, const int64_t* cu) {
+inline Rows rows_of(const at::Tensor& t, const int64_t* cu) {
   Rows r;
   r.cu = cu;
   const int64_t d = cu ? 0 : 1;  // dim of the sequence index
@@ -261,8 +274,8 @@ inline void scan_rows_backward(const acc_t* const* x, const acc_t* const* g, con
 }
 
 // Sum of grad_coeff partials (tasks x deg x width, fp64) in task order into (E, K).
-at::Tensor reduce_coeff_grad(const std::vector<double>& part, const std::vector<int64_t>& e0s,
-                             const std::vector<int64_t>& widths, int deg, int64_t E, const at::Tensor& coeff) {
+inline at::Tensor reduce_coeff_grad(const std::vector<double>& part, const std::vector<int64_t>& e0s,
+                                    const std::vector<int64_t>& widths, int deg, int64_t E, const at::Tensor& coeff) {
   std::vector<double> acc(static_cast<size_t>(E) * deg, 0.0);
   size_t pos = 0;
   for (size_t i = 0; i < e0s.size(); ++i) {
@@ -277,7 +290,7 @@ at::Tensor reduce_coeff_grad(const std::vector<double>& part, const std::vector<
 }
 
 // Packed offsets as a host int64 vector, validated.
-std::vector<int64_t> host_offsets(const char* op, const c10::optional<at::Tensor>& cu, int64_t total) {
+inline std::vector<int64_t> host_offsets(const char* op, const c10::optional<at::Tensor>& cu, int64_t total) {
   if (!cu.has_value()) return {};
   auto c = cu->to(at::kLong).contiguous();
   std::vector<int64_t> v(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
@@ -291,7 +304,7 @@ std::vector<int64_t> host_offsets(const char* op, const c10::optional<at::Tensor
 
 // Rows of (..., E) flattened to (M, E); the row stride is kept when the leading
 // dims collapse, otherwise the input is made contiguous (this op is not on a hot path).
-at::Tensor as_matrix(const at::Tensor& t) {
+inline at::Tensor as_matrix(const at::Tensor& t) {
   const int64_t E = t.size(-1);
   const int64_t M = E == 0 ? 0 : t.numel() / E;
   if (t.dim() == 1) return t.view({1, E});
@@ -346,6 +359,7 @@ void eval_backward(const at::Tensor& g2, const at::Tensor& h2, const std::vector
   });
 }
 
+#if POM_CPU_PART == 1
 at::Tensor poly_eval_cpu(const at::Tensor& h, const at::Tensor& coeff) {
   checks::eval_args("pom_ext::poly_eval", h, coeff);
   const int deg = static_cast<int>(coeff.size(1));
@@ -377,6 +391,7 @@ std::tuple<at::Tensor, at::Tensor> poly_eval_backward_cpu(const at::Tensor& grad
   std::vector<int64_t> e0s(chunks, 0), widths(chunks, E);
   return {gh.view(h.sizes()), reduce_coeff_grad(part, e0s, widths, deg, E, coeff)};
 }
+#endif
 
 // ---------------------------------------------------------------------------
 // Mean-type reductions: weighted/unweighted mean over a sequence, state update.
@@ -387,7 +402,7 @@ struct RowChunk {
 };
 
 // Every sequence gets at least one (possibly empty) chunk; first[b] indexes its first.
-std::vector<RowChunk> row_chunks(const Rows& r, int64_t B, std::vector<int64_t>& first) {
+inline std::vector<RowChunk> row_chunks(const Rows& r, int64_t B, std::vector<int64_t>& first) {
   std::vector<RowChunk> out;
   first.assign(B + 1, 0);
   for (int64_t b = 0; b < B; ++b) {
@@ -497,11 +512,11 @@ void mean_backward(const scalar_t* h, const Rows& hr, int64_t E, const std::vect
 }
 
 // Weights converted once to the accumulation dtype (a (B, N) tensor, not on the hot path).
-at::Tensor weight_as(const c10::optional<at::Tensor>& weight, at::ScalarType acc) {
+inline at::Tensor weight_as(const c10::optional<at::Tensor>& weight, at::ScalarType acc) {
   return weight.has_value() ? weight->to(acc).contiguous() : at::Tensor();
 }
 
-at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+inline at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // The arguments of the rope ops as the kernels read them: the tables in the accumulation dtype, contiguous,
 // and the positions as int64 (B, N, S) (a broadcast view when given as (N, S)) or (total, S), every value checked.
@@ -543,9 +558,9 @@ struct RopeTensors {
   }
 };
 
-at::Tensor mean_op(const char* op, const at::Tensor& h, const at::Tensor& coeff,
-                   const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& cu_seqlens,
-                   const RopeTensors* rope) {
+inline at::Tensor mean_op(const char* op, const at::Tensor& h, const at::Tensor& coeff,
+                          const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& cu_seqlens,
+                          const RopeTensors* rope) {
   const int deg = static_cast<int>(coeff.size(1));
   const int64_t E = h.size(-1), B = checks::batch_of(h, cu_seqlens);
   auto cu = host_offsets(op, cu_seqlens, h.size(0));
@@ -580,14 +595,16 @@ at::Tensor mean_op(const char* op, const at::Tensor& h, const at::Tensor& coeff,
   return H;
 }
 
+#if POM_CPU_PART == 1
 at::Tensor poly_mean_cpu(const at::Tensor& h, const at::Tensor& coeff, const c10::optional<at::Tensor>& weight,
                          const c10::optional<at::Tensor>& cu_seqlens) {
   const char* op = "pom_ext::poly_mean";
   checks::mean_args(op, h, coeff, weight, cu_seqlens);
   return mean_op(op, h, coeff, weight, cu_seqlens, nullptr);
 }
+#endif
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> mean_backward_op(
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> mean_backward_op(
     const char* op, const at::Tensor& grad_H, const at::Tensor& H, const at::Tensor& h, const at::Tensor& coeff,
     const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& cu_seqlens, bool weight_grad,
     const RopeTensors* rope) {
@@ -641,6 +658,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mean_backward_op(
   return {gh, gc, gw};
 }
 
+#if POM_CPU_PART == 1
 std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_mean_backward_cpu(
     const at::Tensor& grad_H, const at::Tensor& H, const at::Tensor& h, const at::Tensor& coeff,
     const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& cu_seqlens, bool weight_grad) {
@@ -648,6 +666,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_mean_backward_cpu(
   checks::mean_backward_args(op, grad_H, H, h, coeff, weight, cu_seqlens, weight_grad);
   return mean_backward_op(op, grad_H, H, h, coeff, weight, cu_seqlens, weight_grad, nullptr);
 }
+#endif
 
 // ---------------------------------------------------------------------------
 // Recurrent state: append a chunk of T tokens to (sum, count).
@@ -670,8 +689,8 @@ void state_finish(int64_t B, int64_t E, int64_t T, const std::vector<double>& S,
   }
 }
 
-void state_update_into(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& sum_in,
-                       const at::Tensor& count_in, at::Tensor& H, at::Tensor& sum_out, at::Tensor& count_out) {
+inline void state_update_into(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& sum_in,
+                              const at::Tensor& count_in, at::Tensor& H, at::Tensor& sum_out, at::Tensor& count_out) {
   const int deg = static_cast<int>(coeff.size(1));
   const int64_t B = h.size(0), T = h.size(1), E = h.size(2);
   const Rows hr = rows_of(h, nullptr);
@@ -696,6 +715,7 @@ void state_update_into(const at::Tensor& h, const at::Tensor& coeff, const at::T
   });
 }
 
+#if POM_CPU_PART == 1
 std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_state_update_cpu(const at::Tensor& h, const at::Tensor& coeff,
                                                                      const at::Tensor& state_sum,
                                                                      const at::Tensor& count) {
@@ -746,6 +766,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_state_update_backward_cpu(co
   });
   return {gh, gc, gbar_t.to(grad_sum.scalar_type())};
 }
+#endif
 
 // ---------------------------------------------------------------------------
 // Causal and block-causal prefix means, plain and gated.
@@ -757,12 +778,12 @@ struct ScanTask {
 };
 
 // Channel blocks hold whole gate groups of q channels (q = 1 without a gate), so no task shares a gate.
-int64_t block_width(int64_t E, int64_t q) { return std::min(E, q >= kEB ? q : (kEB / q) * q); }
+inline int64_t block_width(int64_t E, int64_t q) { return std::min(E, q >= kEB ? q : (kEB / q) * q); }
 
 // Tasks over channel blocks (first channel, width): every sequence, every block, the sequence cut into chunks
 // (aligned to the block size F) when there are fewer (sequence, block) pairs than threads.
-std::vector<ScanTask> scan_tasks_over(const Rows& r, int64_t B, const std::vector<std::pair<int64_t, int64_t>>& blocks,
-                                      int64_t F) {
+inline std::vector<ScanTask> scan_tasks_over(const Rows& r, int64_t B,
+                                             const std::vector<std::pair<int64_t, int64_t>>& blocks, int64_t F) {
   const int64_t nEB = static_cast<int64_t>(blocks.size());
   const int64_t base = B * nEB;
   const int64_t threads = at::get_num_threads();
@@ -782,14 +803,14 @@ std::vector<ScanTask> scan_tasks_over(const Rows& r, int64_t B, const std::vecto
   return tasks;
 }
 
-std::vector<ScanTask> scan_tasks(const Rows& r, int64_t B, int64_t E, int64_t F, int64_t q = 1) {
+inline std::vector<ScanTask> scan_tasks(const Rows& r, int64_t B, int64_t E, int64_t F, int64_t q = 1) {
   const int64_t W = std::max<int64_t>(1, block_width(E, q));
   std::vector<std::pair<int64_t, int64_t>> blocks;
   for (int64_t e0 = 0; e0 < std::max<int64_t>(E, 1); e0 += W) blocks.push_back({e0, std::min(W, E - e0)});
   return scan_tasks_over(r, B, blocks, F);
 }
 
-int64_t max_width(const std::vector<ScanTask>& tasks) {
+inline int64_t max_width(const std::vector<ScanTask>& tasks) {
   int64_t w = 1;
   for (const ScanTask& t : tasks) w = std::max(w, t.width);
   return w;
@@ -1188,8 +1209,8 @@ void causal_gate_backward(const scalar_t* g, const Rows& gr, const scalar_t* h, 
 }
 
 // Each task owns deg * W slots of `part`, of which the first deg * width are used: their sum into (E, K).
-at::Tensor scan_coeff_grad(const std::vector<double>& part, const std::vector<ScanTask>& tasks, int deg, int64_t E,
-                           const at::Tensor& coeff) {
+inline at::Tensor scan_coeff_grad(const std::vector<double>& part, const std::vector<ScanTask>& tasks, int deg,
+                                  int64_t E, const at::Tensor& coeff) {
   const int64_t W = max_width(tasks);
   std::vector<int64_t> e0s, widths;
   std::vector<double> packed;
@@ -1203,9 +1224,9 @@ at::Tensor scan_coeff_grad(const std::vector<double>& part, const std::vector<Sc
 }
 
 // The plain and the weighted causal ops (weight: (B, N) or (total,), bool or floating; none for poly_causal).
-at::Tensor causal_op(const char* op, const at::Tensor& h, const at::Tensor& coeff,
-                     const c10::optional<at::Tensor>& weight, int64_t block_size,
-                     const c10::optional<at::Tensor>& cu_seqlens) {
+inline at::Tensor causal_op(const char* op, const at::Tensor& h, const at::Tensor& coeff,
+                            const c10::optional<at::Tensor>& weight, int64_t block_size,
+                            const c10::optional<at::Tensor>& cu_seqlens) {
   const int deg = static_cast<int>(coeff.size(1));
   const int64_t E = h.size(-1), B = checks::batch_of(h, cu_seqlens);
   auto cu = host_offsets(op, cu_seqlens, h.size(0));
@@ -1228,10 +1249,11 @@ at::Tensor causal_op(const char* op, const at::Tensor& h, const at::Tensor& coef
 }
 
 // (grad_h, grad_coeff) of causal_op.
-std::tuple<at::Tensor, at::Tensor> causal_backward_op(const char* op, const at::Tensor& grad_H, const at::Tensor& h,
-                                                      const at::Tensor& coeff, const c10::optional<at::Tensor>& weight,
-                                                      int64_t block_size,
-                                                      const c10::optional<at::Tensor>& cu_seqlens) {
+inline std::tuple<at::Tensor, at::Tensor> causal_backward_op(const char* op, const at::Tensor& grad_H,
+                                                             const at::Tensor& h, const at::Tensor& coeff,
+                                                             const c10::optional<at::Tensor>& weight,
+                                                             int64_t block_size,
+                                                             const c10::optional<at::Tensor>& cu_seqlens) {
   const int deg = static_cast<int>(coeff.size(1));
   const int64_t E = h.size(-1), B = checks::batch_of(h, cu_seqlens);
   auto cu = host_offsets(op, cu_seqlens, h.size(0));
@@ -1259,6 +1281,7 @@ std::tuple<at::Tensor, at::Tensor> causal_backward_op(const char* op, const at::
   return {gh, gc};
 }
 
+#if POM_CPU_PART == 2
 at::Tensor poly_causal_cpu(const at::Tensor& h, const at::Tensor& coeff, int64_t block_size,
                            const c10::optional<at::Tensor>& cu_seqlens) {
   const char* op = "pom_ext::poly_causal";
@@ -1266,19 +1289,21 @@ at::Tensor poly_causal_cpu(const at::Tensor& h, const at::Tensor& coeff, int64_t
   return causal_op(op, h, coeff, c10::nullopt, block_size, cu_seqlens);
 }
 
+at::Tensor poly_causal_weighted_cpu(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& weight,
+                                    int64_t block_size, const c10::optional<at::Tensor>& cu_seqlens) {
+  const char* op = "pom_ext::poly_causal_weighted";
+  checks::causal_weighted_args(op, h, coeff, weight, block_size, cu_seqlens);
+  return causal_op(op, h, coeff, weight, block_size, cu_seqlens);
+}
+#endif
+
+#if POM_CPU_PART == 3
 std::tuple<at::Tensor, at::Tensor> poly_causal_backward_cpu(const at::Tensor& grad_H, const at::Tensor& h,
                                                             const at::Tensor& coeff, int64_t block_size,
                                                             const c10::optional<at::Tensor>& cu_seqlens) {
   const char* op = "pom_ext::poly_causal_backward";
   checks::causal_backward_args(op, grad_H, h, coeff, block_size, cu_seqlens);
   return causal_backward_op(op, grad_H, h, coeff, c10::nullopt, block_size, cu_seqlens);
-}
-
-at::Tensor poly_causal_weighted_cpu(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& weight,
-                                    int64_t block_size, const c10::optional<at::Tensor>& cu_seqlens) {
-  const char* op = "pom_ext::poly_causal_weighted";
-  checks::causal_weighted_args(op, h, coeff, weight, block_size, cu_seqlens);
-  return causal_op(op, h, coeff, weight, block_size, cu_seqlens);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_causal_weighted_backward_cpu(
@@ -1291,6 +1316,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_causal_weighted_backward_cpu
                               : at::empty({0}, h.options());
   return {gh, gc, gw};
 }
+#endif
 
 // What both gated ops derive from their arguments: the split of hs = [h | pre], the packed offsets and the
 // scan tasks (whole gate groups per task). Not copyable: cup points into cu.
@@ -1320,6 +1346,7 @@ inline at::Tensor gate_bias_grad(const std::vector<double>& bsum, const c10::opt
   return bt.to(gate_bias.has_value() ? gate_bias->scalar_type() : hs.scalar_type());
 }
 
+#if POM_CPU_PART == 2
 // Gated: hs = [h | pre] (E + S columns), y = hardsigmoid(pre + bias) (per gate group) * H.
 at::Tensor poly_causal_gated_cpu(const at::Tensor& hs, const at::Tensor& coeff,
                                  const c10::optional<at::Tensor>& gate_bias, int64_t block_size,
@@ -1340,7 +1367,9 @@ at::Tensor poly_causal_gated_cpu(const at::Tensor& hs, const at::Tensor& coeff,
   });
   return out;
 }
+#endif
 
+#if POM_CPU_PART == 3
 std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_causal_gated_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& hs, const at::Tensor& coeff,
     const c10::optional<at::Tensor>& gate_bias, int64_t block_size, const c10::optional<at::Tensor>& cu_seqlens) {
@@ -1377,6 +1406,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_causal_gated_backward_cpu(
   });
   return {ghs, gc, gbias};
 }
+#endif
 
 }  // namespace POM_CPU_ARCH
 }  // namespace cpu

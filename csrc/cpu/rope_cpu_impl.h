@@ -480,8 +480,8 @@ void rope_causal_gate_backward(const scalar_t* g, const Rows& gr, const scalar_t
 }
 
 // Each rope task owns deg * W slots of `part`: deg * w for its first channels, then deg * w for its second.
-at::Tensor rope_coeff_grad(const std::vector<double>& part, const std::vector<ScanTask>& tasks, int64_t P, int deg,
-                           int64_t E, const at::Tensor& coeff) {
+inline at::Tensor rope_coeff_grad(const std::vector<double>& part, const std::vector<ScanTask>& tasks, int64_t P,
+                                  int deg, int64_t E, const at::Tensor& coeff) {
   const int64_t W = max_width(tasks);
   std::vector<int64_t> e0s, widths;
   std::vector<double> packed;
@@ -499,6 +499,7 @@ at::Tensor rope_coeff_grad(const std::vector<double>& part, const std::vector<Sc
 // Entry points.
 // ---------------------------------------------------------------------------
 
+#if POM_CPU_PART == 1
 at::Tensor poly_mean_rope_cpu(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& cos,
                               const at::Tensor& sin, const at::Tensor& positions,
                               const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& cu_seqlens) {
@@ -518,6 +519,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_mean_rope_backward_cpu(
   const RopeTensors rope(op, h, cos, sin, positions, cu_seqlens);
   return mean_backward_op(op, grad_H, H, h, coeff, weight, cu_seqlens, weight_grad, &rope);
 }
+#endif
 
 // What the causal rope ops derive from their arguments: the packed offsets, the rows of h, the tables and
 // positions, and the pair tasks (holding whole gates of q channels for the gated op). Not copyable: cup points
@@ -543,8 +545,8 @@ struct RopeCausalSetup {
 };
 
 // The plain (gate_bias unused, pre undefined) or gated forward.
-at::Tensor rope_causal_op(const RopeCausalSetup& a, const at::Tensor& coeff, int64_t block_size, const at::Tensor& pre,
-                          const c10::optional<at::Tensor>& gate_bias) {
+inline at::Tensor rope_causal_op(const RopeCausalSetup& a, const at::Tensor& coeff, int64_t block_size,
+                                 const at::Tensor& pre, const c10::optional<at::Tensor>& gate_bias) {
   auto sizes = a.h.sizes().vec();
   auto out = pooled_empty(sizes, a.h.options());
   const Rows outr = rows_of(out, a.cup);
@@ -563,6 +565,7 @@ at::Tensor rope_causal_op(const RopeCausalSetup& a, const at::Tensor& coeff, int
   return out;
 }
 
+#if POM_CPU_PART == 2
 at::Tensor poly_causal_rope_cpu(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& cos,
                                 const at::Tensor& sin, const at::Tensor& positions, int64_t block_size,
                                 const c10::optional<at::Tensor>& cu_seqlens) {
@@ -572,6 +575,24 @@ at::Tensor poly_causal_rope_cpu(const at::Tensor& h, const at::Tensor& coeff, co
   return rope_causal_op(a, coeff, block_size, at::Tensor(), c10::nullopt);
 }
 
+// Gated: hs = [h | pre] (E + S columns), y = s~ * H~ with s~ = R_g(positions) hardsigmoid(pre + bias) turned by
+// the gate tables (per gate group of E / S channels).
+at::Tensor poly_causal_gated_rope_cpu(const at::Tensor& hs, const at::Tensor& coeff,
+                                      const c10::optional<at::Tensor>& gate_bias, const at::Tensor& cos,
+                                      const at::Tensor& sin, const at::Tensor& gate_cos, const at::Tensor& gate_sin,
+                                      const at::Tensor& positions, int64_t block_size,
+                                      const c10::optional<at::Tensor>& cu_seqlens) {
+  const char* op = "pom_ext::poly_causal_gated_rope";
+  checks::causal_gated_rope_args(op, hs, coeff, gate_bias, cos, sin, gate_cos, gate_sin, positions, block_size,
+                                 cu_seqlens);
+  const int64_t E = coeff.size(0), S = hs.size(-1) - E;
+  RopeCausalSetup a(op, hs.narrow(-1, 0, E), coeff, cos, sin, positions, block_size, cu_seqlens, E / S);
+  a.rope.gate(gate_cos, gate_sin);
+  return rope_causal_op(a, coeff, block_size, hs.narrow(-1, E, S), gate_bias);
+}
+#endif
+
+#if POM_CPU_PART == 4
 std::tuple<at::Tensor, at::Tensor> poly_causal_rope_backward_cpu(const at::Tensor& grad_H, const at::Tensor& h,
                                                                  const at::Tensor& coeff, const at::Tensor& cos,
                                                                  const at::Tensor& sin, const at::Tensor& positions,
@@ -599,22 +620,6 @@ std::tuple<at::Tensor, at::Tensor> poly_causal_rope_backward_cpu(const at::Tenso
     gc = rope_coeff_grad(part, a.tasks, a.rope.P, a.deg, a.E, coeff);
   });
   return {gh, gc};
-}
-
-// Gated: hs = [h | pre] (E + S columns), y = s~ * H~ with s~ = R_g(positions) hardsigmoid(pre + bias) turned by
-// the gate tables (per gate group of E / S channels).
-at::Tensor poly_causal_gated_rope_cpu(const at::Tensor& hs, const at::Tensor& coeff,
-                                      const c10::optional<at::Tensor>& gate_bias, const at::Tensor& cos,
-                                      const at::Tensor& sin, const at::Tensor& gate_cos, const at::Tensor& gate_sin,
-                                      const at::Tensor& positions, int64_t block_size,
-                                      const c10::optional<at::Tensor>& cu_seqlens) {
-  const char* op = "pom_ext::poly_causal_gated_rope";
-  checks::causal_gated_rope_args(op, hs, coeff, gate_bias, cos, sin, gate_cos, gate_sin, positions, block_size,
-                                 cu_seqlens);
-  const int64_t E = coeff.size(0), S = hs.size(-1) - E;
-  RopeCausalSetup a(op, hs.narrow(-1, 0, E), coeff, cos, sin, positions, block_size, cu_seqlens, E / S);
-  a.rope.gate(gate_cos, gate_sin);
-  return rope_causal_op(a, coeff, block_size, hs.narrow(-1, E, S), gate_bias);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_causal_gated_rope_backward_cpu(
@@ -667,6 +672,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_causal_gated_rope_backward_c
   });
   return {ghs, gc, gbias};
 }
+#endif
 
 }  // namespace POM_CPU_ARCH
 }  // namespace cpu

@@ -1,4 +1,5 @@
 // CPU kernels for x86-64 with AVX2 + FMA + F16C, picked at run time when the CPU has them.
+// Included by the four poly_cpu_avx2_<part>.cpp, each defining POM_CPU_PART (poly_cpu_impl.h).
 #include "poly_cpu_headers.h"
 
 #ifdef POM_CPU_HAVE_AVX2

@@ -1,0 +1,3 @@
+// CPU kernels for AVX-512, part 3 of 4: the causal backwards (poly_cpu_impl.h).
+#define POM_CPU_PART 3
+#include "poly_cpu_isa_avx512.h"
