@@ -507,19 +507,15 @@ void mean_backward(const scalar_t* h, const Rows& hr, int64_t E, const std::vect
         if (rot) {
           rot->apply_back(ch.b, n, g, gt);
           if (gw) {
-            poly_row_backward<K, true, true, acc_t>(xr, gt, wn, gxr, f, p, cT.data(), E, 0, E,
-                                                    deg, ag);
+            poly_row_backward<K, true, true, acc_t>(xr, gt, wn, gxr, f, p, cT.data(), E, 0, E, deg, ag);
             rot->apply(ch.b, n, p);
           } else {
-            poly_row_backward<K, true, false, acc_t>(xr, gt, wn, gxr, f, nullptr, cT.data(), E, 0, E,
-                                                     deg, ag);
+            poly_row_backward<K, true, false, acc_t>(xr, gt, wn, gxr, f, nullptr, cT.data(), E, 0, E, deg, ag);
           }
         } else if (gw) {
-          poly_row_backward<K, false, true, acc_t>(xr, g, wn, gxr, f, p, cT.data(), E, 0, E, deg,
-                                                   ag);
+          poly_row_backward<K, false, true, acc_t>(xr, g, wn, gxr, f, p, cT.data(), E, 0, E, deg, ag);
         } else {
-          poly_row_backward<K, false, false, acc_t>(xr, g, wn, gxr, f, nullptr, cT.data(), E, 0, E, deg,
-                                                    ag);
+          poly_row_backward<K, false, false, acc_t>(xr, g, wn, gxr, f, nullptr, cT.data(), E, 0, E, deg, ag);
         }
         commit_row(gh + ghr.off(ch.b, n), E, gxr);
         if (gw) {

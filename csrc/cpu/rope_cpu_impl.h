@@ -70,26 +70,6 @@ inline void accumulate(const acc_t* __restrict p, acc_t* __restrict run, acc_t* 
   }
 }
 
-// One row of the token-causal forward scan, fused: the pairs' features p = poly(act(x)) (channels a.. and b..),
-// turned (c, s: the row's table entries), added to the Kahan sums (run, comp: 2 w values, first halves then
-// second halves), and the prefix means o = (run - comp) * inv written to o_lo, o_hi.
-template <int K, typename acc_t>
-inline void rope_scan_row(const acc_t* __restrict x_lo, const acc_t* __restrict x_hi, const acc_t* __restrict c,
-                          const acc_t* __restrict s, acc_t* __restrict run, acc_t* __restrict comp,
-                          acc_t* __restrict o_lo, acc_t* __restrict o_hi, acc_t inv, const acc_t* __restrict cT,
-                          int64_t E, int64_t a, int64_t b, int64_t w, int deg) {
-  acc_t* __restrict run_hi = run + w;
-  acc_t* __restrict comp_hi = comp + w;
-  for (int64_t i = 0; i < w; ++i) {
-    const acc_t pa = math::poly<K>(math::act(x_lo[i]), cT + a + i, E, deg);
-    const acc_t pb = math::poly<K>(math::act(x_hi[i]), cT + b + i, E, deg);
-    math::kahan_add(run[i], comp[i], pa * c[i] - pb * s[i]);
-    math::kahan_add(run_hi[i], comp_hi[i], pb * c[i] + pa * s[i]);
-    o_lo[i] = (run[i] - comp[i]) * inv;
-    o_hi[i] = (run_hi[i] - comp_hi[i]) * inv;
-  }
-}
-
 // R consecutive rows of the token-causal backward scan, fused, rows in scan order (row r is the one before row
 // r - 1 in the sequence), as scan_rows_backward is for the plain op: g_r (the row's output gradient, g_lo, g_hi)
 // * inv_r enters the Kahan suffix sums (run, comp: 2 w), the sum is turned back (R^T, the row's table entries c_r,
@@ -473,20 +453,13 @@ void rope_causal_gate_backward(const scalar_t* g, const Rows& gr, const scalar_t
       int64_t rows = 0;
       for (int64_t blk = t.n0; blk < t.n1; blk += F) {
         const int64_t bend = std::min(blk + F, t.n1);
-        if (F == 1) {
-          const acc_t *lo, *hi;
-          pair_rows(h, hr, t.b, blk, ps, x, lo, hi);
-          const int64_t r = rot.row(t.b, blk, ps.sec) + ps.i0;
-          rope_scan_row<K>(lo, hi, rot.cos + r, rot.sin + r, run, comp, Hb, Hb + ps.w,
-                           acc_t(1) / static_cast<acc_t>(blk + 1), cT.data(), E, ps.a, ps.b, ps.w, deg);
-        } else {
-          for (int64_t n = blk; n < bend; ++n) {
-            rope_row<K>(h, hr, t, ps, n, rot, cT, E, deg, x, p);
-            accumulate<false>(p, run, comp, Hb, acc_t(0), t.width);
-          }
-          const acc_t inv = acc_t(1) / static_cast<acc_t>(bend);
-          for (int64_t e = 0; e < t.width; ++e) Hb[e] = (run[e] - comp[e]) * inv;
+        // H~ of the block (token-causal: of the row), as the forward computes it.
+        for (int64_t n = blk; n < bend; ++n) {
+          rope_row<K>(h, hr, t, ps, n, rot, cT, E, deg, x, p);
+          accumulate<false>(p, run, comp, Hb, acc_t(0), t.width);
         }
+        const acc_t inv = acc_t(1) / static_cast<acc_t>(bend);
+        for (int64_t e = 0; e < t.width; ++e) Hb[e] = (run[e] - comp[e]) * inv;
         for (int64_t n = blk; n < bend; ++n) {
           const acc_t *glo, *ghi;
           pair_rows(g, gr, t.b, n, ps, gy, glo, ghi);
