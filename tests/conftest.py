@@ -1,5 +1,7 @@
 """Shared fixtures: devices, CPU instruction sets, tolerances and NaN-poisoned allocations."""
+import importlib.util
 import os
+import pathlib
 from contextlib import contextmanager
 
 import pytest
@@ -14,6 +16,17 @@ if not pom_ext.native_available() and os.environ.get("POM_EXT_ALLOW_REFERENCE") 
         "Build them first (pip install --no-build-isolation -e .), or set POM_EXT_ALLOW_REFERENCE=1 to test the "
         "fallback on purpose."
     )
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(name: str):
+    """examples/<name>.py as a module (the examples are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_example", EXAMPLES / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
 
 # SPEC §4: relative error against the float64 reference.
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}

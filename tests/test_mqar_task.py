@@ -1,20 +1,15 @@
 """The MQAR task of examples/mqar.py: what its sequences hold, the state size it reports, and a smoke run."""
-import importlib.util
 import json
-import pathlib
 
 import pytest
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from conftest import load_example
 
 
 @pytest.fixture(scope="module")
 def mqar():
-    spec = importlib.util.spec_from_file_location("mqar_example", ROOT / "examples" / "mqar.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_example("mqar")
 
 
 @pytest.mark.parametrize("L,kv,vocab", [(64, 4, 8192), (128, 32, 256), (512, 64, 8192)])

@@ -1,0 +1,221 @@
+"""Learning-rate sweeps of the byte-level language models of train_lm.py, and their comparison.
+
+Every (model, learning rate) of the command line is one run of examples/train_lm.py with the same data, batch,
+schedule and step budget, in OUT/<model>/lr<lr>/ (log.json, log.csv, ckpt.pt, sample.txt). A finished run is
+skipped and an interrupted one resumes from its checkpoint, so a sweep stops and continues at will, and several
+processes may share OUT if they run different models. --report reads every run in OUT and writes
+OUT/lm_sweep.md, lm_sweep.json and lm_sweep.png:
+
+- at equal training tokens: each model's final validation bits per byte at every rate, its best rate, and its
+  gap to attention's best;
+- at equal training time: each model's best validation bits per byte reached within the training time of the
+  fastest model's full run (validation time excluded), over all its rates. Training times are the runs' own,
+  so they compare only for runs made on the same idle machine with the same --threads; the table gives each
+  run's milliseconds per step so that can be checked.
+
+Models (add your own as NAME=TRAIN_LM_ARGS, the arguments quoted as one):
+
+    pom              PoM blocks (degree 2, expand 2, 8 gate heads, causal convolution of 4): PPPPPP
+    pom-k3           the same with degree 3
+    pom-rope         PoM with rotary positions (PoMRoPE) and the convolution
+    hybrid           PoM with attention every third layer: PPAPPA
+    hybrid-pppa      attention every fourth layer, depth 8: PPPAPPPA
+    hybrid-w64       PPAPPA with attention over a sliding window of 64 bytes
+    attention        rotary multi-head attention: AAAAAA
+
+    PYTHONPATH=. python examples/lm_sweep.py --models pom,attention --lrs 1e-3,2e-3,4e-3 --steps 3000 \\
+        --out benchmarks/results/lm_sweep
+    PYTHONPATH=. python examples/lm_sweep.py --report --out benchmarks/results/lm_sweep
+"""
+import argparse
+import json
+import math
+import os
+import pathlib
+import shlex
+import subprocess
+import sys
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+PRESETS = {
+    "pom": "--model pom",
+    "pom-k3": "--model pom --degree 3",
+    "pom-rope": "--model pom --rope",
+    "hybrid": "--model hybrid --attn-every 3",
+    "hybrid-pppa": "--model hybrid --attn-every 4 --depth 8",
+    "hybrid-w64": "--model hybrid --attn-every 3 --window 64",
+    "attention": "--model attention",
+}
+
+
+def parse_models(spec: str) -> dict:
+    models = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, sep, extra = item.partition("=")
+        if sep:
+            models[name] = extra
+        elif name in PRESETS:
+            models[name] = PRESETS[name]
+        else:
+            raise SystemExit(f"--models: unknown model {name!r}; expected one of {', '.join(PRESETS)} "
+                             "or NAME=TRAIN_LM_ARGS")
+    if not models:
+        raise SystemExit("--models: expected at least one model")
+    return models
+
+
+def parse_lrs(spec: str) -> list:
+    try:
+        lrs = [float(s) for s in spec.split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"--lrs: expected comma-separated numbers, got {spec!r}")
+    if not lrs or any(not (lr > 0 and math.isfinite(lr)) for lr in lrs):
+        raise SystemExit(f"--lrs: expected positive learning rates, got {spec!r}")
+    return lrs
+
+
+def run_dir(out: pathlib.Path, model: str, lr: float) -> pathlib.Path:
+    return out / model / f"lr{lr:g}"
+
+
+def finished(path: pathlib.Path, steps: int) -> bool:
+    log = path / "log.json"
+    if not log.exists():
+        return False
+    final = json.loads(log.read_text()).get("final")
+    return final is not None and final.get("step", 0) >= steps
+
+
+def sweep(args) -> int:
+    out = pathlib.Path(args.out)
+    models, lrs = parse_models(args.models), parse_lrs(args.lrs)
+    for name, extra in models.items():
+        for lr in lrs:
+            path = run_dir(out, name, lr)
+            if finished(path, args.steps):
+                print(f"{name} lr {lr:g}: done, skipped", flush=True)
+                continue
+            cmd = [sys.executable, str(HERE / "train_lm.py"), *shlex.split(extra), "--lr", f"{lr:g}",
+                   "--steps", str(args.steps), "--threads", str(args.threads), "--seed", str(args.seed),
+                   "--out", str(path), *shlex.split(args.train_args)]
+            if (path / "ckpt.pt").exists():
+                cmd.append("--resume")
+            print(f"{name} lr {lr:g}: {shlex.join(cmd)}", flush=True)
+            path.mkdir(parents=True, exist_ok=True)
+            with open(path / "train.out", "a") as log:
+                rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+            if rc != 0:
+                print(f"{name} lr {lr:g}: train_lm.py exited with {rc}; see {path / 'train.out'}", file=sys.stderr)
+                return rc
+    return report(args) if args.report_after else 0
+
+
+def load_runs(out: pathlib.Path) -> list:
+    runs = []
+    for log in sorted(out.glob("*/lr*/log.json")):
+        meta = json.loads(log.read_text())
+        if "final" not in meta:
+            continue  # unfinished
+        recs = meta["records"]
+        vals = [(r["step"], r["time_s"], r["val_bpb"]) for r in recs if r.get("val_bpb") is not None]
+        fin = meta["final"]
+        runs.append({"model": log.parent.parent.name, "lr": meta["args"]["lr"], "layers": meta.get("pattern", ""),
+                     "params": meta["params"], "steps": fin["step"], "train_s": fin["time_s"],
+                     "step_ms": 1e3 * fin["time_s"] / max(fin["step"], 1), "final_bpb": fin["val_bpb"],
+                     "val": vals, "threads": meta["args"]["threads"], "dir": str(log.parent)})
+    return runs
+
+
+def report(args) -> int:
+    out = pathlib.Path(args.out)
+    runs = load_runs(out)
+    if not runs:
+        print(f"no finished runs under {out}", file=sys.stderr)
+        return 1
+    by_model = {}
+    for r in runs:
+        by_model.setdefault(r["model"], []).append(r)
+    best = {m: min(rs, key=lambda r: r["final_bpb"]) for m, rs in by_model.items()}
+    ref = best.get("attention")
+    # Equal training time: the shortest full run's time; every model's best validation within it, over its rates.
+    budget = min(min(r["train_s"] for r in rs) for rs in by_model.values())
+    at_budget = {}
+    for m, rs in by_model.items():
+        within = [(v[2], r["lr"], v[0]) for r in rs for v in r["val"] if v[1] <= budget + 1e-9]
+        at_budget[m] = min(within) if within else None
+    lrs = sorted({r["lr"] for r in runs})
+    lines = ["| model | layers | params (M) | ms/step | " + " | ".join(f"lr {lr:g}" for lr in lrs) +
+             " | best | vs attention |",
+             "|---|---|---:|---:|" + "---:|" * len(lrs) + "---:|---:|"]
+    for m in sorted(by_model, key=lambda m: best[m]["final_bpb"]):
+        cells = {r["lr"]: f"{r['final_bpb']:.3f}" for r in by_model[m]}
+        b = best[m]
+        gap = "" if ref is None else f"{100 * (b['final_bpb'] / ref['final_bpb'] - 1):+.1f}%"
+        lines.append(f"| {m} | {b['layers']} | {b['params'] / 1e6:.2f} | {b['step_ms']:.0f} | " +
+                     " | ".join(cells.get(lr, "") for lr in lrs) + f" | {b['final_bpb']:.3f} | {gap} |")
+    steps = sorted({r["steps"] for r in runs})
+    text = [f"Final validation bits per byte at equal training tokens ({', '.join(map(str, steps))} steps; 'best': "
+            f"the lowest over the rates; 'vs attention': its gap to attention's best):", "", *lines, "",
+            f"At equal training time ({budget:,.1f} s of training, the shortest full run; runs' own times, threads "
+            f"{sorted({r['threads'] for r in runs})}):", "", "| model | best val bpb within the time | at lr | step |",
+            "|---|---:|---:|---:|"]
+    for m in sorted(by_model, key=lambda m: (at_budget[m] or (math.inf,))[0]):
+        v = at_budget[m]
+        text.append(f"| {m} | {v[0]:.3f} | {v[1]:g} | {v[2]} |" if v else f"| {m} | (no validation yet) | | |")
+    md = "\n".join(text) + "\n"
+    (out / "lm_sweep.md").write_text(md)
+    (out / "lm_sweep.json").write_text(json.dumps({
+        "runs": runs,
+        "best": {m: {"lr": b["lr"], "final_bpb": b["final_bpb"]} for m, b in best.items()},
+        "equal_time_budget_s": budget,
+        "equal_time": {m: None if v is None else {"val_bpb": v[0], "lr": v[1], "step": v[2]}
+                       for m, v in at_budget.items()}}, indent=1))
+    print(md)
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no lm_sweep.png", file=sys.stderr)
+        return 0
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, m in enumerate(sorted(by_model)):
+        b = best[m]
+        label = f"{m} (lr {b['lr']:g})"
+        axes[0].plot([v[0] for v in b["val"]], [v[2] for v in b["val"]], "o-", ms=3, color=f"C{i}", label=label)
+        axes[1].plot([v[1] / 60 for v in b["val"]], [v[2] for v in b["val"]], "o-", ms=3, color=f"C{i}", label=label)
+    axes[0].set_xlabel("step (equal tokens)")
+    axes[1].set_xlabel("training time (min)")
+    for ax in axes:
+        ax.set_ylabel("validation bits per byte")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "lm_sweep.png", dpi=120)
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="pom,hybrid,attention",
+                   help="comma-separated presets or NAME=TRAIN_LM_ARGS")
+    p.add_argument("--lrs", default="1e-3,2e-3,4e-3", help="learning rates, comma-separated")
+    p.add_argument("--steps", type=int, default=3000, help="training steps of every run")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-args", default="", help="further train_lm.py arguments for every run, quoted as one")
+    p.add_argument("--out", default="benchmarks/results/lm_sweep")
+    p.add_argument("--report", action="store_true", help="only write the report of the runs in --out")
+    p.add_argument("--no-report", dest="report_after", action="store_false",
+                   help="do not write the report after the sweep")
+    args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error("--steps must be >= 1")
+    if args.threads < 1:
+        p.error("--threads must be >= 1")
+    return report(args) if args.report else sweep(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""examples/lm_sweep.py: the comparison it reports (equal tokens, equal training time) from known logs, a smoke
+sweep that skips finished runs, and its argument errors."""
+import json
+
+import pytest
+
+from conftest import load_example
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    return load_example("lm_sweep")
+
+
+def write_log(out, model, lr, step_s, vals, pattern):
+    """A finished train_lm.py log: validation (step, bpb) pairs, step_s seconds per training step."""
+    path = out / model / f"lr{lr:g}"
+    path.mkdir(parents=True)
+    records = [{"step": s, "time_s": s * step_s, "train_loss": None, "val_bpb": v} for s, v in vals]
+    last = vals[-1][0]
+    log = {"args": {"model": model, "lr": lr, "threads": 1}, "params": 1000, "pattern": pattern,
+           "final": {"step": last, "time_s": last * step_s, "val_bpb": vals[-1][1]}, "records": records}
+    (path / "log.json").write_text(json.dumps(log))
+
+
+def test_report_equal_tokens_and_equal_time(sweep, tmp_path):
+    # attention: 2 s/step, best at lr 1e-3 (final 2.0); pom: 1 s/step, best at lr 2e-3 (final 2.1).
+    write_log(tmp_path, "attention", 1e-3, 2.0, [(100, 3.0), (200, 2.0)], "AA")
+    write_log(tmp_path, "attention", 2e-3, 2.0, [(100, 2.8), (200, 2.2)], "AA")
+    write_log(tmp_path, "pom", 1e-3, 1.0, [(100, 2.9), (200, 2.3)], "PP")
+    write_log(tmp_path, "pom", 2e-3, 1.0, [(100, 2.6), (200, 2.1)], "PP")
+    # An unfinished run (no "final") is left out.
+    (tmp_path / "pom" / "lr0.004").mkdir()
+    (tmp_path / "pom" / "lr0.004" / "log.json").write_text(json.dumps({"args": {}, "records": []}))
+    assert sweep.main(["--report", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "lm_sweep.json").read_text())
+    assert summary["best"] == {"attention": {"lr": 1e-3, "final_bpb": 2.0}, "pom": {"lr": 2e-3, "final_bpb": 2.1}}
+    assert len(summary["runs"]) == 4
+    # Equal time: the shortest full run is pom's 200 s; attention reached step 100 by then (2.8 at lr 2e-3).
+    assert summary["equal_time_budget_s"] == pytest.approx(200.0)
+    assert summary["equal_time"]["attention"] == {"val_bpb": 2.8, "lr": 2e-3, "step": 100}
+    assert summary["equal_time"]["pom"] == {"val_bpb": 2.1, "lr": 2e-3, "step": 200}
+    md = (tmp_path / "lm_sweep.md").read_text()
+    assert "| pom | PP | 0.00 | 1000 | 2.300 | 2.100 | 2.100 | +5.0% |" in md
+    assert "| attention | AA | 0.00 | 2000 | 2.000 | 2.200 | 2.000 | +0.0% |" in md
+
+
+def test_smoke_sweep_skips_finished_runs(sweep, tmp_path, capsys):
+    argv = ["--models", "pom", "--lrs", "3e-3", "--steps", "4", "--threads", "1", "--out", str(tmp_path),
+            "--train-args", "--dim 16 --depth 1 --seq-len 32 --batch-size 2 --eval-every 2 --val-batches 1 "
+                            "--sample-len 4"]
+    assert sweep.main(argv) == 0
+    log = json.loads((tmp_path / "pom" / "lr0.003" / "log.json").read_text())
+    assert log["final"]["step"] == 4 and log["args"]["lr"] == 3e-3 and log["args"]["dim"] == 16
+    assert sum(r.get("val_bpb") is not None for r in log["records"]) >= 2
+    capsys.readouterr()
+    assert sweep.main(argv) == 0
+    assert "pom lr 0.003: done, skipped" in capsys.readouterr().out
+    assert "| pom | P |" in (tmp_path / "lm_sweep.md").read_text()
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--models", "nonesuch"], "--models: unknown model 'nonesuch'"),
+    (["--models", ""], "--models: expected at least one model"),
+    (["--lrs", "1e-3,x"], "--lrs: expected comma-separated numbers"),
+    (["--lrs", "0"], "--lrs: expected positive learning rates"),
+])
+def test_bad_arguments(sweep, tmp_path, argv, match):
+    with pytest.raises(SystemExit, match=match):
+        sweep.main(argv + ["--out", str(tmp_path)])
+
+
+def test_report_without_runs(sweep, tmp_path, capsys):
+    assert sweep.main(["--report", "--out", str(tmp_path)]) == 1
+    assert "no finished runs" in capsys.readouterr().err
