@@ -111,19 +111,26 @@ def sweep(args) -> int:
     return report(args) if args.report_after else 0
 
 
+def plot_lm():
+    """examples/plot_lm.py, which reads train_lm.py logs and draws their curves."""
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    import plot_lm as module
+    return module
+
+
 def load_runs(out: pathlib.Path) -> list:
     runs = []
-    for log in sorted(out.glob("*/lr*/log.json")):
-        meta = json.loads(log.read_text())
-        if "final" not in meta:
+    for path in sorted(out.glob("*/lr*/log.json")):
+        log = plot_lm().load(str(path))
+        if "final" not in log:
             continue  # unfinished
-        recs = meta["records"]
-        vals = [(r["step"], r["time_s"], r["val_bpb"]) for r in recs if r.get("val_bpb") is not None]
-        fin = meta["final"]
-        runs.append({"model": log.parent.parent.name, "lr": meta["args"]["lr"], "layers": meta.get("pattern", ""),
-                     "params": meta["params"], "steps": fin["step"], "train_s": fin["time_s"],
+        vals = [(r["step"], r["time_s"], r["val_bpb"]) for r in log["records"] if r.get("val_bpb") is not None]
+        fin = log["final"]
+        runs.append({"model": path.parent.parent.name, "lr": log["args"]["lr"], "layers": log.get("pattern", ""),
+                     "params": log["params"], "steps": fin["step"], "train_s": fin["time_s"],
                      "step_ms": 1e3 * fin["time_s"] / max(fin["step"], 1), "final_bpb": fin["val_bpb"],
-                     "val": vals, "threads": meta["args"]["threads"], "dir": str(log.parent)})
+                     "val": vals, "threads": log["args"]["threads"], "dir": str(path.parent)})
     return runs
 
 
@@ -172,27 +179,16 @@ def report(args) -> int:
         "equal_time": {m: None if v is None else {"val_bpb": v[0], "lr": v[1], "step": v[2]}
                        for m, v in at_budget.items()}}, indent=1))
     print(md)
+    # Each model's best run, its curves against step (equal tokens) and training time.
+    logs = []
+    for m in sorted(by_model):
+        log = plot_lm().load(best[m]["dir"])
+        log["name"] = f"{m} lr {best[m]['lr']:g}"
+        logs.append(log)
     try:
-        import matplotlib
+        plot_lm().plot(logs, out / "lm_sweep.png")
     except ImportError:
         print("matplotlib is not installed: no lm_sweep.png", file=sys.stderr)
-        return 0
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for i, m in enumerate(sorted(by_model)):
-        b = best[m]
-        label = f"{m} (lr {b['lr']:g})"
-        axes[0].plot([v[0] for v in b["val"]], [v[2] for v in b["val"]], "o-", ms=3, color=f"C{i}", label=label)
-        axes[1].plot([v[1] / 60 for v in b["val"]], [v[2] for v in b["val"]], "o-", ms=3, color=f"C{i}", label=label)
-    axes[0].set_xlabel("step (equal tokens)")
-    axes[1].set_xlabel("training time (min)")
-    for ax in axes:
-        ax.set_ylabel("validation bits per byte")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "lm_sweep.png", dpi=120)
     return 0
 
 

@@ -16,7 +16,7 @@ def load(run: str) -> dict:
     return log
 
 
-def smooth(values, k: int):
+def moving_mean(values, k: int):
     out, acc = [], []
     for v in values:
         acc.append(v)
@@ -53,7 +53,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     logs = [load(r) for r in args.runs]
     print(table(logs))
+    plot(logs, args.out, args.smooth)
+    print(f"\nwrote {args.out}")
 
+
+def plot(logs, out, smooth: int = 10):
+    """Train (smoothed over `smooth` records) and validation curves of the logs, against training time and step,
+    into the PNG `out`; each log labelled by its "name". Needs matplotlib."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -67,7 +73,7 @@ def main(argv=None):
         label = f"{log['name']} ({log['args']['model']}, {log['params'] / 1e6:.2f} M)"
         for ax, key in ((axes[0], "time_s"), (axes[1], "step")):
             scale = 60.0 if key == "time_s" else 1.0
-            ax.plot([r[key] / scale for r in tr], smooth([r["train_loss"] / math.log(2) for r in tr], args.smooth),
+            ax.plot([r[key] / scale for r in tr], moving_mean([r["train_loss"] / math.log(2) for r in tr], smooth),
                     color=color, alpha=0.45, label=f"{label} train")
             ax.plot([r[key] / scale for r in va], [r["val_bpb"] for r in va], "o-", color=color, ms=3,
                     label=f"{label} val")
@@ -82,8 +88,7 @@ def main(argv=None):
     axes[1].legend(fontsize=7)
     fig.suptitle("byte-level LM on the Python standard library")
     fig.tight_layout()
-    fig.savefig(args.out, dpi=120)
-    print(f"\nwrote {args.out}")
+    fig.savefig(out, dpi=120)
 
 
 if __name__ == "__main__":
