@@ -9,9 +9,11 @@ OUT/lm_sweep.md, lm_sweep.json and lm_sweep.png:
 - at equal training tokens: each model's final validation bits per byte at every rate, its best rate, and its
   gap to attention's best;
 - at equal training time: each model's best validation bits per byte reached within the training time of the
-  fastest model's full run (validation time excluded), over all its rates. Training times are the runs' own,
-  so they compare only for runs made on the same idle machine with the same --threads; the table gives each
-  run's milliseconds per step so that can be checked.
+  fastest model's full run (validation time excluded), over all its rates. Runs made in the background share
+  the machine, so their own clocks do not compare: --time-steps N measures each model's step time alone (N steps
+  of train_lm.py with the sweep's settings, one model after the other; run it on an idle machine) into
+  OUT/step_ms.json, and the report then puts every run on that clock (step x its model's step time). Without
+  that file it uses the runs' own times, and the table gives each run's milliseconds per step to check them.
 
 Models (add your own as NAME=TRAIN_LM_ARGS, the arguments quoted as one):
 
@@ -25,16 +27,20 @@ Models (add your own as NAME=TRAIN_LM_ARGS, the arguments quoted as one):
 
     PYTHONPATH=. python examples/lm_sweep.py --models pom,attention --lrs 1e-3,2e-3,4e-3 --steps 3000 \\
         --out benchmarks/results/lm_sweep
+    PYTHONPATH=. python examples/lm_sweep.py --models pom,attention --time-steps 40 --out benchmarks/results/lm_sweep
     PYTHONPATH=. python examples/lm_sweep.py --report --out benchmarks/results/lm_sweep
 """
 import argparse
+import datetime
 import json
 import math
 import os
 import pathlib
 import shlex
+import statistics
 import subprocess
 import sys
+import tempfile
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -87,6 +93,44 @@ def finished(path: pathlib.Path, steps: int) -> bool:
     return final is not None and final.get("step", 0) >= steps
 
 
+def train_cmd(args, extra: str, lr: float, steps: int, path: pathlib.Path, *more: str) -> list:
+    return [sys.executable, str(HERE / "train_lm.py"), *shlex.split(extra), "--lr", f"{lr:g}", "--steps", str(steps),
+            "--threads", str(args.threads), "--seed", str(args.seed), "--out", str(path),
+            *shlex.split(args.train_args), *more]
+
+
+def time_steps(args) -> int:
+    """Each model's training step time measured alone: args.time_steps steps of train_lm.py with the sweep's
+    settings (the first rate of --lrs; the rate does not change the time), one model after the other; the median
+    of the per-step times after the first two. Merged into OUT/step_ms.json."""
+    out = pathlib.Path(args.out)
+    models, lrs = parse_models(args.models), parse_lrs(args.lrs)
+    path = out / "step_ms.json"
+    timing = json.loads(path.read_text()) if path.exists() else {}
+    step_ms = timing.get("step_ms", {})
+    for name, extra in models.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = train_cmd(args, extra, lrs[0], args.time_steps, pathlib.Path(tmp), "--log-every", "1",
+                            "--eval-every", str(args.time_steps), "--val-batches", "1", "--sample-len", "1")
+            print(f"{name}: timing {args.time_steps} steps: {shlex.join(cmd)}", flush=True)
+            done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            if done.returncode != 0:
+                print(done.stdout[-2000:], file=sys.stderr)
+                print(f"{name}: train_lm.py exited with {done.returncode}", file=sys.stderr)
+                return done.returncode
+            times = [r["time_s"] for r in json.loads((pathlib.Path(tmp) / "log.json").read_text())["records"]]
+        per_step = [b - a for a, b in zip(times, times[1:])][2:] or [times[0]]
+        step_ms[name] = 1e3 * statistics.median(per_step)
+        print(f"{name}: {step_ms[name]:.1f} ms/step", flush=True)
+    from pom_ext.bench.common import cpu_name, git_commit
+
+    timing.update({"step_ms": step_ms, "steps_timed": args.time_steps, "threads": args.threads,
+                   "train_args": args.train_args, "device": cpu_name(), "git_commit": git_commit(),
+                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+    path.write_text(json.dumps(timing, indent=1))
+    return 0
+
+
 def sweep(args) -> int:
     out = pathlib.Path(args.out)
     models, lrs = parse_models(args.models), parse_lrs(args.lrs)
@@ -96,9 +140,7 @@ def sweep(args) -> int:
             if finished(path, args.steps):
                 print(f"{name} lr {lr:g}: done, skipped", flush=True)
                 continue
-            cmd = [sys.executable, str(HERE / "train_lm.py"), *shlex.split(extra), "--lr", f"{lr:g}",
-                   "--steps", str(args.steps), "--threads", str(args.threads), "--seed", str(args.seed),
-                   "--out", str(path), *shlex.split(args.train_args)]
+            cmd = train_cmd(args, extra, lr, args.steps, path)
             if (path / "ckpt.pt").exists():
                 cmd.append("--resume")
             print(f"{name} lr {lr:g}: {shlex.join(cmd)}", flush=True)
@@ -146,10 +188,24 @@ def report(args) -> int:
     best = {m: min(rs, key=lambda r: r["final_bpb"]) for m, rs in by_model.items()}
     ref = best.get("attention")
     # Equal training time: the shortest full run's time; every model's best validation within it, over its rates.
-    budget = min(min(r["train_s"] for r in rs) for rs in by_model.values())
+    # The clock: each model's step time measured alone (OUT/step_ms.json, --time-steps) when it has every model,
+    # else the runs' own times.
+    timing = json.loads((out / "step_ms.json").read_text()) if (out / "step_ms.json").exists() else {}
+    step_ms = timing.get("step_ms", {})
+    missing = sorted(m for m in by_model if m not in step_ms)
+    measured = not missing
+    if measured:
+        clock = lambda r, step, own_s: step * step_ms[r["model"]] / 1e3  # noqa: E731
+        clock_note = (f"each model's step time measured alone ({timing.get('steps_timed')} steps, threads "
+                      f"{timing.get('threads')}; step_ms.json) times the step")
+    else:
+        clock = lambda r, step, own_s: own_s  # noqa: E731
+        clock_note = f"runs' own times, threads {sorted({r['threads'] for r in runs})}" + (
+            f"; step_ms.json lacks {', '.join(missing)}" if step_ms else "")
+    budget = min(min(clock(r, r["steps"], r["train_s"]) for r in rs) for rs in by_model.values())
     at_budget = {}
     for m, rs in by_model.items():
-        within = [(v[2], r["lr"], v[0]) for r in rs for v in r["val"] if v[1] <= budget + 1e-9]
+        within = [(v[2], r["lr"], v[0]) for r in rs for v in r["val"] if clock(r, v[0], v[1]) <= budget + 1e-9]
         at_budget[m] = min(within) if within else None
     lrs = sorted({r["lr"] for r in runs})
     lines = ["| model | layers | params (M) | ms/step | " + " | ".join(f"lr {lr:g}" for lr in lrs) +
@@ -164,9 +220,8 @@ def report(args) -> int:
     steps = sorted({r["steps"] for r in runs})
     text = [f"Final validation bits per byte at equal training tokens ({', '.join(map(str, steps))} steps; 'best': "
             f"the lowest over the rates; 'vs attention': its gap to attention's best):", "", *lines, "",
-            f"At equal training time ({budget:,.1f} s of training, the shortest full run; runs' own times, threads "
-            f"{sorted({r['threads'] for r in runs})}):", "", "| model | best val bpb within the time | at lr | step |",
-            "|---|---:|---:|---:|"]
+            f"At equal training time ({budget:,.1f} s of training, the shortest full run; {clock_note}):", "",
+            "| model | best val bpb within the time | at lr | step |", "|---|---:|---:|---:|"]
     for m in sorted(by_model, key=lambda m: (at_budget[m] or (math.inf,))[0]):
         v = at_budget[m]
         text.append(f"| {m} | {v[0]:.3f} | {v[1]:g} | {v[2]} |" if v else f"| {m} | (no validation yet) | | |")
@@ -176,6 +231,7 @@ def report(args) -> int:
         "runs": runs,
         "best": {m: {"lr": b["lr"], "final_bpb": b["final_bpb"]} for m, b in best.items()},
         "equal_time_budget_s": budget,
+        "equal_time_clock": {"measured_step_ms": step_ms} if measured else "runs' own times",
         "equal_time": {m: None if v is None else {"val_bpb": v[0], "lr": v[1], "step": v[2]}
                        for m, v in at_budget.items()}}, indent=1))
     print(md)
@@ -203,6 +259,9 @@ def main(argv=None) -> int:
     p.add_argument("--train-args", default="", help="further train_lm.py arguments for every run, quoted as one")
     p.add_argument("--out", default="benchmarks/results/lm_sweep")
     p.add_argument("--report", action="store_true", help="only write the report of the runs in --out")
+    p.add_argument("--time-steps", type=int, default=0,
+                   help="only measure each model's step time alone over this many steps into OUT/step_ms.json "
+                        "(the equal-time clock of the report)")
     p.add_argument("--no-report", dest="report_after", action="store_false",
                    help="do not write the report after the sweep")
     args = p.parse_args(argv)
@@ -210,6 +269,10 @@ def main(argv=None) -> int:
         p.error("--steps must be >= 1")
     if args.threads < 1:
         p.error("--threads must be >= 1")
+    if args.time_steps < 0:
+        p.error("--time-steps must be >= 0")
+    if args.time_steps:
+        return time_steps(args)
     return report(args) if args.report else sweep(args)
 
 

@@ -45,6 +45,40 @@ def test_report_equal_tokens_and_equal_time(sweep, tmp_path):
     assert "| attention | AA | 0.00 | 2000 | 2.000 | 2.200 | 2.000 | +0.0% |" in md
 
 
+def test_report_equal_time_on_measured_step_times(sweep, tmp_path):
+    # The runs' own clocks say attention 2 s/step and pom 1 s/step (a shared machine); measured alone, attention
+    # takes 1.0 s a step and pom 1.5 s: attention's full run (200 s) is the budget, pom gets 133 steps of it.
+    write_log(tmp_path, "attention", 1e-3, 2.0, [(100, 3.0), (200, 2.0)], "AA")
+    write_log(tmp_path, "pom", 1e-3, 1.0, [(100, 2.9), (200, 2.3)], "PP")
+    write_log(tmp_path, "pom", 2e-3, 1.0, [(100, 2.6), (200, 2.1)], "PP")
+    (tmp_path / "step_ms.json").write_text(json.dumps({"step_ms": {"attention": 1000.0, "pom": 1500.0},
+                                                       "steps_timed": 40, "threads": 1}))
+    assert sweep.main(["--report", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "lm_sweep.json").read_text())
+    assert summary["equal_time_budget_s"] == pytest.approx(200.0)
+    assert summary["equal_time_clock"] == {"measured_step_ms": {"attention": 1000.0, "pom": 1500.0}}
+    assert summary["equal_time"]["attention"] == {"val_bpb": 2.0, "lr": 1e-3, "step": 200}
+    assert summary["equal_time"]["pom"] == {"val_bpb": 2.6, "lr": 2e-3, "step": 100}
+    assert "each model's step time measured alone (40 steps, threads 1" in (tmp_path / "lm_sweep.md").read_text()
+    # A model without a measured step time: the runs' own clocks for all, and the report says why.
+    write_log(tmp_path, "hybrid", 1e-3, 1.0, [(100, 2.7), (200, 2.2)], "PA")
+    assert sweep.main(["--report", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "lm_sweep.json").read_text())
+    assert summary["equal_time_clock"] == "runs' own times"
+    assert summary["equal_time"]["pom"] == {"val_bpb": 2.1, "lr": 2e-3, "step": 200}
+    assert "step_ms.json lacks hybrid" in (tmp_path / "lm_sweep.md").read_text()
+
+
+def test_smoke_time_steps(sweep, tmp_path):
+    argv = ["--models", "pom,attention", "--lrs", "3e-3", "--threads", "1", "--out", str(tmp_path), "--time-steps",
+            "5", "--train-args", "--dim 16 --depth 1 --seq-len 32 --batch-size 2 --val-batches 1"]
+    assert sweep.main(argv) == 0
+    timing = json.loads((tmp_path / "step_ms.json").read_text())
+    assert set(timing["step_ms"]) == {"pom", "attention"} and all(v > 0 for v in timing["step_ms"].values())
+    assert timing["steps_timed"] == 5 and timing["threads"] == 1
+    assert not (tmp_path / "pom").exists()  # timing leaves no run behind
+
+
 def test_smoke_sweep_skips_finished_runs(sweep, tmp_path, capsys):
     argv = ["--models", "pom", "--lrs", "3e-3", "--steps", "4", "--threads", "1", "--out", str(tmp_path),
             "--train-args", "--dim 16 --depth 1 --seq-len 32 --batch-size 2 --eval-every 2 --val-batches 1 "
@@ -68,6 +102,16 @@ def test_smoke_sweep_skips_finished_runs(sweep, tmp_path, capsys):
 def test_bad_arguments(sweep, tmp_path, argv, match):
     with pytest.raises(SystemExit, match=match):
         sweep.main(argv + ["--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--time-steps", "-1"], "--time-steps must be >= 0"),
+    (["--steps", "0"], "--steps must be >= 1"),
+])
+def test_bad_counts(sweep, tmp_path, capsys, argv, match):
+    with pytest.raises(SystemExit):
+        sweep.main(argv + ["--out", str(tmp_path)])
+    assert match in capsys.readouterr().err
 
 
 def test_report_without_runs(sweep, tmp_path, capsys):
