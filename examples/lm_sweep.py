@@ -13,7 +13,7 @@ OUT/lm_sweep.md, lm_sweep.json and lm_sweep.png:
   the machine, so their own clocks do not compare: --time-steps N measures each model's step time alone (N steps
   of train_lm.py with the sweep's settings, one model after the other; run it on an idle machine) into
   OUT/step_ms.json, and the report then puts every run on that clock (step x its model's step time). Without
-  that file it uses the runs' own times, and the table gives each run's milliseconds per step to check them.
+  that file it uses the runs' own times. The table's milliseconds per step are those of the clock used.
 
 Models (add your own as NAME=TRAIN_LM_ARGS, the arguments quoted as one):
 
@@ -215,7 +215,8 @@ def report(args) -> int:
         cells = {r["lr"]: f"{r['final_bpb']:.3f}" for r in by_model[m]}
         b = best[m]
         gap = "" if ref is None else f"{100 * (b['final_bpb'] / ref['final_bpb'] - 1):+.1f}%"
-        lines.append(f"| {m} | {b['layers']} | {b['params'] / 1e6:.2f} | {b['step_ms']:.0f} | " +
+        ms = step_ms[m] if measured else b["step_ms"]  # the equal-time clock's
+        lines.append(f"| {m} | {b['layers']} | {b['params'] / 1e6:.2f} | {ms:.0f} | " +
                      " | ".join(cells.get(lr, "") for lr in lrs) + f" | {b['final_bpb']:.3f} | {gap} |")
     steps = sorted({r["steps"] for r in runs})
     text = [f"Final validation bits per byte at equal training tokens ({', '.join(map(str, steps))} steps; 'best': "

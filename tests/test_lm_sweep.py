@@ -59,7 +59,9 @@ def test_report_equal_time_on_measured_step_times(sweep, tmp_path):
     assert summary["equal_time_clock"] == {"measured_step_ms": {"attention": 1000.0, "pom": 1500.0}}
     assert summary["equal_time"]["attention"] == {"val_bpb": 2.0, "lr": 1e-3, "step": 200}
     assert summary["equal_time"]["pom"] == {"val_bpb": 2.6, "lr": 2e-3, "step": 100}
-    assert "each model's step time measured alone (40 steps, threads 1" in (tmp_path / "lm_sweep.md").read_text()
+    md = (tmp_path / "lm_sweep.md").read_text()
+    assert "each model's step time measured alone (40 steps, threads 1" in md
+    assert "| pom | PP | 0.00 | 1500 | 2.300 | 2.100 | 2.100 | +5.0% |" in md  # ms/step on the measured clock
     # A model without a measured step time: the runs' own clocks for all, and the report says why.
     write_log(tmp_path, "hybrid", 1e-3, 1.0, [(100, 2.7), (200, 2.2)], "PA")
     assert sweep.main(["--report", "--out", str(tmp_path)]) == 0
