@@ -121,7 +121,8 @@ def time_steps(args) -> int:
                 print(f"{name}: train_lm.py exited with {done.returncode}", file=sys.stderr)
                 return done.returncode
             times = [r["time_s"] for r in json.loads((pathlib.Path(tmp) / "log.json").read_text())["records"]]
-        per_step = [b - a for a, b in zip(times, times[1:])][2:] or [times[0]]
+        per_step = [b - a for a, b in zip([0.0] + times, times)]  # times: training time after each step
+        per_step = per_step[2:] or per_step
         step_ms[name] = 1e3 * statistics.median(per_step)
         print(f"{name}: {step_ms[name]:.1f} ms/step", flush=True)
     from pom_ext.bench.common import cpu_name, git_commit
