@@ -525,8 +525,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_mean_rope_backward_cpu(
     const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions,
     const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& cu_seqlens, bool weight_grad) {
   const char* op = "pom_ext::poly_mean_rope_backward";
-  checks::mean_backward_args(op, grad_H, H, h, coeff, weight, cu_seqlens, weight_grad);
-  checks::rope(op, h, cos, sin, positions, cu_seqlens);
+  checks::mean_rope_backward_args(op, grad_H, H, h, coeff, cos, sin, positions, weight, cu_seqlens, weight_grad);
   const RopeTensors rope(op, h, cos, sin, positions, cu_seqlens);
   return mean_backward_op(op, grad_H, H, h, coeff, weight, cu_seqlens, weight_grad, &rope);
 }

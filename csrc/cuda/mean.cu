@@ -14,6 +14,12 @@
 //     Reads h once, writes grad_h once.
 //  3. with weight_grad, mean_wgrad: one warp per row, grad_w = <gbar, p> - gdotH
 //     (reads h once more).
+// Rotary positions (poly_mean_rope, p~_n = R(pos_n) p_n, docs/rope.md): the same stages. The mean is linear, so a
+// thread keeps its own V channels as in the plain op and sums both w c p and w s p of each (c, s: the cos and
+// sin of the channel's pair at the row's position, read from the tables); rope_finish turns the sums of a pair
+// (a, b = a + P): H~[a] = (C[a] - S[b]) / W, H~[b] = (C[b] + S[a]) / W. The backward turns gbar back per row,
+// u_a = c gbar[a] + s gbar[b], u_b = c gbar[b] - s gbar[a] (R^T), in place of gbar; the weights' gradient is
+// <u, p> - gdotH. No rotated (B, N, E) tensor is formed; h is read once a pass, as in the plain op.
 #include <torch/library.h>
 
 #include "rows.cuh"
@@ -24,13 +30,84 @@ namespace {
 
 constexpr int kU = 4;  // rows in flight per thread
 
-template <typename scalar_t, int K>
-__global__ void __launch_bounds__(256)
-    row_partials_kernel(const scalar_t* __restrict__ h, Strides hs, bool vin, Layout L,
-                        const at::opmath_type<scalar_t>* __restrict__ w, Strides ws, int64_t E,
-                        CoeffArg<at::opmath_type<scalar_t>> ca, at::opmath_type<scalar_t>* __restrict__ S,
-                        double* __restrict__ W, const int64_t* __restrict__ count_in, int64_t count_stride,
-                        int64_t* __restrict__ cnt_ws) {
+// ---- rotary positions (the rope mean) ----
+
+// The tables and positions of the rope op: cos, sin (L, P) in the accumulation type, contiguous; the position
+// of (sequence b, row n, section s) at pos[L.off(ps, b, n) + s * ps.e].
+template <typename acc_t>
+struct RopeArg {
+  const acc_t* cos = nullptr;
+  const acc_t* sin = nullptr;
+  const int64_t* pos = nullptr;
+  Strides ps;
+  int64_t P = 1;
+  bool uniform = false;  // P % V == 0 and 16-byte aligned tables: a thread's V channels share a section half
+};
+
+// Channel e's pair: its section, its table column and its half (sign +1: first half, paired with e + P; -1:
+// second half, paired with e - P).
+__device__ __forceinline__ void pair_of(int64_t e, int64_t P, int64_t& sec, int64_t& col, int& sign) {
+  sec = e / (2 * P);
+  const int64_t r = e - 2 * P * sec;
+  sign = r < P ? 1 : -1;
+  col = r < P ? r : r - P;
+}
+
+// V consecutive values of a table row, 16 bytes a load (p 16-byte aligned).
+template <int V, typename acc_t>
+__device__ __forceinline__ void load_acc(const acc_t* __restrict__ p, acc_t (&x)[V]) {
+  constexpr int W = 16 / sizeof(acc_t);
+  static_assert(V % W == 0, "V values of the accumulation type fill whole 16-byte vectors");
+#pragma unroll
+  for (int i = 0; i < V / W; ++i) {
+    acc_t y[W];
+    Pack<acc_t>::unpack(__ldg(reinterpret_cast<const uint4*>(p) + i), y);
+#pragma unroll
+    for (int j = 0; j < W; ++j) x[i * W + j] = y[j];
+  }
+}
+
+// cos and sin of the pairs of channels e0 .. e0 + nv - 1 at row n of sequence b (0 past nv). Uniform: the
+// channels share section sec0 and columns col0 .. col0 + V - 1.
+template <int V, typename acc_t>
+__device__ __forceinline__ void turn_factors(const RopeArg<acc_t>& ra, const Layout& L, int64_t b, int64_t n,
+                                             int64_t e0, int nv, int64_t sec0, int64_t col0, acc_t (&c)[V],
+                                             acc_t (&s)[V]) {
+  const int64_t* prow = ra.pos + L.off(ra.ps, b, n);
+  if (ra.uniform) {
+    const int64_t r = prow[sec0 * ra.ps.e] * ra.P + col0;
+    load_acc<V>(ra.cos + r, c);
+    load_acc<V>(ra.sin + r, s);
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    c[j] = acc_t(0);
+    s[j] = acc_t(0);
+    if (j < nv) {
+      int64_t sec, col;
+      int sign;
+      pair_of(e0 + j, ra.P, sec, col, sign);
+      const int64_t r = prow[sec * ra.ps.e] * ra.P + col;
+      c[j] = ra.cos[r];
+      s[j] = ra.sin[r];
+    }
+  }
+}
+
+// ---- stage 1: partial sums per (chunk, row lane) ----
+
+// Slot (chunk, y) of S: sum w p of its rows (S: (nslots, E)), or with ROPE sum w c p in columns [0, E) and
+// sum w s p in [E, 2 E) (S: (nslots, 2 E)); W[slot] = sum w (fp64). cnt_ws (plain only, the state update): the
+// block of a sequence's first chunk copies count_in[b] into cnt_ws[b].
+template <bool ROPE, typename scalar_t, int K>
+__device__ __forceinline__ void partials(const scalar_t* __restrict__ h, Strides hs, bool vin, const Layout& L,
+                                         const at::opmath_type<scalar_t>* __restrict__ w, Strides ws, int64_t E,
+                                         const CoeffArg<at::opmath_type<scalar_t>>& ca,
+                                         const RopeArg<at::opmath_type<scalar_t>>& ra,
+                                         at::opmath_type<scalar_t>* __restrict__ S, double* __restrict__ W,
+                                         const int64_t* __restrict__ count_in, int64_t count_stride,
+                                         int64_t* __restrict__ cnt_ws) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = Vec<scalar_t>::value;
   const int64_t c = blockIdx.x;
@@ -49,24 +126,65 @@ __global__ void __launch_bounds__(256)
   if (!thread_channels<V>(E, e0, nv)) return;
   ChanCoeff<K, V, acc_t> cc;
   cc.load(ca, e0, nv);
-  acc_t f[V];
+  int64_t sec0 = 0, col0 = 0;
+  int sign0;
+  if (ROPE) pair_of(e0, ra.P, sec0, col0, sign0);
+  acc_t f[V], fs[V];
 #pragma unroll
-  for (int j = 0; j < V; ++j) f[j] = acc_t(0);
+  for (int j = 0; j < V; ++j) f[j] = fs[j] = acc_t(0);
   for_rows_step<V, kU, scalar_t, acc_t>([&](int64_t n) { return h + L.off(hs, b, n); }, n0 + threadIdx.y, n1,
                                         blockDim.y, e0, hs.e, nv, vin, [&](int64_t n, const acc_t (&x)[V]) {
                                           const acc_t wn = w ? w[L.off(ws, b, n)] : acc_t(1);
+                                          acc_t ct[V], st[V];
+                                          if constexpr (ROPE) turn_factors<V>(ra, L, b, n, e0, nv, sec0, col0, ct, st);
 #pragma unroll
-                                          for (int j = 0; j < V; ++j) f[j] += wn * cc.poly(j, math::act(x[j]));
+                                          for (int j = 0; j < V; ++j) {
+                                            const acc_t p = wn * cc.poly(j, math::act(x[j]));
+                                            if constexpr (ROPE) {
+                                              f[j] += ct[j] * p;
+                                              fs[j] += st[j] * p;
+                                            } else {
+                                              f[j] += p;
+                                            }
+                                          }
                                         });
+  const int64_t width = ROPE ? 2 * E : E;
 #pragma unroll
-  for (int j = 0; j < V; ++j)
-    if (j < nv) S[slot * E + e0 + j] = f[j];
+  for (int j = 0; j < V; ++j) {
+    if (j < nv) {
+      S[slot * width + e0 + j] = f[j];
+      if (ROPE) S[slot * width + E + e0 + j] = fs[j];
+    }
+  }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int K>
 __global__ void __launch_bounds__(256)
-    mean_finish_kernel(const at::opmath_type<scalar_t>* __restrict__ S, const double* __restrict__ W, Layout L,
-                       int lanes, int64_t E, scalar_t* __restrict__ H) {
+    row_partials_kernel(const scalar_t* __restrict__ h, Strides hs, bool vin, Layout L,
+                        const at::opmath_type<scalar_t>* __restrict__ w, Strides ws, int64_t E,
+                        CoeffArg<at::opmath_type<scalar_t>> ca, at::opmath_type<scalar_t>* __restrict__ S,
+                        double* __restrict__ W, const int64_t* __restrict__ count_in, int64_t count_stride,
+                        int64_t* __restrict__ cnt_ws) {
+  partials<false, scalar_t, K>(h, hs, vin, L, w, ws, E, ca, RopeArg<at::opmath_type<scalar_t>>{}, S, W, count_in,
+                               count_stride, cnt_ws);
+}
+
+template <typename scalar_t, int K>
+__global__ void __launch_bounds__(256)
+    rope_partials_kernel(const scalar_t* __restrict__ h, Strides hs, bool vin, Layout L,
+                         const at::opmath_type<scalar_t>* __restrict__ w, Strides ws, int64_t E,
+                         CoeffArg<at::opmath_type<scalar_t>> ca, RopeArg<at::opmath_type<scalar_t>> ra,
+                         at::opmath_type<scalar_t>* __restrict__ S, double* __restrict__ W) {
+  partials<true, scalar_t, K>(h, hs, vin, L, w, ws, E, ca, ra, S, W, nullptr, 0, nullptr);
+}
+
+// ---- stage 2: the mean per (sequence, channel) ----
+
+// H[b, e] = the slots of sequence b added in order in fp64, over W; with ROPE (P: the pairs of a section),
+// H~[b, e] = (C[e] - sign S[partner]) / W: H~[a] = (C[a] - S[a + P]) / W, H~[a + P] = (C[a + P] + S[a]) / W.
+template <bool ROPE, typename scalar_t>
+__device__ __forceinline__ void finish(const at::opmath_type<scalar_t>* __restrict__ S, const double* __restrict__ W,
+                                       const Layout& L, int lanes, int64_t E, int64_t P, scalar_t* __restrict__ H) {
   __shared__ double sh[8][33];
   const int64_t eblocks = (E + 31) / 32;
   const int64_t b = blockIdx.x / eblocks;
@@ -74,17 +192,44 @@ __global__ void __launch_bounds__(256)
   const bool active = e < E;
   int64_t c0, c1;
   L.chunks_of(b, c0, c1);
-  const double s = sum_slots(S + (active ? e : 0), E, c0 * lanes, c1 * lanes, active, sh);
+  const int64_t width = ROPE ? 2 * E : E;
+  double s = sum_slots(S + (active ? e : 0), width, c0 * lanes, c1 * lanes, active, sh);
+  if (ROPE) {
+    int64_t sec, col;
+    int sign;
+    pair_of(active ? e : 0, P, sec, col, sign);
+    s -= sign * sum_slots(S + E + (active ? e + sign * P : 0), width, c0 * lanes, c1 * lanes, active, sh);
+  }
   const double ws = sum_slots(W, 1, c0 * lanes, c1 * lanes, true, sh);
   if (threadIdx.y == 0 && active) H[b * E + e] = static_cast<scalar_t>(ws != 0.0 ? s / ws : 0.0);
 }
 
-template <typename scalar_t, int K>
+template <typename scalar_t>
 __global__ void __launch_bounds__(256)
-    row_backward_kernel(const scalar_t* __restrict__ h, Strides hs, bool vin, Layout L,
-                        const at::opmath_type<scalar_t>* __restrict__ w, Strides ws, int64_t E,
-                        CoeffArg<at::opmath_type<scalar_t>> ca, const at::opmath_type<scalar_t>* __restrict__ gbar,
-                        scalar_t* __restrict__ gh, Strides ghs, bool vout, at::opmath_type<scalar_t>* __restrict__ part) {
+    mean_finish_kernel(const at::opmath_type<scalar_t>* __restrict__ S, const double* __restrict__ W, Layout L,
+                       int lanes, int64_t E, scalar_t* __restrict__ H) {
+  finish<false, scalar_t>(S, W, L, lanes, E, 1, H);
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(256)
+    rope_finish_kernel(const at::opmath_type<scalar_t>* __restrict__ S, const double* __restrict__ W, Layout L,
+                       int lanes, int64_t E, int64_t P, scalar_t* __restrict__ H) {
+  finish<true, scalar_t>(S, W, L, lanes, E, P, H);
+}
+
+// ---- the backward's row pass ----
+
+// grad_h = gbar[b] * w * dp/dh (with ROPE, gbar turned back at the row's position, R^T: u_a = c gbar[a] +
+// s gbar[a + P], u_{a + P} = c gbar[a + P] - s gbar[a]), and the grad_coeff partials of the slot.
+template <bool ROPE, typename scalar_t, int K>
+__device__ __forceinline__ void backward_rows(const scalar_t* __restrict__ h, Strides hs, bool vin, const Layout& L,
+                                              const at::opmath_type<scalar_t>* __restrict__ w, Strides ws, int64_t E,
+                                              const CoeffArg<at::opmath_type<scalar_t>>& ca,
+                                              const RopeArg<at::opmath_type<scalar_t>>& ra,
+                                              const at::opmath_type<scalar_t>* __restrict__ gbar,
+                                              scalar_t* __restrict__ gh, Strides ghs, bool vout,
+                                              at::opmath_type<scalar_t>* __restrict__ part) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = Vec<scalar_t>::value;
   const int64_t c = blockIdx.x;
@@ -98,25 +243,65 @@ __global__ void __launch_bounds__(256)
   cc.load(ca, e0, nv);
   CoeffGradAcc<K, V, acc_t> f;
   f.init(part + slot * ca.deg * E + e0, E, nv, ca.deg);
-  acc_t g[V];
+  int64_t sec0 = 0, col0 = 0;
+  int sign0;
+  if (ROPE) pair_of(e0, ra.P, sec0, col0, sign0);
+  acc_t g[V], gp[V];  // gbar of the channel; with ROPE, sign times gbar of its partner
 #pragma unroll
-  for (int j = 0; j < V; ++j) g[j] = (n1 > n0 && j < nv) ? gbar[b * E + e0 + j] : acc_t(0);
+  for (int j = 0; j < V; ++j) {
+    g[j] = gp[j] = acc_t(0);
+    if (n1 > n0 && j < nv) {
+      g[j] = gbar[b * E + e0 + j];
+      if (ROPE) {
+        int64_t sec, col;
+        int sign;
+        pair_of(e0 + j, ra.P, sec, col, sign);
+        gp[j] = static_cast<acc_t>(sign) * gbar[b * E + e0 + j + sign * ra.P];
+      }
+    }
+  }
   for_rows_step<V, kU, scalar_t, acc_t>([&](int64_t n) { return h + L.off(hs, b, n); }, n0 + threadIdx.y, n1,
                                         blockDim.y, e0, hs.e, nv, vin, [&](int64_t n, const acc_t (&x)[V]) {
-                                          acc_t gx[V];
+                                          acc_t ct[V], st[V], gx[V];
+                                          if constexpr (ROPE) turn_factors<V>(ra, L, b, n, e0, nv, sec0, col0, ct, st);
                                           const acc_t wn = w ? w[L.off(ws, b, n)] : acc_t(1);
 #pragma unroll
                                           for (int j = 0; j < V; ++j) {
                                             const acc_t a = math::act(x[j]);
                                             acc_t p, dp;
                                             cc.poly_and_slope(j, a, p, dp);
-                                            const acc_t gs = g[j] * wn;
+                                            acc_t gs;
+                                            if constexpr (ROPE) {
+                                              gs = (ct[j] * g[j] + st[j] * gp[j]) * wn;
+                                            } else {
+                                              gs = g[j] * wn;
+                                            }
                                             gx[j] = gs * ca.act_grad(x[j]) * dp;
                                             f.add_powers(j, gs, a);
                                           }
                                           store_row<V>(gh + L.off(ghs, b, n), e0, ghs.e, nv, vout, gx);
                                         });
   f.finish();
+}
+
+template <typename scalar_t, int K>
+__global__ void __launch_bounds__(256)
+    row_backward_kernel(const scalar_t* __restrict__ h, Strides hs, bool vin, Layout L,
+                        const at::opmath_type<scalar_t>* __restrict__ w, Strides ws, int64_t E,
+                        CoeffArg<at::opmath_type<scalar_t>> ca, const at::opmath_type<scalar_t>* __restrict__ gbar,
+                        scalar_t* __restrict__ gh, Strides ghs, bool vout, at::opmath_type<scalar_t>* __restrict__ part) {
+  backward_rows<false, scalar_t, K>(h, hs, vin, L, w, ws, E, ca, RopeArg<at::opmath_type<scalar_t>>{}, gbar, gh, ghs,
+                                    vout, part);
+}
+
+template <typename scalar_t, int K>
+__global__ void __launch_bounds__(256)
+    rope_backward_kernel(const scalar_t* __restrict__ h, Strides hs, bool vin, Layout L,
+                         const at::opmath_type<scalar_t>* __restrict__ w, Strides ws, int64_t E,
+                         CoeffArg<at::opmath_type<scalar_t>> ca, RopeArg<at::opmath_type<scalar_t>> ra,
+                         const at::opmath_type<scalar_t>* __restrict__ gbar, scalar_t* __restrict__ gh, Strides ghs,
+                         bool vout, at::opmath_type<scalar_t>* __restrict__ part) {
+  backward_rows<true, scalar_t, K>(h, hs, vin, L, w, ws, E, ca, ra, gbar, gh, ghs, vout, part);
 }
 
 __device__ __forceinline__ double block_sum(double v, double* sh) {
@@ -158,13 +343,15 @@ __global__ void __launch_bounds__(256)
   if (threadIdx.x == 0) gdotH[b] = static_cast<acc_t>(dot);
 }
 
-// Warp per row: gw[row] = sum_e gbar[b, e] p(h[row, e]) - gdotH[b]. tab: (deg, E) coefficients.
-template <typename scalar_t, int K>
-__global__ void __launch_bounds__(256)
-    mean_wgrad_kernel(const scalar_t* __restrict__ h, Strides hs, Layout L, int64_t M, int64_t E,
-                      const at::opmath_type<scalar_t>* __restrict__ tab, int deg,
-                      const at::opmath_type<scalar_t>* __restrict__ gbar,
-                      const at::opmath_type<scalar_t>* __restrict__ gdotH, at::opmath_type<scalar_t>* __restrict__ gw) {
+// Warp per row: gw[row] = sum_e u[e] p(h[row, e]) - gdotH[b], u = gbar[b] (with ROPE turned back at the row's
+// position, R^T gbar[b]). tab: (deg, E) coefficients.
+template <bool ROPE, typename scalar_t, int K>
+__device__ __forceinline__ void weight_grad_rows(const scalar_t* __restrict__ h, Strides hs, const Layout& L,
+                                                 int64_t M, int64_t E, const at::opmath_type<scalar_t>* __restrict__ tab,
+                                                 int deg, const RopeArg<at::opmath_type<scalar_t>>& ra,
+                                                 const at::opmath_type<scalar_t>* __restrict__ gbar,
+                                                 const at::opmath_type<scalar_t>* __restrict__ gdotH,
+                                                 at::opmath_type<scalar_t>* __restrict__ gw) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; r < M; r += step) {
@@ -173,13 +360,40 @@ __global__ void __launch_bounds__(256)
     const scalar_t* row = h + L.off(hs, b, n);
     acc_t dot = acc_t(0);
     for (int64_t e = threadIdx.x; e < E; e += 32) {
+      acc_t u = gbar[b * E + e];
+      if (ROPE) {
+        int64_t sec, col;
+        int sign;
+        pair_of(e, ra.P, sec, col, sign);
+        const int64_t t = ra.pos[L.off(ra.ps, b, n) + sec * ra.ps.e] * ra.P + col;
+        u = ra.cos[t] * u + static_cast<acc_t>(sign) * ra.sin[t] * gbar[b * E + e + sign * ra.P];
+      }
       const acc_t a = math::act(static_cast<acc_t>(row[e * hs.e]));
-      dot += gbar[b * E + e] * math::poly<K>(a, tab + e, E, deg);
+      dot += u * math::poly<K>(a, tab + e, E, deg);
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
     if (threadIdx.x == 0) gw[r] = dot - gdotH[b];
   }
+}
+
+template <typename scalar_t, int K>
+__global__ void __launch_bounds__(256)
+    mean_wgrad_kernel(const scalar_t* __restrict__ h, Strides hs, Layout L, int64_t M, int64_t E,
+                      const at::opmath_type<scalar_t>* __restrict__ tab, int deg,
+                      const at::opmath_type<scalar_t>* __restrict__ gbar,
+                      const at::opmath_type<scalar_t>* __restrict__ gdotH, at::opmath_type<scalar_t>* __restrict__ gw) {
+  weight_grad_rows<false, scalar_t, K>(h, hs, L, M, E, tab, deg, RopeArg<at::opmath_type<scalar_t>>{}, gbar, gdotH,
+                                       gw);
+}
+
+template <typename scalar_t, int K>
+__global__ void __launch_bounds__(256)
+    rope_wgrad_kernel(const scalar_t* __restrict__ h, Strides hs, Layout L, int64_t M, int64_t E,
+                      const at::opmath_type<scalar_t>* __restrict__ tab, int deg,
+                      RopeArg<at::opmath_type<scalar_t>> ra, const at::opmath_type<scalar_t>* __restrict__ gbar,
+                      const at::opmath_type<scalar_t>* __restrict__ gdotH, at::opmath_type<scalar_t>* __restrict__ gw) {
+  weight_grad_rows<true, scalar_t, K>(h, hs, L, M, E, tab, deg, ra, gbar, gdotH, gw);
 }
 
 struct Geo {
@@ -206,11 +420,48 @@ int64_t row_chunk_rows(const at::Tensor& h, bool packed, int64_t B, const Geo& g
 
 at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-}  // namespace
+// The tables and positions of a rope call on the device: the tables in the accumulation type, the positions as
+// int64 ((N, S) broadcast over the batch). Every position is checked against the tables' rows: one aminmax and a
+// copy of its two values to the host, a synchronization per call (an index past the tables would read past them).
+struct RopeHost {
+  at::Tensor cos, sin, pos;
+  int64_t P = 1;
+  bool packed = false;
 
-RowPartials row_partials(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor* weight,
-                         const c10::optional<at::Tensor>& cu, const int64_t* count_in, int64_t count_stride,
-                         int64_t* cnt_ws, cudaStream_t stream) {
+  RopeHost(const char* op, const at::Tensor& h, const at::Tensor& cos_, const at::Tensor& sin_,
+           const at::Tensor& positions, const c10::optional<at::Tensor>& cu)
+      : packed(cu.has_value()) {
+    const at::ScalarType acc = acc_type_of(h.scalar_type());
+    cos = cos_.to(acc).contiguous();
+    sin = sin_.to(acc).contiguous();
+    P = cos.size(1);
+    pos = positions.to(at::kLong);
+    if (!packed && pos.dim() == 2) pos = pos.unsqueeze(0).expand({h.size(0), h.size(1), pos.size(1)});
+    if (pos.numel() > 0) {
+      const auto mm = at::aminmax(pos);
+      checks::rope_positions(op, std::get<0>(mm).item<int64_t>(), std::get<1>(mm).item<int64_t>(), cos.size(0));
+    }
+  }
+
+  template <typename scalar_t>
+  RopeArg<at::opmath_type<scalar_t>> arg() const {
+    using acc_t = at::opmath_type<scalar_t>;
+    RopeArg<acc_t> a;
+    a.cos = cos.data_ptr<acc_t>();
+    a.sin = sin.data_ptr<acc_t>();
+    a.pos = pos.data_ptr<int64_t>();
+    a.ps = strides_of(pos, packed);
+    a.P = P;
+    a.uniform = P % Vec<scalar_t>::value == 0 && reinterpret_cast<uintptr_t>(a.cos) % 16 == 0 &&
+                reinterpret_cast<uintptr_t>(a.sin) % 16 == 0;
+    return a;
+  }
+};
+
+// Stage 1 of the mean: row_partials, or with rope its rotary slots (S: (nslots, 2 E)).
+RowPartials stage_partials(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor* weight,
+                     const c10::optional<at::Tensor>& cu, const int64_t* count_in, int64_t count_stride,
+                     int64_t* cnt_ws, const RopeHost* rope, cudaStream_t stream) {
   RowPartials rp;
   const bool packed = cu.has_value();
   const int64_t E = h.size(-1), B = checks::batch_of(h, cu);
@@ -222,7 +473,8 @@ RowPartials row_partials(const at::Tensor& h, const at::Tensor& coeff, const at:
     rp.L = make_layout(h, cu, plan::ChunkPlan{R}, rp.keep, stream);
     rp.lanes = g.ty;
     const int64_t nslots = rp.L.nchunks * g.ty;
-    rp.S = at::empty({std::max<int64_t>(nslots, 1), E}, h.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    rp.S = at::empty({std::max<int64_t>(nslots, 1), rope ? 2 * E : E},
+                     h.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     rp.W = at::empty({std::max<int64_t>(nslots, 1)}, h.options().dtype(at::kDouble));
     if (rp.L.nchunks == 0 || E == 0) return;
     at::Tensor keep;
@@ -233,18 +485,25 @@ RowPartials row_partials(const at::Tensor& h, const at::Tensor& coeff, const at:
     const acc_t* wp = weight ? weight->data_ptr<acc_t>() : nullptr;
     const dim3 grid = grid_of(rp.L.nchunks, g.tiles);
     cuda_dispatch_degree(deg, [&](auto Kc) {
-      row_partials_kernel<scalar_t, decltype(Kc)::value><<<grid, dim3(g.tx, g.ty), 0, stream>>>(
-          h.data_ptr<scalar_t>(), hs, vin, rp.L, wp, ws, E, ca, rp.S.data_ptr<acc_t>(), rp.W.data_ptr<double>(),
-          count_in, count_stride, cnt_ws);
+      if (rope) {
+        rope_partials_kernel<scalar_t, decltype(Kc)::value><<<grid, dim3(g.tx, g.ty), 0, stream>>>(
+            h.data_ptr<scalar_t>(), hs, vin, rp.L, wp, ws, E, ca, rope->arg<scalar_t>(), rp.S.data_ptr<acc_t>(),
+            rp.W.data_ptr<double>());
+      } else {
+        row_partials_kernel<scalar_t, decltype(Kc)::value><<<grid, dim3(g.tx, g.ty), 0, stream>>>(
+            h.data_ptr<scalar_t>(), hs, vin, rp.L, wp, ws, E, ca, rp.S.data_ptr<acc_t>(), rp.W.data_ptr<double>(),
+            count_in, count_stride, cnt_ws);
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
   return rp;
 }
 
-at::Tensor row_backward(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor* weight,
-                        const c10::optional<at::Tensor>& cu, const at::Tensor& gbar, at::Tensor& gh,
-                        cudaStream_t stream) {
+// The backward's row pass: row_backward, or with rope gbar turned back at every row.
+at::Tensor stage_backward_rows(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor* weight,
+                         const c10::optional<at::Tensor>& cu, const at::Tensor& gbar, at::Tensor& gh,
+                         const RopeHost* rope, cudaStream_t stream) {
   const bool packed = cu.has_value();
   const int64_t E = h.size(-1), B = checks::batch_of(h, cu);
   const int deg = static_cast<int>(coeff.size(1));
@@ -268,9 +527,15 @@ at::Tensor row_backward(const at::Tensor& h, const at::Tensor& coeff, const at::
       const acc_t* wp = weight ? weight->data_ptr<acc_t>() : nullptr;
       const dim3 grid = grid_of(L.nchunks, g.tiles);
       cuda_dispatch_degree(deg, [&](auto Kc) {
-        row_backward_kernel<scalar_t, decltype(Kc)::value><<<grid, dim3(g.tx, g.ty), 0, stream>>>(
-            h.data_ptr<scalar_t>(), hs, vin, L, wp, ws, E, ca, gbar.data_ptr<acc_t>(), gh.data_ptr<scalar_t>(), ghs,
-            vout, part.data_ptr<acc_t>());
+        if (rope) {
+          rope_backward_kernel<scalar_t, decltype(Kc)::value><<<grid, dim3(g.tx, g.ty), 0, stream>>>(
+              h.data_ptr<scalar_t>(), hs, vin, L, wp, ws, E, ca, rope->arg<scalar_t>(), gbar.data_ptr<acc_t>(),
+              gh.data_ptr<scalar_t>(), ghs, vout, part.data_ptr<acc_t>());
+        } else {
+          row_backward_kernel<scalar_t, decltype(Kc)::value><<<grid, dim3(g.tx, g.ty), 0, stream>>>(
+              h.data_ptr<scalar_t>(), hs, vin, L, wp, ws, E, ca, gbar.data_ptr<acc_t>(), gh.data_ptr<scalar_t>(),
+              ghs, vout, part.data_ptr<acc_t>());
+        }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     }
@@ -279,41 +544,55 @@ at::Tensor row_backward(const at::Tensor& h, const at::Tensor& coeff, const at::
   return gc;
 }
 
+}  // namespace
+
+RowPartials row_partials(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor* weight,
+                         const c10::optional<at::Tensor>& cu, const int64_t* count_in, int64_t count_stride,
+                         int64_t* cnt_ws, cudaStream_t stream) {
+  return stage_partials(h, coeff, weight, cu, count_in, count_stride, cnt_ws, nullptr, stream);
+}
+
+at::Tensor row_backward(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor* weight,
+                        const c10::optional<at::Tensor>& cu, const at::Tensor& gbar, at::Tensor& gh,
+                        cudaStream_t stream) {
+  return stage_backward_rows(h, coeff, weight, cu, gbar, gh, nullptr, stream);
+}
+
 namespace {
 
-at::Tensor poly_mean_cuda(const at::Tensor& h, const at::Tensor& coeff, const c10::optional<at::Tensor>& weight,
-                          const c10::optional<at::Tensor>& cu_seqlens) {
-  const char* op = "pom_ext::poly_mean";
-  checks::mean_args(op, h, coeff, weight, cu_seqlens);
-  validate_offsets(op, cu_seqlens, h.size(0));
-  c10::cuda::CUDAGuard guard(h.device());
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+// The forward of poly_mean (rope == nullptr) and poly_mean_rope; the arguments are checked.
+at::Tensor mean_forward(const char* op, const at::Tensor& h, const at::Tensor& coeff,
+                        const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& cu_seqlens,
+                        const RopeHost* rope, cudaStream_t stream) {
   const int64_t E = h.size(-1), B = checks::batch_of(h, cu_seqlens);
   auto H = at::empty({B, E}, h.options());
   if (B == 0 || E == 0) return H;
   at::Tensor wt;
   if (weight.has_value()) wt = weight->to(acc_type_of(h.scalar_type()));
-  RowPartials rp = row_partials(h, coeff, weight.has_value() ? &wt : nullptr, cu_seqlens, nullptr, 0, nullptr, stream);
+  RowPartials rp =
+      stage_partials(h, coeff, weight.has_value() ? &wt : nullptr, cu_seqlens, nullptr, 0, nullptr, rope, stream);
   POM_DISPATCH_FLOATING(h.scalar_type(), "poly_mean_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const dim3 grid(static_cast<unsigned>(ceil_div(E, 32) * B));
-    mean_finish_kernel<scalar_t><<<grid, dim3(32, 8), 0, stream>>>(rp.S.data_ptr<acc_t>(), rp.W.data_ptr<double>(),
-                                                                  rp.L, rp.lanes, E, H.data_ptr<scalar_t>());
+    if (rope) {
+      rope_finish_kernel<scalar_t><<<grid, dim3(32, 8), 0, stream>>>(
+          rp.S.data_ptr<acc_t>(), rp.W.data_ptr<double>(), rp.L, rp.lanes, E, rope->P, H.data_ptr<scalar_t>());
+    } else {
+      mean_finish_kernel<scalar_t><<<grid, dim3(32, 8), 0, stream>>>(rp.S.data_ptr<acc_t>(), rp.W.data_ptr<double>(),
+                                                                    rp.L, rp.lanes, E, H.data_ptr<scalar_t>());
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return H;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_mean_backward_cuda(
+// The backward of poly_mean (rope == nullptr) and poly_mean_rope; the arguments are checked.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mean_backward(
     const at::Tensor& grad_H, const at::Tensor& H, const at::Tensor& h, const at::Tensor& coeff,
-    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& cu_seqlens, bool weight_grad) {
-  const char* op = "pom_ext::poly_mean_backward";
-  checks::mean_backward_args(op, grad_H, H, h, coeff, weight, cu_seqlens, weight_grad);
-  validate_offsets(op, cu_seqlens, h.size(0));
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& cu_seqlens, bool weight_grad,
+    const RopeHost* rope, cudaStream_t stream) {
   const int deg = static_cast<int>(coeff.size(1));
   const int64_t E = h.size(-1), B = checks::batch_of(h, cu_seqlens);
-  c10::cuda::CUDAGuard guard(h.device());
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool packed = cu_seqlens.has_value();
   const at::ScalarType acc = acc_type_of(h.scalar_type());
   at::Tensor wt;
@@ -337,7 +616,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_mean_backward_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  at::Tensor gc = row_backward(h, coeff, wp, cu_seqlens, gbar, gh, stream);
+  at::Tensor gc = stage_backward_rows(h, coeff, wp, cu_seqlens, gbar, gh, rope, stream);
   const int64_t M = packed ? h.size(0) : h.size(0) * h.size(1);
   if (weight_grad && M > 0) {
     LayoutKeep lk;
@@ -348,15 +627,65 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_mean_backward_cuda(
       const Strides hs = strides_of(h, packed);
       const int64_t blocks = std::min<int64_t>(ceil_div(M, 8), 65535 * 8);
       cuda_dispatch_degree(deg, [&](auto Kc) {
-        mean_wgrad_kernel<scalar_t, decltype(Kc)::value><<<static_cast<unsigned>(blocks), dim3(32, 8), 0, stream>>>(
-            h.data_ptr<scalar_t>(), hs, L, M, E, tab.data_ptr<acc_t>(), deg, gbar.data_ptr<acc_t>(),
-            gdotH.data_ptr<acc_t>(), gw.data_ptr<acc_t>());
+        if (rope) {
+          rope_wgrad_kernel<scalar_t, decltype(Kc)::value><<<static_cast<unsigned>(blocks), dim3(32, 8), 0, stream>>>(
+              h.data_ptr<scalar_t>(), hs, L, M, E, tab.data_ptr<acc_t>(), deg, rope->arg<scalar_t>(),
+              gbar.data_ptr<acc_t>(), gdotH.data_ptr<acc_t>(), gw.data_ptr<acc_t>());
+        } else {
+          mean_wgrad_kernel<scalar_t, decltype(Kc)::value><<<static_cast<unsigned>(blocks), dim3(32, 8), 0, stream>>>(
+              h.data_ptr<scalar_t>(), hs, L, M, E, tab.data_ptr<acc_t>(), deg, gbar.data_ptr<acc_t>(),
+              gdotH.data_ptr<acc_t>(), gw.data_ptr<acc_t>());
+        }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   }
   if (weight_grad) gw = gw.to(weight->scalar_type() == at::kBool ? h.scalar_type() : weight->scalar_type());
   return {gh, gc, gw};
+}
+
+at::Tensor poly_mean_cuda(const at::Tensor& h, const at::Tensor& coeff, const c10::optional<at::Tensor>& weight,
+                          const c10::optional<at::Tensor>& cu_seqlens) {
+  const char* op = "pom_ext::poly_mean";
+  checks::mean_args(op, h, coeff, weight, cu_seqlens);
+  validate_offsets(op, cu_seqlens, h.size(0));
+  c10::cuda::CUDAGuard guard(h.device());
+  return mean_forward(op, h, coeff, weight, cu_seqlens, nullptr, c10::cuda::getCurrentCUDAStream());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_mean_backward_cuda(
+    const at::Tensor& grad_H, const at::Tensor& H, const at::Tensor& h, const at::Tensor& coeff,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& cu_seqlens, bool weight_grad) {
+  const char* op = "pom_ext::poly_mean_backward";
+  checks::mean_backward_args(op, grad_H, H, h, coeff, weight, cu_seqlens, weight_grad);
+  validate_offsets(op, cu_seqlens, h.size(0));
+  c10::cuda::CUDAGuard guard(h.device());
+  return mean_backward(grad_H, H, h, coeff, weight, cu_seqlens, weight_grad, nullptr,
+                       c10::cuda::getCurrentCUDAStream());
+}
+
+at::Tensor poly_mean_rope_cuda(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& cos,
+                               const at::Tensor& sin, const at::Tensor& positions,
+                               const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& cu_seqlens) {
+  const char* op = "pom_ext::poly_mean_rope";
+  checks::mean_rope_args(op, h, coeff, cos, sin, positions, weight, cu_seqlens);
+  validate_offsets(op, cu_seqlens, h.size(0));
+  c10::cuda::CUDAGuard guard(h.device());
+  const RopeHost rope(op, h, cos, sin, positions, cu_seqlens);
+  return mean_forward(op, h, coeff, weight, cu_seqlens, &rope, c10::cuda::getCurrentCUDAStream());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_mean_rope_backward_cuda(
+    const at::Tensor& grad_H, const at::Tensor& H, const at::Tensor& h, const at::Tensor& coeff,
+    const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& cu_seqlens, bool weight_grad) {
+  const char* op = "pom_ext::poly_mean_rope_backward";
+  checks::mean_rope_backward_args(op, grad_H, H, h, coeff, cos, sin, positions, weight, cu_seqlens, weight_grad);
+  validate_offsets(op, cu_seqlens, h.size(0));
+  c10::cuda::CUDAGuard guard(h.device());
+  const RopeHost rope(op, h, cos, sin, positions, cu_seqlens);
+  return mean_backward(grad_H, H, h, coeff, weight, cu_seqlens, weight_grad, &rope,
+                       c10::cuda::getCurrentCUDAStream());
 }
 
 }  // namespace
@@ -368,6 +697,8 @@ namespace detail {
 void register_cuda_mean(torch::Library& m) {
   m.impl("poly_mean", &cuda::poly_mean_cuda);
   m.impl("poly_mean_backward", &cuda::poly_mean_backward_cuda);
+  m.impl("poly_mean_rope", &cuda::poly_mean_rope_cuda);
+  m.impl("poly_mean_rope_backward", &cuda::poly_mean_rope_backward_cuda);
 }
 
 }  // namespace detail

@@ -348,6 +348,14 @@ inline void mean_rope_args(const char* op, const at::Tensor& h, const at::Tensor
   rope(op, h, cos, sin, pos, cu);
 }
 
+inline void mean_rope_backward_args(const char* op, const at::Tensor& grad_H, const at::Tensor& H, const at::Tensor& h,
+                                    const at::Tensor& c, const at::Tensor& cos, const at::Tensor& sin,
+                                    const at::Tensor& pos, const c10::optional<at::Tensor>& w,
+                                    const c10::optional<at::Tensor>& cu, bool weight_grad) {
+  mean_backward_args(op, grad_H, H, h, c, w, cu, weight_grad);
+  rope(op, h, cos, sin, pos, cu);
+}
+
 inline void causal_rope_args(const char* op, const at::Tensor& h, const at::Tensor& c, const at::Tensor& cos,
                              const at::Tensor& sin, const at::Tensor& pos, int64_t f,
                              const c10::optional<at::Tensor>& cu) {
