@@ -20,6 +20,7 @@ Models (add your own as NAME=TRAIN_LM_ARGS, the arguments quoted as one):
     pom              PoM blocks (degree 2, expand 2, 8 gate heads, causal convolution of 4): PPPPPP
     pom-k3           the same with degree 3
     pom-g1           the same with one gate per channel (instead of 8 gate heads)
+    pom-c16          the same with a causal convolution of 16
     pom-rope         PoM with rotary positions (PoMRoPE) and the convolution
     hybrid           PoM with attention every third layer: PPAPPA
     hybrid-pppa      attention every fourth layer, depth 8: PPPAPPPA
@@ -49,6 +50,7 @@ PRESETS = {
     "pom": "--model pom",
     "pom-k3": "--model pom --degree 3",
     "pom-g1": "--model pom --n-sel-heads 1",
+    "pom-c16": "--model pom --conv-size 16",
     "pom-rope": "--model pom --rope",
     "hybrid": "--model hybrid --attn-every 3",
     "hybrid-pppa": "--model hybrid --attn-every 4 --depth 8",
