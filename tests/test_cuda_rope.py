@@ -1,7 +1,8 @@
-"""The CUDA kernels of the rope mean (poly_mean_rope and its backward) against the float64 reference: every
-dtype, table widths that do and do not fill whole 16-byte vectors, 1-D and 2-D sections, weights (float and
-bool), packed sequences with an empty one, positions shared or per row (int32 and int64), strided views,
-determinism, opcheck, the layer on CUDA against the same layer on the CPU, bad positions.
+"""The CUDA kernels of the rope ops (poly_mean_rope, poly_causal_rope and their backward) against the float64
+reference: every dtype, table widths that do and do not fill whole 16-byte vectors, 1-D and 2-D sections, weights
+(float and bool), token-, block- and split-block-causal, packed sequences with an empty one, positions shared or
+per row (int32 and int64), strided views, determinism, opcheck, the layer on CUDA against the same layer on the
+CPU, bad positions.
 
 Collected everywhere; skipped without a GPU or without CUDA kernels in the build (uninitialised allocations are
 NaN-poisoned by conftest, so an element a kernel forgets to write fails the comparison)."""
@@ -32,8 +33,15 @@ def tables(L, P, g, dtype=torch.float32):
     return torch.randn(L, P, generator=g, dtype=dtype), torch.randn(L, P, generator=g, dtype=dtype)
 
 
-def grads(out, inputs, up):
-    return torch.autograd.grad(out, inputs, up)
+def assert_grads(out, ref, ins, rins, up, dtype, names):
+    """The gradients of out (on the GPU) and of ref (float64, CPU) for the upstream gradient up (rounded to dtype
+    for both) agree within the dtype's tolerance (10x for the 16-bit types: the backward adds a pass)."""
+    scale = 10 if dtype in (torch.bfloat16, torch.float16) else 1
+    u = up.to(dtype)
+    for a, b, name in zip(torch.autograd.grad(out, ins, u.to(out.device)), torch.autograd.grad(ref, rins, u.double()),
+                          names):
+        err = rel_err(a, b)
+        assert err < TOL[dtype] * scale, f"grad {name}: {err:.2e} ({dtype})"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -63,14 +71,11 @@ def test_cuda_mean_rope_matches_reference(case, dtype, weight):
         ref = reference.poly_mean_rope(href, cref, cos, sin, p, wref)
         assert out.dtype == dtype
         assert_close(out, ref, dtype, "forward")
-        up = torch.randn(out.shape, generator=g, dtype=torch.float64)
         ins, rins = [h, c], [href, cref]
         if weight == "float" and N > 1:  # one token: the weight cancels out of the mean, its gradient is 0
             ins.append(w)
             rins.append(wref)
-        for a, b, name in zip(grads(out, ins, up.to(dtype).cuda()), grads(ref, rins, up.to(dtype).double()), "hcw"):
-            err = rel_err(a, b)
-            assert err < TOL[dtype] * (10 if dtype in (torch.bfloat16, torch.float16) else 1), f"grad {name}: {err:.2e}"
+        assert_grads(out, ref, ins, rins, torch.randn(out.shape, generator=g, dtype=torch.float64), dtype, "hcw")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
@@ -92,10 +97,8 @@ def test_cuda_mean_rope_packed_2d(dtype):
     ref = reference.poly_mean_rope(href, cref, cos, sin, pos, wref, cu)
     assert_close(out, ref, dtype, "forward")
     assert torch.equal(out[0].float().cpu(), torch.zeros(E)), "an empty sequence's mean is 0"
-    up = torch.randn(out.shape, generator=g, dtype=torch.float64)
-    scale = 10 if dtype == torch.bfloat16 else 1
-    for a, b, name in zip(grads(out, (h, c, w), up.to(dtype).cuda()), grads(ref, (href, cref, wref), up), "hcw"):
-        assert rel_err(a, b) < TOL[dtype] * scale, name
+    assert_grads(out, ref, (h, c, w), (href, cref, wref), torch.randn(out.shape, generator=g, dtype=torch.float64),
+                 dtype, "hcw")
 
 
 def test_cuda_mean_rope_strided_and_deterministic():
@@ -178,3 +181,137 @@ def test_cuda_mean_rope_bad_positions(bad, match):
                                   pos, None, None, False)
     torch.cuda.synchronize()  # the context is still usable
     assert ops.poly_mean_rope(h, c, cos, sin, pos.clamp(0, 19)).isfinite().all()
+
+
+# ---- poly_causal_rope ----
+
+# B, N, E, P, K, F: token-causal, whole blocks, blocks larger than a chunk (split: N = 5000, F = 700), P not a
+# multiple of the vector width, several sections (lanes idle past the last pair vector), the generic degree.
+CAUSAL_CASES = [
+    (2, 37, 64, 32, 2, 1),
+    (2, 300, 48, 8, 3, 1),
+    (1, 5000, 32, 16, 2, 1),
+    (2, 130, 24, 6, 4, 3),
+    (3, 70, 16, 2, 5, 64),
+    (1, 5000, 64, 16, 2, 700),
+    (2, 1, 8, 4, 1, 1),
+]
+
+
+def causal_case(case, dtype, per_row, seed=0):
+    B, N, E, P, K, F = case
+    g = torch.Generator().manual_seed(seed + N + E + F)
+    h64 = 2 * torch.randn(B, N, E, generator=g, dtype=torch.float64)
+    c64 = torch.randn(E, K, generator=g, dtype=torch.float64) * torch.tensor([3.0 ** -(k + 1) for k in range(K)],
+                                                                              dtype=torch.float64)
+    cos, sin = tables(N + 5, P, g)
+    pos = torch.randint(0, N + 5, (B, N, E // (2 * P)), generator=g)
+    return h64, c64, cos, sin, (pos if per_row else pos[0].to(torch.int32)), g
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CAUSAL_CASES, ids=str)
+@pytest.mark.parametrize("per_row", [False, True])
+def test_cuda_causal_rope_matches_reference(case, dtype, per_row):
+    F = case[-1]
+    h64, c64, cos, sin, pos, g = causal_case(case, dtype, per_row)
+    h = h64.to(dtype).cuda().requires_grad_()
+    c = c64.to(dtype).cuda().requires_grad_()
+    out = ops.poly_causal_rope(h, c, cos.cuda(), sin.cuda(), pos.cuda(), F)
+    href = h64.to(dtype).double().requires_grad_()
+    cref = c64.to(dtype).double().requires_grad_()
+    ref = reference.poly_causal_rope(href, cref, cos, sin, pos, F)
+    assert out.dtype == dtype
+    assert_close(out, ref, dtype, "forward")
+    assert_grads(out, ref, (h, c), (href, cref), torch.randn(out.shape, generator=g, dtype=torch.float64), dtype,
+                 "hc")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("F", [1, 4, 300])
+def test_cuda_causal_rope_packed_2d(dtype, F):
+    """Packed sequences (an empty one, a one-token one, a long one) with 2-D positions (2 sections)."""
+    g = torch.Generator().manual_seed(12 + F)
+    cu = torch.tensor([0, 0, 1, 40, 3000], dtype=torch.int64)
+    E, P, K = 32, 8, 2
+    h64 = torch.randn(3000, E, generator=g, dtype=torch.float64)
+    c64 = torch.randn(E, K, generator=g, dtype=torch.float64) * 0.5
+    cos, sin = tables(24, P, g)
+    pos = torch.randint(0, 24, (3000, 2), generator=g)
+    h = h64.to(dtype).cuda().requires_grad_()
+    c = c64.to(dtype).cuda().requires_grad_()
+    out = ops.poly_causal_rope(h, c, cos.cuda(), sin.cuda(), pos.cuda(), F, cu.cuda())
+    href, cref = (t.to(dtype).double().requires_grad_() for t in (h64, c64))
+    ref = reference.poly_causal_rope(href, cref, cos, sin, pos, F, cu)
+    assert_close(out, ref, dtype, "forward")
+    assert_grads(out, ref, (h, c), (href, cref), torch.randn(out.shape, generator=g, dtype=torch.float64), dtype,
+                 "hc")
+
+
+def test_cuda_causal_rope_strided_and_deterministic():
+    g = torch.Generator().manual_seed(7)
+    big = torch.randn(2, 600, 48, generator=g).cuda()
+    h = big[:, ::2, 4:36]  # strided rows and a channel offset: no 16-byte rows
+    c = torch.randn(32, 3, generator=g).cuda()
+    cos, sin = (t.cuda() for t in tables(300, 8, g))
+    pos = torch.randint(0, 300, (300, 2), generator=g).cuda()
+    for F in (1, 5):
+        a = ops.poly_causal_rope(h, c, cos, sin, pos, F)
+        assert torch.equal(a, ops.poly_causal_rope(h, c, cos, sin, pos, F))
+        assert rel_err(a, ops.poly_causal_rope(h.contiguous(), c, cos, sin, pos, F)) < 1e-6
+        ref = reference.poly_causal_rope(h.double().cpu(), c.double().cpu(), cos.cpu(), sin.cpu(), pos.cpu(), F)
+        assert_close(a, ref, torch.float32, "strided")
+        gH = torch.randn(h.shape, generator=g).cuda()
+        r1 = R.poly_causal_rope_backward(gH, h, c, cos, sin, pos, F, None)
+        r2 = R.poly_causal_rope_backward(gH, h, c, cos, sin, pos, F, None)
+        assert all(torch.equal(x, y) for x, y in zip(r1, r2))
+
+
+def test_cuda_causal_rope_opcheck():
+    g = torch.Generator().manual_seed(15)
+    d = dict(dtype=torch.float64, device="cuda")
+    h = torch.randn(2, 17, 16, generator=g, dtype=torch.float64).to(**d).requires_grad_()
+    c = torch.randn(16, 3, generator=g, dtype=torch.float64).to(**d).requires_grad_()
+    cos, sin = (t.to(**d) for t in tables(20, 4, g, torch.float64))
+    pos = torch.randint(0, 20, (17, 2), generator=g).cuda()
+    hp = torch.randn(34, 16, generator=g, dtype=torch.float64).to(**d).requires_grad_()
+    pp = torch.randint(0, 20, (34, 2), generator=g).cuda()
+    cu = torch.tensor([0, 3, 3, 34], dtype=torch.int32, device="cuda")
+    for args in ((h, c, cos, sin, pos, 1, None), (h, c, cos, sin, pos.expand(2, 17, 2).contiguous(), 4, None),
+                 (hp, c, cos, sin, pp, 2, cu)):
+        torch.library.opcheck(R.poly_causal_rope, args)
+    torch.library.opcheck(R.poly_causal_rope_backward, (torch.randn_like(h), h.detach(), c.detach(), cos, sin, pos,
+                                                        3, None))
+
+
+@pytest.mark.parametrize("block_size", [None, 8])
+def test_cuda_layer_causal_matches_cpu(block_size):
+    """PoMRoPE with mask='causal' on CUDA (the fused causal rope op, the gate turned outside) against the CPU layer
+    (the fused gated op), float64: outputs and every gradient."""
+    torch.manual_seed(1)
+    cpu = PoMRoPE(32, 2, 2, n_sel_heads=4, max_seq_len=64).double()
+    gpu = PoMRoPE(32, 2, 2, n_sel_heads=4, max_seq_len=64).double().cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    x = torch.randn(2, 48, 32, dtype=torch.float64)
+    xc, xg = x.clone().requires_grad_(), x.cuda().requires_grad_()
+    yc = cpu(xc, mask="causal", block_size=block_size)
+    yg = gpu(xg, mask="causal", block_size=block_size)
+    assert rel_err(yg, yc) < 1e-12
+    up = torch.randn(yc.shape, dtype=torch.float64)
+    (yc * up).sum().backward()
+    (yg * up.cuda()).sum().backward()
+    assert rel_err(xg.grad, xc.grad) < 1e-12
+    for (name, a), b in zip(gpu.named_parameters(), cpu.parameters()):
+        assert rel_err(a.grad, b.grad) < 1e-10, name
+
+
+def test_cuda_causal_rope_bad_positions():
+    g = torch.Generator().manual_seed(19)
+    cos, sin = (t.cuda() for t in tables(20, 2, g))
+    pos = (torch.randint(0, 20, (17, 2), generator=g) + 100).cuda()
+    h, c = torch.randn(2, 17, 8, device="cuda"), torch.randn(8, 3, device="cuda")
+    with pytest.raises(RuntimeError, match=r"'positions' must lie in \[0, 20\)"):
+        R.poly_causal_rope(h, c, cos, sin, pos, 1, None)
+    with pytest.raises(RuntimeError, match=r"'positions' must lie in \[0, 20\)"):
+        R.poly_causal_rope_backward(torch.randn_like(h), h, c, cos, sin, pos, 1, None)
+    assert ops.poly_causal_rope(h, c, cos, sin, pos - 100, 1).isfinite().all()

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/nn/functional/activation.h>
 #include <torch/nn/functional/linear.h>
 #include <torch/nn/init.h>
@@ -34,6 +35,18 @@ PoMState& PoMState::reset_() {
 PoMState PoMState::clone() const { return PoMState(sum.clone(), count.clone()); }
 
 // ---- module ----
+
+namespace {
+
+// Whether the library has a kernel of the fused gated rope op for x's device (none on CUDA yet: there the layer
+// turns its gate itself and runs poly_causal_rope, as the Python layer does).
+bool fused_gated_rope_for(const at::Tensor& x) {
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("pom_ext::poly_causal_gated_rope", "");
+  return op.hasKernelForDispatchKey(c10::computeDispatchKey(std::nullopt, std::nullopt, x.device()));
+}
+
+}  // namespace
 
 PoMImpl::PoMImpl(const PoMOptions& options_) : options(options_) {
   ensure_registered();
@@ -292,7 +305,7 @@ at::Tensor PoMImpl::forward(const at::Tensor& xq, const at::Tensor& xc_in, const
   }
   TORCH_CHECK(has_rope() || (!positions.defined() && !ctx_positions.defined()),
               "pom_ext.PoM: arguments 'positions' / 'ctx_positions' apply to rotary layers (PoMOptions.rope)");
-  if (has_rope() && mask.is_causal() && !xc.defined() && !ctx_positions.defined()) {
+  if (has_rope() && mask.is_causal() && !xc.defined() && !ctx_positions.defined() && fused_gated_rope_for(xq)) {
     // Causal self-mixing at one set of positions: the fused gated rope op (h and the gate read once, turned inside
     // the op, y written once), as the Python layer does.
     const int64_t B = packed ? 0 : xq.size(0), T = packed ? xq.size(0) : xq.size(1);

@@ -609,8 +609,7 @@ std::tuple<at::Tensor, at::Tensor> poly_causal_rope_backward_cpu(const at::Tenso
                                                                  int64_t block_size,
                                                                  const c10::optional<at::Tensor>& cu_seqlens) {
   const char* op = "pom_ext::poly_causal_rope_backward";
-  checks::causal_backward_args(op, grad_H, h, coeff, block_size, cu_seqlens);
-  checks::rope(op, h, cos, sin, positions, cu_seqlens);
+  checks::causal_rope_backward_args(op, grad_H, h, coeff, cos, sin, positions, block_size, cu_seqlens);
   const RopeCausalSetup a(op, h, coeff, cos, sin, positions, block_size, cu_seqlens);
   auto g = grad_H.scalar_type() == h.scalar_type() ? grad_H : grad_H.to(h.scalar_type());
   const Rows gr = rows_of(g, a.cup);

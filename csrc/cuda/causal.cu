@@ -34,6 +34,7 @@
 #include <numeric>
 
 #include "common.cuh"
+#include "rope.cuh"
 #include "pom_ext/weight_grad.h"
 
 namespace pom_ext {
@@ -564,6 +565,201 @@ __global__ void __launch_bounds__(128)
   }
 }
 
+// ---- rotary positions: poly_causal_rope ----
+//
+// The scans of the plain op with the channels of a pair in two lanes of one warp: lanes l and l + 16 own the
+// two halves of one vector of V pairs (columns col0 .. col0 + nv - 1 of a section, rope.cuh), so both read one
+// table row and exchange their values by one shuffle. Forward: each row's features are turned in registers, the
+// partner's p from the shuffle (p~[a] = c p[a] - s p[a + P], p~[a + P] = c p[a + P] + s p[a]), and the scans run
+// on p~ as the plain op's run on p (chunk totals and fp64 carries of width E, Kahan-compensated rescans).
+// Backward: the suffix sums of g inv are the plain op's (causal_bwd_tot); each row turns them back with the
+// partner's sum from the same shuffle, u[a] = c G[a] + s G[a + P], u[a + P] = c G[a + P] - s G[a], before the
+// element backward. Lanes past the last pair vector stay in the loops (the shuffles need the whole warp) but load
+// at channel 0 and store nothing.
+
+using plan::RopeLane;
+
+template <int V>
+__device__ __forceinline__ RopeLane rope_lane(int64_t P, int64_t S) {
+  return plan::rope_lane(channel_tile() * blockDim.x + threadIdx.x, P, S, V);
+}
+
+// Kahan sum of p~ over a chunk's rows (whole blocks: each chunk that has a successor) -> tot (E).
+template <typename scalar_t, int K>
+__global__ void __launch_bounds__(128)
+    rope_tot_kernel(const scalar_t* __restrict__ h, Strides hs, bool vin, Layout L, int64_t E, int64_t S,
+                    CoeffArg<at::opmath_type<scalar_t>> ca, RopeArg<at::opmath_type<scalar_t>> ra,
+                    double* __restrict__ tot) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int V = Vec<scalar_t>::value;
+  int64_t b, n0, n1;
+  if (!L.chunk(blockIdx.x, b, n0, n1) || (L.plan.cpb == 0 && n1 >= L.len(b))) return;
+  const RopeLane r = rope_lane<V>(ra.P, S);
+  if (__all_sync(0xffffffffu, r.nv == 0)) return;
+  ChanCoeff<K, V, acc_t> cc;
+  cc.load(ca, r.e0, r.nv);
+  acc_t run[V], comp[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) run[j] = comp[j] = acc_t(0);
+  for_rows<V, scalar_t, acc_t>(h, hs, vin, L, b, n0, n1, r.e0, r.nv, [&](int64_t n, const acc_t (&x)[V]) {
+    acc_t pt[V];
+    turned_features<V>(ra, r, L, b, n, cc, x, pt);
+#pragma unroll
+    for (int j = 0; j < V; ++j) math::kahan_add(run[j], comp[j], pt[j]);
+  });
+  double* t = tot + static_cast<int64_t>(blockIdx.x) * E + r.e0;
+#pragma unroll
+  for (int j = 0; j < V; ++j)
+    if (j < r.nv) t[j] = static_cast<double>(run[j]) - static_cast<double>(comp[j]);
+}
+
+// The forward's output pass: every chunk rescans p~ from its carry and writes its rows (split blocks: each
+// block's mean from its last chunk's carry and total, h not read).
+template <typename scalar_t, int K>
+__global__ void __launch_bounds__(128)
+    rope_scan_kernel(const scalar_t* __restrict__ h, Strides hs, bool vin, scalar_t* __restrict__ out, Strides os,
+                     bool vout, Layout L, int64_t E, int64_t S, int64_t F, CoeffArg<at::opmath_type<scalar_t>> ca,
+                     RopeArg<at::opmath_type<scalar_t>> ra, const double* __restrict__ carry,
+                     const double* __restrict__ tot) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int V = Vec<scalar_t>::value;
+  int64_t b, n0, n1;
+  if (!L.chunk(blockIdx.x, b, n0, n1)) return;
+  const RopeLane r = rope_lane<V>(ra.P, S);
+  if (__all_sync(0xffffffffu, r.nv == 0)) return;
+  auto store = [&](int64_t n, const acc_t (&y)[V]) {
+    if (r.nv > 0) store_row<V>(out + L.off(os, b, n), r.e0, os.e, r.nv, vout, y);
+  };
+  if (L.plan.cpb > 0) {
+    int64_t cf, cl, bend;
+    L.block_chunks(b, blockIdx.x, cf, cl, bend);
+    const double inv = 1.0 / static_cast<double>(bend);
+    acc_t H[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j)
+      H[j] = j < r.nv ? static_cast<acc_t>((carry[cl * E + r.e0 + j] + tot[cl * E + r.e0 + j]) * inv) : acc_t(0);
+    for (int64_t n = n0; n < n1; ++n) store(n, H);
+    return;
+  }
+  ChanCoeff<K, V, acc_t> cc;
+  cc.load(ca, r.e0, r.nv);
+  acc_t run[V], comp[V];
+  start_from_carry<acc_t, V>(n0 > 0 ? carry : nullptr, blockIdx.x, E, r.e0, r.nv, run, comp);
+  if (F == 1) {
+    for_rows<V, scalar_t, acc_t>(h, hs, vin, L, b, n0, n1, r.e0, r.nv, [&](int64_t n, const acc_t (&x)[V]) {
+      acc_t pt[V], H[V];
+      turned_features<V>(ra, r, L, b, n, cc, x, pt);
+      const acc_t inv = acc_t(1) / static_cast<acc_t>(n + 1);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        math::kahan_add(run[j], comp[j], pt[j]);
+        H[j] = (run[j] - comp[j]) * inv;
+      }
+      store(n, H);
+    });
+    return;
+  }
+  for (int64_t blk = n0; blk < n1; blk += F) {
+    const int64_t bend = blk + F < n1 ? blk + F : n1;
+    for_rows<V, scalar_t, acc_t>(h, hs, vin, L, b, blk, bend, r.e0, r.nv, [&](int64_t n, const acc_t (&x)[V]) {
+      acc_t pt[V];
+      turned_features<V>(ra, r, L, b, n, cc, x, pt);
+#pragma unroll
+      for (int j = 0; j < V; ++j) math::kahan_add(run[j], comp[j], pt[j]);
+    });
+    const acc_t inv = acc_t(1) / static_cast<acc_t>(bend);
+    acc_t H[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) H[j] = (run[j] - comp[j]) * inv;
+    for (int64_t n = blk; n < bend; ++n) store(n, H);
+  }
+}
+
+// The backward's pass over h: gbar (the suffix sum of g inv from the plain op's carries) turned back per row and
+// the element backward; grad_coeff partials per chunk (MODE: ScanMode).
+template <typename scalar_t, int K, int MODE>
+__global__ void __launch_bounds__(128)
+    rope_bwd_scan_kernel(const scalar_t* __restrict__ g, Strides gs, bool vg, const scalar_t* __restrict__ h,
+                         Strides hs, bool vin, scalar_t* __restrict__ gh, Strides ghs, bool vout, Layout L, int64_t E,
+                         int64_t S, int64_t F, CoeffArg<at::opmath_type<scalar_t>> ca,
+                         RopeArg<at::opmath_type<scalar_t>> ra, const double* __restrict__ carry,
+                         const double* __restrict__ tot, at::opmath_type<scalar_t>* __restrict__ part) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int V = Vec<scalar_t>::value;
+  int64_t b = 0, n0 = 0, n1 = 0;
+  const bool valid = L.chunk(blockIdx.x, b, n0, n1);
+  const RopeLane r = rope_lane<V>(ra.P, S);
+  if (__all_sync(0xffffffffu, r.nv == 0)) return;
+  CoeffGradAcc<K, V, acc_t> f;
+  f.init(part + static_cast<int64_t>(blockIdx.x) * ca.deg * E + r.e0, E, r.nv, ca.deg);
+  if (valid) {
+    ChanCoeff<K, V, acc_t> cc;
+    cc.load(ca, r.e0, r.nv);
+    // Row n's element backward from the suffix sums of the lane (gb) and of its partner (gp).
+    auto row_backward = [&](int64_t n, const acc_t (&gb)[V], const acc_t (&gp)[V], const acc_t (&x)[V]) {
+      acc_t ct[V], st[V], gx[V];
+      turn_factors<V>(ra, L, b, n, r.e0, r.nv, r.sec, r.col0, ct, st);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const acc_t a = math::act(x[j]);
+        const acc_t u = ct[j] * gb[j] + static_cast<acc_t>(r.sign) * st[j] * gp[j];
+        acc_t p, dp;
+        cc.poly_and_slope(j, a, p, dp);
+        gx[j] = u * ca.act_grad(x[j]) * dp;
+        f.add_powers(j, u, a);
+      }
+      if (r.nv > 0) store_row<V>(gh + L.off(ghs, b, n), r.e0, ghs.e, r.nv, vout, gx);
+    };
+    if constexpr (MODE == kSplitBlocks) {
+      int64_t cf, cl, bend;
+      L.block_chunks(b, blockIdx.x, cf, cl, bend);
+      const int64_t pe = r.e0 + r.sign * ra.P;
+      acc_t gb[V], gp[V];
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        gb[j] = j < r.nv ? static_cast<acc_t>(carry[cf * E + r.e0 + j] + tot[cf * E + r.e0 + j]) : acc_t(0);
+        gp[j] = j < r.nv ? static_cast<acc_t>(carry[cf * E + pe + j] + tot[cf * E + pe + j]) : acc_t(0);
+      }
+      for_rows<V, scalar_t, acc_t>(h, hs, vin, L, b, n0, n1, r.e0, r.nv,
+                                   [&](int64_t n, const acc_t (&x)[V]) { row_backward(n, gb, gp, x); });
+    } else {
+      acc_t run[V], comp[V];
+      start_from_carry<acc_t, V>(n1 < L.len(b) ? carry : nullptr, blockIdx.x, E, r.e0, r.nv, run, comp);
+      if constexpr (MODE == kTokens) {
+        for_rows2_rev<V, scalar_t, acc_t>(g, gs, vg, h, hs, vin, L, b, n0, n1, r.e0, r.nv,
+                                          [&](int64_t n, const acc_t (&gv)[V], const acc_t (&x)[V]) {
+                                            const acc_t inv = acc_t(1) / static_cast<acc_t>(n + 1);
+                                            acc_t gb[V], gp[V];
+#pragma unroll
+                                            for (int j = 0; j < V; ++j) {
+                                              math::kahan_add(run[j], comp[j], gv[j] * inv);
+                                              gb[j] = run[j] - comp[j];
+                                            }
+                                            partner_values<V>(gb, gp);
+                                            row_backward(n, gb, gp, x);
+                                          });
+      } else {
+        const int64_t nblocks = (n1 - n0 + F - 1) / F;
+        for (int64_t jb = nblocks - 1; jb >= 0; --jb) {
+          const int64_t blk = n0 + jb * F;
+          const int64_t bend = blk + F < n1 ? blk + F : n1;
+          acc_t G[V], gb[V], gp[V];
+          block_grad<false, V>(g, gs, vg, GateArg<scalar_t>{}, WeightArg<acc_t>{}, L, b, blk, bend, r.e0, r.nv, G);
+#pragma unroll
+          for (int j = 0; j < V; ++j) {
+            math::kahan_add(run[j], comp[j], G[j]);
+            gb[j] = run[j] - comp[j];
+          }
+          partner_values<V>(gb, gp);
+          for_rows<V, scalar_t, acc_t>(h, hs, vin, L, b, blk, bend, r.e0, r.nv,
+                                       [&](int64_t n, const acc_t (&x)[V]) { row_backward(n, gb, gp, x); });
+        }
+      }
+    }
+  }
+  f.finish();
+}
+
 struct ScanPlan {
   int tx;
   int64_t tiles;
@@ -957,6 +1153,116 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_causal_gated_backward_cuda(
   return {ghs, gc, gbias};
 }
 
+// poly_causal_rope: the plain op's plan; the rope lanes' grid (rope_lanes threads a row).
+at::Tensor poly_causal_rope_cuda(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& cos,
+                                 const at::Tensor& sin, const at::Tensor& positions, int64_t block_size,
+                                 const c10::optional<at::Tensor>& cu_seqlens) {
+  const char* op = "pom_ext::poly_causal_rope";
+  checks::causal_rope_args(op, h, coeff, cos, sin, positions, block_size, cu_seqlens);
+  validate_offsets(op, cu_seqlens, h.size(0));
+  c10::cuda::CUDAGuard guard(h.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const RopeHost rope(op, h, cos, sin, positions, cu_seqlens);
+  auto out = at::empty(h.sizes(), h.options());
+  if (h.numel() == 0) return out;
+  const int64_t E = h.size(-1), S = E / (2 * rope.P);
+  const bool packed = cu_seqlens.has_value();
+  POM_DISPATCH_FLOATING(h.scalar_type(), "poly_causal_rope_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr int V = Vec<scalar_t>::value;
+    const ScanPlan p = plan_scan<scalar_t>(h, cu_seqlens, block_size, std::numeric_limits<int64_t>::max(), stream);
+    if (p.L.nchunks == 0) return;
+    at::Tensor keep;
+    auto ca = coeff_arg<acc_t>(coeff, keep);
+    const auto ra = rope.arg<scalar_t>();
+    const Strides hs = strides_of(h, packed), os = strides_of(out, packed);
+    // 16-byte rows need every lane's first channel on a vector: P a multiple of V.
+    const bool vin = rope.P % V == 0 && vectorizable<scalar_t>(h.data_ptr(), hs, E);
+    const bool vout = rope.P % V == 0 && vectorizable<scalar_t>(out.data_ptr(), os, E);
+    const dim3 grid = grid_of(p.L.nchunks, ceil_div(plan::rope_lanes(rope.P, S, V), p.tx));
+    cuda_dispatch_degree(static_cast<int>(coeff.size(1)), [&](auto Kc) {
+      constexpr int K = decltype(Kc)::value;
+      at::Tensor tot, carry;
+      if (!p.single) {
+        tot = at::empty({p.L.nchunks, E}, h.options().dtype(at::kDouble));
+        carry = at::empty({p.L.nchunks, E}, h.options().dtype(at::kDouble));
+        rope_tot_kernel<scalar_t, K><<<grid, p.tx, 0, stream>>>(h.data_ptr<scalar_t>(), hs, vin, p.L, E, S, ca, ra,
+                                                                 tot.data_ptr<double>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch_chunk_scan(tot.data_ptr<double>(), carry.data_ptr<double>(), p.L, E, false, stream);
+      }
+      rope_scan_kernel<scalar_t, K><<<grid, p.tx, 0, stream>>>(
+          h.data_ptr<scalar_t>(), hs, vin, out.data_ptr<scalar_t>(), os, vout, p.L, E, S, p.F, ca, ra,
+          p.single ? nullptr : carry.data_ptr<double>(), p.single ? nullptr : tot.data_ptr<double>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> poly_causal_rope_backward_cuda(const at::Tensor& grad_H, const at::Tensor& h,
+                                                                  const at::Tensor& coeff, const at::Tensor& cos,
+                                                                  const at::Tensor& sin, const at::Tensor& positions,
+                                                                  int64_t block_size,
+                                                                  const c10::optional<at::Tensor>& cu_seqlens) {
+  const char* op = "pom_ext::poly_causal_rope_backward";
+  checks::causal_rope_backward_args(op, grad_H, h, coeff, cos, sin, positions, block_size, cu_seqlens);
+  validate_offsets(op, cu_seqlens, h.size(0));
+  c10::cuda::CUDAGuard guard(h.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const RopeHost rope(op, h, cos, sin, positions, cu_seqlens);
+  auto g = grad_H.scalar_type() == h.scalar_type() ? grad_H : grad_H.to(h.scalar_type());
+  auto gh = at::empty(h.sizes(), h.options());
+  const int deg = static_cast<int>(coeff.size(1));
+  const int64_t E = h.size(-1), S = E / (2 * rope.P);
+  const bool packed = cu_seqlens.has_value();
+  at::Tensor gc;
+  POM_DISPATCH_FLOATING(h.scalar_type(), "poly_causal_rope_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr int V = Vec<scalar_t>::value;
+    // grad_coeff partials are plain fp32 sums per chunk: keep chunks short.
+    const ScanPlan p = plan_scan<scalar_t>(h, cu_seqlens, block_size, kMaxBwdRows, stream);
+    const int64_t nslots = h.numel() == 0 ? 0 : p.L.nchunks;
+    at::Tensor part = at::empty({std::max<int64_t>(nslots, 1), deg, E},
+                                h.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    if (nslots > 0) {
+      at::Tensor keep;
+      auto ca = coeff_arg<acc_t>(coeff, keep);
+      const auto ra = rope.arg<scalar_t>();
+      const Strides hs = strides_of(h, packed), gs = strides_of(g, packed), ghs = strides_of(gh, packed);
+      const bool lanes_vec = rope.P % V == 0;
+      const bool vin = lanes_vec && vectorizable<scalar_t>(h.data_ptr(), hs, E);
+      const bool vg = vectorizable<scalar_t>(g.data_ptr(), gs, E);
+      const bool vout = lanes_vec && vectorizable<scalar_t>(gh.data_ptr(), ghs, E);
+      const dim3 grid = grid_of(p.L.nchunks, ceil_div(plan::rope_lanes(rope.P, S, V), p.tx));
+      at::Tensor tot, carry;
+      if (!p.single) {
+        // The suffix sums of g inv are the plain op's (plain channels, plain grid).
+        tot = at::empty({p.L.nchunks, E}, h.options().dtype(at::kDouble));
+        carry = at::empty({p.L.nchunks, E}, h.options().dtype(at::kDouble));
+        causal_bwd_tot_kernel<scalar_t><<<grid_of(p.L.nchunks, p.tiles), p.tx, 0, stream>>>(
+            g.data_ptr<scalar_t>(), gs, vg, GateArg<scalar_t>{}, p.L, E, p.F, tot.data_ptr<double>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch_chunk_scan(tot.data_ptr<double>(), carry.data_ptr<double>(), p.L, E, true, stream);
+      }
+      const double* cp = p.single ? nullptr : carry.data_ptr<double>();
+      const double* tp = p.single ? nullptr : tot.data_ptr<double>();
+      cuda_dispatch_degree(deg, [&](auto Kc) {
+        constexpr int K = decltype(Kc)::value;
+        auto kernel = p.L.plan.cpb > 0 ? rope_bwd_scan_kernel<scalar_t, K, kSplitBlocks>
+                      : p.F == 1      ? rope_bwd_scan_kernel<scalar_t, K, kTokens>
+                                      : rope_bwd_scan_kernel<scalar_t, K, kWholeBlocks>;
+        kernel<<<grid, p.tx, 0, stream>>>(g.data_ptr<scalar_t>(), gs, vg && lanes_vec, h.data_ptr<scalar_t>(), hs,
+                                          vin, gh.data_ptr<scalar_t>(), ghs, vout, p.L, E, S, p.F, ca, ra, cp, tp,
+                                          part.data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    }
+    gc = reduce_coeff_grad(part, nslots, deg, E, coeff, stream);
+  });
+  return {gh, gc};
+}
+
 }  // namespace
 
 }  // namespace cuda
@@ -970,6 +1276,8 @@ void register_cuda_causal(torch::Library& m) {
   m.impl("poly_causal_weighted_backward", &cuda::poly_causal_weighted_backward_cuda);
   m.impl("poly_causal_gated", &cuda::poly_causal_gated_cuda);
   m.impl("poly_causal_gated_backward", &cuda::poly_causal_gated_backward_cuda);
+  m.impl("poly_causal_rope", &cuda::poly_causal_rope_cuda);
+  m.impl("poly_causal_rope_backward", &cuda::poly_causal_rope_backward_cuda);
 }
 
 }  // namespace detail

@@ -22,6 +22,7 @@
 // <u, p> - gdotH. No rotated (B, N, E) tensor is formed; h is read once a pass, as in the plain op.
 #include <torch/library.h>
 
+#include "rope.cuh"
 #include "rows.cuh"
 
 namespace pom_ext {
@@ -29,71 +30,6 @@ namespace cuda {
 namespace {
 
 constexpr int kU = 4;  // rows in flight per thread
-
-// ---- rotary positions (the rope mean) ----
-
-// The tables and positions of the rope op: cos, sin (L, P) in the accumulation type, contiguous; the position
-// of (sequence b, row n, section s) at pos[L.off(ps, b, n) + s * ps.e].
-template <typename acc_t>
-struct RopeArg {
-  const acc_t* cos = nullptr;
-  const acc_t* sin = nullptr;
-  const int64_t* pos = nullptr;
-  Strides ps;
-  int64_t P = 1;
-  bool uniform = false;  // P % V == 0 and 16-byte aligned tables: a thread's V channels share a section half
-};
-
-// Channel e's pair: its section, its table column and its half (sign +1: first half, paired with e + P; -1:
-// second half, paired with e - P).
-__device__ __forceinline__ void pair_of(int64_t e, int64_t P, int64_t& sec, int64_t& col, int& sign) {
-  sec = e / (2 * P);
-  const int64_t r = e - 2 * P * sec;
-  sign = r < P ? 1 : -1;
-  col = r < P ? r : r - P;
-}
-
-// V consecutive values of a table row, 16 bytes a load (p 16-byte aligned).
-template <int V, typename acc_t>
-__device__ __forceinline__ void load_acc(const acc_t* __restrict__ p, acc_t (&x)[V]) {
-  constexpr int W = 16 / sizeof(acc_t);
-  static_assert(V % W == 0, "V values of the accumulation type fill whole 16-byte vectors");
-#pragma unroll
-  for (int i = 0; i < V / W; ++i) {
-    acc_t y[W];
-    Pack<acc_t>::unpack(__ldg(reinterpret_cast<const uint4*>(p) + i), y);
-#pragma unroll
-    for (int j = 0; j < W; ++j) x[i * W + j] = y[j];
-  }
-}
-
-// cos and sin of the pairs of channels e0 .. e0 + nv - 1 at row n of sequence b (0 past nv). Uniform: the
-// channels share section sec0 and columns col0 .. col0 + V - 1.
-template <int V, typename acc_t>
-__device__ __forceinline__ void turn_factors(const RopeArg<acc_t>& ra, const Layout& L, int64_t b, int64_t n,
-                                             int64_t e0, int nv, int64_t sec0, int64_t col0, acc_t (&c)[V],
-                                             acc_t (&s)[V]) {
-  const int64_t* prow = ra.pos + L.off(ra.ps, b, n);
-  if (ra.uniform) {
-    const int64_t r = prow[sec0 * ra.ps.e] * ra.P + col0;
-    load_acc<V>(ra.cos + r, c);
-    load_acc<V>(ra.sin + r, s);
-    return;
-  }
-#pragma unroll
-  for (int j = 0; j < V; ++j) {
-    c[j] = acc_t(0);
-    s[j] = acc_t(0);
-    if (j < nv) {
-      int64_t sec, col;
-      int sign;
-      pair_of(e0 + j, ra.P, sec, col, sign);
-      const int64_t r = prow[sec * ra.ps.e] * ra.P + col;
-      c[j] = ra.cos[r];
-      s[j] = ra.sin[r];
-    }
-  }
-}
 
 // ---- stage 1: partial sums per (chunk, row lane) ----
 
@@ -419,44 +355,6 @@ int64_t row_chunk_rows(const at::Tensor& h, bool packed, int64_t B, const Geo& g
 }
 
 at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-// The tables and positions of a rope call on the device: the tables in the accumulation type, the positions as
-// int64 ((N, S) broadcast over the batch). Every position is checked against the tables' rows: one aminmax and a
-// copy of its two values to the host, a synchronization per call (an index past the tables would read past them).
-struct RopeHost {
-  at::Tensor cos, sin, pos;
-  int64_t P = 1;
-  bool packed = false;
-
-  RopeHost(const char* op, const at::Tensor& h, const at::Tensor& cos_, const at::Tensor& sin_,
-           const at::Tensor& positions, const c10::optional<at::Tensor>& cu)
-      : packed(cu.has_value()) {
-    const at::ScalarType acc = acc_type_of(h.scalar_type());
-    cos = cos_.to(acc).contiguous();
-    sin = sin_.to(acc).contiguous();
-    P = cos.size(1);
-    pos = positions.to(at::kLong);
-    if (!packed && pos.dim() == 2) pos = pos.unsqueeze(0).expand({h.size(0), h.size(1), pos.size(1)});
-    if (pos.numel() > 0) {
-      const auto mm = at::aminmax(pos);
-      checks::rope_positions(op, std::get<0>(mm).item<int64_t>(), std::get<1>(mm).item<int64_t>(), cos.size(0));
-    }
-  }
-
-  template <typename scalar_t>
-  RopeArg<at::opmath_type<scalar_t>> arg() const {
-    using acc_t = at::opmath_type<scalar_t>;
-    RopeArg<acc_t> a;
-    a.cos = cos.data_ptr<acc_t>();
-    a.sin = sin.data_ptr<acc_t>();
-    a.pos = pos.data_ptr<int64_t>();
-    a.ps = strides_of(pos, packed);
-    a.P = P;
-    a.uniform = P % Vec<scalar_t>::value == 0 && reinterpret_cast<uintptr_t>(a.cos) % 16 == 0 &&
-                reinterpret_cast<uintptr_t>(a.sin) % 16 == 0;
-    return a;
-  }
-};
 
 // Stage 1 of the mean: row_partials, or with rope its rotary slots (S: (nslots, 2 E)).
 RowPartials stage_partials(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor* weight,

@@ -91,6 +91,35 @@ POM_HD bool find_sequence(const int64_t* off, int64_t B, int64_t c, int64_t& b) 
 // Whole blocks: the end row of the block holding row n (F = 1: n + 1).
 POM_HD int64_t block_end_of_row(const ChunkPlan& p, int64_t len, int64_t n) { return imin((n / p.F + 1) * p.F, len); }
 
+// The rope scans (causal.cu): the channels of a pair in two lanes of one warp. Thread t of a row's threads (t =
+// channel tile * blockDim.x + threadIdx.x, blockDim.x a multiple of 32) owns, when nv > 0, the nv <= V channels
+// from e0 of one half of pair vector gv = (t / 32) * 16 + t % 16 (columns col0 .. col0 + nv - 1 of section sec):
+// lanes t % 32 < 16 the first half (sign +1, partner channels e0 + P on lane t ^ 16), the others the second
+// (sign -1, partner e0 - P). E = 2 P S; G = ceil(P / V) pair vectors a section. Lanes past the last vector:
+// nv = 0.
+struct RopeLane {
+  int64_t e0 = 0, sec = 0, col0 = 0;
+  int nv = 0;
+  int sign = 1;
+};
+
+POM_HD RopeLane rope_lane(int64_t t, int64_t P, int64_t S, int V) {
+  RopeLane r;
+  const int lane = static_cast<int>(t & 31);
+  const int64_t G = cdiv(P, V);
+  const int64_t gv = (t >> 5) * 16 + (lane & 15);
+  if (gv >= S * G) return r;
+  r.sec = gv / G;
+  r.col0 = (gv - r.sec * G) * V;
+  r.nv = static_cast<int>(imin(V, P - r.col0));
+  r.sign = lane < 16 ? 1 : -1;
+  r.e0 = 2 * P * r.sec + r.col0 + (lane < 16 ? 0 : P);
+  return r;
+}
+
+// Threads a row needs: 32 per 16 pair vectors.
+POM_HD int64_t rope_lanes(int64_t P, int64_t S, int V) { return cdiv(S * cdiv(P, V), 16) * 32; }
+
 }  // namespace plan
 }  // namespace cuda
 }  // namespace pom_ext

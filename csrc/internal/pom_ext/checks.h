@@ -363,5 +363,12 @@ inline void causal_rope_args(const char* op, const at::Tensor& h, const at::Tens
   rope(op, h, cos, sin, pos, cu);
 }
 
+inline void causal_rope_backward_args(const char* op, const at::Tensor& grad_H, const at::Tensor& h,
+                                      const at::Tensor& c, const at::Tensor& cos, const at::Tensor& sin,
+                                      const at::Tensor& pos, int64_t f, const c10::optional<at::Tensor>& cu) {
+  causal_backward_args(op, grad_H, h, c, f, cu);
+  rope(op, h, cos, sin, pos, cu);
+}
+
 }  // namespace checks
 }  // namespace pom_ext

@@ -1,0 +1,91 @@
+// The lanes of the CUDA rope scans (csrc/cuda/plan.h, rope_lane) on the CPU: for random table widths P,
+// sections S, vector widths V and block widths, every channel is owned by exactly one lane, a lane's partner
+// (lane ^ 16, same warp) owns the other half of the same pairs, and the kernels' turn of the features
+// (p~ = c p - sign s p_partner) and of the suffix sums (u = c G + sign s G_partner) computed lane by lane equal
+// the rotation R(pos) and its transpose applied to whole rows. Exits 1 on any mismatch, printing the case. Built
+// and run by tests/test_scan_plan.py (no torch, no CUDA).
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "plan.h"
+
+using namespace pom_ext::cuda::plan;
+
+namespace {
+
+bool run(int64_t P, int64_t S, int V, int64_t tx, std::mt19937_64& rng, int id) {
+  const int64_t E = 2 * P * S, N = 5, L = 7;
+  const int64_t threads = cdiv(rope_lanes(P, S, V), tx) * tx;  // the grid's tiles times the block
+  std::normal_distribution<double> nd;
+  std::vector<double> cosv(L * P), sinv(L * P), p(N * E), G(N * E);
+  for (auto& v : cosv) v = nd(rng);
+  for (auto& v : sinv) v = nd(rng);
+  for (auto& v : p) v = nd(rng);
+  for (auto& v : G) v = nd(rng);
+  std::vector<int64_t> pos(N * S);
+  for (auto& v : pos) v = static_cast<int64_t>(rng() % L);
+  // Direct: p~ = R p, u = R^T G over whole rows.
+  std::vector<double> pt(N * E), u(N * E);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t s = 0; s < S; ++s)
+      for (int64_t i = 0; i < P; ++i) {
+        const int64_t a = n * E + 2 * P * s + i, b = a + P, t = pos[n * S + s] * P + i;
+        pt[a] = cosv[t] * p[a] - sinv[t] * p[b];
+        pt[b] = cosv[t] * p[b] + sinv[t] * p[a];
+        u[a] = cosv[t] * G[a] + sinv[t] * G[b];
+        u[b] = cosv[t] * G[b] - sinv[t] * G[a];
+      }
+  std::vector<int> owner(E, 0);
+  auto fail = [&](const char* what, int64_t t) {
+    std::printf("case %d (P=%lld S=%lld V=%d tx=%lld): lane %lld: %s\n", id, (long long)P, (long long)S, V,
+                (long long)tx, (long long)t, what);
+    return false;
+  };
+  for (int64_t t = 0; t < threads; ++t) {
+    const RopeLane r = rope_lane(t, P, S, V);
+    if (r.nv == 0) continue;
+    const RopeLane q = rope_lane(t ^ 16, P, S, V);
+    if (q.nv != r.nv || q.sec != r.sec || q.col0 != r.col0 || q.sign != -r.sign || q.e0 != r.e0 + r.sign * P)
+      return fail("its partner lane does not own the other half of its pairs", t);
+    if (r.e0 != 2 * P * r.sec + r.col0 + (r.sign > 0 ? 0 : P) || r.col0 + r.nv > P || r.sec >= S)
+      return fail("channels outside its section half", t);
+    if (P % V == 0 && (r.e0 % V != 0 || r.nv != V)) return fail("not a whole aligned vector with P % V == 0", t);
+    for (int j = 0; j < r.nv; ++j) {
+      ++owner[r.e0 + j];
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t tab = pos[n * S + r.sec] * P + r.col0 + j;
+        const double own = p[n * E + r.e0 + j], partner = p[n * E + q.e0 + j];  // the shuffle's value
+        const double lane_pt = cosv[tab] * own - r.sign * sinv[tab] * partner;
+        const double lane_u = cosv[tab] * G[n * E + r.e0 + j] + r.sign * sinv[tab] * G[n * E + q.e0 + j];
+        if (std::fabs(lane_pt - pt[n * E + r.e0 + j]) > 1e-12) return fail("turned features differ", t);
+        if (std::fabs(lane_u - u[n * E + r.e0 + j]) > 1e-12) return fail("turned-back gradient differs", t);
+      }
+    }
+  }
+  for (int64_t e = 0; e < E; ++e)
+    if (owner[e] != 1) {
+      std::printf("case %d (P=%lld S=%lld V=%d tx=%lld): channel %lld owned %d times\n", id, (long long)P,
+                  (long long)S, V, (long long)tx, (long long)e, owner[e]);
+      return false;
+    }
+  return true;
+}
+
+}  // namespace
+
+int main() {
+  std::mt19937_64 rng(99);
+  const int Vs[] = {2, 4, 8};
+  int cases = 0;
+  for (int id = 0; id < 2000; ++id) {
+    const int64_t P = 1 + rng() % (id % 4 == 0 ? 300 : 40), S = 1 + rng() % 3;
+    const int V = Vs[rng() % 3];
+    const int64_t tx = 32 * (1 + rng() % 4);
+    if (!run(P, S, V, tx, rng, id)) return 1;
+    ++cases;
+  }
+  std::printf("rope lanes: %d cases passed\n", cases);
+  return 0;
+}
