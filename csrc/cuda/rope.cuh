@@ -112,7 +112,8 @@ struct RopeHost {
     if (!packed && pos.dim() == 2) pos = pos.unsqueeze(0).expand({h.size(0), h.size(1), pos.size(1)});
     if (pos.numel() > 0) {
       const auto mm = at::aminmax(pos);
-      checks::rope_positions(op, std::get<0>(mm).item<int64_t>(), std::get<1>(mm).item<int64_t>(), cos.size(0));
+      const at::Tensor lohi = at::stack({std::get<0>(mm), std::get<1>(mm)}).cpu();  // one copy to the host
+      checks::rope_positions(op, lohi.data_ptr<int64_t>()[0], lohi.data_ptr<int64_t>()[1], cos.size(0));
     }
   }
 
