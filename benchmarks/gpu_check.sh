@@ -115,7 +115,8 @@ fi
 # ---- tests ----
 if [[ "$mode" == cpu ]]; then
   # The CUDA test files collect without a GPU and skip every case.
-  stage tests 120 "$py" -P -m pytest tests/test_cuda.py tests/test_gated.py -q -rs --junitxml="$out/tests.xml"
+  stage tests 120 "$py" -P -m pytest tests/test_cuda.py tests/test_gated.py tests/test_cuda_rope.py -q -rs \
+    --junitxml="$out/tests.xml"
 elif (( build_ok )); then
   stage tests 120 "$py" -P -m pytest tests -q -k cuda --runslow -p no:cacheprovider --junitxml="$out/tests.xml"
 else
