@@ -36,6 +36,9 @@ namespace cuda {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The accumulation dtype of a tensor dtype: fp64 for fp64, fp32 otherwise.
+inline at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
 // Kernel variants: every floating dtype x degrees 1..4 and the generic degree. POM_CUDA_ONE_VARIANT (development
 // only, for quick `-Xptxas -v` compile checks: about a tenth of the compile time) keeps bfloat16 with degree 4
 // and the generic degree; setup.py and CMake never set it.

@@ -354,8 +354,6 @@ int64_t row_chunk_rows(const at::Tensor& h, bool packed, int64_t B, const Geo& g
   return rows_per_chunk(avg, B, g.tiles, 64, g.ty, h.get_device(), 8, 256 * g.ty);
 }
 
-at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 // Stage 1 of the mean: row_partials, or with rope its rotary slots (S: (nslots, 2 E)).
 RowPartials stage_partials(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor* weight,
                      const c10::optional<at::Tensor>& cu, const int64_t* count_in, int64_t count_stride,

@@ -104,7 +104,7 @@ struct RopeHost {
   RopeHost(const char* op, const at::Tensor& h, const at::Tensor& cos_, const at::Tensor& sin_,
            const at::Tensor& positions, const c10::optional<at::Tensor>& cu)
       : packed(cu.has_value()) {
-    const at::ScalarType acc = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const at::ScalarType acc = acc_type_of(h.scalar_type());
     cos = cos_.to(acc).contiguous();
     sin = sin_.to(acc).contiguous();
     P = cos.size(1);

@@ -184,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_state_update_backward_cuda(c
   c10::cuda::CUDAGuard guard(h.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   auto gbar_t = state_chunk_grad(grad_H, grad_sum, count, T);
-  const at::ScalarType acc = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType acc = acc_type_of(h.scalar_type());
   auto gbar = gbar_t.to(acc).contiguous();
   auto gh = at::empty(h.sizes(), h.options());
   at::Tensor gc = row_backward(h, coeff, nullptr, c10::nullopt, gbar, gh, stream);
