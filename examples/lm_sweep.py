@@ -21,7 +21,9 @@ Models (add your own as NAME=TRAIN_LM_ARGS, the arguments quoted as one):
     pom-k3           the same with degree 3
     pom-g1           the same with one gate per channel (instead of 8 gate heads)
     pom-c16          the same with a causal convolution of 16
+    pom-g1k3         degree 3 with one gate per channel
     pom-rope         PoM with rotary positions (PoMRoPE) and the convolution
+    pom-rope-c0      PoM with rotary positions and no convolution
     hybrid           PoM with attention every third layer: PPAPPA
     hybrid-pppa      attention every fourth layer, depth 8: PPPAPPPA
     hybrid-w64       PPAPPA with attention over a sliding window of 64 bytes
@@ -51,7 +53,9 @@ PRESETS = {
     "pom-k3": "--model pom --degree 3",
     "pom-g1": "--model pom --n-sel-heads 1",
     "pom-c16": "--model pom --conv-size 16",
+    "pom-g1k3": "--model pom --degree 3 --n-sel-heads 1",
     "pom-rope": "--model pom --rope",
+    "pom-rope-c0": "--model pom --rope --conv-size 0",
     "hybrid": "--model hybrid --attn-every 3",
     "hybrid-pppa": "--model hybrid --attn-every 4 --depth 8",
     "hybrid-w64": "--model hybrid --attn-every 3 --window 64",
