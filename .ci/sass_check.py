@@ -35,13 +35,13 @@ MAX_REGS_HOT = REGS_PER_SM // (2 * 256)  # 128
 # Streaming kernels: they read rows of h (or of the upstream gradient); those that write rows too.
 READS_ROWS = {"eval_fwd_kernel", "eval_bwd_kernel", "row_partials_kernel", "row_backward_kernel",
               "rope_partials_kernel", "rope_backward_kernel", "rope_tot_kernel", "rope_scan_kernel",
-              "rope_bwd_scan_kernel",
+              "rope_bwd_tot_kernel", "rope_bwd_scan_kernel", "rope_gate_bwd_kernel",
               "causal_tot_kernel", "causal_scan_kernel", "causal_bwd_tot_kernel", "causal_bwd_scan_kernel",
               "causal_tot_weighted_kernel", "causal_scan_weighted_kernel", "causal_bwd_tot_weighted_kernel",
               "causal_bwd_scan_weighted_kernel",
               "causal_gate_bwd_kernel", "causal_fill_kernel", "causal_block_bwd_kernel", "state_small_kernel"}
 WRITES_ROWS = {"eval_fwd_kernel", "eval_bwd_kernel", "row_backward_kernel", "rope_backward_kernel",
-               "rope_scan_kernel", "rope_bwd_scan_kernel",
+               "rope_scan_kernel", "rope_bwd_scan_kernel", "rope_gate_bwd_kernel",
                "causal_scan_kernel",
                "causal_bwd_scan_kernel", "causal_scan_weighted_kernel", "causal_bwd_scan_weighted_kernel",
                "causal_gate_bwd_kernel", "causal_fill_kernel", "causal_block_bwd_kernel"}

@@ -1,8 +1,8 @@
-"""The CUDA kernels of the rope ops (poly_mean_rope, poly_causal_rope and their backward) against the float64
-reference: every dtype, table widths that do and do not fill whole 16-byte vectors, 1-D and 2-D sections, weights
-(float and bool), token-, block- and split-block-causal, packed sequences with an empty one, positions shared or
-per row (int32 and int64), strided views, determinism, opcheck, the layer on CUDA against the same layer on the
-CPU, bad positions.
+"""The CUDA kernels of the rope ops (poly_mean_rope, poly_causal_rope, poly_causal_gated_rope and their backward)
+against the float64 reference: every dtype, table widths that do and do not fill whole 16-byte vectors, 1-D and
+2-D sections, weights (float and bool), a gate per channel and gate heads, token-, block- and split-block-causal,
+packed sequences with an empty one, positions shared or per row (int32 and int64), strided views, determinism,
+opcheck, the layer on CUDA against the same layer on the CPU, bad positions.
 
 Collected everywhere; skipped without a GPU or without CUDA kernels in the build (uninitialised allocations are
 NaN-poisoned by conftest, so an element a kernel forgets to write fails the comparison)."""
@@ -285,12 +285,13 @@ def test_cuda_causal_rope_opcheck():
 
 
 @pytest.mark.parametrize("block_size", [None, 8])
-def test_cuda_layer_causal_matches_cpu(block_size):
-    """PoMRoPE with mask='causal' on CUDA (the fused causal rope op, the gate turned outside) against the CPU layer
-    (the fused gated op), float64: outputs and every gradient."""
+@pytest.mark.parametrize("heads", [1, 4])
+def test_cuda_layer_causal_matches_cpu(block_size, heads):
+    """PoMRoPE with mask='causal' on CUDA against the CPU layer (both the fused gated rope op), float64: outputs
+    and every gradient; a gate per channel and gate heads."""
     torch.manual_seed(1)
-    cpu = PoMRoPE(32, 2, 2, n_sel_heads=4, max_seq_len=64).double()
-    gpu = PoMRoPE(32, 2, 2, n_sel_heads=4, max_seq_len=64).double().cuda()
+    cpu = PoMRoPE(32, 2, 2, n_sel_heads=heads, max_seq_len=64).double()
+    gpu = PoMRoPE(32, 2, 2, n_sel_heads=heads, max_seq_len=64).double().cuda()
     gpu.load_state_dict(cpu.state_dict())
     x = torch.randn(2, 48, 32, dtype=torch.float64)
     xc, xg = x.clone().requires_grad_(), x.cuda().requires_grad_()
@@ -315,3 +316,131 @@ def test_cuda_causal_rope_bad_positions():
     with pytest.raises(RuntimeError, match=r"'positions' must lie in \[0, 20\)"):
         R.poly_causal_rope_backward(torch.randn_like(h), h, c, cos, sin, pos, 1, None)
     assert ops.poly_causal_rope(h, c, cos, sin, pos - 100, 1).isfinite().all()
+
+
+# ---- poly_causal_gated_rope: y = R_g(pos) hardsigmoid(pre + bias) * H~ ----
+
+# B, N, E, P, Pg, K, F: a gate per channel (Pg = P: the gate columns read 16 bytes a row), gate heads (q = P / Pg
+# channels a gate), P not a multiple of the vector width, 3 sections, several chunks, split blocks (N = 5000,
+# F = 700), the generic degree, one row.
+GATED_CASES = [
+    (2, 37, 64, 32, 32, 2, 1),
+    (2, 37, 64, 32, 4, 2, 1),
+    (2, 300, 48, 8, 8, 3, 1),
+    (2, 130, 24, 6, 3, 4, 3),
+    (1, 5000, 32, 16, 2, 2, 1),
+    (1, 5000, 64, 16, 16, 2, 700),
+    (3, 70, 16, 2, 1, 5, 64),
+    (2, 1, 8, 4, 4, 1, 1),
+]
+
+
+def gated_case(case, per_row, seed=0):
+    B, N, E, P, Pg, K, F = case
+    g = torch.Generator().manual_seed(seed + N + E + Pg + F)
+    sec = E // (2 * P)
+    S = 2 * Pg * sec
+    hs64 = 2 * torch.randn(B, N, E + S, generator=g, dtype=torch.float64)
+    c64 = torch.randn(E, K, generator=g, dtype=torch.float64) * torch.tensor([3.0 ** -(k + 1) for k in range(K)],
+                                                                              dtype=torch.float64)
+    b64 = torch.randn(S, generator=g, dtype=torch.float64)
+    cos, sin = tables(N + 5, P, g)
+    gcos, gsin = tables(N + 5, Pg, g)
+    pos = torch.randint(0, N + 5, (B, N, sec), generator=g)
+    return hs64, c64, b64, (cos, sin, gcos, gsin), (pos if per_row else pos[0].to(torch.int32)), g
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", GATED_CASES, ids=str)
+@pytest.mark.parametrize("per_row", [False, True])
+def test_cuda_causal_gated_rope_matches_reference(case, dtype, per_row):
+    """Per-row positions with a gate bias, shared positions without."""
+    F = case[-1]
+    hs64, c64, b64, tabs, pos, g = gated_case(case, per_row)
+    leaves = [hs64.to(dtype).cuda().requires_grad_(), c64.to(dtype).cuda().requires_grad_()]
+    rleaves = [hs64.to(dtype).double().requires_grad_(), c64.to(dtype).double().requires_grad_()]
+    if per_row:
+        leaves.append(b64.to(dtype).cuda().requires_grad_())
+        rleaves.append(b64.to(dtype).double().requires_grad_())
+    b, rb = (leaves[2], rleaves[2]) if per_row else (None, None)
+    out = ops.poly_causal_gated_rope(leaves[0], leaves[1], b, *(t.cuda() for t in tabs), pos.cuda(), F)
+    ref = reference.poly_causal_gated_rope(rleaves[0], rleaves[1], rb, *tabs, pos, F)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert_close(out, ref, dtype, "forward")
+    assert_grads(out, ref, leaves, rleaves, torch.randn(out.shape, generator=g, dtype=torch.float64), dtype,
+                 ["hs", "coeff", "gate_bias"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("F", [1, 4, 300])
+@pytest.mark.parametrize("Pg", [8, 2])
+def test_cuda_causal_gated_rope_packed_2d(dtype, F, Pg):
+    """Packed sequences (an empty one, a one-token one, a long one) with 2-D positions (2 sections)."""
+    g = torch.Generator().manual_seed(13 + F + Pg)
+    cu = torch.tensor([0, 0, 1, 40, 3000], dtype=torch.int64)
+    E, P, K = 32, 8, 2
+    S = 4 * Pg
+    hs64 = torch.randn(3000, E + S, generator=g, dtype=torch.float64)
+    c64 = torch.randn(E, K, generator=g, dtype=torch.float64) * 0.5
+    b64 = torch.randn(S, generator=g, dtype=torch.float64)
+    tabs = tables(24, P, g) + tables(24, Pg, g)
+    pos = torch.randint(0, 24, (3000, 2), generator=g)
+    leaves = [t.to(dtype).cuda().requires_grad_() for t in (hs64, c64, b64)]
+    rleaves = [t.to(dtype).double().requires_grad_() for t in (hs64, c64, b64)]
+    out = ops.poly_causal_gated_rope(*leaves, *(t.cuda() for t in tabs), pos.cuda(), F, cu.cuda())
+    ref = reference.poly_causal_gated_rope(*rleaves, *tabs, pos, F, cu)
+    assert_close(out, ref, dtype, "forward")
+    assert_grads(out, ref, leaves, rleaves, torch.randn(out.shape, generator=g, dtype=torch.float64), dtype,
+                 ["hs", "coeff", "gate_bias"])
+
+
+def test_cuda_causal_gated_rope_strided_and_deterministic():
+    g = torch.Generator().manual_seed(8)
+    big = torch.randn(2, 600, 48, generator=g).cuda()
+    hs = big[:, ::2, 4:44]  # E = 32 features + S = 8 gates: strided rows and a channel offset, no 16-byte rows
+    c = torch.randn(32, 3, generator=g).cuda()
+    b = torch.randn(8, generator=g).cuda()
+    tabs = tuple(t.cuda() for t in tables(300, 8, g) + tables(300, 2, g))
+    pos = torch.randint(0, 300, (300, 2), generator=g).cuda()
+    for F in (1, 5):
+        a = ops.poly_causal_gated_rope(hs, c, b, *tabs, pos, F)
+        assert torch.equal(a, ops.poly_causal_gated_rope(hs, c, b, *tabs, pos, F))
+        assert rel_err(a, ops.poly_causal_gated_rope(hs.contiguous(), c, b, *tabs, pos, F)) < 1e-6
+        ref = reference.poly_causal_gated_rope(hs.double().cpu(), c.double().cpu(), b.double().cpu(),
+                                               *(t.cpu() for t in tabs), pos.cpu(), F)
+        assert_close(a, ref, torch.float32, "strided")
+        gy = torch.randn(a.shape, generator=g).cuda()
+        r1 = R.poly_causal_gated_rope_backward(gy, hs, c, b, *tabs, pos, F, None)
+        r2 = R.poly_causal_gated_rope_backward(gy, hs, c, b, *tabs, pos, F, None)
+        assert all(torch.equal(x, y) for x, y in zip(r1, r2))
+
+
+def test_cuda_causal_gated_rope_opcheck():
+    g = torch.Generator().manual_seed(16)
+    d = dict(dtype=torch.float64, device="cuda")
+    hs = torch.randn(2, 17, 24, generator=g, dtype=torch.float64).to(**d).requires_grad_()  # E = 16, S = 8
+    c = torch.randn(16, 3, generator=g, dtype=torch.float64).to(**d).requires_grad_()
+    b = torch.randn(8, generator=g, dtype=torch.float64).to(**d).requires_grad_()
+    tabs = tuple(t.to(**d) for t in tables(20, 4, g, torch.float64) + tables(20, 2, g, torch.float64))
+    pos = torch.randint(0, 20, (17, 2), generator=g).cuda()
+    hp = torch.randn(34, 24, generator=g, dtype=torch.float64).to(**d).requires_grad_()
+    pp = torch.randint(0, 20, (34, 2), generator=g).cuda()
+    cu = torch.tensor([0, 3, 3, 34], dtype=torch.int32, device="cuda")
+    for args in ((hs, c, b, *tabs, pos, 1, None), (hs, c, None, *tabs, pos.expand(2, 17, 2).contiguous(), 4, None),
+                 (hp, c, b, *tabs, pp, 2, cu)):
+        torch.library.opcheck(R.poly_causal_gated_rope, args)
+    torch.library.opcheck(R.poly_causal_gated_rope_backward,
+                          (torch.randn(2, 17, 16, generator=g, dtype=torch.float64).to(**d), hs.detach(), c.detach(),
+                           b.detach(), *tabs, pos, 3, None))
+
+
+def test_cuda_causal_gated_rope_bad_positions():
+    g = torch.Generator().manual_seed(20)
+    tabs = tuple(t.cuda() for t in tables(20, 2, g) + tables(20, 1, g))
+    pos = (torch.randint(0, 20, (17, 2), generator=g) + 100).cuda()
+    hs, c = torch.randn(2, 17, 12, device="cuda"), torch.randn(8, 3, device="cuda")  # E = 8, S = 4
+    with pytest.raises(RuntimeError, match=r"'positions' must lie in \[0, 20\)"):
+        R.poly_causal_gated_rope(hs, c, None, *tabs, pos, 1, None)
+    with pytest.raises(RuntimeError, match=r"'positions' must lie in \[0, 20\)"):
+        R.poly_causal_gated_rope_backward(torch.randn(2, 17, 8, device="cuda"), hs, c, None, *tabs, pos, 1, None)
+    assert ops.poly_causal_gated_rope(hs, c, None, *tabs, pos - 100, 1).isfinite().all()

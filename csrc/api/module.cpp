@@ -38,8 +38,8 @@ PoMState PoMState::clone() const { return PoMState(sum.clone(), count.clone()); 
 
 namespace {
 
-// Whether the library has a kernel of the fused gated rope op for x's device (none on CUDA yet: there the layer
-// turns its gate itself and runs poly_causal_rope, as the Python layer does).
+// Whether the library has a kernel of the fused gated rope op for x's device (the CPU, and CUDA in a CUDA build;
+// elsewhere the layer turns its gate itself and runs the unfused path, as the Python layer does).
 bool fused_gated_rope_for(const at::Tensor& x) {
   static const c10::OperatorHandle op =
       c10::Dispatcher::singleton().findSchemaOrThrow("pom_ext::poly_causal_gated_rope", "");

@@ -147,7 +147,7 @@ struct WeightArg {
 
 // The kernels below are __device__ bodies with a compile-time W (weighted), each behind two __global__ entry
 // points: the plain kernel (W = false: the code of the unweighted ops does not change with the weighted op) and
-// its _weighted twin, instantiated for the degrees of weighted_dispatch_degree only.
+// its _weighted twin, instantiated for the degrees of lean_dispatch_degree only.
 template <typename scalar_t, int K, bool W>
 __device__ __forceinline__ void causal_tot(const scalar_t* __restrict__ h, Strides hs, bool vin,
                                            Layout L, int64_t E, CoeffArg<at::opmath_type<scalar_t>> ca,
@@ -302,9 +302,9 @@ __global__ void __launch_bounds__(128)
 }
 
 // Kahan-compensated sum of the (gated) gradient rows of F-block [blk, bend) (thousands of rows, for a large F),
-// divided by bend.
-template <bool W, int V, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void block_grad(const scalar_t* g, const Strides& gs, bool vg, const GateArg<scalar_t>& gate,
+// divided by bend. Gate: GateArg, or the gated rope op's LaneGate.
+template <bool W, int V, typename scalar_t, typename acc_t, typename Gate>
+__device__ __forceinline__ void block_grad(const scalar_t* g, const Strides& gs, bool vg, const Gate& gate,
                                            const WeightArg<acc_t>& wa, const Layout& L, int64_t b, int64_t blk,
                                            int64_t bend, int64_t e0, int nv, acc_t (&G)[V]) {
   acc_t comp[V];
@@ -321,20 +321,14 @@ __device__ __forceinline__ void block_grad(const scalar_t* g, const Strides& gs,
   for (int j = 0; j < V; ++j) G[j] = (G[j] - comp[j]) * inv;
 }
 
-template <typename scalar_t, bool W>
-__device__ __forceinline__ void causal_bwd_tot(const scalar_t* __restrict__ g, Strides gs, bool vg,
-                                               GateArg<scalar_t> gate,
-                                               WeightArg<at::opmath_type<scalar_t>> wa, Layout L,
-                                               int64_t E, int64_t F, double* __restrict__ tot) {
+// The sum of g inv (times the gate) over the rows of chunk blockIdx.x of sequence b, channels e0 .. e0 + nv - 1
+// (whole blocks: each chunk that has a predecessor) -> tot. Gate: GateArg, or the gated rope op's LaneGate.
+template <bool W, int V, typename scalar_t, typename Gate>
+__device__ __forceinline__ void bwd_chunk_total(const scalar_t* __restrict__ g, const Strides& gs, bool vg,
+                                                const Gate& gate, const WeightArg<at::opmath_type<scalar_t>>& wa,
+                                                const Layout& L, int64_t b, int64_t n0, int64_t n1, int64_t E,
+                                                int64_t F, int64_t e0, int nv, double* __restrict__ tot) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int V = Vec<scalar_t>::value;
-  int64_t b, n0, n1;
-  // Whole blocks never use the total of a sequence's first chunk; split blocks use every chunk's (the first
-  // chunk of each block gives the suffix sum from that block on).
-  if (!L.chunk(blockIdx.x, b, n0, n1) || (L.plan.cpb == 0 && n0 == 0)) return;
-  int64_t e0;
-  int nv;
-  if (!thread_channels<V>(E, e0, nv)) return;
   acc_t run[V], comp[V];
 #pragma unroll
   for (int j = 0; j < V; ++j) run[j] = comp[j] = acc_t(0);
@@ -370,6 +364,22 @@ __device__ __forceinline__ void causal_bwd_tot(const scalar_t* __restrict__ g, S
 #pragma unroll
   for (int j = 0; j < V; ++j)
     if (j < nv) t[j] = static_cast<double>(run[j]) - static_cast<double>(comp[j]);
+}
+
+template <typename scalar_t, bool W>
+__device__ __forceinline__ void causal_bwd_tot(const scalar_t* __restrict__ g, Strides gs, bool vg,
+                                               GateArg<scalar_t> gate,
+                                               WeightArg<at::opmath_type<scalar_t>> wa, Layout L,
+                                               int64_t E, int64_t F, double* __restrict__ tot) {
+  constexpr int V = Vec<scalar_t>::value;
+  int64_t b, n0, n1;
+  // Whole blocks never use the total of a sequence's first chunk; split blocks use every chunk's (the first
+  // chunk of each block gives the suffix sum from that block on).
+  if (!L.chunk(blockIdx.x, b, n0, n1) || (L.plan.cpb == 0 && n0 == 0)) return;
+  int64_t e0;
+  int nv;
+  if (!thread_channels<V>(E, e0, nv)) return;
+  bwd_chunk_total<W, V>(g, gs, vg, gate, wa, L, b, n0, n1, E, F, e0, nv, tot);
 }
 
 template <typename scalar_t>
@@ -565,7 +575,7 @@ __global__ void __launch_bounds__(128)
   }
 }
 
-// ---- rotary positions: poly_causal_rope ----
+// ---- rotary positions: poly_causal_rope and poly_causal_gated_rope ----
 //
 // The scans of the plain op with the channels of a pair in two lanes of one warp: lanes l and l + 16 own the
 // two halves of one vector of V pairs (columns col0 .. col0 + nv - 1 of a section, rope.cuh), so both read one
@@ -576,12 +586,114 @@ __global__ void __launch_bounds__(128)
 // partner's sum from the same shuffle, u[a] = c G[a] + s G[a + P], u[a + P] = c G[a + P] - s G[a], before the
 // element backward. Lanes past the last pair vector stay in the loops (the shuffles need the whole warp) but load
 // at channel 0 and store nothing.
+// Gated (poly_causal_gated_rope, hs = [h | pre], y = s~ H~, s~ = R_g(pos) hardsigmoid(pre + bias)): q = E / S_g =
+// P / Pg channels share a gate and gate j of a section pairs with j + Pg, so the gates of a lane's channels pair
+// with those of its partner lane's: the turned gate is the lane's gate values and the partner's from one more
+// shuffle (LaneGate). The forward scales each output row by s~; the backward scans g s~ (its chunk totals on the
+// rope lanes, rope_bwd_tot), and rope_gate_bwd recomputes H~ from forward carries for the gate's gradient,
+// R_g^T (g H~) (the partner's g H~ by a shuffle), times hardsigmoid': directly for q = 1, through run sums reduced
+// per gate on the host for q > 1 (as causal_gate_bwd).
 
 using plan::RopeLane;
 
 template <int V>
 __device__ __forceinline__ RopeLane rope_lane(int64_t P, int64_t S) {
   return plan::rope_lane(channel_tile() * blockDim.x + threadIdx.x, P, S, V);
+}
+
+// The gate of the gated rope op: its columns and bias (GateArg, q channels a gate) and its tables (L, Pg) at the
+// features' positions.
+template <typename scalar_t>
+struct RopeGateArg {
+  GateArg<scalar_t> gate;
+  RopeArg<at::opmath_type<scalar_t>> tab;
+};
+
+// The turned gate on a rope lane (GATED = false: no gate, apply copies). Every lane of the warp calls turned /
+// apply for a row (one shuffle).
+template <typename scalar_t, bool GATED>
+struct LaneGate {
+  using acc_t = at::opmath_type<scalar_t>;
+  RopeGateArg<scalar_t> a;
+  RopeLane r;
+
+  // s~ of the lane's channels at row n of sequence b.
+  template <int V>
+  __device__ __forceinline__ void turned(const Layout& L, int64_t b, int64_t n, acc_t (&sg)[V]) const {
+    acc_t x[V], xp[V], c[V], s[V];
+    a.gate.template values<V>(L, b, n, r.e0, r.nv, x);
+    partner_values<V>(x, xp);
+    lane_factors<V>(a.tab, a.gate.q, L, b, n, r, c, s);
+#pragma unroll
+    for (int j = 0; j < V; ++j) sg[j] = c[j] * x[j] - static_cast<acc_t>(r.sign) * s[j] * xp[j];
+  }
+  // y = s~ x of row n (the lane's channels: e0, nv are the lane's).
+  template <int V>
+  __device__ __forceinline__ void apply(const Layout& L, int64_t b, int64_t n, int64_t, int, const acc_t (&x)[V],
+                                        acc_t (&y)[V]) const {
+    if constexpr (GATED) {
+      turned<V>(L, b, n, y);
+#pragma unroll
+      for (int j = 0; j < V; ++j) y[j] *= x[j];
+    } else {
+#pragma unroll
+      for (int j = 0; j < V; ++j) y[j] = x[j];
+    }
+  }
+};
+
+// fn(n, H~) for the rows n = n0 .. n1 - 1 of chunk blockIdx.x in order, on the rope lane r: H~ the mean of p~ over
+// rows 0 .. n (F = 1) or over rows 0 .. the end of n's F-block, rescanned from the chunk's carry (none for a
+// sequence's first). Split blocks: the block's mean from its last chunk's carry and total; h is not read.
+template <int V, int K, typename scalar_t, typename acc_t, typename Fn>
+__device__ __forceinline__ void rope_prefix_means(const scalar_t* __restrict__ h, const Strides& hs, bool vin,
+                                                  const Layout& L, int64_t b, int64_t n0, int64_t n1, int64_t E,
+                                                  int64_t F, const RopeLane& r, const CoeffArg<acc_t>& ca,
+                                                  const RopeArg<acc_t>& ra, const double* carry, const double* tot,
+                                                  Fn&& fn) {
+  if (L.plan.cpb > 0) {
+    int64_t cf, cl, bend;
+    L.block_chunks(b, blockIdx.x, cf, cl, bend);
+    const double inv = 1.0 / static_cast<double>(bend);
+    acc_t H[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j)
+      H[j] = j < r.nv ? static_cast<acc_t>((carry[cl * E + r.e0 + j] + tot[cl * E + r.e0 + j]) * inv) : acc_t(0);
+    for (int64_t n = n0; n < n1; ++n) fn(n, H);
+    return;
+  }
+  ChanCoeff<K, V, acc_t> cc;
+  cc.load(ca, r.e0, r.nv);
+  acc_t run[V], comp[V];
+  start_from_carry<acc_t, V>(n0 > 0 ? carry : nullptr, blockIdx.x, E, r.e0, r.nv, run, comp);
+  if (F == 1) {
+    for_rows<V, scalar_t, acc_t>(h, hs, vin, L, b, n0, n1, r.e0, r.nv, [&](int64_t n, const acc_t (&x)[V]) {
+      acc_t pt[V], H[V];
+      turned_features<V>(ra, r, L, b, n, cc, x, pt);
+      const acc_t inv = acc_t(1) / static_cast<acc_t>(n + 1);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        math::kahan_add(run[j], comp[j], pt[j]);
+        H[j] = (run[j] - comp[j]) * inv;
+      }
+      fn(n, H);
+    });
+    return;
+  }
+  for (int64_t blk = n0; blk < n1; blk += F) {
+    const int64_t bend = blk + F < n1 ? blk + F : n1;
+    for_rows<V, scalar_t, acc_t>(h, hs, vin, L, b, blk, bend, r.e0, r.nv, [&](int64_t n, const acc_t (&x)[V]) {
+      acc_t pt[V];
+      turned_features<V>(ra, r, L, b, n, cc, x, pt);
+#pragma unroll
+      for (int j = 0; j < V; ++j) math::kahan_add(run[j], comp[j], pt[j]);
+    });
+    const acc_t inv = acc_t(1) / static_cast<acc_t>(bend);
+    acc_t H[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) H[j] = (run[j] - comp[j]) * inv;
+    for (int64_t n = blk; n < bend; ++n) fn(n, H);
+  }
 }
 
 // Kahan sum of p~ over a chunk's rows (whole blocks: each chunk that has a successor) -> tot (E).
@@ -613,77 +725,51 @@ __global__ void __launch_bounds__(128)
     if (j < r.nv) t[j] = static_cast<double>(run[j]) - static_cast<double>(comp[j]);
 }
 
-// The forward's output pass: every chunk rescans p~ from its carry and writes its rows (split blocks: each
-// block's mean from its last chunk's carry and total, h not read).
-template <typename scalar_t, int K>
+// The forward's output pass: every chunk rescans p~ from its carry and writes its rows, times the turned gate when
+// GATED (split blocks: each block's mean from its last chunk's carry and total, h not read).
+template <typename scalar_t, int K, bool GATED>
 __global__ void __launch_bounds__(128)
     rope_scan_kernel(const scalar_t* __restrict__ h, Strides hs, bool vin, scalar_t* __restrict__ out, Strides os,
                      bool vout, Layout L, int64_t E, int64_t S, int64_t F, CoeffArg<at::opmath_type<scalar_t>> ca,
                      RopeArg<at::opmath_type<scalar_t>> ra, const double* __restrict__ carry,
-                     const double* __restrict__ tot) {
+                     const double* __restrict__ tot, RopeGateArg<scalar_t> ga) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = Vec<scalar_t>::value;
   int64_t b, n0, n1;
   if (!L.chunk(blockIdx.x, b, n0, n1)) return;
   const RopeLane r = rope_lane<V>(ra.P, S);
   if (__all_sync(0xffffffffu, r.nv == 0)) return;
-  auto store = [&](int64_t n, const acc_t (&y)[V]) {
+  const LaneGate<scalar_t, GATED> gate{ga, r};
+  rope_prefix_means<V, K>(h, hs, vin, L, b, n0, n1, E, F, r, ca, ra, carry, tot, [&](int64_t n, const acc_t (&H)[V]) {
+    acc_t y[V];
+    gate.template apply<V>(L, b, n, r.e0, r.nv, H, y);
     if (r.nv > 0) store_row<V>(out + L.off(os, b, n), r.e0, os.e, r.nv, vout, y);
-  };
-  if (L.plan.cpb > 0) {
-    int64_t cf, cl, bend;
-    L.block_chunks(b, blockIdx.x, cf, cl, bend);
-    const double inv = 1.0 / static_cast<double>(bend);
-    acc_t H[V];
-#pragma unroll
-    for (int j = 0; j < V; ++j)
-      H[j] = j < r.nv ? static_cast<acc_t>((carry[cl * E + r.e0 + j] + tot[cl * E + r.e0 + j]) * inv) : acc_t(0);
-    for (int64_t n = n0; n < n1; ++n) store(n, H);
-    return;
-  }
-  ChanCoeff<K, V, acc_t> cc;
-  cc.load(ca, r.e0, r.nv);
-  acc_t run[V], comp[V];
-  start_from_carry<acc_t, V>(n0 > 0 ? carry : nullptr, blockIdx.x, E, r.e0, r.nv, run, comp);
-  if (F == 1) {
-    for_rows<V, scalar_t, acc_t>(h, hs, vin, L, b, n0, n1, r.e0, r.nv, [&](int64_t n, const acc_t (&x)[V]) {
-      acc_t pt[V], H[V];
-      turned_features<V>(ra, r, L, b, n, cc, x, pt);
-      const acc_t inv = acc_t(1) / static_cast<acc_t>(n + 1);
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
-        math::kahan_add(run[j], comp[j], pt[j]);
-        H[j] = (run[j] - comp[j]) * inv;
-      }
-      store(n, H);
-    });
-    return;
-  }
-  for (int64_t blk = n0; blk < n1; blk += F) {
-    const int64_t bend = blk + F < n1 ? blk + F : n1;
-    for_rows<V, scalar_t, acc_t>(h, hs, vin, L, b, blk, bend, r.e0, r.nv, [&](int64_t n, const acc_t (&x)[V]) {
-      acc_t pt[V];
-      turned_features<V>(ra, r, L, b, n, cc, x, pt);
-#pragma unroll
-      for (int j = 0; j < V; ++j) math::kahan_add(run[j], comp[j], pt[j]);
-    });
-    const acc_t inv = acc_t(1) / static_cast<acc_t>(bend);
-    acc_t H[V];
-#pragma unroll
-    for (int j = 0; j < V; ++j) H[j] = (run[j] - comp[j]) * inv;
-    for (int64_t n = blk; n < bend; ++n) store(n, H);
-  }
+  });
 }
 
-// The backward's pass over h: gbar (the suffix sum of g inv from the plain op's carries) turned back per row and
-// the element backward; grad_coeff partials per chunk (MODE: ScanMode).
-template <typename scalar_t, int K, int MODE>
+// The gated backward's chunk totals of g s~ inv on the rope lanes (the plain rope op's are causal_bwd_tot's).
+template <typename scalar_t>
+__global__ void __launch_bounds__(128)
+    rope_bwd_tot_kernel(const scalar_t* __restrict__ g, Strides gs, bool vg, RopeGateArg<scalar_t> ga, Layout L,
+                        int64_t E, int64_t P, int64_t S, int64_t F, double* __restrict__ tot) {
+  constexpr int V = Vec<scalar_t>::value;
+  int64_t b, n0, n1;
+  if (!L.chunk(blockIdx.x, b, n0, n1) || (L.plan.cpb == 0 && n0 == 0)) return;
+  const RopeLane r = rope_lane<V>(P, S);
+  if (__all_sync(0xffffffffu, r.nv == 0)) return;
+  bwd_chunk_total<false, V>(g, gs, vg, LaneGate<scalar_t, true>{ga, r}, {}, L, b, n0, n1, E, F, r.e0, r.nv, tot);
+}
+
+// The backward's pass over h: gbar (the suffix sum of g inv, times the turned gate when GATED, from the carries)
+// turned back per row and the element backward; grad_coeff partials per chunk (MODE: ScanMode).
+template <typename scalar_t, int K, int MODE, bool GATED>
 __global__ void __launch_bounds__(128)
     rope_bwd_scan_kernel(const scalar_t* __restrict__ g, Strides gs, bool vg, const scalar_t* __restrict__ h,
                          Strides hs, bool vin, scalar_t* __restrict__ gh, Strides ghs, bool vout, Layout L, int64_t E,
                          int64_t S, int64_t F, CoeffArg<at::opmath_type<scalar_t>> ca,
                          RopeArg<at::opmath_type<scalar_t>> ra, const double* __restrict__ carry,
-                         const double* __restrict__ tot, at::opmath_type<scalar_t>* __restrict__ part) {
+                         const double* __restrict__ tot, at::opmath_type<scalar_t>* __restrict__ part,
+                         RopeGateArg<scalar_t> ga) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = Vec<scalar_t>::value;
   int64_t b = 0, n0 = 0, n1 = 0;
@@ -695,10 +781,11 @@ __global__ void __launch_bounds__(128)
   if (valid) {
     ChanCoeff<K, V, acc_t> cc;
     cc.load(ca, r.e0, r.nv);
+    const LaneGate<scalar_t, GATED> gate{ga, r};
     // Row n's element backward from the suffix sums of the lane (gb) and of its partner (gp).
     auto row_backward = [&](int64_t n, const acc_t (&gb)[V], const acc_t (&gp)[V], const acc_t (&x)[V]) {
       acc_t ct[V], st[V], gx[V];
-      turn_factors<V>(ra, L, b, n, r.e0, r.nv, r.sec, r.col0, ct, st);
+      lane_factors<V>(ra, 1, L, b, n, r, ct, st);
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         const acc_t a = math::act(x[j]);
@@ -729,10 +816,11 @@ __global__ void __launch_bounds__(128)
         for_rows2_rev<V, scalar_t, acc_t>(g, gs, vg, h, hs, vin, L, b, n0, n1, r.e0, r.nv,
                                           [&](int64_t n, const acc_t (&gv)[V], const acc_t (&x)[V]) {
                                             const acc_t inv = acc_t(1) / static_cast<acc_t>(n + 1);
-                                            acc_t gb[V], gp[V];
+                                            acc_t y[V], gb[V], gp[V];
+                                            gate.template apply<V>(L, b, n, r.e0, r.nv, gv, y);
 #pragma unroll
                                             for (int j = 0; j < V; ++j) {
-                                              math::kahan_add(run[j], comp[j], gv[j] * inv);
+                                              math::kahan_add(run[j], comp[j], y[j] * inv);
                                               gb[j] = run[j] - comp[j];
                                             }
                                             partner_values<V>(gb, gp);
@@ -744,7 +832,7 @@ __global__ void __launch_bounds__(128)
           const int64_t blk = n0 + jb * F;
           const int64_t bend = blk + F < n1 ? blk + F : n1;
           acc_t G[V], gb[V], gp[V];
-          block_grad<false, V>(g, gs, vg, GateArg<scalar_t>{}, WeightArg<acc_t>{}, L, b, blk, bend, r.e0, r.nv, G);
+          block_grad<false, V>(g, gs, vg, gate, WeightArg<acc_t>{}, L, b, blk, bend, r.e0, r.nv, G);
 #pragma unroll
           for (int j = 0; j < V; ++j) {
             math::kahan_add(run[j], comp[j], G[j]);
@@ -758,6 +846,75 @@ __global__ void __launch_bounds__(128)
     }
   }
   f.finish();
+}
+
+// The gated rope op's gate gradient, by a forward scan that recomputes H~ from the forward carries: d = R_g^T
+// (g H~) per channel (the partner's g H~ by a shuffle; the turn is one per gate, so turning each channel's share
+// and summing a gate's channels turns the gate's sum). q == 1: gpre = hsig'(pre + bias) d into the gate columns
+// and per-chunk sums of gpre (the bias gradient) into bpart (chunks, E); q > 1: sums of d over runs of u channels
+// into gsum (rows, E / u), reduced per gate on the host (as causal_gate_bwd_kernel).
+template <typename scalar_t, int K>
+__global__ void __launch_bounds__(128)
+    rope_gate_bwd_kernel(const scalar_t* __restrict__ g, Strides gs, bool vg, const scalar_t* __restrict__ h,
+                         Strides hs, bool vin, RopeGateArg<scalar_t> ga, Layout L, int64_t E, int64_t S, int64_t F,
+                         CoeffArg<at::opmath_type<scalar_t>> ca, RopeArg<at::opmath_type<scalar_t>> ra,
+                         const double* __restrict__ carry, const double* __restrict__ tot,
+                         scalar_t* __restrict__ gpre, Strides gps, bool vgp,
+                         at::opmath_type<scalar_t>* __restrict__ bpart, at::opmath_type<scalar_t>* __restrict__ gsum,
+                         Strides gss, int u) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int V = Vec<scalar_t>::value;
+  int64_t b = 0, n0 = 0, n1 = 0;
+  const bool valid = L.chunk(blockIdx.x, b, n0, n1);
+  const RopeLane r = rope_lane<V>(ra.P, S);
+  if (__all_sync(0xffffffffu, r.nv == 0)) return;
+  const int64_t q = ga.gate.q;
+  acc_t fb[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) fb[j] = acc_t(0);
+  if (valid) {
+    rope_prefix_means<V, K>(h, hs, vin, L, b, n0, n1, E, F, r, ca, ra, carry, tot,
+                            [&](int64_t n, const acc_t (&H)[V]) {
+      acc_t d[V], dp[V], c[V], s[V];
+      load_row<V>(g + L.off(gs, b, n), r.e0, gs.e, r.nv, vg, d);
+#pragma unroll
+      for (int j = 0; j < V; ++j) d[j] *= H[j];
+      partner_values<V>(d, dp);
+      lane_factors<V>(ga.tab, q, L, b, n, r, c, s);
+#pragma unroll
+      for (int j = 0; j < V; ++j) d[j] = c[j] * d[j] + static_cast<acc_t>(r.sign) * s[j] * dp[j];
+      if (r.nv == 0) return;
+      if (q == 1) {
+        acc_t x[V];
+        ga.gate.template inputs<V>(L, b, n, r.e0, r.nv, x);
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          d[j] *= math::hsig_grad(x[j]);
+          fb[j] += d[j];
+        }
+        store_row<V>(gpre + L.off(gps, b, n), r.e0, gps.e, r.nv, vgp, d);
+        return;
+      }
+      acc_t* dst = gsum + L.off(gss, b, n) + r.e0 / u;
+      acc_t t = acc_t(0);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        if (j < r.nv) {  // nv is a multiple of u: u divides V and q, and q divides P
+          t += d[j];
+          if ((j + 1) % u == 0) {
+            dst[j / u] = t;
+            t = acc_t(0);
+          }
+        }
+      }
+    });
+  }
+  if (bpart && r.nv > 0) {
+    acc_t* dst = bpart + static_cast<int64_t>(blockIdx.x) * E + r.e0;
+#pragma unroll
+    for (int j = 0; j < V; ++j)
+      if (j < r.nv) dst[j] = fb[j];
+  }
 }
 
 struct ScanPlan {
@@ -805,13 +962,13 @@ GateArg<scalar_t> gate_arg(const at::Tensor& pre, bool packed, int64_t E, const 
   return a;
 }
 
-// The degrees the _weighted kernels are instantiated for: 2 (the models' default) with its fixed-degree kernels,
-// every other degree with the generic-degree kernels (coefficients from a table), which keeps the build's size
-// and time near those of the unweighted op alone.
+// The degrees the kernels of the weighted and the gated rope ops are instantiated for ("lean"): 2 (the models'
+// default) with its fixed-degree kernels, every other degree with the generic-degree kernels (coefficients from a
+// table), which keeps the build's size and time near those of the other ops alone.
 template <int K>
-constexpr bool kWeightedDegree = K == 0 || K == 2;
+constexpr bool kLeanDegree = K == 0 || K == 2;
 template <typename Fn>
-void weighted_dispatch_degree(int degree, Fn&& fn) {
+void lean_dispatch_degree(int degree, Fn&& fn) {
 #ifdef POM_CUDA_ONE_VARIANT
   (void)degree;
   fn(std::integral_constant<int, 0>{});
@@ -824,49 +981,89 @@ void weighted_dispatch_degree(int degree, Fn&& fn) {
 #endif
 }
 
-// The degree dispatch of an op: the weighted kernels' degrees when wa is set.
-template <typename acc_t, typename Fn>
-void dispatch_causal_degree(int degree, const WeightArg<acc_t>* wa, Fn&& fn) {
-  if (wa) {
-    weighted_dispatch_degree(degree, std::forward<Fn>(fn));
+// The degree dispatch of an op: the lean degrees for the weighted and the gated rope kernels.
+template <typename Fn>
+void dispatch_causal_degree(int degree, bool lean, Fn&& fn) {
+  if (lean) {
+    lean_dispatch_degree(degree, std::forward<Fn>(fn));
   } else {
     cuda_dispatch_degree(degree, std::forward<Fn>(fn));
   }
 }
 
+// A rope call's kernel arguments: the features' tables, the sections S = E / (2 P), the channel tiles of the
+// rope lanes (rope_lanes threads a row) and, for the gated op, its gate. 16-byte rows need every lane's first
+// channel on a vector: P a multiple of V (lanes_vec).
+template <typename scalar_t>
+struct RopeCall {
+  RopeArg<at::opmath_type<scalar_t>> ra;
+  RopeGateArg<scalar_t> ga;
+  bool gated = false;
+  int64_t S = 1, tiles = 0;
+  bool lanes_vec = false;
+
+  RopeCall(const RopeHost& rope, int64_t E, int tx, const RopeGateArg<scalar_t>* gate)
+      : ra(rope.arg<scalar_t>()), gated(gate != nullptr), S(E / (2 * rope.P)),
+        tiles(ceil_div(plan::rope_lanes(rope.P, E / (2 * rope.P), Vec<scalar_t>::value), static_cast<int64_t>(tx))),
+        lanes_vec(rope.P % Vec<scalar_t>::value == 0) {
+    if (gate) ga = *gate;
+  }
+};
+
+// The gated rope op's gate: the gate columns pre and bias (gate_arg; 16-byte loads of pre need the rope lanes'
+// alignment too) and the gate tables at the features' positions.
+template <typename scalar_t>
+RopeGateArg<scalar_t> rope_gate_arg(const at::Tensor& pre, bool packed, int64_t E,
+                                    const c10::optional<at::Tensor>& bias, const RopeHost& rope, at::Tensor& keep) {
+  RopeGateArg<scalar_t> a;
+  a.gate = gate_arg<scalar_t>(pre, packed, E, bias, keep);
+  a.gate.vec = a.gate.vec && rope.P % Vec<scalar_t>::value == 0;
+  a.tab = rope.gate_arg<scalar_t>();
+  return a;
+}
+
 // out (E columns, laid out like h) = H, or gate * H when the gate is set; with wa (no gate) the weighted prefix
-// means.
+// means; with rope, the rope op's H~ on the rope lanes (times the turned gate rope_gate of the gated rope op).
 template <typename scalar_t>
 void causal_forward(const at::Tensor& h, const at::Tensor& coeff, int64_t block_size,
                     const c10::optional<at::Tensor>& cu, const GateArg<scalar_t>& gate,
-                    const WeightArg<at::opmath_type<scalar_t>>* wa, at::Tensor& out, cudaStream_t stream) {
+                    const WeightArg<at::opmath_type<scalar_t>>* wa, at::Tensor& out, cudaStream_t stream,
+                    const RopeHost* rope = nullptr, const RopeGateArg<scalar_t>* rope_gate = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t E = h.size(-1);
   const bool packed = cu.has_value();
   // Outputs come from Kahan-compensated scans: chunks may be as long as the sequence.
   ScanPlan p = plan_scan<scalar_t>(h, cu, block_size, std::numeric_limits<int64_t>::max(), stream);
   if (p.L.nchunks == 0) return;
+  c10::optional<RopeCall<scalar_t>> rc;
+  if (rope) rc.emplace(*rope, E, p.tx, rope_gate);
+  const bool lv = !rc || rc->lanes_vec;
   at::Tensor keep;
   auto ca = coeff_arg<acc_t>(coeff, keep);
   const Strides hs = strides_of(h, packed), os = strides_of(out, packed);
-  const bool vin = vectorizable<scalar_t>(h.data_ptr(), hs, E);
-  const bool vout = vectorizable<scalar_t>(out.data_ptr(), os, E);
-  const dim3 grid = grid_of(p.L.nchunks, p.tiles);
-  at::Tensor tot, carry;
-  dispatch_causal_degree(static_cast<int>(coeff.size(1)), wa, [&](auto Kc) {
+  const bool vin = lv && vectorizable<scalar_t>(h.data_ptr(), hs, E);
+  const bool vout = lv && vectorizable<scalar_t>(out.data_ptr(), os, E);
+  const dim3 grid = grid_of(p.L.nchunks, rc ? rc->tiles : p.tiles);
+  const bool rope_gated = rc && rc->gated;
+  dispatch_causal_degree(static_cast<int>(coeff.size(1)), wa != nullptr || rope_gated, [&](auto Kc) {
     constexpr int K = decltype(Kc)::value;
+    at::Tensor tot, carry;
     if (!p.single) {
       tot = at::empty({p.L.nchunks, E}, h.options().dtype(at::kDouble));
       carry = at::empty({p.L.nchunks, E}, h.options().dtype(at::kDouble));
       bool done = false;
-      if constexpr (kWeightedDegree<K>) {
+      if constexpr (kLeanDegree<K>) {
         if (wa) {
           causal_tot_weighted_kernel<scalar_t, K><<<grid, p.tx, 0, stream>>>(h.data_ptr<scalar_t>(), hs, vin, p.L,
                                                                               E, ca, *wa, tot.data_ptr<double>());
           done = true;
         }
       }
-      if (!done) {
+      if (done) {
+      } else if (rc) {
+        rope_tot_kernel<scalar_t, K><<<grid, p.tx, 0, stream>>>(h.data_ptr<scalar_t>(), hs, vin, p.L, E, rc->S, ca,
+                                                                 rc->ra, tot.data_ptr<double>());
+      } else {
         causal_tot_kernel<scalar_t, K><<<grid, p.tx, 0, stream>>>(h.data_ptr<scalar_t>(), hs, vin, p.L, E, ca,
                                                                    tot.data_ptr<double>());
       }
@@ -875,27 +1072,41 @@ void causal_forward(const at::Tensor& h, const at::Tensor& coeff, int64_t block_
     }
     const double* cp = p.single ? nullptr : carry.data_ptr<double>();
     const double* tp = p.single ? nullptr : tot.data_ptr<double>();
-    if constexpr (kWeightedDegree<K>) {
+    scalar_t* const op = out.data_ptr<scalar_t>();
+    const scalar_t* const hp = h.data_ptr<scalar_t>();
+    if constexpr (kLeanDegree<K>) {
       if (wa) {
-        causal_scan_weighted_kernel<scalar_t, K><<<grid, p.tx, 0, stream>>>(
-            h.data_ptr<scalar_t>(), hs, vin, out.data_ptr<scalar_t>(), os, vout, p.L, E, p.F, ca, cp, tp, *wa);
+        causal_scan_weighted_kernel<scalar_t, K><<<grid, p.tx, 0, stream>>>(hp, hs, vin, op, os, vout, p.L, E, p.F, ca,
+                                                                             cp, tp, *wa);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
+      if (rope_gated) {
+        rope_scan_kernel<scalar_t, K, true><<<grid, p.tx, 0, stream>>>(hp, hs, vin, op, os, vout, p.L, E, rc->S, p.F,
+                                                                        ca, rc->ra, cp, tp, rc->ga);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         return;
       }
     }
-    causal_scan_kernel<scalar_t, K><<<grid, p.tx, 0, stream>>>(h.data_ptr<scalar_t>(), hs, vin,
-                                                                out.data_ptr<scalar_t>(), os, vout, p.L, E, p.F, ca,
-                                                                cp, tp, gate);
+    if (rc) {
+      rope_scan_kernel<scalar_t, K, false><<<grid, p.tx, 0, stream>>>(hp, hs, vin, op, os, vout, p.L, E, rc->S, p.F,
+                                                                       ca, rc->ra, cp, tp, rc->ga);
+    } else {
+      causal_scan_kernel<scalar_t, K><<<grid, p.tx, 0, stream>>>(hp, hs, vin, op, os, vout, p.L, E, p.F, ca, cp, tp,
+                                                                  gate);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
 // grad_h into gh (laid out like h) for the upstream gradient g, times the gate when it is set; returns
-// grad_coeff. p: the backward's plan (chunks of at most kMaxBwdRows rows).
+// grad_coeff. p: the backward's plan (chunks of at most kMaxBwdRows rows). rc: the rope op's scans on the rope
+// lanes (g times the turned gate for the gated rope op; `gate` unused).
 template <typename scalar_t>
 at::Tensor causal_backward(const at::Tensor& g, const at::Tensor& h, const at::Tensor& coeff, const ScanPlan& p,
                            const GateArg<scalar_t>& gate, const WeightArg<at::opmath_type<scalar_t>>* wa,
-                           const at::Tensor& gh, bool packed, cudaStream_t stream) {
+                           const at::Tensor& gh, bool packed, cudaStream_t stream,
+                           const RopeCall<scalar_t>* rc = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   const int deg = static_cast<int>(coeff.size(1));
   const int64_t E = h.size(-1);
@@ -905,11 +1116,14 @@ at::Tensor causal_backward(const at::Tensor& g, const at::Tensor& h, const at::T
   if (nslots > 0) {
     at::Tensor keep;
     auto ca = coeff_arg<acc_t>(coeff, keep);
+    const bool lv = rc == nullptr || rc->lanes_vec;
+    const bool rope_gated = rc && rc->gated;
     const Strides hs = strides_of(h, packed), gs = strides_of(g, packed), ghs = strides_of(gh, packed);
-    const bool vin = vectorizable<scalar_t>(h.data_ptr(), hs, E);
+    const bool vin = lv && vectorizable<scalar_t>(h.data_ptr(), hs, E);
     const bool vg = vectorizable<scalar_t>(g.data_ptr(), gs, E);
-    const bool vout = vectorizable<scalar_t>(gh.data_ptr(), ghs, E);
-    const dim3 grid = grid_of(p.L.nchunks, p.tiles);
+    const bool vout = lv && vectorizable<scalar_t>(gh.data_ptr(), ghs, E);
+    const dim3 plain_grid = grid_of(p.L.nchunks, p.tiles);
+    const dim3 grid = rc ? grid_of(p.L.nchunks, rc->tiles) : plain_grid;
     at::Tensor tot, carry;
     if (!p.single) {
       tot = at::empty({p.L.nchunks, E}, h.options().dtype(at::kDouble));
@@ -917,9 +1131,14 @@ at::Tensor causal_backward(const at::Tensor& g, const at::Tensor& h, const at::T
       if (wa) {
         causal_bwd_tot_weighted_kernel<scalar_t><<<grid, p.tx, 0, stream>>>(g.data_ptr<scalar_t>(), gs, vg, *wa,
                                                                              p.L, E, p.F, tot.data_ptr<double>());
+      } else if (rope_gated) {
+        // g s~ on the rope lanes (the turned gate needs the partner lane).
+        rope_bwd_tot_kernel<scalar_t><<<grid, p.tx, 0, stream>>>(g.data_ptr<scalar_t>(), gs, vg && lv, rc->ga, p.L, E,
+                                                                  rc->ra.P, rc->S, p.F, tot.data_ptr<double>());
       } else {
-        causal_bwd_tot_kernel<scalar_t><<<grid, p.tx, 0, stream>>>(g.data_ptr<scalar_t>(), gs, vg, gate, p.L, E,
-                                                                    p.F, tot.data_ptr<double>());
+        // The rope op's suffix sums of g inv are the plain op's (plain channels, plain grid).
+        causal_bwd_tot_kernel<scalar_t><<<plain_grid, p.tx, 0, stream>>>(g.data_ptr<scalar_t>(), gs, vg, gate, p.L,
+                                                                          E, p.F, tot.data_ptr<double>());
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       launch_chunk_scan(tot.data_ptr<double>(), carry.data_ptr<double>(), p.L, E, true, stream);
@@ -927,24 +1146,44 @@ at::Tensor causal_backward(const at::Tensor& g, const at::Tensor& h, const at::T
     acc_t* const partp = part.data_ptr<acc_t>();
     const double* cp = p.single ? nullptr : carry.data_ptr<double>();
     const double* tp = p.single ? nullptr : tot.data_ptr<double>();
-    dispatch_causal_degree(deg, wa, [&](auto Kc) {
+    const scalar_t* const gp = g.data_ptr<scalar_t>();
+    const scalar_t* const hp = h.data_ptr<scalar_t>();
+    scalar_t* const ghp = gh.data_ptr<scalar_t>();
+    dispatch_causal_degree(deg, wa != nullptr || rope_gated, [&](auto Kc) {
       constexpr int K = decltype(Kc)::value;
-      if constexpr (kWeightedDegree<K>) {
+      if constexpr (kLeanDegree<K>) {
         if (wa) {
           auto kernel = p.L.plan.cpb > 0 ? causal_bwd_scan_weighted_kernel<scalar_t, K, kSplitBlocks>
                         : p.F == 1      ? causal_bwd_scan_weighted_kernel<scalar_t, K, kTokens>
                                         : causal_bwd_scan_weighted_kernel<scalar_t, K, kWholeBlocks>;
-          kernel<<<grid, p.tx, 0, stream>>>(g.data_ptr<scalar_t>(), gs, vg, *wa, h.data_ptr<scalar_t>(), hs, vin,
-                                            gh.data_ptr<scalar_t>(), ghs, vout, p.L, E, p.F, ca, cp, tp, partp);
+          kernel<<<grid, p.tx, 0, stream>>>(gp, gs, vg, *wa, hp, hs, vin, ghp, ghs, vout, p.L, E, p.F, ca, cp, tp,
+                                            partp);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          return;
+        }
+        if (rope_gated) {
+          auto kernel = p.L.plan.cpb > 0 ? rope_bwd_scan_kernel<scalar_t, K, kSplitBlocks, true>
+                        : p.F == 1      ? rope_bwd_scan_kernel<scalar_t, K, kTokens, true>
+                                        : rope_bwd_scan_kernel<scalar_t, K, kWholeBlocks, true>;
+          kernel<<<grid, p.tx, 0, stream>>>(gp, gs, vg && lv, hp, hs, vin, ghp, ghs, vout, p.L, E, rc->S, p.F, ca,
+                                            rc->ra, cp, tp, partp, rc->ga);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
           return;
         }
       }
-      auto kernel = p.L.plan.cpb > 0 ? causal_bwd_scan_kernel<scalar_t, K, kSplitBlocks>
-                    : p.F == 1      ? causal_bwd_scan_kernel<scalar_t, K, kTokens>
-                                    : causal_bwd_scan_kernel<scalar_t, K, kWholeBlocks>;
-      kernel<<<grid, p.tx, 0, stream>>>(g.data_ptr<scalar_t>(), gs, vg, gate, h.data_ptr<scalar_t>(), hs, vin,
-                                        gh.data_ptr<scalar_t>(), ghs, vout, p.L, E, p.F, ca, cp, tp, partp);
+      if (rc) {
+        auto kernel = p.L.plan.cpb > 0 ? rope_bwd_scan_kernel<scalar_t, K, kSplitBlocks, false>
+                      : p.F == 1      ? rope_bwd_scan_kernel<scalar_t, K, kTokens, false>
+                                      : rope_bwd_scan_kernel<scalar_t, K, kWholeBlocks, false>;
+        kernel<<<grid, p.tx, 0, stream>>>(gp, gs, vg && lv, hp, hs, vin, ghp, ghs, vout, p.L, E, rc->S, p.F, ca,
+                                          rc->ra, cp, tp, partp, rc->ga);
+      } else {
+        auto kernel = p.L.plan.cpb > 0 ? causal_bwd_scan_kernel<scalar_t, K, kSplitBlocks>
+                      : p.F == 1      ? causal_bwd_scan_kernel<scalar_t, K, kTokens>
+                                      : causal_bwd_scan_kernel<scalar_t, K, kWholeBlocks>;
+        kernel<<<grid, p.tx, 0, stream>>>(gp, gs, vg, gate, hp, hs, vin, ghp, ghs, vout, p.L, E, p.F, ca, cp, tp,
+                                          partp);
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -953,10 +1192,12 @@ at::Tensor causal_backward(const at::Tensor& g, const at::Tensor& h, const at::T
 
 // Gradient of the gate columns into gpre and of the bias (returned, in the dtype of `like`), recomputing H
 // by a forward scan on the backward's plan p. bias: the gate's bias in the accumulation type (or undefined).
+// rc: the gated rope op (H~ and the turned gate on the rope lanes), else the plain gated op.
 template <typename scalar_t>
 at::Tensor gate_backward(const at::Tensor& g, const at::Tensor& h, const at::Tensor& pre, const at::Tensor& coeff,
                          const ScanPlan& p, const GateArg<scalar_t>& gate, const at::Tensor& bias,
-                         const at::Tensor& gpre, bool packed, const at::Tensor& like, cudaStream_t stream) {
+                         const at::Tensor& gpre, bool packed, const at::Tensor& like, cudaStream_t stream,
+                         const RopeCall<scalar_t>* rc = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = Vec<scalar_t>::value;
   const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
@@ -977,27 +1218,43 @@ at::Tensor gate_backward(const at::Tensor& g, const at::Tensor& h, const at::Ten
     auto ca = coeff_arg<acc_t>(coeff, keep);
     const Strides hs = strides_of(h, packed), gs = strides_of(g, packed), gps = strides_of(gpre, packed);
     const Strides gss = q == 1 ? Strides{} : strides_of(gsum, packed);
-    const bool vin = vectorizable<scalar_t>(h.data_ptr(), hs, E);
-    const bool vg = vectorizable<scalar_t>(g.data_ptr(), gs, E);
-    const bool vgp = q == 1 && vectorizable<scalar_t>(gpre.data_ptr(), gps, E);
-    const dim3 grid = grid_of(p.L.nchunks, p.tiles);
+    const bool lv = rc == nullptr || rc->lanes_vec;
+    const bool vin = lv && vectorizable<scalar_t>(h.data_ptr(), hs, E);
+    const bool vg = lv && vectorizable<scalar_t>(g.data_ptr(), gs, E);
+    const bool vgp = lv && q == 1 && vectorizable<scalar_t>(gpre.data_ptr(), gps, E);
+    const dim3 grid = grid_of(p.L.nchunks, rc ? rc->tiles : p.tiles);
     scalar_t* const gpp = q == 1 ? gpre.data_ptr<scalar_t>() : nullptr;
     acc_t* const bpp = q == 1 ? bpart.data_ptr<acc_t>() : nullptr;
     acc_t* const gsp = q == 1 ? nullptr : gsum.data_ptr<acc_t>();
-    cuda_dispatch_degree(static_cast<int>(coeff.size(1)), [&](auto Kc) {
+    dispatch_causal_degree(static_cast<int>(coeff.size(1)), rc != nullptr, [&](auto Kc) {
       constexpr int K = decltype(Kc)::value;
       at::Tensor tot, carry;
       if (!p.single) {
         tot = at::empty({p.L.nchunks, E}, h.options().dtype(at::kDouble));
         carry = at::empty({p.L.nchunks, E}, h.options().dtype(at::kDouble));
-        causal_tot_kernel<scalar_t, K><<<grid, p.tx, 0, stream>>>(h.data_ptr<scalar_t>(), hs, vin, p.L, E, ca,
-                                                                   tot.data_ptr<double>());
+        if (rc) {
+          rope_tot_kernel<scalar_t, K><<<grid, p.tx, 0, stream>>>(h.data_ptr<scalar_t>(), hs, vin, p.L, E, rc->S, ca,
+                                                                   rc->ra, tot.data_ptr<double>());
+        } else {
+          causal_tot_kernel<scalar_t, K><<<grid, p.tx, 0, stream>>>(h.data_ptr<scalar_t>(), hs, vin, p.L, E, ca,
+                                                                     tot.data_ptr<double>());
+        }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         launch_chunk_scan(tot.data_ptr<double>(), carry.data_ptr<double>(), p.L, E, false, stream);
       }
+      const double* cp = p.single ? nullptr : carry.data_ptr<double>();
+      const double* tp = p.single ? nullptr : tot.data_ptr<double>();
+      if constexpr (kLeanDegree<K>) {
+        if (rc) {
+          rope_gate_bwd_kernel<scalar_t, K><<<grid, p.tx, 0, stream>>>(
+              g.data_ptr<scalar_t>(), gs, vg, h.data_ptr<scalar_t>(), hs, vin, rc->ga, p.L, E, rc->S, p.F, ca, rc->ra,
+              cp, tp, gpp, gps, vgp, bpp, gsp, gss, u);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          return;
+        }
+      }
       causal_gate_bwd_kernel<scalar_t, K><<<grid, p.tx, 0, stream>>>(
-          g.data_ptr<scalar_t>(), gs, vg, h.data_ptr<scalar_t>(), hs, vin, gate, p.L, E, p.F, ca,
-          p.single ? nullptr : carry.data_ptr<double>(), p.single ? nullptr : tot.data_ptr<double>(), gpp, gps,
+          g.data_ptr<scalar_t>(), gs, vg, h.data_ptr<scalar_t>(), hs, vin, gate, p.L, E, p.F, ca, cp, tp, gpp, gps,
           vgp, bpp, gsp, gss, u);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -1153,7 +1410,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_causal_gated_backward_cuda(
   return {ghs, gc, gbias};
 }
 
-// poly_causal_rope: the plain op's plan; the rope lanes' grid (rope_lanes threads a row).
 at::Tensor poly_causal_rope_cuda(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& cos,
                                  const at::Tensor& sin, const at::Tensor& positions, int64_t block_size,
                                  const c10::optional<at::Tensor>& cu_seqlens) {
@@ -1165,37 +1421,8 @@ at::Tensor poly_causal_rope_cuda(const at::Tensor& h, const at::Tensor& coeff, c
   const RopeHost rope(op, h, cos, sin, positions, cu_seqlens);
   auto out = at::empty(h.sizes(), h.options());
   if (h.numel() == 0) return out;
-  const int64_t E = h.size(-1), S = E / (2 * rope.P);
-  const bool packed = cu_seqlens.has_value();
   POM_DISPATCH_FLOATING(h.scalar_type(), "poly_causal_rope_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    constexpr int V = Vec<scalar_t>::value;
-    const ScanPlan p = plan_scan<scalar_t>(h, cu_seqlens, block_size, std::numeric_limits<int64_t>::max(), stream);
-    if (p.L.nchunks == 0) return;
-    at::Tensor keep;
-    auto ca = coeff_arg<acc_t>(coeff, keep);
-    const auto ra = rope.arg<scalar_t>();
-    const Strides hs = strides_of(h, packed), os = strides_of(out, packed);
-    // 16-byte rows need every lane's first channel on a vector: P a multiple of V.
-    const bool vin = rope.P % V == 0 && vectorizable<scalar_t>(h.data_ptr(), hs, E);
-    const bool vout = rope.P % V == 0 && vectorizable<scalar_t>(out.data_ptr(), os, E);
-    const dim3 grid = grid_of(p.L.nchunks, ceil_div(plan::rope_lanes(rope.P, S, V), p.tx));
-    cuda_dispatch_degree(static_cast<int>(coeff.size(1)), [&](auto Kc) {
-      constexpr int K = decltype(Kc)::value;
-      at::Tensor tot, carry;
-      if (!p.single) {
-        tot = at::empty({p.L.nchunks, E}, h.options().dtype(at::kDouble));
-        carry = at::empty({p.L.nchunks, E}, h.options().dtype(at::kDouble));
-        rope_tot_kernel<scalar_t, K><<<grid, p.tx, 0, stream>>>(h.data_ptr<scalar_t>(), hs, vin, p.L, E, S, ca, ra,
-                                                                 tot.data_ptr<double>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        launch_chunk_scan(tot.data_ptr<double>(), carry.data_ptr<double>(), p.L, E, false, stream);
-      }
-      rope_scan_kernel<scalar_t, K><<<grid, p.tx, 0, stream>>>(
-          h.data_ptr<scalar_t>(), hs, vin, out.data_ptr<scalar_t>(), os, vout, p.L, E, S, p.F, ca, ra,
-          p.single ? nullptr : carry.data_ptr<double>(), p.single ? nullptr : tot.data_ptr<double>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    causal_forward<scalar_t>(h, coeff, block_size, cu_seqlens, GateArg<scalar_t>{}, nullptr, out, stream, &rope);
   });
   return out;
 }
@@ -1213,54 +1440,77 @@ std::tuple<at::Tensor, at::Tensor> poly_causal_rope_backward_cuda(const at::Tens
   const RopeHost rope(op, h, cos, sin, positions, cu_seqlens);
   auto g = grad_H.scalar_type() == h.scalar_type() ? grad_H : grad_H.to(h.scalar_type());
   auto gh = at::empty(h.sizes(), h.options());
-  const int deg = static_cast<int>(coeff.size(1));
-  const int64_t E = h.size(-1), S = E / (2 * rope.P);
-  const bool packed = cu_seqlens.has_value();
   at::Tensor gc;
   POM_DISPATCH_FLOATING(h.scalar_type(), "poly_causal_rope_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    constexpr int V = Vec<scalar_t>::value;
     // grad_coeff partials are plain fp32 sums per chunk: keep chunks short.
     const ScanPlan p = plan_scan<scalar_t>(h, cu_seqlens, block_size, kMaxBwdRows, stream);
-    const int64_t nslots = h.numel() == 0 ? 0 : p.L.nchunks;
-    at::Tensor part = at::empty({std::max<int64_t>(nslots, 1), deg, E},
-                                h.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    if (nslots > 0) {
-      at::Tensor keep;
-      auto ca = coeff_arg<acc_t>(coeff, keep);
-      const auto ra = rope.arg<scalar_t>();
-      const Strides hs = strides_of(h, packed), gs = strides_of(g, packed), ghs = strides_of(gh, packed);
-      const bool lanes_vec = rope.P % V == 0;
-      const bool vin = lanes_vec && vectorizable<scalar_t>(h.data_ptr(), hs, E);
-      const bool vg = vectorizable<scalar_t>(g.data_ptr(), gs, E);
-      const bool vout = lanes_vec && vectorizable<scalar_t>(gh.data_ptr(), ghs, E);
-      const dim3 grid = grid_of(p.L.nchunks, ceil_div(plan::rope_lanes(rope.P, S, V), p.tx));
-      at::Tensor tot, carry;
-      if (!p.single) {
-        // The suffix sums of g inv are the plain op's (plain channels, plain grid).
-        tot = at::empty({p.L.nchunks, E}, h.options().dtype(at::kDouble));
-        carry = at::empty({p.L.nchunks, E}, h.options().dtype(at::kDouble));
-        causal_bwd_tot_kernel<scalar_t><<<grid_of(p.L.nchunks, p.tiles), p.tx, 0, stream>>>(
-            g.data_ptr<scalar_t>(), gs, vg, GateArg<scalar_t>{}, p.L, E, p.F, tot.data_ptr<double>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        launch_chunk_scan(tot.data_ptr<double>(), carry.data_ptr<double>(), p.L, E, true, stream);
-      }
-      const double* cp = p.single ? nullptr : carry.data_ptr<double>();
-      const double* tp = p.single ? nullptr : tot.data_ptr<double>();
-      cuda_dispatch_degree(deg, [&](auto Kc) {
-        constexpr int K = decltype(Kc)::value;
-        auto kernel = p.L.plan.cpb > 0 ? rope_bwd_scan_kernel<scalar_t, K, kSplitBlocks>
-                      : p.F == 1      ? rope_bwd_scan_kernel<scalar_t, K, kTokens>
-                                      : rope_bwd_scan_kernel<scalar_t, K, kWholeBlocks>;
-        kernel<<<grid, p.tx, 0, stream>>>(g.data_ptr<scalar_t>(), gs, vg && lanes_vec, h.data_ptr<scalar_t>(), hs,
-                                          vin, gh.data_ptr<scalar_t>(), ghs, vout, p.L, E, S, p.F, ca, ra, cp, tp,
-                                          part.data_ptr<acc_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    }
-    gc = reduce_coeff_grad(part, nslots, deg, E, coeff, stream);
+    const RopeCall<scalar_t> rc(rope, h.size(-1), p.tx, nullptr);
+    gc = causal_backward<scalar_t>(g, h, coeff, p, GateArg<scalar_t>{}, nullptr, gh, cu_seqlens.has_value(), stream,
+                                   &rc);
   });
   return {gh, gc};
+}
+
+// Gated: hs = [h | pre] (E + S columns), y = s~ * H~ with s~ = R_g(positions) hardsigmoid(pre + gate_bias)
+// turned by the gate tables (per gate group of E / S channels).
+at::Tensor poly_causal_gated_rope_cuda(const at::Tensor& hs, const at::Tensor& coeff,
+                                       const c10::optional<at::Tensor>& gate_bias, const at::Tensor& cos,
+                                       const at::Tensor& sin, const at::Tensor& gate_cos, const at::Tensor& gate_sin,
+                                       const at::Tensor& positions, int64_t block_size,
+                                       const c10::optional<at::Tensor>& cu_seqlens) {
+  const char* op = "pom_ext::poly_causal_gated_rope";
+  checks::causal_gated_rope_args(op, hs, coeff, gate_bias, cos, sin, gate_cos, gate_sin, positions, block_size,
+                                 cu_seqlens);
+  validate_offsets(op, cu_seqlens, hs.size(0));
+  c10::cuda::CUDAGuard guard(hs.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t E = coeff.size(0), S = hs.size(-1) - E;
+  const at::Tensor h = hs.narrow(-1, 0, E), pre = hs.narrow(-1, E, S);
+  RopeHost rope(op, h, cos, sin, positions, cu_seqlens);
+  rope.gate(gate_cos, gate_sin);
+  auto sizes = hs.sizes().vec();
+  sizes.back() = E;
+  auto out = at::empty(sizes, hs.options());
+  if (out.numel() == 0) return out;
+  POM_DISPATCH_FLOATING(hs.scalar_type(), "poly_causal_gated_rope_cuda", [&] {
+    at::Tensor keep;
+    const auto ga = rope_gate_arg<scalar_t>(pre, cu_seqlens.has_value(), E, gate_bias, rope, keep);
+    causal_forward<scalar_t>(h, coeff, block_size, cu_seqlens, GateArg<scalar_t>{}, nullptr, out, stream, &rope, &ga);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_causal_gated_rope_backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& hs, const at::Tensor& coeff,
+    const c10::optional<at::Tensor>& gate_bias, const at::Tensor& cos, const at::Tensor& sin,
+    const at::Tensor& gate_cos, const at::Tensor& gate_sin, const at::Tensor& positions, int64_t block_size,
+    const c10::optional<at::Tensor>& cu_seqlens) {
+  const char* op = "pom_ext::poly_causal_gated_rope_backward";
+  checks::causal_gated_rope_backward_args(op, grad_y, hs, coeff, gate_bias, cos, sin, gate_cos, gate_sin, positions,
+                                          block_size, cu_seqlens);
+  validate_offsets(op, cu_seqlens, hs.size(0));
+  c10::cuda::CUDAGuard guard(hs.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t E = coeff.size(0), S = hs.size(-1) - E;
+  const bool packed = cu_seqlens.has_value();
+  const at::Tensor h = hs.narrow(-1, 0, E), pre = hs.narrow(-1, E, S);
+  RopeHost rope(op, h, cos, sin, positions, cu_seqlens);
+  rope.gate(gate_cos, gate_sin);
+  auto g = grad_y.scalar_type() == hs.scalar_type() ? grad_y : grad_y.to(hs.scalar_type());
+  // One buffer for both gradients, with the layout of a contiguous hs.
+  auto ghs = at::empty(hs.sizes(), hs.options());
+  const at::Tensor gh = ghs.narrow(-1, 0, E), gpre = ghs.narrow(-1, E, S);
+  const at::Tensor& like = gate_bias.has_value() ? *gate_bias : hs;
+  at::Tensor gc, gbias;
+  POM_DISPATCH_FLOATING(hs.scalar_type(), "poly_causal_gated_rope_backward_cuda", [&] {
+    const ScanPlan p = plan_scan<scalar_t>(h, cu_seqlens, block_size, kMaxBwdRows, stream);
+    at::Tensor keep;
+    const auto ga = rope_gate_arg<scalar_t>(pre, packed, E, gate_bias, rope, keep);
+    const RopeCall<scalar_t> rc(rope, E, p.tx, &ga);
+    gbias = gate_backward<scalar_t>(g, h, pre, coeff, p, ga.gate, keep, gpre, packed, like, stream, &rc);
+    gc = causal_backward<scalar_t>(g, h, coeff, p, GateArg<scalar_t>{}, nullptr, gh, packed, stream, &rc);
+  });
+  return {ghs, gc, gbias};
 }
 
 }  // namespace
@@ -1278,6 +1528,8 @@ void register_cuda_causal(torch::Library& m) {
   m.impl("poly_causal_gated_backward", &cuda::poly_causal_gated_backward_cuda);
   m.impl("poly_causal_rope", &cuda::poly_causal_rope_cuda);
   m.impl("poly_causal_rope_backward", &cuda::poly_causal_rope_backward_cuda);
+  m.impl("poly_causal_gated_rope", &cuda::poly_causal_gated_rope_cuda);
+  m.impl("poly_causal_gated_rope_backward", &cuda::poly_causal_gated_rope_backward_cuda);
 }
 
 }  // namespace detail

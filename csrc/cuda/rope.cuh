@@ -72,6 +72,26 @@ __device__ __forceinline__ void turn_factors(const RopeArg<acc_t>& ra, const Lay
   }
 }
 
+// cos and sin of a rope lane's channels at row n of sequence b (0 past nv): the lane's channels lie in one section
+// half, so channel e0 + j reads column (col0 + j) / q of the tables at the position of section sec. q = 1: the
+// features' tables (16 bytes a load when uniform); q > 1: the gated rope op's gate tables (L, Pg), q = P / Pg
+// channels a gate.
+template <int V, typename acc_t>
+__device__ __forceinline__ void lane_factors(const RopeArg<acc_t>& ra, int64_t q, const Layout& L, int64_t b,
+                                             int64_t n, const plan::RopeLane& r, acc_t (&c)[V], acc_t (&s)[V]) {
+  if (q == 1 && ra.uniform) {
+    turn_factors<V>(ra, L, b, n, r.e0, r.nv, r.sec, r.col0, c, s);
+    return;
+  }
+  const int64_t row = ra.pos[L.off(ra.ps, b, n) + r.sec * ra.ps.e] * ra.P;
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    const int64_t col = q == 1 ? r.col0 + j : static_cast<int>(r.col0 + j) / static_cast<int>(q);  // < P
+    c[j] = j < r.nv ? ra.cos[row + col] : acc_t(0);
+    s[j] = j < r.nv ? ra.sin[row + col] : acc_t(0);
+  }
+}
+
 // The values of the partner lane (l ^ 16).
 template <int V, typename acc_t>
 __device__ __forceinline__ void partner_values(const acc_t (&x)[V], acc_t (&y)[V]) {
@@ -88,7 +108,7 @@ __device__ __forceinline__ void turned_features(const RopeArg<acc_t>& ra, const 
 #pragma unroll
   for (int j = 0; j < V; ++j) p[j] = cc.poly(j, math::act(x[j]));
   partner_values<V>(p, pp);
-  turn_factors<V>(ra, L, b, n, r.e0, r.nv, r.sec, r.col0, ct, st);
+  lane_factors<V>(ra, 1, L, b, n, r, ct, st);
 #pragma unroll
   for (int j = 0; j < V; ++j) pt[j] = ct[j] * p[j] - static_cast<acc_t>(r.sign) * st[j] * pp[j];
 }
@@ -96,9 +116,10 @@ __device__ __forceinline__ void turned_features(const RopeArg<acc_t>& ra, const 
 // The tables and positions of a rope call on the device: the tables in the accumulation type, the positions as
 // int64 ((N, S) broadcast over the batch). Every position is checked against the tables' rows: one aminmax and a
 // copy of its two values to the host, a synchronization per call (an index past the tables would read past them).
+// The gated rope op adds its gate tables (gate(), the same rows: checks::gate_rope), read at the same positions.
 struct RopeHost {
-  at::Tensor cos, sin, pos;
-  int64_t P = 1;
+  at::Tensor cos, sin, gate_cos, gate_sin, pos;
+  int64_t P = 1, Pg = 1;
   bool packed = false;
 
   RopeHost(const char* op, const at::Tensor& h, const at::Tensor& cos_, const at::Tensor& sin_,
@@ -117,16 +138,32 @@ struct RopeHost {
     }
   }
 
+  void gate(const at::Tensor& gcos, const at::Tensor& gsin) {
+    gate_cos = gcos.to(cos.scalar_type()).contiguous();
+    gate_sin = gsin.to(cos.scalar_type()).contiguous();
+    Pg = gate_cos.size(1);
+  }
+
   template <typename scalar_t>
   RopeArg<at::opmath_type<scalar_t>> arg() const {
+    return arg_of<scalar_t>(cos, sin);
+  }
+  template <typename scalar_t>
+  RopeArg<at::opmath_type<scalar_t>> gate_arg() const {
+    return arg_of<scalar_t>(gate_cos, gate_sin);
+  }
+
+ private:
+  template <typename scalar_t>
+  RopeArg<at::opmath_type<scalar_t>> arg_of(const at::Tensor& c, const at::Tensor& s) const {
     using acc_t = at::opmath_type<scalar_t>;
     RopeArg<acc_t> a;
-    a.cos = cos.data_ptr<acc_t>();
-    a.sin = sin.data_ptr<acc_t>();
+    a.cos = c.data_ptr<acc_t>();
+    a.sin = s.data_ptr<acc_t>();
     a.pos = pos.data_ptr<int64_t>();
     a.ps = strides_of(pos, packed);
-    a.P = P;
-    a.uniform = P % Vec<scalar_t>::value == 0 && reinterpret_cast<uintptr_t>(a.cos) % 16 == 0 &&
+    a.P = c.size(1);
+    a.uniform = a.P % Vec<scalar_t>::value == 0 && reinterpret_cast<uintptr_t>(a.cos) % 16 == 0 &&
                 reinterpret_cast<uintptr_t>(a.sin) % 16 == 0;
     return a;
   }
