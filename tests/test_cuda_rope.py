@@ -322,7 +322,7 @@ def test_cuda_causal_rope_bad_positions():
 
 # B, N, E, P, Pg, K, F: a gate per channel (Pg = P: the gate columns read 16 bytes a row), gate heads (q = P / Pg
 # channels a gate), P not a multiple of the vector width, 3 sections, several chunks, split blocks (N = 5000,
-# F = 700), the generic degree, one row.
+# F = 700; with gate heads and P = 6 too), the generic degree, one row.
 GATED_CASES = [
     (2, 37, 64, 32, 32, 2, 1),
     (2, 37, 64, 32, 4, 2, 1),
@@ -330,6 +330,7 @@ GATED_CASES = [
     (2, 130, 24, 6, 3, 4, 3),
     (1, 5000, 32, 16, 2, 2, 1),
     (1, 5000, 64, 16, 16, 2, 700),
+    (1, 5000, 48, 6, 2, 2, 700),   # split blocks with gate heads (q = 3), P = 6: no whole vectors
     (3, 70, 16, 2, 1, 5, 64),
     (2, 1, 8, 4, 4, 1, 1),
 ]

@@ -617,11 +617,28 @@ struct LaneGate {
   RopeGateArg<scalar_t> a;
   RopeLane r;
 
+  // pre + bias of the gates of the lane's channels at row n (gate (e0 + j) / q: 32-bit, e0 < E).
+  template <int V>
+  __device__ __forceinline__ void inputs(const Layout& L, int64_t b, int64_t n, acc_t (&x)[V]) const {
+    if (a.gate.q == 1) {
+      a.gate.template inputs<V>(L, b, n, r.e0, r.nv, x);
+      return;
+    }
+    const scalar_t* row = a.gate.pre + L.off(a.gate.s, b, n);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const int64_t gi = static_cast<int>(r.e0 + j) / static_cast<int>(a.gate.q);
+      x[j] = j < r.nv ? static_cast<acc_t>(row[gi * a.gate.s.e]) + (a.gate.bias ? a.gate.bias[gi] : acc_t(0))
+                      : acc_t(0);
+    }
+  }
   // s~ of the lane's channels at row n of sequence b.
   template <int V>
   __device__ __forceinline__ void turned(const Layout& L, int64_t b, int64_t n, acc_t (&sg)[V]) const {
     acc_t x[V], xp[V], c[V], s[V];
-    a.gate.template values<V>(L, b, n, r.e0, r.nv, x);
+    inputs<V>(L, b, n, x);
+#pragma unroll
+    for (int j = 0; j < V; ++j) x[j] = math::hsig(x[j]);
     partner_values<V>(x, xp);
     lane_factors<V>(a.tab, a.gate.q, L, b, n, r, c, s);
 #pragma unroll
@@ -781,7 +798,6 @@ __global__ void __launch_bounds__(128)
   if (valid) {
     ChanCoeff<K, V, acc_t> cc;
     cc.load(ca, r.e0, r.nv);
-    const LaneGate<scalar_t, GATED> gate{ga, r};
     // Row n's element backward from the suffix sums of the lane (gb) and of its partner (gp).
     auto row_backward = [&](int64_t n, const acc_t (&gb)[V], const acc_t (&gp)[V], const acc_t (&x)[V]) {
       acc_t ct[V], st[V], gx[V];
@@ -810,6 +826,7 @@ __global__ void __launch_bounds__(128)
       for_rows<V, scalar_t, acc_t>(h, hs, vin, L, b, n0, n1, r.e0, r.nv,
                                    [&](int64_t n, const acc_t (&x)[V]) { row_backward(n, gb, gp, x); });
     } else {
+      const LaneGate<scalar_t, GATED> gate{ga, r};
       acc_t run[V], comp[V];
       start_from_carry<acc_t, V>(n1 < L.len(b) ? carry : nullptr, blockIdx.x, E, r.e0, r.nv, run, comp);
       if constexpr (MODE == kTokens) {
@@ -1161,10 +1178,9 @@ at::Tensor causal_backward(const at::Tensor& g, const at::Tensor& h, const at::T
           C10_CUDA_KERNEL_LAUNCH_CHECK();
           return;
         }
-        if (rope_gated) {
-          auto kernel = p.L.plan.cpb > 0 ? rope_bwd_scan_kernel<scalar_t, K, kSplitBlocks, true>
-                        : p.F == 1      ? rope_bwd_scan_kernel<scalar_t, K, kTokens, true>
-                                        : rope_bwd_scan_kernel<scalar_t, K, kWholeBlocks, true>;
+        if (rope_gated && p.L.plan.cpb == 0) {  // split blocks read no g: the ungated kernel
+          auto kernel = p.F == 1 ? rope_bwd_scan_kernel<scalar_t, K, kTokens, true>
+                                 : rope_bwd_scan_kernel<scalar_t, K, kWholeBlocks, true>;
           kernel<<<grid, p.tx, 0, stream>>>(gp, gs, vg && lv, hp, hs, vin, ghp, ghs, vout, p.L, E, rc->S, p.F, ca,
                                             rc->ra, cp, tp, partp, rc->ga);
           C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -119,7 +119,7 @@ __device__ __forceinline__ void turned_features(const RopeArg<acc_t>& ra, const 
 // The gated rope op adds its gate tables (gate(), the same rows: checks::gate_rope), read at the same positions.
 struct RopeHost {
   at::Tensor cos, sin, gate_cos, gate_sin, pos;
-  int64_t P = 1, Pg = 1;
+  int64_t P = 1;
   bool packed = false;
 
   RopeHost(const char* op, const at::Tensor& h, const at::Tensor& cos_, const at::Tensor& sin_,
@@ -141,7 +141,6 @@ struct RopeHost {
   void gate(const at::Tensor& gcos, const at::Tensor& gsin) {
     gate_cos = gcos.to(cos.scalar_type()).contiguous();
     gate_sin = gsin.to(cos.scalar_type()).contiguous();
-    Pg = gate_cos.size(1);
   }
 
   template <typename scalar_t>
