@@ -21,6 +21,7 @@ Models (add your own as NAME=TRAIN_LM_ARGS, the arguments quoted as one):
     pom-k3           the same with degree 3
     pom-g1           the same with one gate per channel (instead of 8 gate heads)
     pom-c16          the same with a causal convolution of 16
+    pom-e4           the same with expand 4 (twice the state)
     pom-g1k3         degree 3 with one gate per channel
     pom-rope         PoM with rotary positions (PoMRoPE) and the convolution
     pom-rope-c0      PoM with rotary positions and no convolution
@@ -53,6 +54,7 @@ PRESETS = {
     "pom-k3": "--model pom --degree 3",
     "pom-g1": "--model pom --n-sel-heads 1",
     "pom-c16": "--model pom --conv-size 16",
+    "pom-e4": "--model pom --expand 4",
     "pom-g1k3": "--model pom --degree 3 --n-sel-heads 1",
     "pom-rope": "--model pom --rope",
     "pom-rope-c0": "--model pom --rope --conv-size 0",
