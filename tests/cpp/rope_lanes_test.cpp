@@ -24,43 +24,37 @@ bool run(int64_t P, int64_t S, int V, int64_t tx, int64_t q, std::mt19937_64& rn
   const int64_t E = 2 * P * S, N = 5, L = 7, Pg = P / q, Sg = E / q;
   const int64_t threads = cdiv(rope_lanes(P, S, V), tx) * tx;  // the grid's tiles times the block
   std::normal_distribution<double> nd;
-  std::vector<double> cosv(L * P), sinv(L * P), p(N * E), G(N * E);
-  for (auto& v : cosv) v = nd(rng);
-  for (auto& v : sinv) v = nd(rng);
-  for (auto& v : p) v = nd(rng);
-  for (auto& v : G) v = nd(rng);
+  auto randn = [&](int64_t n) {
+    std::vector<double> v(n);
+    for (auto& e : v) e = nd(rng);
+    return v;
+  };
+  const std::vector<double> cosv = randn(L * P), sinv = randn(L * P), p = randn(N * E), G = randn(N * E);
   std::vector<int64_t> pos(N * S);
   for (auto& v : pos) v = static_cast<int64_t>(rng() % L);
   // The gate: values x (N, Sg), tables (L, Pg); gH = g H~ per channel (the gate gradient's input).
-  std::vector<double> gcos(L * Pg), gsin(L * Pg), x(N * Sg), gH(N * E);
-  for (auto& v : gcos) v = nd(rng);
-  for (auto& v : gsin) v = nd(rng);
-  for (auto& v : x) v = nd(rng);
-  for (auto& v : gH) v = nd(rng);
+  const std::vector<double> gcos = randn(L * Pg), gsin = randn(L * Pg), x = randn(N * Sg), gH = randn(N * E);
+  // Whole rows of width W = 2 Q S turned pair by pair by tables (L, Q) at the positions: R (sign +1) or R^T (-1).
+  auto turn_rows = [&](const std::vector<double>& c, const std::vector<double>& sn, int64_t Q,
+                       const std::vector<double>& in, int sign) {
+    const int64_t W = 2 * Q * S;
+    std::vector<double> out(N * W);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t s = 0; s < S; ++s)
+        for (int64_t i = 0; i < Q; ++i) {
+          const int64_t a = n * W + 2 * Q * s + i, b = a + Q, t = pos[n * S + s] * Q + i;
+          out[a] = c[t] * in[a] - sign * sn[t] * in[b];
+          out[b] = c[t] * in[b] + sign * sn[t] * in[a];
+        }
+    return out;
+  };
   // Direct: s~ = R_g x over whole gate rows; d = R_g^T D, D the sums of gH over each gate's q channels.
-  std::vector<double> st(N * Sg), D(N * Sg, 0.0), d(N * Sg), dlane(N * Sg, 0.0);
+  std::vector<double> D(N * Sg, 0.0), dlane(N * Sg, 0.0);
   for (int64_t n = 0; n < N; ++n)
     for (int64_t e = 0; e < E; ++e) D[n * Sg + e / q] += gH[n * E + e];
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t s = 0; s < S; ++s)
-      for (int64_t i = 0; i < Pg; ++i) {
-        const int64_t a = n * Sg + 2 * Pg * s + i, b = a + Pg, t = pos[n * S + s] * Pg + i;
-        st[a] = gcos[t] * x[a] - gsin[t] * x[b];
-        st[b] = gcos[t] * x[b] + gsin[t] * x[a];
-        d[a] = gcos[t] * D[a] + gsin[t] * D[b];
-        d[b] = gcos[t] * D[b] - gsin[t] * D[a];
-      }
+  const std::vector<double> st = turn_rows(gcos, gsin, Pg, x, 1), d = turn_rows(gcos, gsin, Pg, D, -1);
   // Direct: p~ = R p, u = R^T G over whole rows.
-  std::vector<double> pt(N * E), u(N * E);
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t s = 0; s < S; ++s)
-      for (int64_t i = 0; i < P; ++i) {
-        const int64_t a = n * E + 2 * P * s + i, b = a + P, t = pos[n * S + s] * P + i;
-        pt[a] = cosv[t] * p[a] - sinv[t] * p[b];
-        pt[b] = cosv[t] * p[b] + sinv[t] * p[a];
-        u[a] = cosv[t] * G[a] + sinv[t] * G[b];
-        u[b] = cosv[t] * G[b] - sinv[t] * G[a];
-      }
+  const std::vector<double> pt = turn_rows(cosv, sinv, P, p, 1), u = turn_rows(cosv, sinv, P, G, -1);
   std::vector<int> owner(E, 0);
   auto fail = [&](const char* what, int64_t t) {
     std::printf("case %d (P=%lld S=%lld V=%d tx=%lld): lane %lld: %s\n", id, (long long)P, (long long)S, V,
