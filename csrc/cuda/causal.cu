@@ -1027,13 +1027,12 @@ struct RopeCall {
   }
 };
 
-// The gated rope op's gate: the gate columns pre and bias (gate_arg; 16-byte loads of pre need the rope lanes'
-// alignment too) and the gate tables at the features' positions.
+// The gated rope op's gate: the gated op's gate (gate_arg; 16-byte loads of pre need the rope lanes' alignment
+// too) and the gate tables at the features' positions.
 template <typename scalar_t>
-RopeGateArg<scalar_t> rope_gate_arg(const at::Tensor& pre, bool packed, int64_t E,
-                                    const c10::optional<at::Tensor>& bias, const RopeHost& rope, at::Tensor& keep) {
+RopeGateArg<scalar_t> rope_gate_arg(const GateArg<scalar_t>& gate, const RopeHost& rope) {
   RopeGateArg<scalar_t> a;
-  a.gate = gate_arg<scalar_t>(pre, packed, E, bias, keep);
+  a.gate = gate;
   a.gate.vec = a.gate.vec && rope.P % Vec<scalar_t>::value == 0;
   a.tab = rope.gate_arg<scalar_t>();
   return a;
@@ -1377,12 +1376,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_causal_weighted_backward_cud
   return {gh, gc, gw};
 }
 
-// Gated: hs = [h | pre] (E + S columns), y = hardsigmoid(pre + gate_bias) (per gate group) * H.
-at::Tensor poly_causal_gated_cuda(const at::Tensor& hs, const at::Tensor& coeff,
-                                  const c10::optional<at::Tensor>& gate_bias, int64_t block_size,
-                                  const c10::optional<at::Tensor>& cu_seqlens) {
-  checks::causal_gated_args("pom_ext::poly_causal_gated", hs, coeff, gate_bias, block_size, cu_seqlens);
-  validate_offsets("pom_ext::poly_causal_gated", cu_seqlens, hs.size(0));
+// The gated ops after their checks: hs = [h | pre] (E + S columns), y = s * H with s = hardsigmoid(pre +
+// gate_bias) per gate group; with rope (the gated rope op, its gate tables set), y = s~ * H~, the features and the
+// gate turned at the positions.
+at::Tensor gated_op(const at::Tensor& hs, const at::Tensor& coeff, const c10::optional<at::Tensor>& gate_bias,
+                    int64_t block_size, const c10::optional<at::Tensor>& cu_seqlens, const RopeHost* rope) {
   c10::cuda::CUDAGuard guard(hs.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t E = coeff.size(0), S = hs.size(-1) - E;
@@ -1394,17 +1392,22 @@ at::Tensor poly_causal_gated_cuda(const at::Tensor& hs, const at::Tensor& coeff,
   POM_DISPATCH_FLOATING(hs.scalar_type(), "poly_causal_gated_cuda", [&] {
     at::Tensor keep;
     const auto gate = gate_arg<scalar_t>(pre, cu_seqlens.has_value(), E, gate_bias, keep);
-    causal_forward<scalar_t>(h, coeff, block_size, cu_seqlens, gate, nullptr, out, stream);
+    if (!rope) {
+      causal_forward<scalar_t>(h, coeff, block_size, cu_seqlens, gate, nullptr, out, stream);
+      return;
+    }
+    const auto ga = rope_gate_arg<scalar_t>(gate, *rope);
+    causal_forward<scalar_t>(h, coeff, block_size, cu_seqlens, GateArg<scalar_t>{}, nullptr, out, stream, rope, &ga);
   });
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_causal_gated_backward_cuda(
-    const at::Tensor& grad_y, const at::Tensor& hs, const at::Tensor& coeff,
-    const c10::optional<at::Tensor>& gate_bias, int64_t block_size, const c10::optional<at::Tensor>& cu_seqlens) {
-  const char* op = "pom_ext::poly_causal_gated_backward";
-  checks::causal_gated_backward_args(op, grad_y, hs, coeff, gate_bias, block_size, cu_seqlens);
-  validate_offsets(op, cu_seqlens, hs.size(0));
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_backward_op(const at::Tensor& grad_y, const at::Tensor& hs,
+                                                                 const at::Tensor& coeff,
+                                                                 const c10::optional<at::Tensor>& gate_bias,
+                                                                 int64_t block_size,
+                                                                 const c10::optional<at::Tensor>& cu_seqlens,
+                                                                 const RopeHost* rope) {
   c10::cuda::CUDAGuard guard(hs.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t E = coeff.size(0), S = hs.size(-1) - E;
@@ -1420,10 +1423,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_causal_gated_backward_cuda(
     const ScanPlan p = plan_scan<scalar_t>(h, cu_seqlens, block_size, kMaxBwdRows, stream);
     at::Tensor keep;
     const auto gate = gate_arg<scalar_t>(pre, packed, E, gate_bias, keep);
-    gbias = gate_backward<scalar_t>(g, h, pre, coeff, p, gate, keep, gpre, packed, like, stream);
-    gc = causal_backward<scalar_t>(g, h, coeff, p, gate, nullptr, gh, packed, stream);
+    if (!rope) {
+      gbias = gate_backward<scalar_t>(g, h, pre, coeff, p, gate, keep, gpre, packed, like, stream);
+      gc = causal_backward<scalar_t>(g, h, coeff, p, gate, nullptr, gh, packed, stream);
+      return;
+    }
+    const auto ga = rope_gate_arg<scalar_t>(gate, *rope);
+    const RopeCall<scalar_t> rc(*rope, E, p.tx, &ga);
+    gbias = gate_backward<scalar_t>(g, h, pre, coeff, p, ga.gate, keep, gpre, packed, like, stream, &rc);
+    gc = causal_backward<scalar_t>(g, h, coeff, p, GateArg<scalar_t>{}, nullptr, gh, packed, stream, &rc);
   });
   return {ghs, gc, gbias};
+}
+
+at::Tensor poly_causal_gated_cuda(const at::Tensor& hs, const at::Tensor& coeff,
+                                  const c10::optional<at::Tensor>& gate_bias, int64_t block_size,
+                                  const c10::optional<at::Tensor>& cu_seqlens) {
+  checks::causal_gated_args("pom_ext::poly_causal_gated", hs, coeff, gate_bias, block_size, cu_seqlens);
+  validate_offsets("pom_ext::poly_causal_gated", cu_seqlens, hs.size(0));
+  return gated_op(hs, coeff, gate_bias, block_size, cu_seqlens, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_causal_gated_backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& hs, const at::Tensor& coeff,
+    const c10::optional<at::Tensor>& gate_bias, int64_t block_size, const c10::optional<at::Tensor>& cu_seqlens) {
+  const char* op = "pom_ext::poly_causal_gated_backward";
+  checks::causal_gated_backward_args(op, grad_y, hs, coeff, gate_bias, block_size, cu_seqlens);
+  validate_offsets(op, cu_seqlens, hs.size(0));
+  return gated_backward_op(grad_y, hs, coeff, gate_bias, block_size, cu_seqlens, nullptr);
 }
 
 at::Tensor poly_causal_rope_cuda(const at::Tensor& h, const at::Tensor& coeff, const at::Tensor& cos,
@@ -1467,8 +1494,8 @@ std::tuple<at::Tensor, at::Tensor> poly_causal_rope_backward_cuda(const at::Tens
   return {gh, gc};
 }
 
-// Gated: hs = [h | pre] (E + S columns), y = s~ * H~ with s~ = R_g(positions) hardsigmoid(pre + gate_bias)
-// turned by the gate tables (per gate group of E / S channels).
+// The gated rope op: the positions checked and the tables (with the gate's) made ready once, then the gated ops'
+// bodies on the rope lanes. (RopeHost reads only hs's dtype and leading sizes, which are h's.)
 at::Tensor poly_causal_gated_rope_cuda(const at::Tensor& hs, const at::Tensor& coeff,
                                        const c10::optional<at::Tensor>& gate_bias, const at::Tensor& cos,
                                        const at::Tensor& sin, const at::Tensor& gate_cos, const at::Tensor& gate_sin,
@@ -1479,21 +1506,9 @@ at::Tensor poly_causal_gated_rope_cuda(const at::Tensor& hs, const at::Tensor& c
                                  cu_seqlens);
   validate_offsets(op, cu_seqlens, hs.size(0));
   c10::cuda::CUDAGuard guard(hs.device());
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t E = coeff.size(0), S = hs.size(-1) - E;
-  const at::Tensor h = hs.narrow(-1, 0, E), pre = hs.narrow(-1, E, S);
-  RopeHost rope(op, h, cos, sin, positions, cu_seqlens);
+  RopeHost rope(op, hs, cos, sin, positions, cu_seqlens);
   rope.gate(gate_cos, gate_sin);
-  auto sizes = hs.sizes().vec();
-  sizes.back() = E;
-  auto out = at::empty(sizes, hs.options());
-  if (out.numel() == 0) return out;
-  POM_DISPATCH_FLOATING(hs.scalar_type(), "poly_causal_gated_rope_cuda", [&] {
-    at::Tensor keep;
-    const auto ga = rope_gate_arg<scalar_t>(pre, cu_seqlens.has_value(), E, gate_bias, rope, keep);
-    causal_forward<scalar_t>(h, coeff, block_size, cu_seqlens, GateArg<scalar_t>{}, nullptr, out, stream, &rope, &ga);
-  });
-  return out;
+  return gated_op(hs, coeff, gate_bias, block_size, cu_seqlens, &rope);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_causal_gated_rope_backward_cuda(
@@ -1506,27 +1521,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> poly_causal_gated_rope_backward_c
                                           block_size, cu_seqlens);
   validate_offsets(op, cu_seqlens, hs.size(0));
   c10::cuda::CUDAGuard guard(hs.device());
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t E = coeff.size(0), S = hs.size(-1) - E;
-  const bool packed = cu_seqlens.has_value();
-  const at::Tensor h = hs.narrow(-1, 0, E), pre = hs.narrow(-1, E, S);
-  RopeHost rope(op, h, cos, sin, positions, cu_seqlens);
+  RopeHost rope(op, hs, cos, sin, positions, cu_seqlens);
   rope.gate(gate_cos, gate_sin);
-  auto g = grad_y.scalar_type() == hs.scalar_type() ? grad_y : grad_y.to(hs.scalar_type());
-  // One buffer for both gradients, with the layout of a contiguous hs.
-  auto ghs = at::empty(hs.sizes(), hs.options());
-  const at::Tensor gh = ghs.narrow(-1, 0, E), gpre = ghs.narrow(-1, E, S);
-  const at::Tensor& like = gate_bias.has_value() ? *gate_bias : hs;
-  at::Tensor gc, gbias;
-  POM_DISPATCH_FLOATING(hs.scalar_type(), "poly_causal_gated_rope_backward_cuda", [&] {
-    const ScanPlan p = plan_scan<scalar_t>(h, cu_seqlens, block_size, kMaxBwdRows, stream);
-    at::Tensor keep;
-    const auto ga = rope_gate_arg<scalar_t>(pre, packed, E, gate_bias, rope, keep);
-    const RopeCall<scalar_t> rc(rope, E, p.tx, &ga);
-    gbias = gate_backward<scalar_t>(g, h, pre, coeff, p, ga.gate, keep, gpre, packed, like, stream, &rc);
-    gc = causal_backward<scalar_t>(g, h, coeff, p, GateArg<scalar_t>{}, nullptr, gh, packed, stream, &rc);
-  });
-  return {ghs, gc, gbias};
+  return gated_backward_op(grad_y, hs, coeff, gate_bias, block_size, cu_seqlens, &rope);
 }
 
 }  // namespace
