@@ -47,6 +47,23 @@ inline void pair_rows(const scalar_t* t, const Rows& r, int64_t b, int64_t n, co
   hi = in_row(row + ps.b * r.sE, r.sE, ps.w, buf + ps.w);
 }
 
+// Row m of a fused pass of R rows: its pairs of `in` as acc_t (x_lo, x_hi; buffer xb of 2 w), its table entries
+// (c, s), where its output pairs are made (o_lo, o_hi: in `out`, or buffer ob of 2 w for commit_row) and
+// 1 / (m + 1).
+template <typename scalar_t, typename acc_t>
+inline void pass_row(const scalar_t* in, const Rows& ir, scalar_t* out, const Rows& outr, const Rotation<acc_t>& rot,
+                     int64_t b, int64_t m, const PairSpan& ps, acc_t* xb, acc_t* ob, const acc_t*& x_lo,
+                     const acc_t*& x_hi, const acc_t*& c, const acc_t*& s, acc_t*& o_lo, acc_t*& o_hi, acc_t& inv) {
+  pair_rows(in, ir, b, m, ps, xb, x_lo, x_hi);
+  const int64_t r = rot.row(b, m, ps.sec) + ps.i0;
+  c = rot.cos + r;
+  s = rot.sin + r;
+  scalar_t* row = out + outr.off(b, m);
+  o_lo = out_row(row + ps.a, ob);
+  o_hi = out_row(row + ps.b, ob + ps.w);
+  inv = acc_t(1) / static_cast<acc_t>(m + 1);
+}
+
 // p~ = R poly(act(x)) for the pairs of a task in row n: p (2 w).
 template <int K, typename scalar_t, typename acc_t>
 inline void rope_row(const scalar_t* h, const Rows& hr, const ScanTask& t, const PairSpan& ps, int64_t n,
@@ -60,13 +77,42 @@ inline void rope_row(const scalar_t* h, const Rows& hr, const ScanTask& t, const
   turn(p, p + ps.w, rot.cos + r, rot.sin + r, ps.w);
 }
 
-// (run, comp) += p (Kahan); with OUT also o = (run - comp) * inv.
-template <bool OUT, typename acc_t>
-inline void accumulate(const acc_t* __restrict p, acc_t* __restrict run, acc_t* __restrict comp, acc_t* __restrict o,
-                       acc_t inv, int64_t n) {
-  for (int64_t e = 0; e < n; ++e) {
-    math::kahan_add(run[e], comp[e], p[e]);
-    if (OUT) o[e] = (run[e] - comp[e]) * inv;
+// (run, comp) += p (Kahan).
+template <typename acc_t>
+inline void accumulate(const acc_t* __restrict p, acc_t* __restrict run, acc_t* __restrict comp, int64_t n) {
+  for (int64_t e = 0; e < n; ++e) math::kahan_add(run[e], comp[e], p[e]);
+}
+
+// R consecutive rows of the token-causal forward scan, fused, rows in sequence order: p~_r (the polynomial of the
+// row's pairs x_lo, x_hi turned by its table entries c_r, s_r) enters the Kahan prefix sums (run, comp: 2 w) and
+// o_lo, o_hi receive the prefix means times inv_r, times the row's gate s~ (sg_r: 2 w) when GATED. The sums are
+// read and written once per R rows and no row of p~ is stored: one pass over each input row.
+template <int K, int R, bool GATED, typename acc_t>
+inline void rope_scan_rows(const acc_t* const* x_lo, const acc_t* const* x_hi, const acc_t* const* c,
+                           const acc_t* const* s, const acc_t* const* sg, const acc_t* inv, acc_t* __restrict run,
+                           acc_t* __restrict comp, acc_t* const* o_lo, acc_t* const* o_hi, const acc_t* __restrict cT,
+                           int64_t E, int64_t a, int64_t b, int64_t w, int deg) {
+#pragma GCC ivdep
+  for (int64_t i = 0; i < w; ++i) {
+    acc_t ra = run[i], ca = comp[i], rb = run[w + i], cb = comp[w + i];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const acc_t pa = math::poly<K>(math::act(x_lo[r][i]), cT + a + i, E, deg);
+      const acc_t pb = math::poly<K>(math::act(x_hi[r][i]), cT + b + i, E, deg);
+      math::kahan_add(ra, ca, pa * c[r][i] - pb * s[r][i]);
+      math::kahan_add(rb, cb, pb * c[r][i] + pa * s[r][i]);
+      acc_t oa = (ra - ca) * inv[r], ob = (rb - cb) * inv[r];
+      if constexpr (GATED) {
+        oa *= sg[r][i];
+        ob *= sg[r][w + i];
+      }
+      o_lo[r][i] = oa;
+      o_hi[r][i] = ob;
+    }
+    run[i] = ra;
+    comp[i] = ca;
+    run[w + i] = rb;
+    comp[w + i] = cb;
   }
 }
 
@@ -225,39 +271,52 @@ void rope_causal_forward(const scalar_t* h, const Rows& hr, int64_t E,
   const std::vector<double> tot = rope_forward_carries<scalar_t, K>(h, hr, E, cT, deg, tasks, rot, W);
   // Every chunk scanned from its carry.
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
-    RowBufs<acc_t> buf(7, W);
+    // Then, token-causal, 3 buffers for each row of a pass: the input row, the output row, the gate.
+    RowBufs<acc_t> buf(7 + 3 * kScanRows, W);
     acc_t *x = buf[0], *p = buf[1], *run = buf[2], *comp = buf[3], *o = buf[4], *sg = buf[5], *sx = buf[6];
     for (int64_t i = t0; i < t1; ++i) {
       const ScanTask& t = tasks[i];
       const PairSpan ps(t, rot.P);
       start_from_carry(tot, W, t, i, false, run, comp);
+      if (F == 1) {  // token-causal: rows n, ..., n + R - 1 in one pass (R = kScanRows), then single rows
+        auto pass = [&](auto Rc, int64_t n) {
+          constexpr int R = decltype(Rc)::value;
+          const acc_t *xlo[R], *xhi[R], *cr[R], *sr[R], *sgr[R];
+          acc_t *olo[R], *ohi[R];
+          acc_t inv[R];
+          for (int q = 0; q < R; ++q) {
+            const int64_t m = n + q;
+            pass_row(h, hr, out, outr, rot, t.b, m, ps, buf[7 + 3 * q], buf[8 + 3 * q], xlo[q], xhi[q], cr[q], sr[q],
+                     olo[q], ohi[q], inv[q]);
+            if (gate) {
+              gate->values(t.b, m, ps, buf[9 + 3 * q], sx);
+              sgr[q] = buf[9 + 3 * q];
+            }
+          }
+          if (gate) {
+            rope_scan_rows<K, R, true>(xlo, xhi, cr, sr, sgr, inv, run, comp, olo, ohi, cT.data(), E, ps.a, ps.b,
+                                       ps.w, deg);
+          } else {
+            rope_scan_rows<K, R, false>(xlo, xhi, cr, sr, sgr, inv, run, comp, olo, ohi, cT.data(), E, ps.a, ps.b,
+                                        ps.w, deg);
+          }
+          for (int q = 0; q < R; ++q) {
+            scalar_t* row = out + outr.off(t.b, n + q);
+            commit_row(row + ps.a, ps.w, olo[q]);
+            commit_row(row + ps.b, ps.w, ohi[q]);
+          }
+        };
+        int64_t n = t.n0;
+        for (; n + kScanRows <= t.n1; n += kScanRows) pass(std::integral_constant<int, kScanRows>{}, n);
+        for (; n < t.n1; ++n) pass(std::integral_constant<int, 1>{}, n);
+        continue;
+      }
       for (int64_t blk = t.n0; blk < t.n1; blk += F) {
         const int64_t bend = std::min(blk + F, t.n1);
         for (int64_t n = blk; n < bend; ++n) {
-          if (F == 1) {
-            // p~ for the row (its two halves read in order), then the Kahan sums and prefix means of each half
-            // in order: every stream sequential. (Pairs in one loop, h and the output walked as two interleaved
-            // streams half a row apart: 1.5x the time, AVX-512 EPYC.)
-            rope_row<K>(h, hr, t, ps, n, rot, cT, E, deg, x, p);
-            scalar_t* row = out + outr.off(t.b, n);
-            acc_t* o_lo = out_row(row + ps.a, o);
-            acc_t* o_hi = out_row(row + ps.b, o + ps.w);
-            const acc_t inv = acc_t(1) / static_cast<acc_t>(n + 1);
-            accumulate<true>(p, run, comp, o_lo, inv, ps.w);
-            accumulate<true>(p + ps.w, run + ps.w, comp + ps.w, o_hi, inv, ps.w);
-            if (gate) {
-              gate->values(t.b, n, ps, sg, sx);
-              for (int64_t e = 0; e < ps.w; ++e) o_lo[e] *= sg[e];
-              for (int64_t e = 0; e < ps.w; ++e) o_hi[e] *= sg[ps.w + e];
-            }
-            commit_row(row + ps.a, ps.w, o_lo);
-            commit_row(row + ps.b, ps.w, o_hi);
-          } else {
-            rope_row<K>(h, hr, t, ps, n, rot, cT, E, deg, x, p);
-            accumulate<false>(p, run, comp, o, acc_t(0), t.width);
-          }
+          rope_row<K>(h, hr, t, ps, n, rot, cT, E, deg, x, p);
+          accumulate(p, run, comp, t.width);
         }
-        if (F == 1) continue;
         const acc_t inv = acc_t(1) / static_cast<acc_t>(bend);
         for (int64_t e = 0; e < t.width; ++e) o[e] = (run[e] - comp[e]) * inv;
         for (int64_t n = blk; n < bend; ++n) {
@@ -366,14 +425,8 @@ void rope_causal_backward(const scalar_t* g, const Rows& gr, const scalar_t* h, 
           for (int q = 0; q < R; ++q) {
             const int64_t m = n - q;
             grad_rows(t, ps, m, buf[10 + 5 * q], buf[11 + 5 * q], buf[12 + 5 * q], glo[q], ghi[q]);
-            pair_rows(h, hr, t.b, m, ps, buf[13 + 5 * q], xlo[q], xhi[q]);
-            const int64_t r = rot.row(t.b, m, ps.sec) + ps.i0;
-            cr[q] = rot.cos + r;
-            sr[q] = rot.sin + r;
-            scalar_t* grow = gh + ghr.off(t.b, m);
-            gxa[q] = out_row(grow + ps.a, buf[14 + 5 * q]);
-            gxb[q] = out_row(grow + ps.b, buf[14 + 5 * q] + ps.w);
-            inv[q] = acc_t(1) / static_cast<acc_t>(m + 1);
+            pass_row(h, hr, gh, ghr, rot, t.b, m, ps, buf[13 + 5 * q], buf[14 + 5 * q], xlo[q], xhi[q], cr[q], sr[q],
+                     gxa[q], gxb[q], inv[q]);
           }
           rope_scan_rows_backward<K, R>(xlo, xhi, glo, ghi, inv, cr, sr, acc, comp, gxa, gxb, f_lo, f_hi, cT.data(),
                                         E, ps.a, ps.b, ps.w, deg, ag);
@@ -456,7 +509,7 @@ void rope_causal_gate_backward(const scalar_t* g, const Rows& gr, const scalar_t
         // H~ of the block (token-causal: of the row), as the forward computes it.
         for (int64_t n = blk; n < bend; ++n) {
           rope_row<K>(h, hr, t, ps, n, rot, cT, E, deg, x, p);
-          accumulate<false>(p, run, comp, Hb, acc_t(0), t.width);
+          accumulate(p, run, comp, t.width);
         }
         const acc_t inv = acc_t(1) / static_cast<acc_t>(bend);
         for (int64_t e = 0; e < t.width; ++e) Hb[e] = (run[e] - comp[e]) * inv;
