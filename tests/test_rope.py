@@ -196,6 +196,67 @@ def test_rope_op_bad_inputs(bad, match):
         R.poly_mean_rope(h, c, a["cos"], a["sin"], a["pos"], None, None)
 
 
+# ---- positions are checked once per tensor while unchanged (checked_once.h) ----
+
+POS_ERR = r"'positions' must lie in \[0, {}\)"
+
+
+def small_op_args(seed, device):
+    """h (2, 17, 8), coeff (8, 2) and (20, 4) tables on device."""
+    g = torch.Generator().manual_seed(seed)
+    h, c = torch.randn(2, 17, 8, generator=g).to(device), torch.randn(8, 2, generator=g).to(device)
+    cos, sin = (t.to(device) for t in tables(20, 4, g))
+    return h, c, cos, sin
+
+
+@native
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_positions_checked_again_after_a_change(device):
+    h, c, cos, sin = small_op_args(3, device)
+    gH = torch.ones_like(h)
+    pos = torch.arange(17, device=device)[:, None]
+    for _ in range(2):
+        R.poly_causal_rope(h, c, cos, sin, pos, 1, None)
+        R.poly_causal_rope_backward(gH, h, c, cos, sin, pos, 1, None)
+    # The same tensor against shorter tables is another check.
+    with pytest.raises(RuntimeError, match=POS_ERR.format(10)):
+        R.poly_causal_rope(h, c, cos[:10], sin[:10], pos, 1, None)
+    # Changed in place, directly or through the tensor it views: checked again, forward and backward.
+    pos[3, 0] = 20
+    with pytest.raises(RuntimeError, match=POS_ERR.format(20)):
+        R.poly_causal_rope(h, c, cos, sin, pos, 1, None)
+    with pytest.raises(RuntimeError, match=POS_ERR.format(20)):
+        R.poly_causal_rope_backward(gH, h, c, cos, sin, pos, 1, None)
+    with pytest.raises(RuntimeError, match=POS_ERR.format(20)):
+        R.poly_mean_rope(h, c, cos, sin, pos, None, None)
+    pos[3, 0] = 3
+    torch.testing.assert_close(R.poly_causal_rope(h, c, cos, sin, pos, 1, None),
+                               R.poly_causal_rope(h, c, cos, sin, torch.arange(17, device=device)[:, None], 1, None))
+    base = torch.arange(17, device=device)
+    view = base[:, None]
+    R.poly_causal_rope(h, c, cos, sin, view, 1, None)
+    base[5] = -1
+    with pytest.raises(RuntimeError, match=POS_ERR.format(20)):
+        R.poly_causal_rope(h, c, cos, sin, view, 1, None)
+
+
+@native
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_positions_checked_in_inference_mode(device):
+    """Inference tensors keep no version counter: they are checked at every call (and never fail for it)."""
+    h, c, cos, sin = small_op_args(4, device)
+    cu = torch.tensor([0, 9, 17], device=device)
+    with torch.inference_mode():
+        pos = torch.arange(17, device=device)[:, None]
+        for _ in range(2):
+            R.poly_causal_rope(h, c, cos, sin, pos, 1, None)
+            R.poly_causal_rope(h[0], c, cos, sin, pos, 1, cu)
+        pos[0, 0] = 25
+        for _ in range(2):
+            with pytest.raises(RuntimeError, match=POS_ERR.format(20)):
+                R.poly_causal_rope(h, c, cos, sin, pos, 1, None)
+
+
 # ---- the gated op: y = R_g(pos) hardsigmoid(pre + bias) * H~ ----
 
 # B, N, E, P, Pg, K: P pairs of features and Pg of gates per section (sections E / (2 P); q = P / Pg channels per
@@ -539,6 +600,29 @@ def test_forward_bad_inputs():
         st = one.allocate_state(2)
         for _ in range(17):
             one.step(x[:, :1], st)
+
+
+def test_layer_default_positions_kept_across_calls():
+    """The default positions 0..N-1: one tensor per length (the last 8), so the ops check them once; made outside
+    inference mode, so that a layer served first can be trained after."""
+    torch.manual_seed(0)
+    layer = PoMRoPE(16, 2, 2, n_sel_heads=2, max_seq_len=64)
+    x = torch.randn(2, 10, 16)
+    y = layer(x, mask="causal")
+    kept = layer._arange_cache[(10, "cpu")]
+    torch.testing.assert_close(kept, torch.arange(10)[:, None], rtol=0, atol=0)
+    assert torch.equal(layer(x, mask="causal"), y) and layer._arange_cache[(10, "cpu")] is kept
+    served = PoMRoPE(16, 2, 2, max_seq_len=64)
+    with torch.inference_mode():
+        served(x, mask="causal")
+        served(x)
+    assert not served._arange_cache[(10, "cpu")].is_inference()
+    xg = x.clone().requires_grad_()
+    served(xg, mask="causal").sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+    for n in range(1, 13):
+        layer(torch.randn(1, n, 16), mask="causal")
+    assert len(layer._arange_cache) == 8 and set(k[0] for k in layer._arange_cache) == set(range(5, 13))
 
 
 # ---- models ----

@@ -2,10 +2,10 @@
 // scan of chunk totals, and the fixed-order reduction of grad_coeff partials.
 #include "common.cuh"
 
-#include <c10/util/intrusive_ptr.h>
-
 #include <mutex>
 #include <vector>
+
+#include "pom_ext/checked_once.h"
 
 namespace pom_ext {
 namespace cuda {
@@ -112,34 +112,11 @@ __global__ void __launch_bounds__(256)
 
 void validate_offsets(const char* op, const c10::optional<at::Tensor>& cu, int64_t total) {
   if (!cu.has_value()) return;
-  // The tensors validated lately, held weakly (a freed tensor, or one whose memory a new tensor reuses, never
-  // matches) with the version they had (an in-place change is validated again).
-  struct Seen {
-    c10::weak_intrusive_ptr<c10::TensorImpl> impl;
-    uint32_t version;
-    int64_t total;
-  };
-  static std::mutex mu;
-  static std::vector<Seen> seen;
-  constexpr size_t kSeen = 16;
-  const at::Tensor& c = *cu;
-  c10::TensorImpl* impl = c.unsafeGetTensorImpl();
-  const uint32_t version = impl->version_counter().current_version();
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    for (const Seen& s : seen) {
-      if (s.version == version && s.total == total) {
-        auto strong = s.impl.lock();
-        if (strong.get() == impl) return;
-      }
-    }
-  }
-  // One copy of the B + 1 offsets to the host (and so a synchronization), once per tensor.
-  const at::Tensor host = c.to(at::kCPU, at::kLong).contiguous();
-  checks::cu_values(op, host.data_ptr<int64_t>(), host.numel(), total);
-  std::lock_guard<std::mutex> lock(mu);
-  if (seen.size() == kSeen) seen.erase(seen.begin());
-  seen.push_back({c10::weak_intrusive_ptr<c10::TensorImpl>(c.getIntrusivePtr()), version, total});
+  // One copy of the B + 1 offsets to the host (and so a synchronization), once per tensor (checked_once.h).
+  checked_once::check(*cu, checked_once::Kind::offsets, total, [&] {
+    const at::Tensor host = cu->to(at::kCPU, at::kLong).contiguous();
+    checks::cu_values(op, host.data_ptr<int64_t>(), host.numel(), total);
+  });
 }
 
 Layout make_layout(const at::Tensor& h, const c10::optional<at::Tensor>& cu, const plan::ChunkPlan& pl,
