@@ -51,9 +51,11 @@ inline void pair_rows(const scalar_t* t, const Rows& r, int64_t b, int64_t n, co
 // (c, s), where its output pairs are made (o_lo, o_hi: in `out`, or buffer ob of 2 w for commit_row) and
 // 1 / (m + 1).
 template <typename scalar_t, typename acc_t>
-inline void pass_row(const scalar_t* in, const Rows& ir, scalar_t* out, const Rows& outr, const Rotation<acc_t>& rot,
-                     int64_t b, int64_t m, const PairSpan& ps, acc_t* xb, acc_t* ob, const acc_t*& x_lo,
-                     const acc_t*& x_hi, const acc_t*& c, const acc_t*& s, acc_t*& o_lo, acc_t*& o_hi, acc_t& inv) {
+__attribute__((always_inline)) inline void pass_row(const scalar_t* in, const Rows& ir, scalar_t* out,
+                                                    const Rows& outr, const Rotation<acc_t>& rot, int64_t b,
+                                                    int64_t m, const PairSpan& ps, acc_t* xb, acc_t* ob,
+                                                    const acc_t*& x_lo, const acc_t*& x_hi, const acc_t*& c,
+                                                    const acc_t*& s, acc_t*& o_lo, acc_t*& o_hi, acc_t& inv) {
   pair_rows(in, ir, b, m, ps, xb, x_lo, x_hi);
   const int64_t r = rot.row(b, m, ps.sec) + ps.i0;
   c = rot.cos + r;
