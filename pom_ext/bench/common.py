@@ -114,19 +114,31 @@ class Timer:
         for _ in range(warmup):
             fn()
         self.sync()
-        out = []
-        for _ in range(repeat):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
+        return [self.once(fn) for _ in range(repeat)]
+
+    def once(self, fn: Callable[[], object]) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    def interleaved(self, fns: Sequence[Callable[[], object]], rounds: int, warmup: int = 1) -> List[List[float]]:
+        """Samples of each of fns, one call of each per round in turn, so that a drift of the machine (a shared
+        CPU's memory bandwidth can halve within minutes) reaches all of them alike: for ops compared by a ratio."""
+        for fn in fns:
+            for _ in range(warmup):
                 fn()
-                end.record()
-                end.synchronize()
-                out.append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                out.append(time.perf_counter() - t0)
+        self.sync()
+        out: List[List[float]] = [[] for _ in fns]
+        for _ in range(rounds):
+            for s, fn in zip(out, fns):
+                s.append(self.once(fn))
         return out
 
 
