@@ -84,7 +84,6 @@ class PoMRoPE(PoM):
                 raise ValueError(f"pom_ext.PoMRoPE: the head width expand * dim / n_sel_heads = {head} must be >= "
                                  f"{split} for {'2-D' if rope_2d else '1-D'} rotary positions")
         self.rope_2d = rope_2d
-        self._arange_cache: Dict[Tuple[int, str], torch.Tensor] = {}
         self.max_seq_len, self.max_h, self.max_w, self.rope_base = max_seq_len, max_h, max_w, float(rope_base)
         if rope_2d:
             rc, rs, cc, cs = rope_tables_2d(E, max_h, max_w, float(rope_base))
@@ -138,23 +137,6 @@ class PoMRoPE(PoM):
             cp, cname = qp, qname
         return qp, cp, qname, cname
 
-    def _default_positions(self, N: int, device: torch.device) -> torch.Tensor:
-        """0..N-1 as (N, 1): one tensor per length and device, kept across calls (the last 8). The ops check a
-        positions tensor against the tables once, while it is unchanged (on CUDA the check copies two values to the
-        host, a synchronization), so the default positions of a training or decoding loop are checked once. Made
-        outside inference mode, so that a tensor first made while serving can later be saved for backward."""
-        if torch.compiler.is_compiling():
-            return torch.arange(N, device=device)[:, None]
-        key = (N, str(device))
-        pos = self._arange_cache.get(key)
-        if pos is None:
-            with torch.inference_mode(False):
-                pos = torch.arange(N, device=device)[:, None]
-            if len(self._arange_cache) >= 8:
-                self._arange_cache.pop(next(iter(self._arange_cache)))
-            self._arange_cache[key] = pos
-        return pos
-
     def _positions(self, arg: str, pos: Optional[torch.Tensor], B: int, N: int, device: torch.device,
                    cu_seqlens: Optional[torch.Tensor]) -> torch.Tensor:
         """The rope ops' positions: (N, S), (B, N, S) or packed (total, S), from a user's 1-D (N,) / (B, N) or 2-D
@@ -175,7 +157,7 @@ class PoMRoPE(PoM):
             if packed:
                 starts = cu_seqlens[:-1].long().repeat_interleave(lengths, output_size=N)
                 return (torch.arange(N, device=device) - starts)[:, None]
-            return self._default_positions(N, device)
+            return torch.arange(N, device=device)[:, None]
         if not isinstance(pos, torch.Tensor):
             _fail(arg, "an integer tensor", type(pos).__name__)
         if pos.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):

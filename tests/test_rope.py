@@ -196,7 +196,7 @@ def test_rope_op_bad_inputs(bad, match):
         R.poly_mean_rope(h, c, a["cos"], a["sin"], a["pos"], None, None)
 
 
-# ---- positions are checked once per tensor while unchanged (checked_once.h) ----
+# ---- positions and packed offsets are checked at every call, whatever happened to the tensor before ----
 
 POS_ERR = r"'positions' must lie in \[0, {}\)"
 
@@ -232,6 +232,10 @@ def test_positions_checked_again_after_a_change(device):
     pos[3, 0] = 3
     torch.testing.assert_close(R.poly_causal_rope(h, c, cos, sin, pos, 1, None),
                                R.poly_causal_rope(h, c, cos, sin, torch.arange(17, device=device)[:, None], 1, None))
+    # Writes that bypass the version counter are caught as well: nothing is taken as checked from an earlier call.
+    pos.data[3, 0] = 20
+    with pytest.raises(RuntimeError, match=POS_ERR.format(20)):
+        R.poly_causal_rope(h, c, cos, sin, pos, 1, None)
     base = torch.arange(17, device=device)
     view = base[:, None]
     R.poly_causal_rope(h, c, cos, sin, view, 1, None)
@@ -243,10 +247,11 @@ def test_positions_checked_again_after_a_change(device):
 @native
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
 def test_positions_checked_in_inference_mode(device):
-    """Inference tensors keep no version counter: they are checked at every call (and never fail for it)."""
+    """Inference tensors (positions, packed offsets) keep no version counter: their checks must not read one (the CUDA
+    offsets check keeps the offsets it validated by version, and raised on inference tensors)."""
     h, c, cos, sin = small_op_args(4, device)
-    cu = torch.tensor([0, 9, 17], device=device)
     with torch.inference_mode():
+        cu = torch.tensor([0, 9, 17], device=device)
         pos = torch.arange(17, device=device)[:, None]
         for _ in range(2):
             R.poly_causal_rope(h, c, cos, sin, pos, 1, None)
@@ -600,29 +605,6 @@ def test_forward_bad_inputs():
         st = one.allocate_state(2)
         for _ in range(17):
             one.step(x[:, :1], st)
-
-
-def test_layer_default_positions_kept_across_calls():
-    """The default positions 0..N-1: one tensor per length (the last 8), so the ops check them once; made outside
-    inference mode, so that a layer served first can be trained after."""
-    torch.manual_seed(0)
-    layer = PoMRoPE(16, 2, 2, n_sel_heads=2, max_seq_len=64)
-    x = torch.randn(2, 10, 16)
-    y = layer(x, mask="causal")
-    kept = layer._arange_cache[(10, "cpu")]
-    torch.testing.assert_close(kept, torch.arange(10)[:, None], rtol=0, atol=0)
-    assert torch.equal(layer(x, mask="causal"), y) and layer._arange_cache[(10, "cpu")] is kept
-    served = PoMRoPE(16, 2, 2, max_seq_len=64)
-    with torch.inference_mode():
-        served(x, mask="causal")
-        served(x)
-    assert not served._arange_cache[(10, "cpu")].is_inference()
-    xg = x.clone().requires_grad_()
-    served(xg, mask="causal").sum().backward()
-    assert xg.grad is not None and torch.isfinite(xg.grad).all()
-    for n in range(1, 13):
-        layer(torch.randn(1, n, 16), mask="causal")
-    assert len(layer._arange_cache) == 8 and set(k[0] for k in layer._arange_cache) == set(range(5, 13))
 
 
 # ---- models ----

@@ -11,7 +11,6 @@
 #include <type_traits>
 #include <vector>
 
-#include "pom_ext/checked_once.h"
 #include "pom_ext/checks.h"
 #include "pom_ext/dispatch.h"
 #include "pom_ext/library.h"

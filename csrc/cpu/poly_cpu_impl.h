@@ -538,8 +538,7 @@ inline at::Tensor weight_as(const c10::optional<at::Tensor>& weight, at::ScalarT
 inline at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // The arguments of the rope ops as the kernels read them: the tables in the accumulation dtype, contiguous,
-// and the positions as int64 (B, N, S) (a broadcast view when given as (N, S)) or (total, S), every value checked
-// (once per positions tensor while it is unchanged: checked_once.h).
+// and the positions as int64 (B, N, S) (a broadcast view when given as (N, S)) or (total, S), every value checked.
 struct RopeTensors {
   at::Tensor cos, sin, pos;
   at::Tensor gate_cos, gate_sin;  // the gated rope op's gate tables (L, Pg), when set by gate()
@@ -555,10 +554,8 @@ struct RopeTensors {
     pos = positions.to(at::kLong);
     if (!cu.has_value() && pos.dim() == 2) pos = pos.unsqueeze(0).expand({h.size(0), h.size(1), S});
     if (pos.numel() > 0) {
-      checked_once::check(positions, checked_once::Kind::positions, cos.size(0), [&] {
-        auto mm = at::aminmax(pos);
-        checks::rope_positions(op, std::get<0>(mm).item<int64_t>(), std::get<1>(mm).item<int64_t>(), cos.size(0));
-      });
+      auto mm = at::aminmax(pos);
+      checks::rope_positions(op, std::get<0>(mm).item<int64_t>(), std::get<1>(mm).item<int64_t>(), cos.size(0));
     }
   }
   void gate(const at::Tensor& c, const at::Tensor& s) {

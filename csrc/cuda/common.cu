@@ -2,10 +2,10 @@
 // scan of chunk totals, and the fixed-order reduction of grad_coeff partials.
 #include "common.cuh"
 
+#include <c10/util/intrusive_ptr.h>
+
 #include <mutex>
 #include <vector>
-
-#include "pom_ext/checked_once.h"
 
 namespace pom_ext {
 namespace cuda {
@@ -112,11 +112,38 @@ __global__ void __launch_bounds__(256)
 
 void validate_offsets(const char* op, const c10::optional<at::Tensor>& cu, int64_t total) {
   if (!cu.has_value()) return;
-  // One copy of the B + 1 offsets to the host (and so a synchronization), once per tensor (checked_once.h).
-  checked_once::check(*cu, checked_once::Kind::offsets, total, [&] {
-    const at::Tensor host = cu->to(at::kCPU, at::kLong).contiguous();
-    checks::cu_values(op, host.data_ptr<int64_t>(), host.numel(), total);
-  });
+  // The tensors validated lately, held weakly (the weak reference keeps a freed tensor's TensorImpl from being
+  // deleted, so a new tensor never has its address) with the version they had (an in-place change is validated
+  // again). Inference tensors keep no version counter (reading it raises): they are validated at every call. Not
+  // seen: writes that bypass the version counter (`.data`, NumPy or DLPack aliases, a collective into the buffer).
+  struct Seen {
+    c10::weak_intrusive_ptr<c10::TensorImpl> impl;
+    uint32_t version;
+    int64_t total;
+  };
+  static std::mutex mu;
+  static std::vector<Seen> seen;
+  constexpr size_t kSeen = 16;
+  const at::Tensor& c = *cu;
+  c10::TensorImpl* impl = c.unsafeGetTensorImpl();
+  const bool tracked = !c.is_inference();
+  const uint32_t version = tracked ? impl->version_counter().current_version() : 0;
+  if (tracked) {
+    std::lock_guard<std::mutex> lock(mu);
+    for (const Seen& s : seen) {
+      // The address compare is safe: the entry pins its TensorImpl, and the caller holds c (no lock(), which could
+      // take the GIL under the mutex).
+      if (s.version == version && s.total == total && !s.impl.expired() && s.impl._unsafe_get_target() == impl)
+        return;
+    }
+  }
+  // One copy of the B + 1 offsets to the host (and so a synchronization), once per tensor.
+  const at::Tensor host = c.to(at::kCPU, at::kLong).contiguous();
+  checks::cu_values(op, host.data_ptr<int64_t>(), host.numel(), total);
+  if (!tracked) return;
+  std::lock_guard<std::mutex> lock(mu);
+  if (seen.size() == kSeen) seen.erase(seen.begin());
+  seen.push_back({c10::weak_intrusive_ptr<c10::TensorImpl>(c.getIntrusivePtr()), version, total});
 }
 
 Layout make_layout(const at::Tensor& h, const c10::optional<at::Tensor>& cu, const plan::ChunkPlan& pl,

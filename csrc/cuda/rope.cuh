@@ -5,7 +5,6 @@
 #pragma once
 
 #include "common.cuh"
-#include "pom_ext/checked_once.h"
 
 namespace pom_ext {
 namespace cuda {
@@ -115,9 +114,8 @@ __device__ __forceinline__ void turned_features(const RopeArg<acc_t>& ra, const 
 }
 
 // The tables and positions of a rope call on the device: the tables in the accumulation type, the positions as
-// int64 ((N, S) broadcast over the batch). Every position is checked against the tables' rows (an index past the
-// tables would read past them): one aminmax and a copy of its two values to the host, a synchronization, once per
-// positions tensor (checked_once.h: again after a change in place, at every call for an inference tensor).
+// int64 ((N, S) broadcast over the batch). Every position is checked against the tables' rows: one aminmax and a
+// copy of its two values to the host, a synchronization per call (an index past the tables would read past them).
 // The gated rope op adds its gate tables (gate(), the same rows: checks::gate_rope), read at the same positions.
 struct RopeHost {
   at::Tensor cos, sin, gate_cos, gate_sin, pos;
@@ -134,11 +132,9 @@ struct RopeHost {
     pos = positions.to(at::kLong);
     if (!packed && pos.dim() == 2) pos = pos.unsqueeze(0).expand({h.size(0), h.size(1), pos.size(1)});
     if (pos.numel() > 0) {
-      checked_once::check(positions, checked_once::Kind::positions, cos.size(0), [&] {
-        const auto mm = at::aminmax(pos);
-        const at::Tensor lohi = at::stack({std::get<0>(mm), std::get<1>(mm)}).cpu();  // one copy to the host
-        checks::rope_positions(op, lohi.data_ptr<int64_t>()[0], lohi.data_ptr<int64_t>()[1], cos.size(0));
-      });
+      const auto mm = at::aminmax(pos);
+      const at::Tensor lohi = at::stack({std::get<0>(mm), std::get<1>(mm)}).cpu();  // one copy to the host
+      checks::rope_positions(op, lohi.data_ptr<int64_t>()[0], lohi.data_ptr<int64_t>()[1], cos.size(0));
     }
   }
 
