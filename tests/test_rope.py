@@ -218,10 +218,10 @@ def test_positions_checked_again_after_a_change(device):
     for _ in range(2):
         R.poly_causal_rope(h, c, cos, sin, pos, 1, None)
         R.poly_causal_rope_backward(gH, h, c, cos, sin, pos, 1, None)
-    # The same tensor against shorter tables is another check.
+    # The same tensor, valid for 20 table rows, fails against 10.
     with pytest.raises(RuntimeError, match=POS_ERR.format(10)):
         R.poly_causal_rope(h, c, cos[:10], sin[:10], pos, 1, None)
-    # Changed in place, directly or through the tensor it views: checked again, forward and backward.
+    # Changed in place, directly or through the tensor it views: caught, forward and backward.
     pos[3, 0] = 20
     with pytest.raises(RuntimeError, match=POS_ERR.format(20)):
         R.poly_causal_rope(h, c, cos, sin, pos, 1, None)
