@@ -62,6 +62,7 @@ PRESETS = {
     "hybrid-pppa": "--model hybrid --attn-every 4 --depth 8",
     "hybrid-w64": "--model hybrid --attn-every 3 --window 64",
     "hybrid-g1k3": "--model hybrid --attn-every 3 --degree 3 --n-sel-heads 1",
+    "hybrid-pa-g1k3": "--model hybrid --attn-every 2 --degree 3 --n-sel-heads 1",
     "attention": "--model attention",
 }
 
