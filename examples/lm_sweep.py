@@ -4,7 +4,8 @@ Every (model, learning rate) of the command line is one run of examples/train_lm
 schedule and step budget, in OUT/<model>/lr<lr>/ (log.json, log.csv, ckpt.pt, sample.txt). A finished run is
 skipped and an interrupted one resumes from its checkpoint, so a sweep stops and continues at will, and several
 processes may share OUT if they run different models. --report reads every run in OUT and writes
-OUT/lm_sweep.md, lm_sweep.json and lm_sweep.png:
+OUT/lm_sweep.md, lm_sweep.json and lm_sweep.png (each model's best run against tokens and against the equal-time
+clock, and the final bits per byte against the rate):
 
 - at equal training tokens: each model's final validation bits per byte at every rate, its best rate, and its
   gap to attention's best;
@@ -28,6 +29,8 @@ Models (add your own as NAME=TRAIN_LM_ARGS, the arguments quoted as one):
     hybrid           PoM with attention every third layer: PPAPPA
     hybrid-pppa      attention every fourth layer, depth 8: PPPAPPPA
     hybrid-w64       PPAPPA with attention over a sliding window of 64 bytes
+    hybrid-g1k3      PPAPPA with pom-g1k3's PoM blocks (degree 3, one gate per channel)
+    hybrid-pa-g1k3   the same with attention every second layer: PAPAPA
     attention        rotary multi-head attention: AAAAAA
 
     PYTHONPATH=. python examples/lm_sweep.py --models pom,attention --lrs 1e-3,2e-3,4e-3 --steps 3000 \\
@@ -249,17 +252,59 @@ def report(args) -> int:
         "equal_time": {m: None if v is None else {"val_bpb": v[0], "lr": v[1], "step": v[2]}
                        for m, v in at_budget.items()}}, indent=1))
     print(md)
-    # Each model's best run, its curves against step (equal tokens) and training time.
-    logs = []
-    for m in sorted(by_model):
-        log = plot_lm().load(best[m]["dir"])
-        log["name"] = f"{m} lr {best[m]['lr']:g}"
-        logs.append(log)
     try:
-        plot_lm().plot(logs, out / "lm_sweep.png")
+        plot_sweep(by_model, best, clock, budget, "measured step time x step" if measured else "the runs' own time",
+                   out / "lm_sweep.png")
     except ImportError:
         print("matplotlib is not installed: no lm_sweep.png", file=sys.stderr)
     return 0
+
+
+def plot_sweep(by_model: dict, best: dict, clock, budget: float, clock_label: str, path: pathlib.Path) -> None:
+    """Three panels: each model's best run (validation bits per byte) against the step (equal tokens) and against
+    the report's equal-time clock (the budget dotted), and every run's final bits per byte against its rate;
+    attention black, hybrids solid, PoM dashed; one legend, best first."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = sorted(by_model, key=lambda m: best[m]["final_bpb"])
+    palette = plt.get_cmap("tab20").colors
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    others = iter(palette)
+    for m in order:
+        layers = best[m]["layers"]
+        attention = "P" not in layers
+        style = {"color": "k" if attention else next(others), "lw": 2.0 if attention else 1.3,
+                 "ls": "-" if "A" in layers else "--"}
+        b = best[m]
+        val = b["val"]
+        label = f"{m} ({b['layers']}): {b['final_bpb']:.3f} at lr {b['lr']:g}"
+        axes[0].plot([v[0] for v in val], [v[2] for v in val], label=label, **style)
+        axes[1].plot([clock(b, v[0], v[1]) / 60 for v in val], [v[2] for v in val], **style)
+        rs = sorted(by_model[m], key=lambda r: r["lr"])
+        axes[2].plot([r["lr"] for r in rs], [r["final_bpb"] for r in rs], marker="o", ms=4, **style)
+    axes[1].axvline(budget / 60, color="0.4", ls=":", lw=1)
+    axes[0].set_xlabel("step (equal training tokens)")
+    axes[1].set_xlabel(f"training time, min ({clock_label})")
+    axes[2].set_xlabel("learning rate")
+    axes[2].set_xscale("log", base=2)
+    lrs = sorted({r["lr"] for rs in by_model.values() for r in rs})
+    axes[2].set_xticks(lrs, [f"{lr:g}" for lr in lrs])
+    axes[2].minorticks_off()
+    axes[0].set_title("validation, best rate of each model")
+    axes[1].set_title("the same at equal time (dotted: the budget)")
+    axes[2].set_title("final validation at each rate")
+    lo = min(b["final_bpb"] for b in best.values())
+    for ax in axes:
+        ax.set_ylabel("bits per byte")
+        ax.set_ylim(lo - 0.05, lo + 0.9)
+        ax.grid(alpha=0.3)
+    fig.legend(loc="center left", bbox_to_anchor=(0.805, 0.5), fontsize=7, frameon=False)
+    fig.suptitle("byte-level LM on the Python standard library: learning-rate sweeps")
+    fig.tight_layout(rect=(0, 0, 0.8, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:

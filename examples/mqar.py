@@ -264,47 +264,72 @@ def table(rows: list) -> str:
         first = next(iter(by_len.values()))
         state = "KV: " + ", ".join(f"{by_len[L]['state_bytes']:,}" for L in lens if L in by_len) \
             if model == "attention" else f"{first['state_bytes']:,}"
-        cells = [f"{by_len[L]['mean']:.3f}" + (f" ± {by_len[L]['std']:.3f}" if len(by_len[L]['accuracies']) > 1
-                                                 else "") if L in by_len else "" for L in lens]
+        cells = [f"{by_len[L]['mean']:.3f}" + (f" ± {by_len[L]['std']:.3f} (n={len(by_len[L]['accuracies'])})"
+                                                 if len(by_len[L]['accuracies']) > 1 else "") if L in by_len else ""
+                 for L in lens]
         lines.append(f"| {model} | {dim} | {first['lr']:g} | {state} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def plot(rows: list, path: pathlib.Path) -> bool:
+    """Accuracy against the recurrent state's bytes per sequence, one panel per length (Zoology's figure): PoM
+    coloured by degree (the degrees of one state size side by side), marker by width, hollow with several gate
+    heads, its expand written once per state size; attention a star at its KV cache."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.lines import Line2D
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return False
     lens = sorted({r["seq_len"] for r in rows})
-    fig, axes = plt.subplots(1, len(lens), figsize=(4.2 * len(lens), 4), squeeze=False)
+    pom = [spec(r["model"]) for r in rows if spec(r["model"])["kind"] == "pom"]
+    degrees = sorted({s["degree"] for s in pom})
+    widths = sorted({r["dim"] for r in rows})
+    markers = dict(zip(widths, "os^Dv"))
+    fig, axes = plt.subplots(1, len(lens), figsize=(4.4 * len(lens), 4.2), squeeze=False, sharex=True, sharey=True)
     for ax, L in zip(axes[0], lens):
         at = [r for r in rows if r["seq_len"] == L]
-        degrees = sorted({spec(r["model"]).get("degree", 0) for r in at})
-        for r in at:
+        labelled = set()
+        for r in sorted(at, key=lambda r: -r["mean"]):
             s = spec(r["model"])
+            m = markers.get(r["dim"], "o")
             if s["kind"] == "attention":
-                ax.scatter(r["state_bytes"], r["mean"], marker="*", s=120, color="k", zorder=3)
-                ax.annotate(f"attention d={r['dim']}", (r["state_bytes"], r["mean"]), fontsize=6)
-            else:
-                i = degrees.index(s["degree"])
-                ax.errorbar(r["state_bytes"], r["mean"], yerr=r["std"], fmt="o", color=f"C{i % 10}", ms=4,
-                            label=f"PoM K={s['degree']}")
-                ax.annotate(f"{s['degree']}x{s['expand']} d={r['dim']}", (r["state_bytes"], r["mean"]), fontsize=6)
-        handles = {h.get_label(): h for h in ax.get_legend_handles_labels()[0]}
-        if handles:
-            ax.legend(handles.values(), handles.keys(), fontsize=7, loc="lower right")
+                ax.scatter(r["state_bytes"], r["mean"], marker="*", s=140, color="k", zorder=3)
+                ax.annotate(f"d={r['dim']}", (r["state_bytes"], r["mean"]), textcoords="offset points",
+                            xytext=(0, -13), ha="center", fontsize=7)
+                continue
+            i = degrees.index(s["degree"])
+            x = r["state_bytes"] * 2 ** (0.12 * (i - (len(degrees) - 1) / 2))  # the degrees side by side
+            c = f"C{i % 10}"
+            hollow = s["gate_heads"] > 1
+            ax.errorbar(x, r["mean"], yerr=r["std"], fmt=m, color=c, ms=5, mfc="none" if hollow else c, capsize=2,
+                        lw=1)
+            group = (s["expand"], r["dim"], s["gate_heads"])
+            if group not in labelled:
+                labelled.add(group)
+                tag = f"e{s['expand']}" + (f" h{s['gate_heads']}" if hollow else "")
+                ax.annotate(tag, (x, r["mean"]), textcoords="offset points", xytext=(5, 3), fontsize=6)
         ax.set_xscale("log", base=2)
-        ax.set_ylim(-0.02, 1.02)
+        ax.set_ylim(-0.02, 1.05)
         ax.set_title(f"L={L}, {at[0]['num_kv']} pairs" if at else f"L={L}")
         ax.set_xlabel("recurrent state (bytes / sequence)")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("MQAR accuracy")
-    fig.suptitle("multi-query associative recall: accuracy vs state size")
-    fig.tight_layout()
+    axes[0][0].set_ylabel("MQAR accuracy (held out)")
+    handles = [Line2D([], [], marker="*", ls="", color="k", ms=10, label="attention (KV cache)")]
+    handles += [Line2D([], [], marker="o", ls="", color=f"C{i % 10}", label=f"PoM degree {k}")
+                for i, k in enumerate(degrees)]
+    if len(widths) > 1:
+        handles += [Line2D([], [], marker=markers.get(w, "o"), ls="", color="0.4", label=f"width {w}")
+                    for w in widths]
+    if any(s["gate_heads"] > 1 for s in pom):
+        handles.append(Line2D([], [], marker="o", ls="", color="0.4", mfc="none", label="several gate heads"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
+    fig.suptitle("multi-query associative recall: accuracy vs state size (eN: expand, hN: gate heads)")
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     return True
 
 

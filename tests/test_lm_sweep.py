@@ -45,6 +45,17 @@ def test_report_equal_tokens_and_equal_time(sweep, tmp_path):
     assert "| attention | AA | 0.00 | 2000 | 2.000 | 2.200 | 2.000 | +0.0% |" in md
 
 
+def test_report_draws_the_sweep(sweep, tmp_path):
+    pytest.importorskip("matplotlib")
+    write_log(tmp_path, "attention", 1e-3, 2.0, [(100, 3.0), (200, 2.0)], "AA")
+    write_log(tmp_path, "hybrid", 2e-3, 1.5, [(100, 2.9), (200, 2.2)], "PA")
+    write_log(tmp_path, "pom", 1e-3, 1.0, [(100, 2.9), (200, 2.3)], "PP")
+    write_log(tmp_path, "pom", 2e-3, 1.0, [(100, 2.6), (200, 2.1)], "PP")
+    assert sweep.main(["--report", "--out", str(tmp_path)]) == 0
+    png = (tmp_path / "lm_sweep.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
 def test_report_equal_time_on_measured_step_times(sweep, tmp_path):
     # The runs' own clocks say attention 2 s/step and pom 1 s/step (a shared machine); measured alone, attention
     # takes 1.0 s a step and pom 1.5 s: attention's full run (200 s) is the budget, pom gets 133 steps of it.
