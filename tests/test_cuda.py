@@ -527,6 +527,37 @@ def test_bad_cu_seqlens_is_an_ordinary_error(op):
     torch.cuda.synchronize()
 
 
+@pytest.mark.parametrize("op", ["mean", "causal", "gated", "weighted", "mean_backward", "causal_backward"])
+def test_offsets_changed_behind_the_cache_stay_in_bounds(op):
+    """A write through `.data` does not move the version counter, so the host check (cached per tensor) does not
+    see it; the kernels read the offsets made safe on the device (their running maximum, clamped to the rows), so
+    the call stays in bounds: no fault at the synchronization, and the context usable afterwards (compute-sanitizer
+    in benchmarks/gpu_check.sh sees every access)."""
+    h = torch.randn(20, 8, device="cuda")
+    c = torch.randn(8, 2, device="cuda") * 0.3
+    o = torch.ops.pom_ext
+    cu = torch.tensor([0, 5, 20], dtype=torch.int32, device="cuda")
+    HB = torch.zeros(2, 8, device="cuda")
+    call = {
+        "mean": lambda: o.poly_mean(h, c, None, cu),
+        "causal": lambda: o.poly_causal(h, c, 2, cu),
+        "gated": lambda: o.poly_causal_gated(torch.cat([h, h], -1), c, None, 1, cu),
+        "weighted": lambda: o.poly_causal_weighted(h, c, torch.ones(20, device="cuda"), 1, cu),
+        "mean_backward": lambda: o.poly_mean_backward(HB, HB, h, c, None, cu, False),
+        "causal_backward": lambda: o.poly_causal_backward(h, h, c, 1, cu),
+    }[op]
+    call()  # validated, and kept as checked
+    version = cu._version
+    for bad in ([0, 50, 20], [0, -7, 20], [3, 1, 99], [0, 2 ** 30, -(2 ** 30)]):
+        cu.data.copy_(torch.tensor(bad, dtype=torch.int32))
+        assert cu._version == version  # unseen by the cache
+        call()
+        torch.cuda.synchronize()
+    cu.data.copy_(torch.tensor([0, 5, 20], dtype=torch.int32))
+    check(ops.poly_causal(h, c, 1, cu).cpu(), R.poly_causal(h.cpu().double(), c.cpu().double(), 1, cu.cpu()),
+          torch.float32, "after the unseen writes")
+
+
 def test_eval_more_channel_tiles_than_grid_y():
     """A row wider than 65535 channel tiles (E > 65535 * 512): the tiles continue in the grid's z."""
     E = 65535 * 512 + 520

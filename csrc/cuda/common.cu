@@ -27,22 +27,48 @@ namespace {
 
 constexpr int kOffThreads = 1024;
 
-// off[b] = sum_{j < b} of the chunks of sequence j, off[B] = the number of chunks.
-__global__ void __launch_bounds__(kOffThreads)
-    chunk_offsets_kernel(const void* cu, bool cu64, int64_t B, plan::ChunkPlan pl, int64_t* __restrict__ off) {
+// The offsets as the kernels read them, safe[i] = min(max(cu[0..i]), total) with safe[0] = 0: non-decreasing and
+// within [0, total] whatever cu holds, so no kernel indexes a row outside the tensor. For offsets that passed
+// validate_offsets (0 first, non-decreasing, total last) safe == cu; a write that bypassed its cache (see there)
+// gives wrong rows, never an access out of bounds. Then off[b] = sum_{j < b} of the chunks of sequence j (of the
+// safe offsets), off[B] = the number of chunks. One block; thread t owns offsets [t * per, (t + 1) * per).
+__global__ void __launch_bounds__(kOffThreads) chunk_offsets_kernel(const void* cu, bool cu64, int64_t B,
+                                                                    int64_t total, plan::ChunkPlan pl,
+                                                                    int64_t* __restrict__ safe,
+                                                                    int64_t* __restrict__ off) {
   __shared__ int64_t part[kOffThreads];
   auto at = [&](int64_t i) -> int64_t {
     return cu64 ? static_cast<const int64_t*>(cu)[i] : static_cast<int64_t>(static_cast<const int32_t*>(cu)[i]);
   };
   const int t = threadIdx.x;
-  const int64_t per = (B + kOffThreads - 1) / kOffThreads;
+  const int64_t per = (B + 1 + kOffThreads - 1) / kOffThreads;
   const int64_t lo = t * per;
-  const int64_t hi = lo + per < B ? lo + per : B;
-  int64_t local = 0;
-  for (int64_t b = lo; b < hi; ++b) {
-    local += plan::chunks_of_len(pl, at(b + 1) - at(b));  // lengths >= 0: validated on the host
+  const int64_t hi = lo + per < B + 1 ? lo + per : B + 1;
+  int64_t m = 0;  // the running maximum of this thread's offsets (0: safe[0])
+  for (int64_t i = lo; i < hi; ++i) m = max(m, at(i));
+  part[t] = m;
+  __syncthreads();
+  if (t == 0) {  // exclusive prefix maxima of the threads' maxima
+    int64_t run = 0;
+    for (int i = 0; i < kOffThreads; ++i) {
+      const int64_t v = part[i];
+      part[i] = run;
+      run = max(run, v);
+    }
   }
-  part[t] = local;
+  __syncthreads();
+  m = part[t];
+  for (int64_t i = lo; i < hi; ++i) {
+    m = max(m, i == 0 ? int64_t(0) : at(i));
+    safe[i] = min(m, total);
+  }
+  __syncthreads();  // safe complete (global memory, visible to the block after the barrier)
+  const int64_t per_b = (B + kOffThreads - 1) / kOffThreads;
+  const int64_t b0 = t * per_b;
+  const int64_t b1 = b0 + per_b < B ? b0 + per_b : B;
+  int64_t local = 0;
+  for (int64_t b = b0; b < b1; ++b) local += plan::chunks_of_len(pl, safe[b + 1] - safe[b]);
+  part[t] = local;  // every thread read its part[t] before the barrier above
   __syncthreads();
   if (t == 0) {
     int64_t run = 0;
@@ -55,9 +81,9 @@ __global__ void __launch_bounds__(kOffThreads)
   }
   __syncthreads();
   int64_t run = part[t];
-  for (int64_t b = lo; b < hi; ++b) {
+  for (int64_t b = b0; b < b1; ++b) {
     off[b] = run;
-    run += plan::chunks_of_len(pl, at(b + 1) - at(b));
+    run += plan::chunks_of_len(pl, safe[b + 1] - safe[b]);
   }
 }
 
@@ -115,7 +141,9 @@ void validate_offsets(const char* op, const c10::optional<at::Tensor>& cu, int64
   // The tensors validated lately, held weakly (the weak reference keeps a freed tensor's TensorImpl from being
   // deleted, so a new tensor never has its address) with the version they had (an in-place change is validated
   // again). Inference tensors keep no version counter (reading it raises): they are validated at every call. Not
-  // seen: writes that bypass the version counter (`.data`, NumPy or DLPack aliases, a collective into the buffer).
+  // seen: writes that bypass the version counter (`.data`, NumPy or DLPack aliases, a collective into the buffer);
+  // the kernels read the offsets made safe by make_layout, so such a write gives wrong rows, never an access out of
+  // bounds.
   struct Seen {
     c10::weak_intrusive_ptr<c10::TensorImpl> impl;
     uint32_t version;
@@ -157,16 +185,19 @@ Layout make_layout(const at::Tensor& h, const c10::optional<at::Tensor>& cu, con
     L.nchunks = L.B * L.ncps;
     return L;
   }
-  keep.cu = cu->contiguous();
+  const at::Tensor raw = cu->contiguous();
   const int64_t total = h.size(0);
-  L.B = keep.cu.size(0) - 1;
-  L.cu = keep.cu.data_ptr();
-  L.cu64 = keep.cu.scalar_type() == at::kLong;
+  L.B = raw.size(0) - 1;
   // An upper bound of the chunks (each sequence adds at most one partial chunk, or one partial block's worth).
   L.nchunks = pl.cpb == 0 ? ceil_div(total, pl.R) + L.B : (ceil_div(total, pl.F) + L.B) * pl.cpb;
+  // The kernels read the offsets made safe (chunk_offsets_kernel), int64, and the chunk offsets.
+  keep.cu = at::empty({L.B + 1}, h.options().dtype(at::kLong));
   keep.off = at::empty({L.B + 1}, h.options().dtype(at::kLong));
-  chunk_offsets_kernel<<<1, kOffThreads, 0, stream>>>(L.cu, L.cu64, L.B, pl, keep.off.data_ptr<int64_t>());
+  chunk_offsets_kernel<<<1, kOffThreads, 0, stream>>>(raw.data_ptr(), raw.scalar_type() == at::kLong, L.B, total,
+                                                      pl, keep.cu.data_ptr<int64_t>(), keep.off.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  L.cu = keep.cu.data_ptr();
+  L.cu64 = true;
   L.chunk_off = keep.off.data_ptr<int64_t>();
   return L;
 }
