@@ -497,24 +497,29 @@ def test_opcheck(index, device):
     torch.library.opcheck(op, args)
 
 
+def packed_call(op: str, h, c, cu, HB):
+    """A call of op on the packed rows h (20 rows) with offsets cu (HB: the (B, E) gradient of the mean)."""
+    o = torch.ops.pom_ext
+    return {
+        "mean": lambda: o.poly_mean(h, c, None, cu),
+        "causal": lambda: o.poly_causal(h, c, 2, cu),
+        "gated": lambda: o.poly_causal_gated(torch.cat([h, h], -1), c, None, 1, cu),
+        "weighted": lambda: o.poly_causal_weighted(h, c, torch.ones(20, device="cuda"), 1, cu),
+        "mean_backward": lambda: o.poly_mean_backward(HB, HB, h, c, None, cu, False),
+        "causal_backward": lambda: o.poly_causal_backward(h, h, c, 1, cu),
+    }[op]
+
+
 @pytest.mark.parametrize("op", ["mean", "causal", "gated", "weighted", "mean_backward", "causal_backward"])
 def test_bad_cu_seqlens_is_an_ordinary_error(op):
     """Offsets that do not start at 0, decrease, or end elsewhere than the number of rows raise an error naming
     cu_seqlens (checked on the host once per tensor), and the CUDA context stays usable afterwards."""
     h = torch.randn(20, 8, device="cuda")
     c = torch.randn(8, 2, device="cuda") * 0.3
-    o = torch.ops.pom_ext
     for values in ([1, 5, 20], [0, 9, 4, 20], [0, 5, 19]):
         cu = torch.tensor(values, dtype=torch.int32, device="cuda")
         HB = torch.zeros(len(values) - 1, 8, device="cuda")
-        call = {
-            "mean": lambda: o.poly_mean(h, c, None, cu),
-            "causal": lambda: o.poly_causal(h, c, 2, cu),
-            "gated": lambda: o.poly_causal_gated(torch.cat([h, h], -1), c, None, 1, cu),
-            "weighted": lambda: o.poly_causal_weighted(h, c, torch.ones(20, device="cuda"), 1, cu),
-            "mean_backward": lambda: o.poly_mean_backward(HB, HB, h, c, None, cu, False),
-            "causal_backward": lambda: o.poly_causal_backward(h, h, c, 1, cu),
-        }[op]
+        call = packed_call(op, h, c, cu, HB)
         with pytest.raises(RuntimeError, match="cu_seqlens"):
             call()
     good = torch.tensor([0, 5, 20], dtype=torch.int32, device="cuda")
@@ -535,17 +540,9 @@ def test_offsets_changed_behind_the_cache_stay_in_bounds(op):
     in benchmarks/gpu_check.sh sees every access)."""
     h = torch.randn(20, 8, device="cuda")
     c = torch.randn(8, 2, device="cuda") * 0.3
-    o = torch.ops.pom_ext
     cu = torch.tensor([0, 5, 20], dtype=torch.int32, device="cuda")
     HB = torch.zeros(2, 8, device="cuda")
-    call = {
-        "mean": lambda: o.poly_mean(h, c, None, cu),
-        "causal": lambda: o.poly_causal(h, c, 2, cu),
-        "gated": lambda: o.poly_causal_gated(torch.cat([h, h], -1), c, None, 1, cu),
-        "weighted": lambda: o.poly_causal_weighted(h, c, torch.ones(20, device="cuda"), 1, cu),
-        "mean_backward": lambda: o.poly_mean_backward(HB, HB, h, c, None, cu, False),
-        "causal_backward": lambda: o.poly_causal_backward(h, h, c, 1, cu),
-    }[op]
+    call = packed_call(op, h, c, cu, HB)
     call()  # validated, and kept as checked
     version = cu._version
     for bad in ([0, 50, 20], [0, -7, 20], [3, 1, 99], [0, 2 ** 30, -(2 ** 30)]):
