@@ -58,7 +58,7 @@ echo "built: $(elapsed)"
 "$py" - <<'EOF'
 import torch, pom_ext
 assert pom_ext.native_available(), "the CUDA build of pom_ext does not load"
-names = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("pom_ext::poly_")]
+names = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith(("pom_ext::poly_", "pom_ext::causal_conv1d"))]
 missing = [n for n in names if not torch._C._dispatch_has_kernel_for_dispatch_key(n, "CUDA")]
 assert names and not missing, f"ops without a CUDA kernel: {missing}"
 print(f"{len(names)} ops, each with a CUDA kernel; build {torch.ops.pom_ext.build_info()}")

@@ -162,6 +162,16 @@ struct GatedRopeBackwardFn : torch::autograd::Function<GatedRopeBackwardFn> {
   }
 };
 
+struct ConvBackwardFn : torch::autograd::Function<ConvBackwardFn> {
+  static variable_list forward(AutogradContext*, const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
+                               const OptT& b) {
+    POM_OP(op, "causal_conv1d_backward", T3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptT&));
+    auto [gx, gw, gb] = below_autograd(op, g, x, w, b);
+    return {gx, gw, gb};
+  }
+  static variable_list backward(AutogradContext*, variable_list) { no_double_backward("causal_conv1d_backward"); }
+};
+
 // ---- the differentiable ops ----
 
 struct EvalFn : torch::autograd::Function<EvalFn> {
@@ -321,6 +331,20 @@ struct GatedRopeFn : torch::autograd::Function<GatedRopeFn> {
   }
 };
 
+struct ConvFn : torch::autograd::Function<ConvFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, const OptT& b) {
+    POM_OP(op, "causal_conv1d", at::Tensor(const at::Tensor&, const at::Tensor&, const OptT&));
+    ctx->save_for_backward({x, w, or_undefined(b)});
+    return below_autograd(op, x, w, b);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const OptT b = as_opt(saved[2]);
+    auto r = ConvBackwardFn::apply(grads[0], saved[0], saved[1], b);
+    return {r[0], r[1], b ? r[2] : at::Tensor()};
+  }
+};
+
 #undef POM_OP
 
 // ---- kernels for DispatchKey::Autograd ----
@@ -417,6 +441,13 @@ T3 causal_gated_rope_bwd(const at::Tensor& g, const at::Tensor& hs, const at::Te
                          const at::Tensor& cs, const at::Tensor& sn, const at::Tensor& gcs, const at::Tensor& gsn,
                          const at::Tensor& pos, int64_t block_size, const OptT& cu) {
   auto r = GatedRopeBackwardFn::apply(g, hs, c, bias, cs, sn, gcs, gsn, pos, block_size, cu);
+  return {r[0], r[1], r[2]};
+}
+
+at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const OptT& b) { return ConvFn::apply(x, w, b); }
+
+T3 conv_bwd(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, const OptT& b) {
+  auto r = ConvBackwardFn::apply(g, x, w, b);
   return {r[0], r[1], r[2]};
 }
 

@@ -156,6 +156,16 @@ at::Tensor state_step(const at::Tensor& h, const at::Tensor& coeff, at::Tensor& 
   return rows(h, h.sym_size(0));
 }
 
+at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const OptT& b) {
+  checks::conv_args("pom_ext::causal_conv1d", x, w, b);
+  return like(x);
+}
+
+T3 conv_bwd(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, const OptT& b) {
+  checks::conv_backward_args("pom_ext::causal_conv1d_backward", g, x, w, b);
+  return {like(x), like(w), b ? like(*b) : at::empty({0}, x.options())};
+}
+
 }  // namespace
 
 namespace detail {

@@ -86,6 +86,12 @@ void define_ops(torch::Library& m) {
       "poly_causal_gated_rope_backward(Tensor grad_y, Tensor hs, Tensor coeff, Tensor? gate_bias, Tensor cos, "
       "Tensor sin, Tensor gate_cos, Tensor gate_sin, Tensor positions, int block_size, Tensor? cu_seqlens) "
       "-> (Tensor, Tensor, Tensor)");
+  // The PoM block's causal depthwise convolution, in the (B, T, D) layout of the model (no transposes):
+  // y[b, t, d] = bias[d] + sum_k weight[d, k] x[b, t - K + 1 + k, d], x = 0 before the first row (nn.Conv1d with
+  // groups = D and K - 1 zeros of left padding). weight, bias: any floating dtype, gradients in their own dtypes;
+  // the backward returns an empty bias gradient when bias is None.
+  m.def("causal_conv1d(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+  m.def("causal_conv1d_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor? bias) -> (Tensor, Tensor, Tensor)");
   // Which CPU build the kernels run: "base", "avx2" or "avx512".
   m.def("cpu_isa() -> str", [] { return cpu_isa(); });
   // The build whose kernels this process runs: "<version>+cpu" or "<version>+cuda".
@@ -170,6 +176,7 @@ struct Registration {
     register_cuda_mean(cuda);
     register_cuda_causal(cuda);
     register_cuda_state(cuda);
+    register_cuda_conv(cuda);
 #endif
     register_meta(add(torch::Library::IMPL, c10::DispatchKey::Meta));
     register_autograd(add(torch::Library::IMPL, c10::DispatchKey::Autograd));

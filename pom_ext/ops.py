@@ -148,6 +148,16 @@ def poly_causal_gated_rope(hs: torch.Tensor, coeff: torch.Tensor, gate_bias: Opt
                                                     block_size, cu_seqlens)
 
 
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The PoM block's causal depthwise convolution in the (B, T, D) layout: x (B, T, D), weight (D, K), bias (D,)
+    or None -> y[b, t, d] = bias[d] + sum_k weight[d, k] x[b, t - K + 1 + k, d] (zeros before the first row), as
+    nn.Conv1d(D, D, K, groups=D) on the left-padded, transposed input, without the transposes."""
+    if not torch.jit.is_scripting():
+        if not _native():
+            return reference.causal_conv1d(x, weight, bias)
+    return torch.ops.pom_ext.causal_conv1d(x, weight, bias)
+
+
 def _kernel_devices():
     """{op: device types with a compiled kernel}, read once from the dispatcher (a constant for torch.compile)."""
     if not native_available():

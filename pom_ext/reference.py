@@ -296,3 +296,13 @@ def pom_rope_layer(layer, xq, xc=None, mask=None, positions=None, ctx_positions=
         H = _divide(torch.bmm(m, p), m.sum(-1, keepdim=True))
     assert n_ctx == p.shape[-2]
     return layer.ag_proj(select(s, H, G).to(xq.dtype))
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The causal depthwise convolution of the PoM block: x (B, T, D), weight (D, K), bias (D,) ->
+    y[b, t, d] = bias[d] + sum_k weight[d, k] x[b, t - K + 1 + k, d] (x = 0 before the first row), in x's dtype."""
+    acc = _acc(x.dtype)
+    D, K = weight.shape
+    u = F.pad(x.to(acc).transpose(1, 2), (K - 1, 0))
+    b = None if bias is None else bias.to(acc)
+    return F.conv1d(u, weight.to(acc).reshape(D, 1, K), b, groups=D).transpose(1, 2).to(x.dtype)

@@ -67,6 +67,8 @@ using CausalRopeSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at:
 using GatedRopeSig = at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&,
                                 const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
                                 const OptTensor&);
+using ConvSig = at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&);
+using ConvBwdSig = T3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&);
 
 #define POM_HANDLE(fn, Sig, name)                                                \
   const c10::TypedOperatorHandle<Sig>& fn() {                                    \
@@ -89,6 +91,8 @@ POM_HANDLE(step_op, StepSig, "poly_state_step_")
 POM_HANDLE(mean_rope_op, MeanRopeSig, "poly_mean_rope")
 POM_HANDLE(causal_rope_op, CausalRopeSig, "poly_causal_rope")
 POM_HANDLE(gated_rope_op, GatedRopeSig, "poly_causal_gated_rope")
+POM_HANDLE(conv_op, ConvSig, "causal_conv1d")
+POM_HANDLE(conv_bwd_op, ConvBwdSig, "causal_conv1d_backward")
 #undef POM_HANDLE
 
 }  // namespace
@@ -177,9 +181,22 @@ at::Tensor poly_causal_gated_rope(const at::Tensor& hs, const at::Tensor& coeff,
                      cu_seqlens);
 }
 
+at::Tensor causal_conv1d(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias) {
+  return call<false>(conv_op(), x, weight, bias);
+}
+
+T3 causal_conv1d_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                          const OptTensor& bias) {
+  return call<false>(conv_bwd_op(), grad_y, x, weight, bias);
+}
+
 }  // namespace ops
 
 // ---- differentiable ----
+
+at::Tensor causal_conv1d(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias) {
+  return call<true>(conv_op(), x, weight, bias);
+}
 
 at::Tensor poly_eval(const at::Tensor& h, const at::Tensor& coeff) { return call<true>(eval_op(), h, coeff); }
 

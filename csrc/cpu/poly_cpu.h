@@ -64,6 +64,11 @@
       const c10::optional<at::Tensor>& gate_bias, const at::Tensor& cos, const at::Tensor& sin,                   \
       const at::Tensor& gate_cos, const at::Tensor& gate_sin, const at::Tensor& positions, int64_t block_size,    \
       const c10::optional<at::Tensor>& cu);                                                                       \
+  at::Tensor causal_conv1d_cpu(const at::Tensor& x, const at::Tensor& weight,                                     \
+                               const c10::optional<at::Tensor>& bias);                                            \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_backward_cpu(                                      \
+      const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,                                    \
+      const c10::optional<at::Tensor>& bias);                                                                     \
   }                                                                                                               \
   }                                                                                                               \
   }

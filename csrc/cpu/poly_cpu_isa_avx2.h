@@ -8,5 +8,6 @@
 #define POM_CPU_ARCH avx2
 #include "poly_cpu_impl.h"
 #include "rope_cpu_impl.h"
+#include "conv_cpu_impl.h"
 #pragma GCC pop_options
 #endif

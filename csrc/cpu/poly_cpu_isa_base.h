@@ -5,3 +5,4 @@
 #define POM_CPU_ARCH base
 #include "poly_cpu_impl.h"
 #include "rope_cpu_impl.h"
+#include "conv_cpu_impl.h"

@@ -140,6 +140,11 @@ T3 causal_gated_rope_bwd(const at::Tensor& g, const at::Tensor& hs, const at::Te
   return POM_CPU_PICK(poly_causal_gated_rope_backward_cpu, g, hs, c, b, cs, sn, gcs, gsn, pos, f, cu);
 }
 
+at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const OptT& b) { return POM_CPU_PICK(causal_conv1d_cpu, x, w, b); }
+T3 conv_bwd(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, const OptT& b) {
+  return POM_CPU_PICK(causal_conv1d_backward_cpu, g, x, w, b);
+}
+
 }  // namespace
 }  // namespace cpu
 

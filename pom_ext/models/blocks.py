@@ -237,8 +237,8 @@ class PolymorpherBlock(nn.Module):
     def _conv(self, u: torch.Tensor) -> torch.Tensor:
         if self.conv is None:
             return u
-        u = F.pad(u.transpose(1, 2), (self.conv_size - 1, 0))
-        return self.conv(u).transpose(1, 2)
+        # self.conv's parameters through the native op, in the (B, T, D) layout (no transposes).
+        return ops.causal_conv1d(u, self.conv.weight.reshape(self.dim, self.conv_size), self.conv.bias)
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.mlp is None else x + self.mlp(self.norm2(x))

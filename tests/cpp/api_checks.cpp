@@ -131,6 +131,30 @@ int main() {
           "poly_causal_gated_rope gradients");
   }
 
+  // The causal depthwise convolution: equals torch's conv1d on the left-padded, transposed input, with gradients;
+  // ops:: and its backward agree with autograd.
+  {
+    const torch::Tensor x = torch::randn({2, 9, 5}, torch::kDouble).requires_grad_();
+    const torch::Tensor w = torch::randn({5, 4}, torch::kDouble).requires_grad_();
+    const torch::Tensor b = torch::randn({5}, torch::kDouble).requires_grad_();
+    const torch::Tensor y = pom_ext::causal_conv1d(x, w, b);
+    const torch::Tensor want =
+        torch::conv1d(torch::constant_pad_nd(x.transpose(1, 2), {3, 0}), w.unsqueeze(1), b, std::vector<int64_t>{1},
+                      std::vector<int64_t>{0}, std::vector<int64_t>{1}, 5)
+            .transpose(1, 2);
+    check(close(y, want, 1e-13), "causal_conv1d == conv1d of the left-padded input");
+    const torch::Tensor gy = torch::randn_like(y);
+    const auto g1 = torch::autograd::grad({y}, {x, w, b}, {gy});
+    const auto g2 = torch::autograd::grad({want}, {x, w, b}, {gy});
+    check(close(g1[0], g2[0], 1e-13) && close(g1[1], g2[1], 1e-13) && close(g1[2], g2[2], 1e-13),
+          "causal_conv1d gradients");
+    const auto [gx, gw, gb] = pom_ext::ops::causal_conv1d_backward(gy, x.detach(), w.detach(), b.detach());
+    check(close(gx, g1[0], 1e-15) && close(gw, g1[1], 1e-15) && close(gb, g1[2], 1e-15),
+          "ops::causal_conv1d_backward == the autograd gradients");
+    raises("causal_conv1d: weight of another width", [&] { pom_ext::ops::causal_conv1d(x, w.narrow(0, 0, 4)); },
+           {"causal_conv1d", "'weight'", "channels D"});
+  }
+
   // The meta device: shapes through the Meta kernels, forward and backward, for every mask form of aggregate.
   // (A torch::nn module cannot be moved to the meta device in libtorch: Module::to refuses the change of tensor
   // type, so the module's own meta run is Python's, tests/test_layer.py::test_meta_device.)

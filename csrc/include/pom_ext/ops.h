@@ -95,6 +95,14 @@ POM_EXT_API at::Tensor poly_causal_gated_rope(const at::Tensor& hs, const at::Te
                                               const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& gate_cos,
                                               const at::Tensor& gate_sin, const at::Tensor& positions,
                                               int64_t block_size = 1, const OptTensor& cu_seqlens = {});
+// The PoM block's causal depthwise convolution: x (B, T, D), weight (D, K), bias (D,) ->
+// y[b, t, d] = bias[d] + sum_k weight[d, k] x[b, t - K + 1 + k, d] (zeros before the first row); and its backward
+// (gradients of x, weight and bias; an empty bias gradient without bias).
+POM_EXT_API at::Tensor causal_conv1d(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias = {});
+POM_EXT_API std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_backward(const at::Tensor& grad_y,
+                                                                                  const at::Tensor& x,
+                                                                                  const at::Tensor& weight,
+                                                                                  const OptTensor& bias = {});
 
 }  // namespace ops
 
@@ -133,6 +141,9 @@ POM_EXT_API at::Tensor poly_causal_gated_rope(const at::Tensor& hs, const at::Te
                                               const at::Tensor& sin, const at::Tensor& gate_cos,
                                               const at::Tensor& gate_sin, const at::Tensor& positions,
                                               int64_t block_size = 1, const ops::OptTensor& cu_seqlens = {});
+
+// ops::causal_conv1d with gradients for x, weight and bias.
+POM_EXT_API at::Tensor causal_conv1d(const at::Tensor& x, const at::Tensor& weight, const ops::OptTensor& bias = {});
 
 // x~ = R(positions) x for x (..., N, E) (tables and positions as for the rope ops), in x's dtype; differentiable.
 POM_EXT_API at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,

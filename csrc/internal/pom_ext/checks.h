@@ -370,5 +370,36 @@ inline void causal_rope_backward_args(const char* op, const at::Tensor& grad_H, 
   rope(op, h, cos, sin, pos, cu);
 }
 
+// causal_conv1d: x (B, T, D) floating; weight (D, K) floating with K >= 1; bias (D,) floating or none; all on the
+// device of x.
+inline void conv_args(const char* op, const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b) {
+  floating(op, "x", x);
+  rank(op, "x", x, 3, "(B, T, D)");
+  auto on_x = [&](const char* arg, const at::Tensor& t) {
+    TORCH_CHECK(t.device() == x.device(), op, ": argument '", arg, "' is on ", t.device(), " but 'x' is on ",
+                x.device(), "; move both to one device");
+  };
+  floating(op, "weight", w);
+  on_x("weight", w);
+  rank(op, "weight", w, 2, "(D, K)");
+  size_is(op, "weight", w, 0, x.sym_size(2), "the channels D of 'x'");
+  TORCH_CHECK(w.sym_size(1) >= 1, op, ": argument 'weight' must have K >= 1 taps, got shape ", w.sym_sizes());
+  if (b.has_value()) {
+    floating(op, "bias", *b);
+    on_x("bias", *b);
+    rank(op, "bias", *b, 1, "(D,)");
+    size_is(op, "bias", *b, 0, x.sym_size(2), "the channels D of 'x'");
+  }
+}
+
+inline void conv_backward_args(const char* op, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w,
+                               const c10::optional<at::Tensor>& b) {
+  conv_args(op, x, w, b);
+  floating(op, "grad_y", grad_y);
+  TORCH_CHECK(grad_y.device() == x.device(), op, ": argument 'grad_y' is on ", grad_y.device(), " but 'x' is on ",
+              x.device(), "; move both to one device");
+  same_shape(op, "grad_y", grad_y, x.sym_sizes(), "the output (B, T, D)");
+}
+
 }  // namespace checks
 }  // namespace pom_ext

@@ -28,6 +28,7 @@ void register_cuda_eval(torch::Library& m);    // csrc/cuda/eval.cu
 void register_cuda_mean(torch::Library& m);    // csrc/cuda/mean.cu
 void register_cuda_causal(torch::Library& m);  // csrc/cuda/causal.cu
 void register_cuda_state(torch::Library& m);   // csrc/cuda/state.cu
+void register_cuda_conv(torch::Library& m);    // csrc/cuda/conv.cu
 #endif
 
 // "<version>+cpu" or "<version>+cuda": two loaded copies of the op library agree when these are equal.
@@ -50,7 +51,7 @@ ClampBounds clamp_bounds();
 // the call (eval, eval_bwd, mean, mean_bwd, causal, causal_bwd, causal_weighted, causal_weighted_bwd, causal_gated,
 // causal_gated_bwd, state_update,
 // state_update_bwd, mean_rope, mean_rope_bwd, causal_rope, causal_rope_bwd, causal_gated_rope,
-// causal_gated_rope_bwd): one list for the CPU, Meta and Autograd registrations.
+// causal_gated_rope_bwd, conv, conv_bwd): one list for the CPU, Meta and Autograd registrations.
 #define POM_EXT_IMPL_OPS(m)                                    \
   do {                                                         \
     (m).impl("poly_eval", &eval);                              \
@@ -71,6 +72,8 @@ ClampBounds clamp_bounds();
     (m).impl("poly_causal_rope_backward", &causal_rope_bwd);   \
     (m).impl("poly_causal_gated_rope", &causal_gated_rope);    \
     (m).impl("poly_causal_gated_rope_backward", &causal_gated_rope_bwd); \
+    (m).impl("causal_conv1d", &conv);                          \
+    (m).impl("causal_conv1d_backward", &conv_bwd);             \
   } while (0)
 
 // The typed handle of a registered op, e.g. op_handle<at::Tensor(const at::Tensor&, const at::Tensor&)>(
