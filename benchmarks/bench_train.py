@@ -1,6 +1,7 @@
 """Training throughput of Polymorpher language models: tokens per second of one full training step (forward,
 backward, AdamW) for PoM, a hybrid and attention at several sequence lengths, in one run; and where a PoM step's
-time goes (its parts timed alone, forward + backward, at the step's shapes).
+time goes (its parts timed alone, forward + backward, at the step's shapes), and the PoM step with the block's
+convolution through the causal_conv1d op against its nn.Conv1d (the path before the op), in alternation.
 
     python benchmarks/bench_train.py                        # T = 256, 1k, 4k, 16k; the LM table's models
     python benchmarks/bench_train.py --quick                # a smoke run
@@ -11,10 +12,13 @@ point has the same number of tokens per step (batch = tokens / T, at least 1). R
 benchmarks/results/ (machine, threads, torch, commit, date, every point).
 """
 import argparse
+import contextlib
 import datetime
 import json
 import os
+import statistics
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +30,7 @@ import pom_ext  # noqa: E402
 from pom_ext import ops  # noqa: E402
 from pom_ext.bench.common import cpu_name, fwd_bwd, git_commit, median_time  # noqa: E402
 from pom_ext.models import PolymorpherLM  # noqa: E402
+from pom_ext.models.blocks import PolymorpherBlock  # noqa: E402
 
 PATTERNS = {"pom": "PPPPPP", "hybrid": "PPAPPA", "attention": "AAAAAA"}
 
@@ -92,6 +97,38 @@ def breakdown(args, model: PolymorpherLM, opt, tokens, targets, repeat: int) -> 
     return parts
 
 
+@contextlib.contextmanager
+def module_conv():
+    """PoM blocks computing their causal convolution as they did before the causal_conv1d op: their nn.Conv1d on
+    the transposed, left-padded activations (the same function; the module's own kernel and two copies)."""
+    native = PolymorpherBlock._conv
+
+    def conv(self, u):
+        if self.conv is None:
+            return u
+        return self.conv(F.pad(u.transpose(1, 2), (self.conv_size - 1, 0))).transpose(1, 2)
+
+    PolymorpherBlock._conv = conv
+    try:
+        yield
+    finally:
+        PolymorpherBlock._conv = native
+
+
+def conv_comparison(step, repeat: int) -> dict:
+    """The PoM step with the causal_conv1d op and with the block's nn.Conv1d, timed in alternation (one warm-up
+    step each round), medians over the rounds."""
+    ts = {"causal_conv1d": [], "nn_conv1d": []}
+    for _ in range(max(3, repeat)):
+        for name in ts:
+            with module_conv() if name == "nn_conv1d" else contextlib.nullcontext():
+                step()
+                t0 = time.perf_counter()
+                step()
+                ts[name].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in ts.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq-lens", default="256,1024,4096,16384")
@@ -116,7 +153,7 @@ def main() -> None:
     for m in models:
         if m not in PATTERNS:
             raise SystemExit(f"--models: each of {sorted(PATTERNS)}, got {m!r}")
-    rows, breakdowns = [], {}
+    rows, breakdowns, convs = [], {}, {}
     print(f"training step (forward, backward, AdamW), {args.tokens} tokens per step, {args.threads} threads; "
           f"median of {args.repeat} steps")
     print(f"{'T':>6} {'B':>4} " + " ".join(f"{m + ' ms':>14} {m + ' tok/s':>16}" for m in models))
@@ -135,6 +172,8 @@ def main() -> None:
                 parts = breakdown(args, model, opt, tokens, targets, args.repeat)
                 parts["other"] = ms - sum(parts.values())
                 breakdowns[T] = {"step_ms": ms, "parts_ms": parts}
+                if args.conv_size > 1:
+                    convs[T] = conv_comparison(step_fn(model, opt, tokens, targets), args.repeat)
         print(line)
     print("\nwhere a PoM step's time goes (its parts timed alone, forward + backward, ms per step):")
     names = list(next(iter(breakdowns.values()))["parts_ms"]) if breakdowns else []
@@ -142,12 +181,18 @@ def main() -> None:
     for n in names:
         print(f"{n:<34}" + "".join(f"{b['parts_ms'][n]:>9.1f} ms" for b in breakdowns.values()))
     print(f"{'step (measured)':<34}" + "".join(f"{b['step_ms']:>9.1f} ms" for b in breakdowns.values()))
+    if convs:
+        print("\nthe PoM step with the block's convolution through causal_conv1d and through its nn.Conv1d (the "
+              "former path), in alternation:")
+        for T, c in convs.items():
+            print(f"T={T:<6} causal_conv1d {c['causal_conv1d']:8.1f} ms   nn.Conv1d {c['nn_conv1d']:8.1f} ms   "
+                  f"({100 * (1 - c['causal_conv1d'] / c['nn_conv1d']):.1f}% less)")
     out = {
         "device": cpu_name(), "cpu_isa": pom_ext.cpu_isa(),
         "threads": args.threads, "torch": torch.__version__, "cuda": torch.version.cuda,
         "git_commit": git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config": {k: v for k, v in vars(args).items() if k != "out"}, "results": rows,
-        "pom_breakdown": breakdowns,
+        "pom_breakdown": breakdowns, "pom_step_ms_by_convolution": convs,
     }
     if not args.quick:
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
