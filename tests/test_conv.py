@@ -78,6 +78,18 @@ def test_weights_of_another_dtype():
     assert (gx.dtype, gw.dtype, gb.dtype) == (torch.bfloat16, torch.float32, torch.float32)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_inside_autocast(device):
+    """Called in an autocast region the op computes in x's dtype (its declared output dtype), as outside."""
+    x, w, b = inputs(2, 13, 8, 4, torch.float32, device)
+    want = ops.causal_conv1d(x, w, b)
+    low = torch.bfloat16 if device == "cpu" else torch.float16
+    with torch.autocast(device_type=device, dtype=low):
+        y = ops.causal_conv1d(x, w, b)
+    assert y.dtype == torch.float32
+    assert_close(y.double(), want.double(), torch.float32, "under autocast")
+
+
 def test_gradcheck():
     x, w, b = inputs(2, 7, 5, 4, torch.float64, "cpu")
     assert torch.autograd.gradcheck(ops.causal_conv1d, (x.requires_grad_(), w.requires_grad_(), b.requires_grad_()))

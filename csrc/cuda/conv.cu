@@ -3,6 +3,7 @@
 // PoM block computed before it had the op (nn.Conv1d between two transposes), so a model gives the same results on
 // either path; the CPU kernels (csrc/cpu/conv_cpu_impl.h) are where the op saves the transposes' copies.
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include "common.cuh"
@@ -21,6 +22,9 @@ at::Tensor taps(const at::Tensor& x, const at::Tensor& weight) {
 
 at::Tensor causal_conv1d_cuda(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   checks::conv_args("pom_ext::causal_conv1d", x, weight, bias);
+  // The ATen calls below run in x's dtype whatever autocast region the op is called from (its output dtype is
+  // x's, as the Meta kernel says).
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   if (x.numel() == 0) return at::empty(x.sizes(), x.options());
   const int64_t D = x.size(2), K = weight.size(1);
   const c10::optional<at::Tensor> b = bias ? c10::optional<at::Tensor>(bias->to(x.scalar_type())) : c10::nullopt;
@@ -36,6 +40,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_backward_cuda(const
                                                                            const at::Tensor& weight,
                                                                            const c10::optional<at::Tensor>& bias) {
   checks::conv_backward_args("pom_ext::causal_conv1d_backward", grad_y, x, weight, bias);
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2), K = weight.size(1);
   const at::Tensor no_bias = at::empty({0}, x.options());
   if (B * T == 0 || D == 0) {
