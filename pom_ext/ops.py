@@ -151,9 +151,10 @@ def poly_causal_gated_rope(hs: torch.Tensor, coeff: torch.Tensor, gate_bias: Opt
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The PoM block's causal depthwise convolution in the (B, T, D) layout: x (B, T, D), weight (D, K), bias (D,)
     or None -> y[b, t, d] = bias[d] + sum_k weight[d, k] x[b, t - K + 1 + k, d] (zeros before the first row), as
-    nn.Conv1d(D, D, K, groups=D) on the left-padded, transposed input, without the transposes."""
+    nn.Conv1d(D, D, K, groups=D) on the left-padded, transposed input, without the transposes. On a device without
+    a kernel of the op (neither CPU nor CUDA), that convolution itself (pom_ext.reference)."""
     if not torch.jit.is_scripting():
-        if not _native():
+        if not _native() or not has_kernel("causal_conv1d", x.device):
             return reference.causal_conv1d(x, weight, bias)
     return torch.ops.pom_ext.causal_conv1d(x, weight, bias)
 
