@@ -13,42 +13,19 @@ namespace pom_ext {
 namespace cpu {
 namespace POM_CPU_ARCH {
 
-// The taps (D, K) of any floating dtype as a (K, D) acc_t table, or a bias (D,) as acc_t values.
+// o += a * b over n channels.
 template <typename acc_t>
-std::vector<acc_t> conv_table(const at::Tensor& t) {
-  at::Tensor a = t.detach().to(at::kCPU, c10::CppTypeToScalarType<acc_t>::value);
-  if (a.dim() == 2) a = a.t();
-  a = a.contiguous();
-  return std::vector<acc_t>(a.data_ptr<acc_t>(), a.data_ptr<acc_t>() + a.numel());
+inline void mul_add(acc_t* __restrict o, const acc_t* __restrict a, const acc_t* __restrict b, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) o[d] += a[d] * b[d];
 }
 
-// o += w * x over n channels.
-template <typename acc_t>
-inline void conv_axpy(acc_t* __restrict o, const acc_t* __restrict w, const acc_t* __restrict x, int64_t n) {
-  for (int64_t d = 0; d < n; ++d) o[d] += w[d] * x[d];
-}
-
-// f += g * x over n channels.
-template <typename acc_t>
-inline void conv_dot(acc_t* __restrict f, const acc_t* __restrict g, const acc_t* __restrict x, int64_t n) {
-  for (int64_t d = 0; d < n; ++d) f[d] += g[d] * x[d];
-}
-
-// Rows (b, t) of a (B, T, D) tensor with any strides.
-struct ConvRows {
-  int64_t T, D, sB, sT, sD;
-  explicit ConvRows(const at::Tensor& t)
-      : T(t.size(1)), D(t.size(2)), sB(t.stride(0)), sT(t.stride(1)), sD(t.stride(2)) {}
-  int64_t off(int64_t b, int64_t t) const { return b * sB + t * sT; }
-};
-
-// y = the convolution of x (wT: (K, D), bias: D values or empty); y contiguous.
+// y = the convolution of x (wT: the taps as a (K, D) table, coeff_table; bias: D values or empty); y contiguous.
 template <typename scalar_t>
 void conv_forward(const at::Tensor& x, const std::vector<at::opmath_type<scalar_t>>& wT,
                   const std::vector<at::opmath_type<scalar_t>>& bias, int64_t K, at::Tensor& y) {
   using acc_t = at::opmath_type<scalar_t>;
-  const ConvRows xr(x);
-  const int64_t T = xr.T, D = xr.D, M = x.size(0) * T;
+  const Rows xr = rows_of(x, nullptr);
+  const int64_t T = xr.N, D = x.size(2), M = x.size(0) * T;
   const scalar_t* xp = x.data_ptr<scalar_t>();
   scalar_t* yp = y.data_ptr<scalar_t>();
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t r0, int64_t r1) {
@@ -62,7 +39,7 @@ void conv_forward(const at::Tensor& x, const std::vector<at::opmath_type<scalar_
         std::copy(bias.begin(), bias.end(), o);
       }
       for (int64_t k = std::max<int64_t>(0, K - 1 - t); k < K; ++k)
-        conv_axpy(o, wT.data() + k * D, in_row(xp + xr.off(b, t - K + 1 + k), xr.sD, D, buf[0]), D);
+        mul_add(o, wT.data() + k * D, in_row(xp + xr.off(b, t - K + 1 + k), xr.sE, D, buf[0]), D);
       commit_row(yp + r * D, D, o);
     }
   });
@@ -74,8 +51,8 @@ template <typename scalar_t>
 void conv_backward(const at::Tensor& g, const at::Tensor& x, const std::vector<at::opmath_type<scalar_t>>& wT,
                    int64_t K, at::Tensor& gx, std::vector<double>& part, int64_t chunks) {
   using acc_t = at::opmath_type<scalar_t>;
-  const ConvRows gr(g), xr(x);
-  const int64_t T = xr.T, D = xr.D, M = x.size(0) * T;
+  const Rows gr = rows_of(g, nullptr), xr = rows_of(x, nullptr);
+  const int64_t T = xr.N, D = x.size(2), M = x.size(0) * T;
   const int64_t R = ceil_div(M, chunks);
   const scalar_t* gp = g.data_ptr<scalar_t>();
   const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -93,12 +70,12 @@ void conv_backward(const at::Tensor& g, const at::Tensor& x, const std::vector<a
         acc_t* o = out_row(gxp + r * D, buf[2]);
         std::fill(o, o + D, acc_t(0));
         for (int64_t k = std::max<int64_t>(0, t + K - T); k < K; ++k)
-          conv_axpy(o, wT.data() + k * D, in_row(gp + gr.off(b, t + K - 1 - k), gr.sD, D, buf[0]), D);
+          mul_add(o, wT.data() + k * D, in_row(gp + gr.off(b, t + K - 1 - k), gr.sE, D, buf[0]), D);
         commit_row(gxp + r * D, D, o);
         // The taps' and the bias's: g at row t times the rows t - K + 1 .. t of x.
-        const acc_t* gt = in_row(gp + gr.off(b, t), gr.sD, D, buf[0]);
+        const acc_t* gt = in_row(gp + gr.off(b, t), gr.sE, D, buf[0]);
         for (int64_t k = std::max<int64_t>(0, K - 1 - t); k < K; ++k)
-          conv_dot(f + k * D, gt, in_row(xp + xr.off(b, t - K + 1 + k), xr.sD, D, buf[1]), D);
+          mul_add(f + k * D, gt, in_row(xp + xr.off(b, t - K + 1 + k), xr.sE, D, buf[1]), D);
         acc_t* fb = f + K * D;
         for (int64_t e = 0; e < D; ++e) fb[e] += gt[e];
         if ((r - c * R + 1) % kFlushRows == 0) flush(f, d, (K + 1) * D);
@@ -115,7 +92,7 @@ at::Tensor causal_conv1d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   if (y.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "causal_conv1d_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    conv_forward<scalar_t>(x, conv_table<acc_t>(weight), bias ? conv_table<acc_t>(*bias) : std::vector<acc_t>(),
+    conv_forward<scalar_t>(x, coeff_table<acc_t>(weight), bias ? coeff_table<acc_t>(*bias) : std::vector<acc_t>(),
                            weight.size(1), y);
   });
   return y;
@@ -133,17 +110,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_backward_cpu(const 
   std::vector<double> part(static_cast<size_t>(chunks) * (K + 1) * D, 0.0);
   if (M > 0 && D > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "causal_conv1d_backward_cpu", [&] {
-      conv_backward<scalar_t>(g, x, conv_table<at::opmath_type<scalar_t>>(weight), K, gx, part, chunks);
+      conv_backward<scalar_t>(g, x, coeff_table<at::opmath_type<scalar_t>>(weight), K, gx, part, chunks);
     });
   }
-  // The chunks' sums in chunk order: (K + 1, D) -> the weight's (D, K) and the bias's (D,).
-  std::vector<double> tot(static_cast<size_t>((K + 1) * D), 0.0);
-  for (int64_t c = 0; c < chunks; ++c)
-    for (size_t i = 0; i < tot.size(); ++i) tot[i] += part[c * tot.size() + i];
-  auto sums = at::empty({K + 1, D}, at::TensorOptions().dtype(at::kDouble));
-  std::copy(tot.begin(), tot.end(), sums.data_ptr<double>());
-  at::Tensor gw = sums.narrow(0, 0, K).t().contiguous().to(weight.options());
-  at::Tensor gb = bias ? sums[K].to(bias->options(), false, /*copy=*/true) : at::empty({0}, x.options());
+  // The chunks' sums in chunk order, (D, K + 1) fp64: the weight's gradient by tap, then the bias's.
+  const std::vector<int64_t> e0s(chunks, 0), widths(chunks, D);
+  const at::Tensor sums = reduce_coeff_grad(part, e0s, widths, static_cast<int>(K + 1), D, at::empty({0}, at::kDouble));
+  at::Tensor gw = sums.narrow(1, 0, K).to(weight.options(), false, /*copy=*/true).contiguous();
+  at::Tensor gb = bias ? sums.select(1, K).to(bias->options(), false, /*copy=*/true).contiguous()
+                       : at::empty({0}, x.options());
   return {gx, gw, gb};
 }
 #endif

@@ -27,9 +27,10 @@ inline void rank(const char* op, const char* arg, const at::Tensor& t, int64_t r
               ", got a ", t.dim(), "-D tensor of shape ", t.sym_sizes());
 }
 
-inline void same_device(const char* op, const char* arg, const at::Tensor& t, const at::Tensor& ref) {
+inline void same_device(const char* op, const char* arg, const at::Tensor& t, const at::Tensor& ref,
+                        const char* ref_arg = "h") {
   TORCH_CHECK(t.device() == ref.device(), op, ": argument '", arg, "' is on ", t.device(),
-              " but 'h' is on ", ref.device(), "; move both to one device");
+              " but '", ref_arg, "' is on ", ref.device(), "; move both to one device");
 }
 
 inline void size_is(const char* op, const char* arg, const at::Tensor& t, int64_t dim, const c10::SymInt& expected,
@@ -375,18 +376,14 @@ inline void causal_rope_backward_args(const char* op, const at::Tensor& grad_H, 
 inline void conv_args(const char* op, const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b) {
   floating(op, "x", x);
   rank(op, "x", x, 3, "(B, T, D)");
-  auto on_x = [&](const char* arg, const at::Tensor& t) {
-    TORCH_CHECK(t.device() == x.device(), op, ": argument '", arg, "' is on ", t.device(), " but 'x' is on ",
-                x.device(), "; move both to one device");
-  };
   floating(op, "weight", w);
-  on_x("weight", w);
+  same_device(op, "weight", w, x, "x");
   rank(op, "weight", w, 2, "(D, K)");
   size_is(op, "weight", w, 0, x.sym_size(2), "the channels D of 'x'");
   TORCH_CHECK(w.sym_size(1) >= 1, op, ": argument 'weight' must have K >= 1 taps, got shape ", w.sym_sizes());
   if (b.has_value()) {
     floating(op, "bias", *b);
-    on_x("bias", *b);
+    same_device(op, "bias", *b, x, "x");
     rank(op, "bias", *b, 1, "(D,)");
     size_is(op, "bias", *b, 0, x.sym_size(2), "the channels D of 'x'");
   }
@@ -396,8 +393,7 @@ inline void conv_backward_args(const char* op, const at::Tensor& grad_y, const a
                                const c10::optional<at::Tensor>& b) {
   conv_args(op, x, w, b);
   floating(op, "grad_y", grad_y);
-  TORCH_CHECK(grad_y.device() == x.device(), op, ": argument 'grad_y' is on ", grad_y.device(), " but 'x' is on ",
-              x.device(), "; move both to one device");
+  same_device(op, "grad_y", grad_y, x, "x");
   same_shape(op, "grad_y", grad_y, x.sym_sizes(), "the output (B, T, D)");
 }
 
