@@ -295,13 +295,11 @@ void rope_causal_forward(const scalar_t* h, const Rows& hr, int64_t E,
               sgr[q] = buf[9 + 3 * q];
             }
           }
-          if (gate) {
-            rope_scan_rows<K, R, true>(xlo, xhi, cr, sr, sgr, inv, run, comp, olo, ohi, cT.data(), E, ps.a, ps.b,
-                                       ps.w, deg);
-          } else {
-            rope_scan_rows<K, R, false>(xlo, xhi, cr, sr, sgr, inv, run, comp, olo, ohi, cT.data(), E, ps.a, ps.b,
-                                        ps.w, deg);
-          }
+          const auto scan = [&](auto gated) {
+            rope_scan_rows<K, R, decltype(gated)::value>(xlo, xhi, cr, sr, sgr, inv, run, comp, olo, ohi, cT.data(),
+                                                         E, ps.a, ps.b, ps.w, deg);
+          };
+          if (gate) scan(std::true_type{}); else scan(std::false_type{});
           for (int q = 0; q < R; ++q) {
             scalar_t* row = out + outr.off(t.b, n + q);
             commit_row(row + ps.a, ps.w, olo[q]);
