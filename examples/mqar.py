@@ -12,11 +12,14 @@ Runs: every (model, width, length, learning rate, seed) of the command line is o
 OUT/results.jsonl as it finishes; a run already there is skipped, so a sweep stops and resumes at will (and
 several processes may share OUT if they run different models). Each run trains with AdamW (weight decay 0.1,
 linear warm-up over 10% of the steps, then cosine decay) on fresh batches, evaluates every --eval-every steps and
-stops early once the held-out accuracy reaches --target; the best held-out accuracy is its result.
+stops early once the held-out accuracy reaches --target; the best held-out accuracy is its result. The final
+model's held-out accuracy is also kept by where the query sits (its offset after the pairs, in quarters of the
+query span): the report's second table shows which queries a model misses.
 
-Models: "attention" (rotary multi-head attention, 1 head per 64 channels, at least 1) and "pom-KxE" or
-"pom-KxE-hS" (PoM degree K, expand E, S gate heads; default 1). Every model: 2 layers (--depth), each with its
-MLP; PoM layers keep their short causal convolution (--conv-size). The recurrent state's size is measured on the
+Models: "attention" (rotary multi-head attention, 1 head per 64 channels, at least 1) and "pom-KxE",
+"pom-KxE-hS", "pom-KxE-cC" or "pom-KxE-hS-cC" (PoM degree K, expand E, S gate heads (default 1), a causal
+convolution of C tokens (default --conv-size)). Every model: 2 layers (--depth), each with its MLP; PoM layers
+keep their short causal convolution. The recurrent state's size is measured on the
 model's own decoding cache after a prefill of seq_len tokens (bytes per sequence, in the training dtype): PoM
 the running sums, counts and convolution tail of every layer (constant in the length), attention its KV cache.
 
@@ -47,13 +50,15 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from pom_ext.models import PolymorpherLM  # noqa: E402
 
 ZOOLOGY_LRS = "1e-4,4.6e-4,2.2e-3,1e-2"  # Zoology's sweep: logspace(-4, -2, 4)
-MODEL_RE = re.compile(r"^(attention|pom-(\d+)x(\d+)(?:-h(\d+))?)$")
+CONV_SIZE = 4  # PoM's causal convolution when the model's name does not give one
+MODEL_RE = re.compile(r"^(attention|pom-(\d+)x(\d+)(?:-h(\d+))?(?:-c(\d+))?)$")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="attention,pom-2x2",
-                   help="comma-separated: attention, pom-KxE or pom-KxE-hS (degree K, expand E, S gate heads)")
+                   help="comma-separated: attention, pom-KxE[-hS][-cC] (degree K, expand E, S gate heads, "
+                        "convolution of C tokens)")
     p.add_argument("--dims", default="64", help="model widths, comma-separated")
     p.add_argument("--seq-lens", default="64,128,256,512")
     p.add_argument("--num-kv", default="4,8,16,32", help="key-value pairs, one per length (or one for all)")
@@ -62,7 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--seeds", default="0")
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--depth", type=int, default=2)
-    p.add_argument("--conv-size", type=int, default=4)
+    p.add_argument("--conv-size", type=int, default=CONV_SIZE,
+                   help="PoM's causal convolution where a name gives none (-cC); a run is kept under the name with it")
     p.add_argument("--steps", type=int, default=4000, help="training steps at most (fewer once --target is met)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--test-size", type=int, default=1024, help="held-out sequences")
@@ -88,7 +94,10 @@ def parse_args(argv=None):
         p.error("--dims, --seq-lens, --num-kv and --seeds take integers, --lrs numbers or 'best'")
     for m in args.models:
         if not MODEL_RE.match(m):
-            p.error(f"--models: {m!r} is not 'attention', 'pom-KxE' or 'pom-KxE-hS'")
+            p.error(f"--models: {m!r} is not 'attention' or 'pom-KxE[-hS][-cC]'")
+    if args.conv_size < 0:
+        p.error(f"--conv-size: expected an integer >= 0, got {args.conv_size}")
+    args.models = [canonical(m, args.conv_size) for m in args.models]
     if len(kv) not in (1, len(args.seq_lens)):
         p.error(f"--num-kv: give one value or one per length ({len(args.seq_lens)}), got {len(kv)}")
     args.num_kv = kv * len(args.seq_lens) if len(kv) == 1 else kv
@@ -128,15 +137,25 @@ def spec(model: str) -> dict:
     if m.group(1) == "attention":
         return {"kind": "attention"}
     return {"kind": "pom", "degree": int(m.group(2)), "expand": int(m.group(3)),
-            "gate_heads": int(m.group(4) or 1)}
+            "gate_heads": int(m.group(4) or 1), "conv_size": int(m.group(5) or CONV_SIZE)}
+
+
+def canonical(model: str, conv_size: int) -> str:
+    """The name under which a run is kept: the convolution in it (-cC) unless it is the default, CONV_SIZE."""
+    if model == "attention":
+        return model
+    s = spec(model if MODEL_RE.match(model).group(5) else f"{model}-c{conv_size}")
+    name = f"pom-{s['degree']}x{s['expand']}" + (f"-h{s['gate_heads']}" if s["gate_heads"] != 1 else "")
+    return name + (f"-c{s['conv_size']}" if s["conv_size"] != CONV_SIZE else "")
 
 
 def build(model: str, dim: int, args) -> PolymorpherLM:
     s = spec(model)
-    common = dict(num_tokens=args.vocab, dim=dim, depth=args.depth, conv_size=args.conv_size)
+    common = dict(num_tokens=args.vocab, dim=dim, depth=args.depth)
     if s["kind"] == "attention":
         return PolymorpherLM(**common, layer_pattern="A", n_heads=max(1, dim // 64))
-    return PolymorpherLM(**common, degree=s["degree"], expand=s["expand"], n_sel_heads=s["gate_heads"])
+    return PolymorpherLM(**common, degree=s["degree"], expand=s["expand"], n_sel_heads=s["gate_heads"],
+                         conv_size=s["conv_size"])
 
 
 def query_logits(lm: PolymorpherLM, x: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
@@ -165,6 +184,25 @@ def accuracy(lm, test) -> float:
         total += sel.sum().item()
     lm.train()
     return correct / max(total, 1)
+
+
+@torch.no_grad()
+def accuracy_by_offset(lm, test, num_kv: int, bins: int = 4) -> list:
+    """Held-out accuracy by the query's offset after the pairs, in `bins` equal spans of the query region:
+    [[first offset, last offset, accuracy, queries], ...]."""
+    lm.eval()
+    correct, total = [0] * bins, [0] * bins
+    span = test[0][0].shape[1] - 2 * num_kv
+    for x, y in test:
+        sel = y != -100
+        ok = query_logits(lm, x, sel).argmax(-1) == y[sel]
+        b = ((sel.nonzero()[:, 1] - 2 * num_kv) * bins // span).tolist()
+        for i, hit in zip(b, ok.tolist()):
+            correct[i] += hit
+            total[i] += 1
+    lm.train()
+    return [[i * span // bins, (i + 1) * span // bins - 1, correct[i] / max(total[i], 1), total[i]]
+            for i in range(bins)]
 
 
 def lr_at(step: int, steps: int, lr: float) -> float:
@@ -204,11 +242,12 @@ def run_one(args, model: str, dim: int, seq_len: int, num_kv: int, lr: float, se
                 reached = step
                 break
     s = spec(model)
+    by_offset = accuracy_by_offset(lm, test, num_kv)
     return {"model": model, **s, "dim": dim, "depth": args.depth, "seq_len": seq_len, "num_kv": num_kv,
             "vocab": args.vocab, "lr": lr, "seed": seed, "batch_size": args.batch_size, "max_steps": args.steps,
             "steps": step, "reached_target_at": reached, "accuracy": best, "final_accuracy": curve[-1][2]
-            if curve else 0.0, "curve": curve, "params": lm.num_params(), "state_bytes": state_bytes(lm, seq_len),
-            "train_s": round(time.time() - t0, 1)}
+            if curve else 0.0, "final_by_offset": by_offset, "curve": curve, "params": lm.num_params(),
+            "state_bytes": state_bytes(lm, seq_len), "train_s": round(time.time() - t0, 1)}
 
 
 # ---- results ----
@@ -244,11 +283,18 @@ def summarize(results: list) -> list:
             "state_bytes": r["state_bytes"], "params": r["params"], "accuracies": [], "seeds": []})
         row["accuracies"].append(r["accuracy"])
         row["seeds"].append(r["seed"])
+        if "final_by_offset" in r:  # runs from before it was kept have none
+            row.setdefault("by_offset_runs", []).append(r["final_by_offset"])
     out = []
     for row in rows.values():
         a = row["accuracies"]
         row["mean"] = sum(a) / len(a)
         row["std"] = (sum((v - row["mean"]) ** 2 for v in a) / len(a)) ** 0.5
+        runs = row.pop("by_offset_runs", None)
+        if runs:  # each span's accuracy over the runs' queries in it
+            row["by_offset"] = [[b[0], b[1], sum(r[i][2] * r[i][3] for r in runs) / max(sum(r[i][3] for r in runs), 1),
+                                 sum(r[i][3] for r in runs)] for i, b in enumerate(runs[0])]
+            row["by_offset_seeds"] = len(runs)
         out.append(row)
     return sorted(out, key=lambda r: (r["model"] != "attention", r["model"], r["dim"], r["seq_len"]))
 
@@ -268,6 +314,22 @@ def table(rows: list) -> str:
                                                  if len(by_len[L]['accuracies']) > 1 else "") if L in by_len else ""
                  for L in lens]
         lines.append(f"| {model} | {dim} | {first['lr']:g} | {state} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def offset_table(rows: list) -> str:
+    """The final models' held-out accuracy by the query's offset after the pairs (rows whose runs kept it)."""
+    kept = [r for r in rows if "by_offset" in r]
+    if not kept:
+        return ""
+    lines = ["Final held-out accuracy by the query's offset after the pairs (quarters of the query span; queries in "
+             "each, over the runs):", "",
+             "| model | width | L | runs | " + " | ".join(f"quarter {i + 1}" for i in range(4)) + " |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in kept:
+        cells = [f"{acc:.3f} ({lo}–{hi}: {n})" for lo, hi, acc, n in r["by_offset"]]
+        lines.append(f"| {r['model']} | {r['dim']} | {r['seq_len']} | {r['by_offset_seeds']} | " + " | ".join(cells)
+                     + " |")
     return "\n".join(lines)
 
 
@@ -306,10 +368,11 @@ def plot(rows: list, path: pathlib.Path) -> bool:
             hollow = s["gate_heads"] > 1
             ax.errorbar(x, r["mean"], yerr=r["std"], fmt=m, color=c, ms=5, mfc="none" if hollow else c, capsize=2,
                         lw=1)
-            group = (s["expand"], r["dim"], s["gate_heads"])
+            group = (s["expand"], r["dim"], s["gate_heads"], s["conv_size"])
             if group not in labelled:
                 labelled.add(group)
-                tag = f"e{s['expand']}" + (f" h{s['gate_heads']}" if hollow else "")
+                tag = f"e{s['expand']}" + (f" h{s['gate_heads']}" if hollow else "") + \
+                    (f" c{s['conv_size']}" if s["conv_size"] != CONV_SIZE else "")
                 ax.annotate(tag, (x, r["mean"]), textcoords="offset points", xytext=(5, 3), fontsize=6)
         ax.set_xscale("log", base=2)
         ax.set_ylim(-0.02, 1.05)
@@ -326,7 +389,7 @@ def plot(rows: list, path: pathlib.Path) -> bool:
     if any(s["gate_heads"] > 1 for s in pom):
         handles.append(Line2D([], [], marker="o", ls="", color="0.4", mfc="none", label="several gate heads"))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
-    fig.suptitle("multi-query associative recall: accuracy vs state size (eN: expand, hN: gate heads)")
+    fig.suptitle("multi-query associative recall: accuracy vs state size (eN: expand, hN: gate heads, cN: convolution)")
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -339,6 +402,9 @@ def report(out: pathlib.Path) -> None:
         raise SystemExit(f"no results in {out / 'results.jsonl'}")
     rows = summarize(results)
     md = table(rows)
+    offsets = offset_table(rows)
+    if offsets:
+        md += "\n\n" + offsets
     (out / "mqar.md").write_text(md + "\n")
     (out / "mqar.json").write_text(json.dumps({"best_lr": {f"{m} d={d}": lr for (m, d), lr in
                                                            best_lrs(results).items()},

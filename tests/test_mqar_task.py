@@ -59,6 +59,28 @@ def test_smoke_run_and_resume(mqar, tmp_path, capsys):
     assert r["model"] == "pom-2x2" and r["degree"] == 2 and 0 <= r["accuracy"] <= 1 and r["curve"]
     mqar.main(argv)  # the run is there: nothing is trained again
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 1
+    # the final model by the query's offset: every held-out query in one of the four spans, which partition the
+    # query region in order; together they are the final evaluation
+    spans = r["final_by_offset"]
+    assert [b[0] for b in spans] == [0, 6, 12, 18] and [b[1] for b in spans] == [5, 11, 17, 23]
+    assert sum(b[3] for b in spans) == 64 * 4
+    assert sum(b[2] * b[3] for b in spans) / (64 * 4) == pytest.approx(r["final_accuracy"], abs=1e-12)
     summary = json.loads((tmp_path / "mqar.json").read_text())
     assert summary["rows"][0]["accuracies"] == [r["accuracy"]]
-    assert "| pom-2x2 | 32 |" in (tmp_path / "mqar.md").read_text()
+    assert summary["rows"][0]["by_offset"] == spans and summary["rows"][0]["by_offset_seeds"] == 1
+    md = (tmp_path / "mqar.md").read_text()
+    assert "| pom-2x2 | 32 |" in md and "| pom-2x2 | 32 | 32 | 1 |" in md
+
+
+def test_model_names(mqar):
+    """The convolution is part of a PoM model's name (-cC) unless it is the default; --conv-size adds it."""
+    args = mqar.parse_args(["--models", "pom-2x8,pom-1x2-h4,pom-2x2-c2,attention", "--conv-size", "3"])
+    assert args.models == ["pom-2x8-c3", "pom-1x2-h4-c3", "pom-2x2-c2", "attention"]
+    assert mqar.parse_args(["--models", "pom-2x8-c4,pom-2x8-h1"]).models == ["pom-2x8", "pom-2x8"]
+    assert mqar.spec("pom-3x8-h2-c0") == {"kind": "pom", "degree": 3, "expand": 8, "gate_heads": 2, "conv_size": 0}
+    args = mqar.parse_args(["--vocab", "64", "--seq-lens", "32", "--num-kv", "4"])
+    assert mqar.build("pom-2x2-c2", 32, args).blocks[0].conv.kernel_size == (2,)
+    assert mqar.build("pom-2x2", 32, args).blocks[0].conv.kernel_size == (4,)
+    assert mqar.build("pom-2x2-c0", 32, args).blocks[0].conv is None
+    with pytest.raises(SystemExit):
+        mqar.parse_args(["--models", "pom-2x2-x3"])
