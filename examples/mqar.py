@@ -13,8 +13,9 @@ OUT/results.jsonl as it finishes; a run already there is skipped, so a sweep sto
 several processes may share OUT if they run different models). Each run trains with AdamW (weight decay 0.1,
 linear warm-up over 10% of the steps, then cosine decay) on fresh batches, evaluates every --eval-every steps and
 stops early once the held-out accuracy reaches --target; the best held-out accuracy is its result. The final
-model's held-out accuracy is also kept by where the query sits (its offset after the pairs, in quarters of the
-query span): the report's second table shows which queries a model misses.
+model's held-out accuracy is also kept by the order in which the keys are queried (quarters of the ranks): the
+last queries can be answered by ruling out the values already shown, without binding keys to values, so the
+first ones measure recall (the report's second table, beside what elimination alone scores).
 
 Models: "attention" (rotary multi-head attention, 1 head per 64 channels, at least 1) and "pom-KxE",
 "pom-KxE-hS", "pom-KxE-cC" or "pom-KxE-hS-cC" (PoM degree K, expand E, S gate heads (default 1), a causal
@@ -186,23 +187,33 @@ def accuracy(lm, test) -> float:
     return correct / max(total, 1)
 
 
+def elimination(num_kv: int, first: int, last: int) -> float:
+    """Mean accuracy on the queries of ranks first..last (1-based, in the order asked) of a model that knows the
+    values of the pairs but not which key each belongs to, and rules out the values already answered: the r-th
+    query has num_kv - r + 1 values left. Over all the queries: H(num_kv) / num_kv (0.521 for 4 pairs)."""
+    return sum(1 / (num_kv - r + 1) for r in range(first, last + 1)) / (last - first + 1)
+
+
 @torch.no_grad()
-def accuracy_by_offset(lm, test, num_kv: int, bins: int = 4) -> list:
-    """Held-out accuracy by the query's offset after the pairs, in `bins` equal spans of the query region:
-    [[first offset, last offset, accuracy, queries], ...]."""
+def accuracy_by_rank(lm, test, num_kv: int, bins: int = 4) -> list:
+    """Held-out accuracy by the order in which the keys are queried (each key once, its value shown after it), in
+    `bins` spans of the ranks: [[first rank, last rank (1-based), accuracy, queries, elimination's accuracy], ...].
+    Binding a key to its value answers every rank alike; ruling out the values already answered does better on
+    the late ranks only, so the first ranks measure recall."""
     lm.eval()
+    bins = min(bins, num_kv)
     correct, total = [0] * bins, [0] * bins
-    span = test[0][0].shape[1] - 2 * num_kv
     for x, y in test:
         sel = y != -100
         ok = query_logits(lm, x, sel).argmax(-1) == y[sel]
-        b = ((sel.nonzero()[:, 1] - 2 * num_kv) * bins // span).tolist()
-        for i, hit in zip(b, ok.tolist()):
-            correct[i] += hit
-            total[i] += 1
+        rank = (sel.cumsum(1) - 1)[sel]  # the queries of a sequence in order: 0, 1, ..., num_kv - 1
+        for b, hit in zip((rank * bins // num_kv).tolist(), ok.tolist()):
+            correct[b] += hit
+            total[b] += 1
     lm.train()
-    return [[i * span // bins, (i + 1) * span // bins - 1, correct[i] / max(total[i], 1), total[i]]
-            for i in range(bins)]
+    spans = [(-(-i * num_kv // bins) + 1, -(-(i + 1) * num_kv // bins)) for i in range(bins)]
+    return [[lo, hi, correct[i] / max(total[i], 1), total[i], elimination(num_kv, lo, hi)]
+            for i, (lo, hi) in enumerate(spans)]
 
 
 def lr_at(step: int, steps: int, lr: float) -> float:
@@ -242,11 +253,11 @@ def run_one(args, model: str, dim: int, seq_len: int, num_kv: int, lr: float, se
                 reached = step
                 break
     s = spec(model)
-    by_offset = accuracy_by_offset(lm, test, num_kv)
+    by_rank = accuracy_by_rank(lm, test, num_kv)
     return {"model": model, **s, "dim": dim, "depth": args.depth, "seq_len": seq_len, "num_kv": num_kv,
             "vocab": args.vocab, "lr": lr, "seed": seed, "batch_size": args.batch_size, "max_steps": args.steps,
             "steps": step, "reached_target_at": reached, "accuracy": best, "final_accuracy": curve[-1][2]
-            if curve else 0.0, "final_by_offset": by_offset, "curve": curve, "params": lm.num_params(),
+            if curve else 0.0, "final_by_rank": by_rank, "curve": curve, "params": lm.num_params(),
             "state_bytes": state_bytes(lm, seq_len), "train_s": round(time.time() - t0, 1)}
 
 
@@ -283,18 +294,18 @@ def summarize(results: list) -> list:
             "state_bytes": r["state_bytes"], "params": r["params"], "accuracies": [], "seeds": []})
         row["accuracies"].append(r["accuracy"])
         row["seeds"].append(r["seed"])
-        if "final_by_offset" in r:  # runs from before it was kept have none
-            row.setdefault("by_offset_runs", []).append(r["final_by_offset"])
+        if "final_by_rank" in r:  # runs from before it was kept have none
+            row.setdefault("by_rank_runs", []).append(r["final_by_rank"])
     out = []
     for row in rows.values():
         a = row["accuracies"]
         row["mean"] = sum(a) / len(a)
         row["std"] = (sum((v - row["mean"]) ** 2 for v in a) / len(a)) ** 0.5
-        runs = row.pop("by_offset_runs", None)
+        runs = row.pop("by_rank_runs", None)
         if runs:  # each span's accuracy over the runs' queries in it
-            row["by_offset"] = [[b[0], b[1], sum(r[i][2] * r[i][3] for r in runs) / max(sum(r[i][3] for r in runs), 1),
-                                 sum(r[i][3] for r in runs)] for i, b in enumerate(runs[0])]
-            row["by_offset_seeds"] = len(runs)
+            row["by_rank"] = [[b[0], b[1], sum(r[i][2] * r[i][3] for r in runs) / max(sum(r[i][3] for r in runs), 1),
+                               sum(r[i][3] for r in runs), b[4]] for i, b in enumerate(runs[0])]
+            row["by_rank_seeds"] = len(runs)
         out.append(row)
     return sorted(out, key=lambda r: (r["model"] != "attention", r["model"], r["dim"], r["seq_len"]))
 
@@ -317,19 +328,21 @@ def table(rows: list) -> str:
     return "\n".join(lines)
 
 
-def offset_table(rows: list) -> str:
-    """The final models' held-out accuracy by the query's offset after the pairs (rows whose runs kept it)."""
-    kept = [r for r in rows if "by_offset" in r]
+def rank_table(rows: list) -> str:
+    """The final models' held-out accuracy by the order in which the keys are queried (rows whose runs kept it)."""
+    kept = [r for r in rows if "by_rank" in r]
     if not kept:
         return ""
-    lines = ["Final held-out accuracy by the query's offset after the pairs (quarters of the query span; queries in "
-             "each, over the runs):", "",
-             "| model | width | L | runs | " + " | ".join(f"quarter {i + 1}" for i in range(4)) + " |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["Final held-out accuracy by the order in which the keys are queried (ranks 1-based; in brackets what "
+             "ruling out the values already answered gives without any binding of keys to values):", "",
+             "| model | width | L | pairs | runs | first queries | | | last queries |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in kept:
-        cells = [f"{acc:.3f} ({lo}–{hi}: {n})" for lo, hi, acc, n in r["by_offset"]]
-        lines.append(f"| {r['model']} | {r['dim']} | {r['seq_len']} | {r['by_offset_seeds']} | " + " | ".join(cells)
-                     + " |")
+        cells = [f"{acc:.3f} ({f'rank {lo}' if lo == hi else f'ranks {lo}–{hi}'}; {elim:.3f})"
+                 for lo, hi, acc, _, elim in r["by_rank"]]
+        cells += [""] * (4 - len(cells))
+        lines.append(f"| {r['model']} | {r['dim']} | {r['seq_len']} | {r['num_kv']} | {r['by_rank_seeds']} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -402,9 +415,9 @@ def report(out: pathlib.Path) -> None:
         raise SystemExit(f"no results in {out / 'results.jsonl'}")
     rows = summarize(results)
     md = table(rows)
-    offsets = offset_table(rows)
-    if offsets:
-        md += "\n\n" + offsets
+    ranks = rank_table(rows)
+    if ranks:
+        md += "\n\n" + ranks
     (out / "mqar.md").write_text(md + "\n")
     (out / "mqar.json").write_text(json.dumps({"best_lr": {f"{m} d={d}": lr for (m, d), lr in
                                                            best_lrs(results).items()},

@@ -59,18 +59,40 @@ def test_smoke_run_and_resume(mqar, tmp_path, capsys):
     assert r["model"] == "pom-2x2" and r["degree"] == 2 and 0 <= r["accuracy"] <= 1 and r["curve"]
     mqar.main(argv)  # the run is there: nothing is trained again
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 1
-    # the final model by the query's offset: every held-out query in one of the four spans, which partition the
-    # query region in order; together they are the final evaluation
-    spans = r["final_by_offset"]
-    assert [b[0] for b in spans] == [0, 6, 12, 18] and [b[1] for b in spans] == [5, 11, 17, 23]
-    assert sum(b[3] for b in spans) == 64 * 4
+    # the final model by the order of the queries: every held-out query in one span, the spans together the final
+    # evaluation, each beside what ruling out the answered values gives (ranks 1..4 of 4 pairs: 1/4, 1/3, 1/2, 1)
+    spans = r["final_by_rank"]
+    assert [b[:2] for b in spans] == [[1, 1], [2, 2], [3, 3], [4, 4]] and sum(b[3] for b in spans) == 64 * 4
+    assert [b[4] for b in spans] == pytest.approx([1 / 4, 1 / 3, 1 / 2, 1])
     assert sum(b[2] * b[3] for b in spans) / (64 * 4) == pytest.approx(r["final_accuracy"], abs=1e-12)
     summary = json.loads((tmp_path / "mqar.json").read_text())
     assert summary["rows"][0]["accuracies"] == [r["accuracy"]]
-    assert summary["rows"][0]["by_offset"] == spans and summary["rows"][0]["by_offset_seeds"] == 1
+    assert summary["rows"][0]["by_rank"] == spans and summary["rows"][0]["by_rank_seeds"] == 1
     md = (tmp_path / "mqar.md").read_text()
-    assert "| pom-2x2 | 32 |" in md and "| pom-2x2 | 32 | 32 | 1 |" in md
+    assert "| pom-2x2 | 32 |" in md and "| pom-2x2 | 32 | 32 | 4 | 1 |" in md
 
+
+@pytest.mark.parametrize("num_kv,bins", [(4, 4), (8, 4), (6, 4), (3, 4)])
+def test_accuracy_by_rank(mqar, monkeypatch, num_kv, bins):
+    """A predictor right on the second query of every sequence only: all its hits in the span of rank 2."""
+    L, vocab = 8 * num_kv, 64
+    test = [mqar.mqar_batch(16, L, num_kv, vocab, torch.Generator().manual_seed(s)) for s in range(3)]
+
+    def second_only(lm, x, sel):
+        answer = torch.roll(x, -1, 1)[sel]  # the value follows its query
+        rank = (sel.cumsum(1) - 1)[sel]
+        return torch.nn.functional.one_hot(torch.where(rank == 1, answer, 0), vocab).float()
+
+    monkeypatch.setattr(mqar, "query_logits", second_only)
+    spans = mqar.accuracy_by_rank(torch.nn.Module(), test, num_kv, bins)
+    n = min(bins, num_kv)
+    assert len(spans) == n and spans[0][0] == 1 and spans[-1][1] == num_kv
+    assert all(a[1] + 1 == b[0] for a, b in zip(spans, spans[1:]))  # the ranks in order, each in one span
+    hits = [acc * q for _, _, acc, q, _ in spans]
+    assert [q for *_, q, _ in spans] == [48 * (hi - lo + 1) for lo, hi, *_ in spans]
+    at = next(i for i, b in enumerate(spans) if b[0] <= 2 <= b[1])
+    assert hits[at] == pytest.approx(48) and sum(hits) == pytest.approx(48)
+    assert mqar.elimination(4, 1, 4) == pytest.approx((1 + 1 / 2 + 1 / 3 + 1 / 4) / 4)
 
 def test_model_names(mqar):
     """The convolution is part of a PoM model's name (-cC) unless it is the default; --conv-size adds it."""
