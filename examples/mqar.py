@@ -273,6 +273,16 @@ def load(out: pathlib.Path) -> list:
     return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
 
 
+def longest(results: list) -> list:
+    """The runs to report: of the runs of one seed that differ only in --steps, the longest."""
+    keep = {}
+    for r in results:
+        k = key(r)[:7] + key(r)[8:]
+        if k not in keep or r["max_steps"] > keep[k]["max_steps"]:
+            keep[k] = r
+    return list(keep.values())
+
+
 def best_lrs(results: list) -> dict:
     """(model, dim) -> the learning rate of seed 0 with the highest mean accuracy over the lengths it ran."""
     by = {}
@@ -296,6 +306,7 @@ def summarize(results: list) -> list:
         row["seeds"].append(r["seed"])
         if "final_by_rank" in r:  # runs from before it was kept have none
             row.setdefault("by_rank_runs", []).append(r["final_by_rank"])
+            row.setdefault("by_rank_seeds", []).append(r["seed"])
     out = []
     for row in rows.values():
         a = row["accuracies"]
@@ -305,7 +316,6 @@ def summarize(results: list) -> list:
         if runs:  # each span's accuracy over the runs' queries in it
             row["by_rank"] = [[b[0], b[1], sum(r[i][2] * r[i][3] for r in runs) / max(sum(r[i][3] for r in runs), 1),
                                sum(r[i][3] for r in runs), b[4]] for i, b in enumerate(runs[0])]
-            row["by_rank_seeds"] = len(runs)
         out.append(row)
     return sorted(out, key=lambda r: (r["model"] != "attention", r["model"], r["dim"], r["seq_len"]))
 
@@ -335,13 +345,13 @@ def rank_table(rows: list) -> str:
         return ""
     lines = ["Final held-out accuracy by the order in which the keys are queried (ranks 1-based; in brackets what "
              "ruling out the values already answered gives without any binding of keys to values):", "",
-             "| model | width | L | pairs | runs | first queries | | | last queries |",
+             "| model | width | L | pairs | seeds | first queries | | | last queries |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in kept:
         cells = [f"{acc:.3f} ({f'rank {lo}' if lo == hi else f'ranks {lo}–{hi}'}; {elim:.3f})"
                  for lo, hi, acc, _, elim in r["by_rank"]]
         cells += [""] * (4 - len(cells))
-        lines.append(f"| {r['model']} | {r['dim']} | {r['seq_len']} | {r['num_kv']} | {r['by_rank_seeds']} | "
+        lines.append(f"| {r['model']} | {r['dim']} | {r['seq_len']} | {r['num_kv']} | {', '.join(map(str, r['by_rank_seeds']))} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -410,7 +420,7 @@ def plot(rows: list, path: pathlib.Path) -> bool:
 
 
 def report(out: pathlib.Path) -> None:
-    results = load(out)
+    results = longest(load(out))
     if not results:
         raise SystemExit(f"no results in {out / 'results.jsonl'}")
     rows = summarize(results)
@@ -436,7 +446,7 @@ def main(argv=None):
         report(out)
         return
     done = {key(r) for r in load(out)}
-    best = best_lrs(load(out)) if args.lrs == "best" else None
+    best = best_lrs(longest(load(out))) if args.lrs == "best" else None
     jobs = []
     for model in args.models:
         for dim in args.dims:

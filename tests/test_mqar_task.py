@@ -67,9 +67,9 @@ def test_smoke_run_and_resume(mqar, tmp_path, capsys):
     assert sum(b[2] * b[3] for b in spans) / (64 * 4) == pytest.approx(r["final_accuracy"], abs=1e-12)
     summary = json.loads((tmp_path / "mqar.json").read_text())
     assert summary["rows"][0]["accuracies"] == [r["accuracy"]]
-    assert summary["rows"][0]["by_rank"] == spans and summary["rows"][0]["by_rank_seeds"] == 1
+    assert summary["rows"][0]["by_rank"] == spans and summary["rows"][0]["by_rank_seeds"] == [0]
     md = (tmp_path / "mqar.md").read_text()
-    assert "| pom-2x2 | 32 |" in md and "| pom-2x2 | 32 | 32 | 4 | 1 |" in md
+    assert "| pom-2x2 | 32 |" in md and "| pom-2x2 | 32 | 32 | 4 | 0 |" in md
 
 
 @pytest.mark.parametrize("num_kv,bins", [(4, 4), (8, 4), (6, 4), (3, 4)])
@@ -106,3 +106,16 @@ def test_model_names(mqar):
     assert mqar.build("pom-2x2-c0", 32, args).blocks[0].conv is None
     with pytest.raises(SystemExit):
         mqar.parse_args(["--models", "pom-2x2-x3"])
+
+
+def test_longer_run_of_a_seed_is_reported(mqar):
+    """A seed run again with more --steps replaces its shorter run in the report; other seeds and rates stay."""
+    base = {"model": "attention", "dim": 64, "seq_len": 64, "num_kv": 4, "vocab": 8192, "lr": 2.2e-3,
+            "batch_size": 64, "depth": 2, "state_bytes": 1, "params": 1}
+    runs = [dict(base, seed=0, max_steps=3000, accuracy=0.99), dict(base, seed=2, max_steps=3000, accuracy=0.38),
+            dict(base, seed=2, max_steps=6000, accuracy=0.99), dict(base, seed=2, lr=1e-2, max_steps=3000,
+                                                                    accuracy=0.3)]
+    kept = mqar.longest(runs)
+    assert len(kept) == 3 and runs[1] not in kept and runs[2] in kept
+    row = next(r for r in mqar.summarize(kept))
+    assert row["seeds"] == [0, 2] and row["accuracies"] == [0.99, 0.99]
