@@ -397,6 +397,10 @@ def plot(rows: list, path: pathlib.Path) -> bool:
                 tag = f"e{s['expand']}" + (f" h{s['gate_heads']}" if hollow else "") + \
                     (f" c{s['conv_size']}" if s["conv_size"] != CONV_SIZE else "")
                 ax.annotate(tag, (x, r["mean"]), textcoords="offset points", xytext=(5, 3), fontsize=6)
+        if at:  # what a model scores without binding keys to values
+            K = at[0]["num_kv"]
+            ax.axhline(elimination(K, 1, K), ls="--", lw=0.8, color="0.5", zorder=1)
+            ax.axhline(1 / K, ls=":", lw=0.8, color="0.5", zorder=1)
         ax.set_xscale("log", base=2)
         ax.set_ylim(-0.02, 1.05)
         ax.set_title(f"L={L}, {at[0]['num_kv']} pairs" if at else f"L={L}")
@@ -411,9 +415,11 @@ def plot(rows: list, path: pathlib.Path) -> bool:
                     for w in widths]
     if any(s["gate_heads"] > 1 for s in pom):
         handles.append(Line2D([], [], marker="o", ls="", color="0.4", mfc="none", label="several gate heads"))
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
+    handles += [Line2D([], [], ls="--", lw=0.8, color="0.5", label="no recall: ruling out answered values"),
+                Line2D([], [], ls=":", lw=0.8, color="0.5", label="no recall: any value of the pairs")]
+    fig.legend(handles=handles, loc="lower center", ncol=(len(handles) + 1) // 2, fontsize=7, frameon=False)
     fig.suptitle("multi-query associative recall: accuracy vs state size (eN: expand, hN: gate heads, cN: convolution)")
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
