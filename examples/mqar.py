@@ -351,8 +351,9 @@ def rank_table(rows: list) -> str:
         cells = [f"{acc:.3f} ({f'rank {lo}' if lo == hi else f'ranks {lo}–{hi}'}; {elim:.3f})"
                  for lo, hi, acc, _, elim in r["by_rank"]]
         cells += [""] * (4 - len(cells))
-        lines.append(f"| {r['model']} | {r['dim']} | {r['seq_len']} | {r['num_kv']} | {', '.join(map(str, r['by_rank_seeds']))} | "
-                     + " | ".join(cells) + " |")
+        seeds = ", ".join(map(str, r["by_rank_seeds"]))
+        lines.append(f"| {r['model']} | {r['dim']} | {r['seq_len']} | {r['num_kv']} | {seeds} | " + " | ".join(cells)
+                     + " |")
     return "\n".join(lines)
 
 
