@@ -175,18 +175,6 @@ def state_bytes(lm: PolymorpherLM, seq_len: int) -> int:
     return sum(t.numel() * t.element_size() for c in cache for t in c.tensors())
 
 
-@torch.no_grad()
-def accuracy(lm, test) -> float:
-    lm.eval()
-    correct = total = 0
-    for x, y in test:
-        sel = y != -100
-        correct += (query_logits(lm, x, sel).argmax(-1) == y[sel]).sum().item()
-        total += sel.sum().item()
-    lm.train()
-    return correct / max(total, 1)
-
-
 def elimination(num_kv: int, first: int, last: int) -> float:
     """Mean accuracy on the queries of ranks first..last (1-based, in the order asked) of a model that knows the
     values of the pairs but not which key each belongs to, and rules out the values already answered: the r-th
@@ -195,25 +183,41 @@ def elimination(num_kv: int, first: int, last: int) -> float:
 
 
 @torch.no_grad()
-def accuracy_by_rank(lm, test, num_kv: int, bins: int = 4) -> list:
-    """Held-out accuracy by the order in which the keys are queried (each key once, its value shown after it), in
-    `bins` spans of the ranks: [[first rank, last rank (1-based), accuracy, queries, elimination's accuracy], ...].
-    Binding a key to its value answers every rank alike; ruling out the values already answered does better on
-    the late ranks only, so the first ranks measure recall."""
+def rank_counts(lm, test, num_kv: int, bins: int = 4) -> tuple:
+    """(right, asked): the held-out queries answered right and asked, per span of their ranks (the order in which
+    the keys are queried, each key once, its value shown after it), min(bins, num_kv) spans, int64 tensors."""
     lm.eval()
     bins = min(bins, num_kv)
-    correct, total = [0] * bins, [0] * bins
+    right, asked = torch.zeros(bins, dtype=torch.long), torch.zeros(bins, dtype=torch.long)
     for x, y in test:
         sel = y != -100
         ok = query_logits(lm, x, sel).argmax(-1) == y[sel]
-        rank = (sel.cumsum(1) - 1)[sel]  # the queries of a sequence in order: 0, 1, ..., num_kv - 1
-        for b, hit in zip((rank * bins // num_kv).tolist(), ok.tolist()):
-            correct[b] += hit
-            total[b] += 1
+        span = (sel.cumsum(1) - 1)[sel] * bins // num_kv  # the queries of a sequence in order: 0 .. num_kv - 1
+        right += torch.bincount(span[ok], minlength=bins)
+        asked += torch.bincount(span, minlength=bins)
     lm.train()
+    return right, asked
+
+
+def accuracy(counts: tuple) -> float:
+    right, asked = counts
+    return right.sum().item() / max(asked.sum().item(), 1)
+
+
+def by_rank(counts: tuple, num_kv: int) -> list:
+    """[[first rank, last rank (1-based), accuracy, queries, elimination's accuracy], ...] of rank_counts' spans.
+    Binding a key to its value answers every rank alike; ruling out the values already answered does better on
+    the late ranks only, so the first ranks measure recall."""
+    right, asked = counts
+    bins = len(asked)
     spans = [(-(-i * num_kv // bins) + 1, -(-(i + 1) * num_kv // bins)) for i in range(bins)]
-    return [[lo, hi, correct[i] / max(total[i], 1), total[i], elimination(num_kv, lo, hi)]
+    return [[lo, hi, right[i].item() / max(asked[i].item(), 1), asked[i].item(), elimination(num_kv, lo, hi)]
             for i, (lo, hi) in enumerate(spans)]
+
+
+def accuracy_by_rank(lm, test, num_kv: int, bins: int = 4) -> list:
+    """Held-out accuracy by the order in which the keys are queried, in spans of the ranks (by_rank)."""
+    return by_rank(rank_counts(lm, test, num_kv, bins), num_kv)
 
 
 def lr_at(step: int, steps: int, lr: float) -> float:
@@ -232,6 +236,7 @@ def run_one(args, model: str, dim: int, seq_len: int, num_kv: int, lr: float, se
             for _ in range(max(1, args.test_size // args.batch_size))]
     g = torch.Generator().manual_seed(seed)
     curve, best, reached, t0, step = [], 0.0, None, time.time(), 0
+    counts, counted_at = None, -1
     while step < args.steps:
         x, y = mqar_batch(args.batch_size, seq_len, num_kv, args.vocab, g, args.power_a)
         sel = y != -100
@@ -246,18 +251,20 @@ def run_one(args, model: str, dim: int, seq_len: int, num_kv: int, lr: float, se
         if not math.isfinite(loss.item()):
             break
         if step % args.eval_every == 0 or step == args.steps:
-            acc = accuracy(lm, test)
+            counts, counted_at = rank_counts(lm, test, num_kv), step
+            acc = accuracy(counts)
             curve.append([step, round(loss.item(), 4), acc])
             best = max(best, acc)
             if acc >= args.target:
                 reached = step
                 break
+    if counted_at != step:  # the final model not evaluated yet (a non-finite loss, or no step)
+        counts = rank_counts(lm, test, num_kv)
     s = spec(model)
-    by_rank = accuracy_by_rank(lm, test, num_kv)
     return {"model": model, **s, "dim": dim, "depth": args.depth, "seq_len": seq_len, "num_kv": num_kv,
             "vocab": args.vocab, "lr": lr, "seed": seed, "batch_size": args.batch_size, "max_steps": args.steps,
             "steps": step, "reached_target_at": reached, "accuracy": best, "final_accuracy": curve[-1][2]
-            if curve else 0.0, "final_by_rank": by_rank, "curve": curve, "params": lm.num_params(),
+            if curve else 0.0, "final_by_rank": by_rank(counts, num_kv), "curve": curve, "params": lm.num_params(),
             "state_bytes": state_bytes(lm, seq_len), "train_s": round(time.time() - t0, 1)}
 
 
