@@ -114,7 +114,7 @@ class PoM(nn.Module):
             raise ValueError(f"pom_ext.PoM: 'dim' ({dim}) must be divisible by 'n_groups' ({n_groups})")
         E = expand * dim
         if n_sel_heads > 1 and E % n_sel_heads:
-            raise ValueError(f"pom_ext.PoM: 'n_sel_heads' ({n_sel_heads}) must divide expand * dim = {E}")
+            raise ValueError(f"pom_ext.PoM: 'n_sel_heads' ({n_sel_heads}) must divide 'expand' * 'dim' = {E}")
         self.dim, self.degree, self.expand = dim, degree, expand
         self.n_groups, self.n_sel_heads = n_groups, n_sel_heads
         self.state_width = E

@@ -73,7 +73,7 @@ class PoMRoPE(PoM):
         E, G = self.state_width, n_sel_heads
         split = 4 if rope_2d else 2
         if E % split:
-            raise ValueError(f"pom_ext.PoMRoPE: expand * dim = {E} must be divisible by {split} for "
+            raise ValueError(f"pom_ext.PoMRoPE: arguments 'expand' * 'dim' = {E} must be divisible by {split} for "
                              f"{'2-D' if rope_2d else '1-D'} rotary positions")
         if G > 1:
             head = E // G
@@ -81,7 +81,7 @@ class PoMRoPE(PoM):
                 raise ValueError(f"pom_ext.PoMRoPE: argument 'n_sel_heads' ({G}) must be divisible by {split} for "
                                  f"{'2-D' if rope_2d else '1-D'} rotary positions (the gates turn in pairs)")
             if head < split:
-                raise ValueError(f"pom_ext.PoMRoPE: the head width expand * dim / n_sel_heads = {head} must be >= "
+                raise ValueError(f"pom_ext.PoMRoPE: the head width 'expand' * 'dim' / 'n_sel_heads' = {head} must be >= "
                                  f"{split} for {'2-D' if rope_2d else '1-D'} rotary positions")
         self.rope_2d = rope_2d
         self.max_seq_len, self.max_h, self.max_w, self.rope_base = max_seq_len, max_h, max_w, float(rope_base)

@@ -709,3 +709,89 @@ def test_fuzz_rope(data, dtype, P, S, K, seed, scale, which, view, kind, packed,
     with isa(which):
         check(fn, inputs, dtypes, diff, view_fn(view, h.dim()), g, data.draw(st.booleans()),
               f"rope/{kind} P={P} S={S} F={F_} packed={cu is not None}", floors=floors)
+
+
+@st.composite
+def rope_layer_config(draw):
+    """A valid PoMRoPE: E = expand * dim divisible by 2 (1-D) or 4 (2-D); gate heads 0, 1 or G > 1 dividing E with
+    G a multiple of 2 (4) and heads at least 2 (4) channels wide."""
+    two = draw(st.booleans())
+    split = 4 if two else 2
+    n_groups = draw(st.sampled_from([1, 1, 2]))
+    dim = n_groups * draw(st.integers(1, 6))
+    expand = draw(st.integers(1, 3))
+    E = dim * expand
+    assume(E % split == 0)
+    heads = [0, 1] + [G for G in range(split, E // split + 1, split) if E % G == 0 and E // G >= split]
+    return dim, draw(st.integers(1, 5)), expand, n_groups, draw(st.sampled_from(heads)), draw(st.booleans()), two
+
+
+@given(st.data(), rope_layer_config(), seed_st, isa_st,
+       st.sampled_from(["none", "weights", "padding", "causal", "block", "full", "varlen", "varlen_causal"]),
+       st.booleans(), st.sampled_from(["default", "shared", "per_row"]))
+@FUZZ
+def test_fuzz_rope_layer(data, config, seed, which, mask_kind, cross, positions):
+    """PoMRoPE in float64, forward and every gradient (inputs and parameters), against the reference path
+    (R.pom_rope_layer) on random configurations, masks, self- and cross-mixing and positions (the default ones,
+    one set for the batch, one per batch row; 2-D always takes them)."""
+    dim, degree, expand, n_groups, heads, bias, two = config
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    L, side = 16, 4
+    layer = pom_ext.PoMRoPE(dim, degree, expand, n_groups, heads, bias, max_seq_len=L, max_h=side, max_w=side,
+                            rope_2d=two).double()
+    with torch.no_grad():
+        layer.po_coeff.copy_(coeffs(g, layer.state_width, degree, 1.5))
+        for p in layer.parameters():
+            if p is not layer.po_coeff and p.dim() == 1:
+                p.normal_(generator=g)
+    packed = mask_kind.startswith("varlen")
+    kw = {}
+    if packed:
+        cu = data.draw(packed_offsets(8))
+        B, T = None, int(cu[-1])
+        N = T
+        xq = torch.randn(T, dim, generator=g, dtype=torch.float64) * 3
+        xc = torch.randn_like(xq) * 3 if cross else None
+        kw["cu_seqlens"] = cu
+        mask = "causal" if mask_kind == "varlen_causal" else None
+        if mask is not None and data.draw(st.booleans()):
+            kw["block_size"] = data.draw(st.integers(1, 5))
+    else:
+        B, T = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 12))
+        N = T if mask_kind in ("causal", "block") or not cross else data.draw(st.integers(1, 12))
+        xq = torch.randn(B, T, dim, generator=g, dtype=torch.float64) * 3
+        xc = torch.randn(B, N, dim, generator=g, dtype=torch.float64) * 3 if cross else None
+        mask = {"none": None, "causal": "causal", "block": "causal",
+                "weights": torch.rand(B, N, generator=g, dtype=torch.float64),
+                "padding": torch.rand(B, N, generator=g) > 0.3,
+                "full": torch.rand(B, T, N, generator=g) > 0.5}[mask_kind]
+        if mask_kind == "block":
+            kw["block_size"] = data.draw(st.integers(1, T + 2))
+        if mask_kind in ("weights", "padding"):
+            mask[0] = 0
+    if two or positions != "default":
+        lead = (B,) if positions == "per_row" and not packed else ()
+        for name, n in [("positions", T)] + ([("ctx_positions", N)] if cross else []):
+            if two:
+                kw[name + "_hw"] = torch.randint(0, side, lead + (n, 2), generator=g)
+            else:
+                kw[name] = torch.randint(0, L, lead + (n,), generator=g)
+    xq.requires_grad_()
+    if xc is not None:
+        xc.requires_grad_()
+    wrt = [xq] + ([xc] if xc is not None else []) + list(layer.parameters())
+    with isa(which):
+        out = layer(xq, xc, mask=mask, **kw)
+    ref = R.pom_rope_layer(layer, xq, xc, mask, **kw)
+    assert rel_err(out, ref) < 1e-9, f"output: {rel_err(out, ref):.3g}"
+    if out.numel() == 0:
+        return
+    up = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    with isa(which):
+        mine = torch.autograd.grad(out, wrt, up, allow_unused=True)
+    theirs = torch.autograd.grad(ref, wrt, up, allow_unused=True)
+    for i, (a, b) in enumerate(zip(mine, theirs)):
+        a = torch.zeros_like(wrt[i]) if a is None else a
+        b = torch.zeros_like(wrt[i]) if b is None else b
+        assert rel_err(a, b) < 1e-8, f"gradient {i}: {rel_err(a, b):.3g}"

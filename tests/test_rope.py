@@ -405,6 +405,7 @@ LAYERS = [  # dim, degree, expand, n_groups, n_sel_heads, bias, rope_2d
     (16, 3, 2, 1, 1, False, True),
     (16, 2, 2, 2, 4, True, True),
     (16, 3, 2, 1, 8, False, True),
+    (16, 2, 2, 1, 0, False, True),
 ]
 
 
@@ -485,7 +486,10 @@ def test_layer_packed(cfg, causal):
 
 @pytest.mark.skipif(importlib.util.find_spec("pom") is None, reason="the reference package `pom` is not installed")
 @pytest.mark.parametrize("cfg", LAYERS, ids=str)
-def test_against_the_papers_pomrope(cfg):
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+def test_against_the_papers_pomrope(cfg, cross):
+    """The paper's pom.PoMRoPE, state dicts loaded both ways: output and every gradient (inputs and parameters) for
+    every mask form it takes, custom positions (and the default ones in 1-D)."""
     from pom.pom_rope import PoMRoPE as Paper
 
     D, K, X, ng, G, bias, two = cfg
@@ -494,10 +498,30 @@ def test_against_the_papers_pomrope(cfg):
     ours.load_state_dict(ref.state_dict(), strict=True)
     ref.load_state_dict(ours.state_dict(), strict=True)
     g = torch.Generator().manual_seed(4)
-    x = torch.randn(2, 13, D, generator=g, dtype=torch.float64)
-    pos = positions_for(ours, 13, g)
-    for m in (None, "causal", torch.rand(2, 13, generator=g, dtype=torch.float64), torch.rand(2, 13, 13) > 0.3):
-        assert_close(ours(x, mask=m, **pos), ref(x, mask=m, **pos), torch.float64, "vs pom.PoMRoPE")
+    B, T = 2, 13
+    N = 11 if cross else T
+    xq = torch.randn(B, T, D, generator=g, dtype=torch.float64)
+    xc = torch.randn(B, N, D, generator=g, dtype=torch.float64) if cross else None
+    masks = [None, torch.rand(B, N, generator=g, dtype=torch.float64) + 0.1, torch.rand(B, N, generator=g) > 0.3,
+             torch.rand(B, T, N, generator=g) > 0.3] + ([] if cross else ["causal"])
+    masks[2][:, 0] = masks[3][..., 0] = True
+    kws = [dict(positions_for(ours, T, g), **({"ctx_" + k: v for k, v in positions_for(ours, N, g).items()}
+                                             if cross else {}))]
+    if not two:
+        kws.append({})
+    for m in masks:
+        for kw in kws:
+            outs, grads = [], []
+            for layer in (ours, ref):
+                a = xq.clone().requires_grad_()
+                c = xc.clone().requires_grad_() if cross else None
+                y = layer(a, c, mask=m, **kw)
+                up = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view_as(y)
+                outs.append(y)
+                grads.append(torch.autograd.grad(y, [a] + ([c] if cross else []) + list(layer.parameters()), up))
+            assert_close(outs[0], outs[1], torch.float64, "vs pom.PoMRoPE")
+            for mine, theirs in zip(*grads):
+                assert rel_err(mine, theirs) < 1e-8
 
 
 def test_tables_and_state_dict():
@@ -571,10 +595,11 @@ def test_layer_low_precision(dtype):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(dim=16, degree=2, expand=1, n_sel_heads=3), "must divide|divisible by 2"),
-    (dict(dim=10, degree=2, expand=1, rope_2d=True), "divisible by 4"),
+    (dict(dim=16, degree=2, expand=1, n_sel_heads=3), r"'n_sel_heads' \(3\) must divide 'expand' \* 'dim' = 16"),
+    (dict(dim=7, degree=2, expand=1), r"'expand' \* 'dim' = 7 must be divisible by 2 for 1-D"),
+    (dict(dim=10, degree=2, expand=1, rope_2d=True), r"'expand' \* 'dim' = 10 must be divisible by 4 for 2-D"),
     (dict(dim=16, degree=2, expand=1, n_sel_heads=2, rope_2d=True), "'n_sel_heads' \\(2\\) must be divisible by 4"),
-    (dict(dim=8, degree=2, expand=1, n_sel_heads=8), "head width"),
+    (dict(dim=8, degree=2, expand=1, n_sel_heads=8), r"head width 'expand' \* 'dim' / 'n_sel_heads' = 1"),
     (dict(dim=8, degree=2, expand=1, max_seq_len=0), "'max_seq_len'"),
     (dict(dim=8, degree=2, expand=1, rope_base=-1.0), "'rope_base'"),
 ])
@@ -597,6 +622,11 @@ def test_forward_bad_inputs():
         (two, dict(positions_hw=torch.zeros(6, 3, dtype=torch.long)), r"'positions_hw' must be \(N, 2\)"),
         (two, dict(positions_hw=torch.full((6, 2), 4)), "columns in"),
         (two, dict(positions=torch.arange(6)), "'positions' must be None for a 2-D layer"),
+        (one, dict(positions=torch.arange(6, device="meta")), "'positions' must be on cpu like the input"),
+        (two, dict(positions_hw=torch.zeros(6, 2, dtype=torch.long, device="meta")),
+         "'positions_hw' must be on cpu like the input"),
+        (one, dict(xc=torch.randn(2, 5, 8), ctx_positions=torch.arange(5, device="meta")),
+         "'ctx_positions' must be on cpu like the input"),
     ]
     for layer, kw, match in cases:
         with pytest.raises(ValueError, match=match):

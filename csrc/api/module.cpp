@@ -65,7 +65,7 @@ void PoMImpl::reset() {
               o.n_groups(), ")");
   const int64_t D = o.dim(), E = o.expand() * D;
   TORCH_CHECK(o.n_sel_heads() <= 1 || E % o.n_sel_heads() == 0, "pom_ext.PoM: 'n_sel_heads' (", o.n_sel_heads(),
-              ") must divide expand * dim = ", E);
+              ") must divide 'expand' * 'dim' = ", E);
   state_width_ = E;
   gate_width_ = o.n_sel_heads() > 1 ? o.n_sel_heads() : E;
   // Creation and registration order of the Python layer (and of the reference).
@@ -85,12 +85,12 @@ void PoMImpl::reset() {
   TORCH_CHECK(r == "1d" || r == "2d", "pom_ext.PoM: argument 'rope' must be \"\", \"1d\" or \"2d\", got \"", r, "\"");
   const bool two = r == "2d";
   const int64_t split = two ? 4 : 2, G = o.n_sel_heads();
-  TORCH_CHECK(E % split == 0, "pom_ext.PoMRoPE: expand * dim = ", E, " must be divisible by ", split, " for ", r,
-              " rotary positions");
+  TORCH_CHECK(E % split == 0, "pom_ext.PoMRoPE: arguments 'expand' * 'dim' = ", E, " must be divisible by ", split,
+              " for ", r, " rotary positions");
   if (G > 1) {
     TORCH_CHECK(G % split == 0, "pom_ext.PoMRoPE: argument 'n_sel_heads' (", G, ") must be divisible by ", split,
                 " for ", r, " rotary positions (the gates turn in pairs)");
-    TORCH_CHECK(E / G >= split, "pom_ext.PoMRoPE: the head width expand * dim / n_sel_heads = ", E / G,
+    TORCH_CHECK(E / G >= split, "pom_ext.PoMRoPE: the head width 'expand' * 'dim' / 'n_sel_heads' = ", E / G,
                 " must be >= ", split, " for ", r, " rotary positions");
   }
   TORCH_CHECK(o.max_seq_len() >= 1 && o.max_h() >= 1 && o.max_w() >= 1, "pom_ext.PoMRoPE: arguments 'max_seq_len' (",
