@@ -70,6 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--conv-size", type=int, default=CONV_SIZE,
                    help="PoM's causal convolution where a name gives none (-cC); a run is kept under the name with it")
+    p.add_argument("--coeff-std", type=float, default=0.0,
+                   help="PoM's polynomial coefficients drawn from N(0, std^2) instead of the layer's own initial values "
+                        "(the reference's, within +-1e-3); 0 keeps those")
     p.add_argument("--steps", type=int, default=4000, help="training steps at most (fewer once --target is met)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--test-size", type=int, default=1024, help="held-out sequences")
@@ -98,6 +101,8 @@ def parse_args(argv=None):
             p.error(f"--models: {m!r} is not 'attention' or 'pom-KxE[-hS][-cC]'")
     if args.conv_size < 0:
         p.error(f"--conv-size: expected an integer >= 0, got {args.conv_size}")
+    if not (args.coeff_std >= 0 and math.isfinite(args.coeff_std)):
+        p.error(f"--coeff-std: expected a number >= 0, got {args.coeff_std}")
     args.models = [canonical(m, args.conv_size) for m in args.models]
     if len(kv) not in (1, len(args.seq_lens)):
         p.error(f"--num-kv: give one value or one per length ({len(args.seq_lens)}), got {len(kv)}")
@@ -155,8 +160,14 @@ def build(model: str, dim: int, args) -> PolymorpherLM:
     common = dict(num_tokens=args.vocab, dim=dim, depth=args.depth)
     if s["kind"] == "attention":
         return PolymorpherLM(**common, layer_pattern="A", n_heads=max(1, dim // 64))
-    return PolymorpherLM(**common, degree=s["degree"], expand=s["expand"], n_sel_heads=s["gate_heads"],
-                         conv_size=s["conv_size"])
+    lm = PolymorpherLM(**common, degree=s["degree"], expand=s["expand"], n_sel_heads=s["gate_heads"],
+                       conv_size=s["conv_size"])
+    if getattr(args, "coeff_std", 0.0) > 0:
+        with torch.no_grad():
+            for name, p in lm.named_parameters():
+                if name.endswith("po_coeff"):
+                    p.normal_(0.0, args.coeff_std)
+    return lm
 
 
 def query_logits(lm: PolymorpherLM, x: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
@@ -263,6 +274,7 @@ def run_one(args, model: str, dim: int, seq_len: int, num_kv: int, lr: float, se
     s = spec(model)
     return {"model": model, **s, "dim": dim, "depth": args.depth, "seq_len": seq_len, "num_kv": num_kv,
             "vocab": args.vocab, "lr": lr, "seed": seed, "batch_size": args.batch_size, "max_steps": args.steps,
+            **({"coeff_std": args.coeff_std} if s["kind"] == "pom" and args.coeff_std > 0 else {}),
             "steps": step, "reached_target_at": reached, "accuracy": best, "final_accuracy": curve[-1][2]
             if curve else 0.0, "final_by_rank": by_rank(counts, num_kv), "curve": curve, "params": lm.num_params(),
             "state_bytes": state_bytes(lm, seq_len), "train_s": round(time.time() - t0, 1)}
@@ -272,7 +284,7 @@ def run_one(args, model: str, dim: int, seq_len: int, num_kv: int, lr: float, se
 
 def key(r: dict) -> tuple:
     return (r["model"], r["dim"], r["seq_len"], r["num_kv"], r["vocab"], r["lr"], r["seed"], r["max_steps"],
-            r["batch_size"], r["depth"])
+            r["batch_size"], r["depth"], r.get("coeff_std", 0.0))
 
 
 def load(out: pathlib.Path) -> list:
@@ -442,6 +454,10 @@ def report(out: pathlib.Path) -> None:
     ranks = rank_table(rows)
     if ranks:
         md += "\n\n" + ranks
+    inits = sorted({r["coeff_std"] for r in results if r.get("coeff_std")})
+    if inits:
+        md = (f"PoM's polynomial coefficients initialized from N(0, s^2), s = {', '.join(f'{v:g}' for v in inits)} "
+              "(not the layer's own initial values).\n\n" + md)
     (out / "mqar.md").write_text(md + "\n")
     (out / "mqar.json").write_text(json.dumps({"best_lr": {f"{m} d={d}": lr for (m, d), lr in
                                                            best_lrs(results).items()},
@@ -459,6 +475,10 @@ def main(argv=None):
     if args.report:
         report(out)
         return
+    inits = {r.get("coeff_std", 0.0) for r in load(out) if r["kind"] == "pom"}
+    if inits - {args.coeff_std}:
+        sys.exit(f"--coeff-std {args.coeff_std:g}: {out} holds PoM runs with coefficients initialized otherwise "
+                 f"({', '.join(f'{v:g}' for v in sorted(inits))}; 0: the layer's own); give another --out")
     done = {key(r) for r in load(out)}
     best = best_lrs(longest(load(out))) if args.lrs == "best" else None
     jobs = []
@@ -474,7 +494,8 @@ def main(argv=None):
     meta = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
             "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
     for i, (model, dim, L, kv, lr, seed) in enumerate(jobs, 1):
-        k = (model, dim, L, kv, args.vocab, lr, seed, args.steps, args.batch_size, args.depth)
+        k = (model, dim, L, kv, args.vocab, lr, seed, args.steps, args.batch_size, args.depth,
+             args.coeff_std if spec(model)["kind"] == "pom" else 0.0)
         if k in done:
             continue
         r = run_one(args, model, dim, L, kv, lr, seed)

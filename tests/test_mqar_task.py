@@ -119,3 +119,25 @@ def test_longer_run_of_a_seed_is_reported(mqar):
     assert len(kept) == 3 and runs[1] not in kept and runs[2] in kept
     row = next(r for r in mqar.summarize(kept))
     assert row["seeds"] == [0, 2] and row["accuracies"] == [0.99, 0.99]
+
+
+def test_coefficient_init(mqar, tmp_path, capsys):
+    """--coeff-std draws PoM's polynomial coefficients from N(0, std^2) (attention has none), is kept in the run
+    and in its key, the report says it, and an OUT of runs with another initialization is refused."""
+    args = mqar.parse_args(["--quick", "--coeff-std", "0.5"])
+    torch.manual_seed(0)
+    lm = mqar.build("pom-2x8", 32, args)
+    coeffs = torch.cat([p.flatten() for n, p in lm.named_parameters() if n.endswith("po_coeff")])
+    assert coeffs.numel() == 2 * 2 * 8 * 32 and 0.4 < coeffs.std().item() < 0.6
+    torch.manual_seed(0)
+    own = mqar.build("pom-2x8", 32, mqar.parse_args(["--quick"]))
+    assert max(p.abs().max().item() for n, p in own.named_parameters() if n.endswith("po_coeff")) <= 1.0001e-3
+    argv = ["--quick", "--models", "pom-2x2", "--seq-lens", "32", "--threads", "1", "--out", str(tmp_path)]
+    mqar.main(argv + ["--coeff-std", "0.5"])
+    r = json.loads((tmp_path / "results.jsonl").read_text())
+    assert r["coeff_std"] == 0.5 and mqar.key(r)[-1] == 0.5
+    assert "N(0, s^2), s = 0.5" in (tmp_path / "mqar.md").read_text()
+    with pytest.raises(SystemExit, match="initialized otherwise"):
+        mqar.main(argv)
+    with pytest.raises(SystemExit):
+        mqar.parse_args(["--coeff-std", "-1"])
