@@ -71,8 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--conv-size", type=int, default=CONV_SIZE,
                    help="PoM's causal convolution where a name gives none (-cC); a run is kept under the name with it")
     p.add_argument("--coeff-std", type=float, default=0.0,
-                   help="PoM's polynomial coefficients drawn from N(0, std^2) instead of the layer's own initial values "
-                        "(the reference's, within +-1e-3); 0 keeps those")
+                   help="PoM's polynomial coefficients drawn from N(0, std^2) instead of the layer's own initial "
+                        "values (the reference's, within +-1e-3); 0 keeps those")
     p.add_argument("--steps", type=int, default=4000, help="training steps at most (fewer once --target is met)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--test-size", type=int, default=1024, help="held-out sequences")

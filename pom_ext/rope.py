@@ -81,8 +81,8 @@ class PoMRoPE(PoM):
                 raise ValueError(f"pom_ext.PoMRoPE: argument 'n_sel_heads' ({G}) must be divisible by {split} for "
                                  f"{'2-D' if rope_2d else '1-D'} rotary positions (the gates turn in pairs)")
             if head < split:
-                raise ValueError(f"pom_ext.PoMRoPE: the head width 'expand' * 'dim' / 'n_sel_heads' = {head} must be >= "
-                                 f"{split} for {'2-D' if rope_2d else '1-D'} rotary positions")
+                raise ValueError(f"pom_ext.PoMRoPE: the head width 'expand' * 'dim' / 'n_sel_heads' = {head} must be "
+                                 f">= {split} for {'2-D' if rope_2d else '1-D'} rotary positions")
         self.rope_2d = rope_2d
         self.max_seq_len, self.max_h, self.max_w, self.rope_base = max_seq_len, max_h, max_w, float(rope_base)
         if rope_2d:
