@@ -418,6 +418,49 @@ def layer_call(layer, x, xc, mask, block, cu, ref, store_dtype=None):
     return layer(x, xc, mask=mask, **kw)
 
 
+def randomize_layer(layer, g):
+    """Coefficients of every sign and size (coeffs) and every other 1-D parameter (biases, norms, gate scales)
+    drawn from N(0, 1), so no term of the layer's function hides behind a default initialization."""
+    with torch.no_grad():
+        layer.po_coeff.copy_(coeffs(g, layer.state_width, layer.degree, 1.5))
+        for p in layer.parameters():
+            if p is not layer.po_coeff and p.dim() == 1:
+                p.normal_(generator=g)
+
+
+def layer_inputs(data, g, dim, mask_kind, cross, scale, self_len=False):
+    """The inputs of a layer fuzz case: (xq, xc, mask, w, block, cu, (B, T, N)). mask is the string argument
+    ("causal") or None; w the mask tensor of the "weights" / "padding" (B, N) and "full" (B, T, N) kinds (first
+    row empty), else None; block the block size of "block"; cu the packed offsets of "varlen*" (B is None then).
+    Without cross-mixing the context is the input, or, unless self_len, a second tensor of another length."""
+    B, T = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 12))
+    block, cu, w = None, None, None
+    if mask_kind.startswith("varlen"):
+        cu = data.draw(packed_offsets(8))
+        B, T = None, int(cu[-1])
+        N = T
+        xq = torch.randn(T, dim, generator=g, dtype=torch.float64) * scale
+        xc = torch.randn_like(xq) * scale if cross else None
+        mask = "causal" if mask_kind == "varlen_causal" else None
+        return xq, xc, mask, w, block, cu, (B, T, N)
+    fixed = mask_kind in ("causal", "block") or (self_len and not cross)
+    N = T if fixed else data.draw(st.integers(1, 12))
+    xq = torch.randn(B, T, dim, generator=g, dtype=torch.float64) * scale
+    xc = torch.randn(B, N, dim, generator=g, dtype=torch.float64) * scale if cross or N != T else None
+    mask = "causal" if mask_kind in ("causal", "block") else None
+    if mask_kind == "block":
+        block = data.draw(st.integers(1, T + 2))
+    elif mask_kind == "weights":
+        w = torch.rand(B, N, generator=g, dtype=torch.float64)
+        w[0] = 0
+    elif mask_kind == "padding":
+        w = torch.rand(B, N, generator=g) > 0.3
+        w[0] = False
+    elif mask_kind == "full":
+        w = torch.rand(B, T, N, generator=g) > 0.5
+    return xq, xc, mask, w, block, cu, (B, T, N)
+
+
 @given(st.data(), layer_config(), dtype_st, seed_st, isa_st,
        st.sampled_from(["none", "weights", "padding", "causal", "block", "full", "varlen", "varlen_causal"]),
        st.booleans())
@@ -434,37 +477,11 @@ def test_fuzz_layer(data, config, dtype, seed, which, mask_kind, cross):
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     layer = PoM(dim, degree, expand, n_groups=n_groups, n_sel_heads=heads, bias=bias).double()
-    with torch.no_grad():
-        layer.po_coeff.copy_(coeffs(g, layer.state_width, degree, 1.5))
-        for p in layer.parameters():
-            if p is not layer.po_coeff and p.dim() == 1:
-                p.normal_(generator=g)
+    randomize_layer(layer, g)
     x_scale = 1.0 if dtype == torch.float16 else 3.0
-    B = data.draw(st.integers(1, 3))
-    T = data.draw(st.integers(1, 12))
-    N = T if mask_kind in ("causal", "block") else data.draw(st.integers(1, 12))
-    block, cu, w = None, None, None
-    if mask_kind.startswith("varlen"):
-        cu = data.draw(packed_offsets(8))
-        xq = torch.randn(int(cu[-1]), dim, generator=g, dtype=torch.float64) * x_scale
-        xc = torch.randn_like(xq) * x_scale if cross else None
-        mask = "causal" if mask_kind == "varlen_causal" else None
-        if mask is not None:
-            block = data.draw(st.sampled_from([None, 1, 2, 5]))
-    else:
-        xq = torch.randn(B, T, dim, generator=g, dtype=torch.float64) * x_scale
-        xc = torch.randn(B, N, dim, generator=g, dtype=torch.float64) * x_scale if cross or N != T else None
-        mask = {"none": None, "causal": "causal", "block": "causal"}.get(mask_kind)
-        if mask_kind == "block":
-            block = data.draw(st.integers(1, T + 2))
-        elif mask_kind == "weights":
-            w = torch.rand(B, N, generator=g, dtype=torch.float64)
-            w[0] = 0
-        elif mask_kind == "padding":
-            w = torch.rand(B, N, generator=g) > 0.3
-            w[0] = False
-        elif mask_kind == "full":
-            w = torch.rand(B, T, N, generator=g) > 0.5
+    xq, xc, mask, w, block, cu, _ = layer_inputs(data, g, dim, mask_kind, cross, x_scale)
+    if cu is not None and mask is not None:
+        block = data.draw(st.sampled_from([None, 1, 2, 5]))
     low = copy.deepcopy(layer).to(dtype)
     ref_layer = copy.deepcopy(low).double()
     tensors = [xq] + ([xc] if xc is not None else []) + ([w] if w is not None and w.is_floating_point() else [])
@@ -740,36 +757,15 @@ def test_fuzz_rope_layer(data, config, seed, which, mask_kind, cross, positions)
     L, side = 16, 4
     layer = pom_ext.PoMRoPE(dim, degree, expand, n_groups, heads, bias, max_seq_len=L, max_h=side, max_w=side,
                             rope_2d=two).double()
-    with torch.no_grad():
-        layer.po_coeff.copy_(coeffs(g, layer.state_width, degree, 1.5))
-        for p in layer.parameters():
-            if p is not layer.po_coeff and p.dim() == 1:
-                p.normal_(generator=g)
-    packed = mask_kind.startswith("varlen")
-    kw = {}
-    if packed:
-        cu = data.draw(packed_offsets(8))
-        B, T = None, int(cu[-1])
-        N = T
-        xq = torch.randn(T, dim, generator=g, dtype=torch.float64) * 3
-        xc = torch.randn_like(xq) * 3 if cross else None
-        kw["cu_seqlens"] = cu
-        mask = "causal" if mask_kind == "varlen_causal" else None
-        if mask is not None and data.draw(st.booleans()):
-            kw["block_size"] = data.draw(st.integers(1, 5))
-    else:
-        B, T = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 12))
-        N = T if mask_kind in ("causal", "block") or not cross else data.draw(st.integers(1, 12))
-        xq = torch.randn(B, T, dim, generator=g, dtype=torch.float64) * 3
-        xc = torch.randn(B, N, dim, generator=g, dtype=torch.float64) * 3 if cross else None
-        mask = {"none": None, "causal": "causal", "block": "causal",
-                "weights": torch.rand(B, N, generator=g, dtype=torch.float64),
-                "padding": torch.rand(B, N, generator=g) > 0.3,
-                "full": torch.rand(B, T, N, generator=g) > 0.5}[mask_kind]
-        if mask_kind == "block":
-            kw["block_size"] = data.draw(st.integers(1, T + 2))
-        if mask_kind in ("weights", "padding"):
-            mask[0] = 0
+    randomize_layer(layer, g)
+    xq, xc, mask, w, block, cu, (B, T, N) = layer_inputs(data, g, dim, mask_kind, cross, 3.0, self_len=True)
+    packed = cu is not None
+    mask = mask if w is None else w
+    kw = {} if cu is None else {"cu_seqlens": cu}
+    if packed and mask is not None and data.draw(st.booleans()):
+        block = data.draw(st.integers(1, 5))
+    if block is not None:
+        kw["block_size"] = block
     if two or positions != "default":
         lead = (B,) if positions == "per_row" and not packed else ()
         for name, n in [("positions", T)] + ([("ctx_positions", N)] if cross else []):
