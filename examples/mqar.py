@@ -475,12 +475,13 @@ def main(argv=None):
     if args.report:
         report(out)
         return
-    inits = {r.get("coeff_std", 0.0) for r in load(out) if r["kind"] == "pom"}
+    previous = load(out)
+    inits = {r.get("coeff_std", 0.0) for r in previous if r["kind"] == "pom"}
     if inits - {args.coeff_std}:
         sys.exit(f"--coeff-std {args.coeff_std:g}: {out} holds PoM runs with coefficients initialized otherwise "
                  f"({', '.join(f'{v:g}' for v in sorted(inits))}; 0: the layer's own); give another --out")
-    done = {key(r) for r in load(out)}
-    best = best_lrs(longest(load(out))) if args.lrs == "best" else None
+    done = {key(r) for r in previous}
+    best = best_lrs(longest(previous)) if args.lrs == "best" else None
     jobs = []
     for model in args.models:
         for dim in args.dims:
