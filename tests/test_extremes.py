@@ -251,3 +251,57 @@ def test_kink_gradients_match_reference(cpu_isa, dtype, case):
     gr = torch.autograd.grad(ref, [hr, cr], [s.to(a.dtype).double() for s, a in zip(seeds, got)])
     assert rel_err(gk[0], gr[0]) < TOL[dtype], f"{case}: grad h at the kinks"
     assert rel_err(gk[1], gr[1]) < TOL[dtype], f"{case}: grad coeff"
+
+
+WIDE_OPS = ["causal", "gated", "gated_heads", "rope", "gated_rope", "gated_rope_heads"]
+
+
+@pytest.mark.parametrize("op", WIDE_OPS)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("B", [1, 2, 3, "packed"])
+@pytest.mark.parametrize("F", [1, 5])
+def test_rows_wider_than_a_channel_block(op, threads, B, F):
+    """E = 1040 channels (rotary: 520 pairs): with fewer sequences than threads the CPU scans split each row into
+    blocks of 512 channels (256 pairs; the last block narrower, gate groups whole), else they walk whole rows.
+    Both, for every causal op, forward and gradients against the float64 reference."""
+    E, N, K = 1040, 23, 3
+    g = torch.Generator().manual_seed(WIDE_OPS.index(op) * 100 + threads * 10 + F + (4 if B == "packed" else B) * 1000)
+    gated, rope = op.startswith("gated"), "rope" in op
+    S = {"gated": E, "gated_heads": 8, "gated_rope": E, "gated_rope_heads": 8}.get(op, 0)
+    packed = B == "packed"
+    cu = torch.tensor([0, 9, 10, 30, 3 * N], dtype=torch.int32) if packed else None
+    rows = (3 * N,) if packed else (B, N)
+    x = torch.randn(*rows, E + S, generator=g, dtype=torch.float64) * 2
+    c = torch.randn(E, K, generator=g, dtype=torch.float64) * torch.tensor([2.0 ** -k for k in range(K)])
+    b = torch.randn(S, generator=g, dtype=torch.float64) if gated else None
+    L = 3 * N + 4
+    tabs = [torch.randn(L, E // 2, generator=g), torch.randn(L, E // 2, generator=g)]
+    if gated:
+        tabs += [torch.randn(L, S // 2, generator=g), torch.randn(L, S // 2, generator=g)]
+    pos = torch.randint(0, L, rows + (1,), generator=g)
+
+    def call(impl, xs, cs, bs):
+        if rope and gated:
+            return impl.poly_causal_gated_rope(xs, cs, bs, *tabs, pos, F, cu)
+        if rope:
+            return impl.poly_causal_rope(xs, cs, tabs[0], tabs[1], pos, F, cu)
+        if gated:
+            return impl.poly_causal_gated(xs, cs, bs, F, cu)
+        return impl.poly_causal(xs, cs, F, cu)
+
+    up = torch.randn(rows + (E,), generator=g, dtype=torch.float64)
+    results = []
+    for impl in (ops, R):
+        leaves = [t.clone().requires_grad_() for t in (x, c) + ((b,) if gated else ())]
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            y = call(impl, *leaves, *(() if gated else (None,)))
+            grads = torch.autograd.grad(y, leaves, up)
+        finally:
+            torch.set_num_threads(before)
+        results.append((y, grads))
+    (y, grads), (y_ref, ref) = results
+    assert rel_err(y, y_ref) < 1e-12, f"forward {rel_err(y, y_ref):.3g}"
+    for name, a, r in zip(["input", "coeff", "gate_bias"], grads, ref):
+        assert rel_err(a, r) < 1e-10, f"{name}: {rel_err(a, r):.3g}"

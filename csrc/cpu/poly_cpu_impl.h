@@ -22,8 +22,13 @@
 //  - mean-type reductions (mean, weighted mean, state update): tasks are
 //    (sequence, chunk of rows) over all channels; each writes fp64 partial sums
 //    that are reduced in task order (a two-stage reduction, no atomics);
-//  - causal and block-causal: tasks are (sequence, block of kEB channels) and
-//    walk the sequence with a Kahan-compensated running sum. When there are fewer
+//  - causal and block-causal: tasks are (sequence, block of channels) and walk the
+//    sequence with a Kahan-compensated running sum. A block is the whole row (up to
+//    kEBWhole channels) when there are at least as many sequences as threads: a task
+//    that reads part of each row restarts the hardware prefetchers at every row
+//    (1 x 8192 x 1024 fp32, one thread: causal forward 4.9 ms in blocks of 512, 1.9 ms
+//    whole, about as fast per byte as 1 x 16384 x 512); else blocks of kEB channels give the
+//    threads more tasks before the sequences are cut. When there are fewer
 //    such tasks than threads, the sequence is cut into chunks
 //    (aligned to the block size): a first pass sums each chunk, the carries are
 //    prefix-summed in fp64, and a second pass runs every chunk from its carry.
@@ -45,7 +50,8 @@ namespace pom_ext {
 namespace cpu {
 namespace POM_CPU_ARCH {
 
-constexpr int64_t kEB = 512;             // channels per causal task (rows stay long and contiguous)
+constexpr int64_t kEB = 512;             // channels per causal task while sequences are fewer than threads
+constexpr int64_t kEBWhole = 4096;       // ... otherwise: rows up to this wide are walked whole
 constexpr int64_t kMinSplitRows = 2048;  // never cut a sequence into chunks shorter than this
 constexpr int64_t kFlushRows = 256;      // fp32 partial sums are flushed into fp64 this often
 constexpr int64_t kMaxRowChunks = 64;    // row chunks per sequence for mean-type reductions
@@ -796,8 +802,14 @@ struct ScanTask {
   int64_t group_first, group_last;  // task indices of this (sequence, channel block)
 };
 
+// Channels per causal task for B sequences: whole rows (up to kEBWhole) when every thread has a sequence, else kEB.
+inline int64_t task_channels(int64_t B) { return B >= at::get_num_threads() ? kEBWhole : kEB; }
+
 // Channel blocks hold whole gate groups of q channels (q = 1 without a gate), so no task shares a gate.
-inline int64_t block_width(int64_t E, int64_t q) { return std::min(E, q >= kEB ? q : (kEB / q) * q); }
+inline int64_t block_width(int64_t E, int64_t q, int64_t B) {
+  const int64_t cap = task_channels(B);
+  return std::min(E, q >= cap ? q : (cap / q) * q);
+}
 
 // Tasks over channel blocks (first channel, width): every sequence, every block, the sequence cut into chunks
 // (aligned to the block size F) when there are fewer (sequence, block) pairs than threads.
@@ -823,7 +835,7 @@ inline std::vector<ScanTask> scan_tasks_over(const Rows& r, int64_t B,
 }
 
 inline std::vector<ScanTask> scan_tasks(const Rows& r, int64_t B, int64_t E, int64_t F, int64_t q = 1) {
-  const int64_t W = std::max<int64_t>(1, block_width(E, q));
+  const int64_t W = std::max<int64_t>(1, block_width(E, q, B));
   std::vector<std::pair<int64_t, int64_t>> blocks;
   for (int64_t e0 = 0; e0 < std::max<int64_t>(E, 1); e0 += W) blocks.push_back({e0, std::min(W, E - e0)});
   return scan_tasks_over(r, B, blocks, F);
