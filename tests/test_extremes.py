@@ -258,18 +258,21 @@ WIDE_OPS = ["causal", "gated", "gated_heads", "rope", "gated_rope", "gated_rope_
 
 @pytest.mark.parametrize("op", WIDE_OPS)
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("B", [1, 2, 3, "packed"])
+@pytest.mark.parametrize("B", [1, 2, 3, "packed_even", "packed_uneven"])
 @pytest.mark.parametrize("F", [1, 5])
 def test_rows_wider_than_a_channel_block(op, threads, B, F):
-    """E = 1040 channels (rotary: 520 pairs): with fewer sequences than threads the CPU scans split each row into
-    blocks of 512 channels (256 pairs; the last block narrower, gate groups whole), else they walk whole rows.
-    Both, for every causal op, forward and gradients against the float64 reference."""
+    """E = 1040 channels (rotary: 520 pairs): the CPU scans walk whole rows when one task per sequence shares the
+    rows evenly among the threads, else blocks of 512 channels (256 pairs; the last block narrower, gate groups
+    whole): one thread, or two with 2 equal sequences or 4 packed ones of about equal length, walk whole rows; two
+    threads with 1 or 3 sequences, or with 4 packed ones of which one holds most rows, walk blocks. Both, for every
+    causal op, forward and gradients against the float64 reference."""
     E, N, K = 1040, 23, 3
-    g = torch.Generator().manual_seed(WIDE_OPS.index(op) * 100 + threads * 10 + F + (4 if B == "packed" else B) * 1000)
+    g = torch.Generator().manual_seed(WIDE_OPS.index(op) * 100 + threads * 10 + F + len(str(B)) * 1000)
     gated, rope = op.startswith("gated"), "rope" in op
     S = {"gated": E, "gated_heads": 8, "gated_rope": E, "gated_rope_heads": 8}.get(op, 0)
-    packed = B == "packed"
-    cu = torch.tensor([0, 9, 10, 30, 3 * N], dtype=torch.int32) if packed else None
+    packed = str(B).startswith("packed")
+    ends = [17, 34, 52] if B == "packed_even" else [9, 10, 30]
+    cu = torch.tensor([0] + ends + [3 * N], dtype=torch.int32) if packed else None
     rows = (3 * N,) if packed else (B, N)
     x = torch.randn(*rows, E + S, generator=g, dtype=torch.float64) * 2
     c = torch.randn(E, K, generator=g, dtype=torch.float64) * torch.tensor([2.0 ** -k for k in range(K)])

@@ -22,16 +22,14 @@
 //  - mean-type reductions (mean, weighted mean, state update): tasks are
 //    (sequence, chunk of rows) over all channels; each writes fp64 partial sums
 //    that are reduced in task order (a two-stage reduction, no atomics);
-//  - causal and block-causal: tasks are (sequence, block of channels) and walk the
-//    sequence with a Kahan-compensated running sum. A block is the whole row (up to
-//    kEBWhole channels) when there are at least as many sequences as threads: a task
-//    that reads part of each row restarts the hardware prefetchers at every row
-//    (1 x 8192 x 1024 fp32, one thread: causal forward 4.95 ms in blocks of 512, 2.05 ms
-//    whole, about as fast per byte as 1 x 16384 x 512); else blocks of kEB channels give the
-//    threads more tasks before the sequences are cut. When there are fewer
-//    such tasks than threads, the sequence is cut into chunks
-//    (aligned to the block size): a first pass sums each chunk, the carries are
-//    prefix-summed in fp64, and a second pass runs every chunk from its carry.
+//  - causal and block-causal: tasks are (sequence, block of channels) and walk the sequence with a
+//    Kahan-compensated running sum. A block is the whole row (up to kEBWhole channels) when the sequences alone
+//    share the rows evenly among the threads (task_channels): a task that reads part of each row restarts the
+//    hardware prefetchers at every row (1 x 8192 x 1024 fp32, one thread: causal forward 4.95 ms in blocks of
+//    512, 2.05 ms whole, about as fast per byte as 1 x 16384 x 512). Else blocks of kEB channels give the
+//    threads more tasks, and when there are still fewer tasks than threads the sequence is cut into chunks
+//    (aligned to the block size): a first pass sums each chunk, the carries are prefix-summed in fp64, and a
+//    second pass runs every chunk from its carry.
 //    The backward pass is the same scan in reverse.
 //  - grad_coeff is accumulated per task (fp32 for kFlushRows rows, then fp64)
 //    and reduced in task order.
@@ -50,8 +48,8 @@ namespace pom_ext {
 namespace cpu {
 namespace POM_CPU_ARCH {
 
-constexpr int64_t kEB = 512;             // channels per causal task while sequences are fewer than threads
-constexpr int64_t kEBWhole = 4096;       // ... otherwise: rows up to this wide are walked whole
+constexpr int64_t kEB = 512;             // channels per causal task, unless task_channels walks whole rows
+constexpr int64_t kEBWhole = 4096;       // the widest rows walked whole
 constexpr int64_t kMinSplitRows = 2048;  // never cut a sequence into chunks shorter than this
 constexpr int64_t kFlushRows = 256;      // fp32 partial sums are flushed into fp64 this often
 constexpr int64_t kMaxRowChunks = 64;    // row chunks per sequence for mean-type reductions
@@ -802,13 +800,28 @@ struct ScanTask {
   int64_t group_first, group_last;  // task indices of this (sequence, channel block)
 };
 
-// Channels per causal task for B sequences: whole rows (up to kEBWhole) when every thread has a sequence, else kEB.
-inline int64_t task_channels(int64_t B) { return B >= at::get_num_threads() ? kEBWhole : kEB; }
+// Channels per causal task over the B sequences of r: whole rows (up to kEBWhole) when one task per sequence shares
+// the rows evenly among the threads — at::parallel_for gives thread k the tasks [k c, (k + 1) c), c = ceil(B /
+// threads), and no thread's rows may exceed 5/4 of the mean (so at least one sequence per thread, and no packed
+// sequence that dwarfs the others) — else kEB.
+inline int64_t task_channels(const Rows& r, int64_t B) {
+  const int64_t threads = at::get_num_threads();
+  if (B < threads) return kEB;
+  const int64_t c = ceil_div(B, threads);
+  int64_t total = 0, most = 0;
+  for (int64_t b0 = 0; b0 < B; b0 += c) {
+    int64_t rows = 0;
+    for (int64_t b = b0; b < std::min(B, b0 + c); ++b) rows += r.len(b);
+    total += rows;
+    most = std::max(most, rows);
+  }
+  return 4 * most * threads <= 5 * total ? kEBWhole : kEB;
+}
 
-// Channel blocks hold whole gate groups of q channels (q = 1 without a gate), so no task shares a gate.
-inline int64_t block_width(int64_t E, int64_t q, int64_t B) {
-  const int64_t cap = task_channels(B);
-  return std::min(E, q >= cap ? q : (cap / q) * q);
+// Channel blocks of at most `channels` (task_channels) hold whole gate groups of q channels (q = 1 without a
+// gate), so no task shares a gate.
+inline int64_t block_width(int64_t E, int64_t q, int64_t channels) {
+  return std::min(E, q >= channels ? q : (channels / q) * q);
 }
 
 // Tasks over channel blocks (first channel, width): every sequence, every block, the sequence cut into chunks
@@ -835,7 +848,7 @@ inline std::vector<ScanTask> scan_tasks_over(const Rows& r, int64_t B,
 }
 
 inline std::vector<ScanTask> scan_tasks(const Rows& r, int64_t B, int64_t E, int64_t F, int64_t q = 1) {
-  const int64_t W = std::max<int64_t>(1, block_width(E, q, B));
+  const int64_t W = std::max<int64_t>(1, block_width(E, q, task_channels(r, B)));
   std::vector<std::pair<int64_t, int64_t>> blocks;
   for (int64_t e0 = 0; e0 < std::max<int64_t>(E, 1); e0 += W) blocks.push_back({e0, std::min(W, E - e0)});
   return scan_tasks_over(r, B, blocks, F);

@@ -17,12 +17,12 @@ namespace POM_CPU_ARCH {
 
 constexpr int64_t kRopePrefetchRows = 8;  // how far ahead the token-causal rope backward prefetches rows
 
-// Pair blocks of the rope scans of B sequences: (first pair, 2 * pairs), at most task_channels(B) / 2 pairs each
-// (rounded down to a multiple of q, at least q), never across sections. q (dividing P): the gated op's channels per
-// gate, so that a block holds whole gates.
-inline std::vector<std::pair<int64_t, int64_t>> rope_blocks(int64_t P, int64_t S, int64_t B, int64_t q = 1) {
+// Pair blocks of the rope scans: (first pair, 2 * pairs), at most channels / 2 pairs each (task_channels; rounded
+// down to a multiple of q, at least q), never across sections. q (dividing P): the gated op's channels per gate, so
+// that a block holds whole gates.
+inline std::vector<std::pair<int64_t, int64_t>> rope_blocks(int64_t P, int64_t S, int64_t channels, int64_t q = 1) {
   std::vector<std::pair<int64_t, int64_t>> blocks;
-  const int64_t W = std::max<int64_t>(q, (task_channels(B) / 2 / q) * q);
+  const int64_t W = std::max<int64_t>(q, (channels / 2 / q) * q);
   for (int64_t s = 0; s < S; ++s)
     for (int64_t i = 0; i < P; i += W) blocks.push_back({s * P + i, 2 * std::min(W, P - i)});
   if (blocks.empty()) blocks.push_back({0, 0});
@@ -602,7 +602,7 @@ struct RopeCausalSetup {
       : deg(static_cast<int>(coeff.size(1))), E(coeff.size(0)), B(checks::batch_of(h_, cu_seqlens)),
         cu(host_offsets(op, cu_seqlens, h_.size(0))), cup(cu_seqlens ? cu.data() : nullptr), h(h_),
         hr(rows_of(h, cup)), rope(op, h, cos, sin, positions, cu_seqlens),
-        tasks(scan_tasks_over(hr, B, rope_blocks(rope.P, rope.S, B, q), block_size)) {}
+        tasks(scan_tasks_over(hr, B, rope_blocks(rope.P, rope.S, task_channels(hr, B), q), block_size)) {}
   RopeCausalSetup(const RopeCausalSetup&) = delete;
   RopeCausalSetup& operator=(const RopeCausalSetup&) = delete;
 };
