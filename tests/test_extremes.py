@@ -253,7 +253,7 @@ def test_kink_gradients_match_reference(cpu_isa, dtype, case):
     assert rel_err(gk[1], gr[1]) < TOL[dtype], f"{case}: grad coeff"
 
 
-WIDE_OPS = ["causal", "gated", "gated_heads", "rope", "gated_rope", "gated_rope_heads"]
+WIDE_OPS = ["causal", "weighted", "gated", "gated_heads", "rope", "gated_rope", "gated_rope_heads"]
 
 
 @pytest.mark.parametrize("op", WIDE_OPS)
@@ -262,10 +262,11 @@ WIDE_OPS = ["causal", "gated", "gated_heads", "rope", "gated_rope", "gated_rope_
 @pytest.mark.parametrize("F", [1, 5])
 def test_rows_wider_than_a_channel_block(op, threads, B, F):
     """E = 1040 channels (rotary: 520 pairs): the CPU scans walk whole rows when one task per sequence shares the
-    rows evenly among the threads, else blocks of 512 channels (256 pairs; the last block narrower, gate groups
-    whole): one thread, or two with 2 equal sequences or 4 packed ones of about equal length, walk whole rows; two
-    threads with 1 or 3 sequences, or with 4 packed ones of which one holds most rows, walk blocks. Both, for every
-    causal op, forward and gradients against the float64 reference."""
+    rows evenly among the threads, else blocks of at most 512 channels (256 pairs; whole gate groups: with 8 gate
+    heads of 130 channels, 390 channels and 260 pairs; the last block narrower): one thread, or two with 2 equal
+    sequences or 4 packed ones of about equal length, walk whole rows; two threads with 1 or 3 sequences, or with 4
+    packed ones of which one holds most rows, walk blocks. Both, for every causal op, forward and gradients (the
+    weights' included) against the float64 reference."""
     E, N, K = 1040, 23, 3
     g = torch.Generator().manual_seed(WIDE_OPS.index(op) * 100 + threads * 10 + F + len(str(B)) * 1000)
     gated, rope = op.startswith("gated"), "rope" in op
@@ -277,6 +278,8 @@ def test_rows_wider_than_a_channel_block(op, threads, B, F):
     x = torch.randn(*rows, E + S, generator=g, dtype=torch.float64) * 2
     c = torch.randn(E, K, generator=g, dtype=torch.float64) * torch.tensor([2.0 ** -k for k in range(K)])
     b = torch.randn(S, generator=g, dtype=torch.float64) if gated else None
+    if op == "weighted":  # weights >= 0, some rows 0 (a prefix may weigh nothing)
+        b = torch.rand(rows, generator=g, dtype=torch.float64) * (torch.rand(rows, generator=g) > 0.2)
     L = 3 * N + 4
     tabs = [torch.randn(L, E // 2, generator=g), torch.randn(L, E // 2, generator=g)]
     if gated:
@@ -290,21 +293,23 @@ def test_rows_wider_than_a_channel_block(op, threads, B, F):
             return impl.poly_causal_rope(xs, cs, tabs[0], tabs[1], pos, F, cu)
         if gated:
             return impl.poly_causal_gated(xs, cs, bs, F, cu)
+        if op == "weighted":
+            return impl.poly_causal_weighted(xs, cs, bs, F, cu)
         return impl.poly_causal(xs, cs, F, cu)
 
     up = torch.randn(rows + (E,), generator=g, dtype=torch.float64)
     results = []
     for impl in (ops, R):
-        leaves = [t.clone().requires_grad_() for t in (x, c) + ((b,) if gated else ())]
+        leaves = [t.clone().requires_grad_() for t in (x, c) + ((b,) if b is not None else ())]
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            y = call(impl, *leaves, *(() if gated else (None,)))
+            y = call(impl, *leaves, *(() if b is not None else (None,)))
             grads = torch.autograd.grad(y, leaves, up)
         finally:
             torch.set_num_threads(before)
         results.append((y, grads))
     (y, grads), (y_ref, ref) = results
     assert rel_err(y, y_ref) < 1e-12, f"forward {rel_err(y, y_ref):.3g}"
-    for name, a, r in zip(["input", "coeff", "gate_bias"], grads, ref):
+    for name, a, r in zip(["input", "coeff", "gate_bias" if gated else "weight"], grads, ref):
         assert rel_err(a, r) < 1e-10, f"{name}: {rel_err(a, r):.3g}"

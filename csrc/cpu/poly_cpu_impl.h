@@ -802,8 +802,8 @@ struct ScanTask {
 
 // Channels per causal task over the B sequences of r: whole rows (up to kEBWhole) when one task per sequence shares
 // the rows evenly among the threads — at::parallel_for gives thread k the tasks [k c, (k + 1) c), c = ceil(B /
-// threads), and no thread's rows may exceed 5/4 of the mean (so at least one sequence per thread, and no packed
-// sequence that dwarfs the others) — else kEB.
+// threads), B must reach the thread count and no thread's rows may exceed 5/4 of the mean (so no packed sequence
+// that dwarfs the others) — else kEB. The rotary scans never join the sections of a 2-D table in one task.
 inline int64_t task_channels(const Rows& r, int64_t B) {
   const int64_t threads = at::get_num_threads();
   if (B < threads) return kEB;
