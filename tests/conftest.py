@@ -76,6 +76,14 @@ def poisoned_memory():
     torch.utils.deterministic.fill_uninitialized_memory = old_fill
 
 
+@pytest.fixture
+def threads():
+    """torch.set_num_threads for the test; the thread count before it is restored after it."""
+    old = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(old)
+
+
 @contextmanager
 def isa(name):
     """Runs the kernels of the machine's best instruction set ("native") or of another build it runs ("avx2",

@@ -257,10 +257,10 @@ WIDE_OPS = ["causal", "weighted", "gated", "gated_heads", "rope", "gated_rope", 
 
 
 @pytest.mark.parametrize("op", WIDE_OPS)
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("nthreads", [1, 2])
 @pytest.mark.parametrize("B", [1, 2, 3, "packed_even", "packed_uneven"])
 @pytest.mark.parametrize("F", [1, 5])
-def test_rows_wider_than_a_channel_block(op, threads, B, F):
+def test_rows_wider_than_a_channel_block(threads, op, nthreads, B, F):
     """E = 1040 channels (rotary: 520 pairs): the CPU scans walk whole rows when one task per sequence shares the
     rows evenly among the threads, else blocks of at most 512 channels (256 pairs; whole gate groups: with 8 gate
     heads of 130 channels, 390 channels and 260 pairs; the last block narrower): one thread, or two with 2 equal
@@ -268,7 +268,7 @@ def test_rows_wider_than_a_channel_block(op, threads, B, F):
     packed ones of which one holds most rows, walk blocks. Both, for every causal op, forward and gradients (the
     weights' included) against the float64 reference."""
     E, N, K = 1040, 23, 3
-    g = torch.Generator().manual_seed(WIDE_OPS.index(op) * 100 + threads * 10 + F + len(str(B)) * 1000)
+    g = torch.Generator().manual_seed(WIDE_OPS.index(op) * 100 + nthreads * 10 + F + len(str(B)) * 1000)
     gated, rope = op.startswith("gated"), "rope" in op
     S = {"gated": E, "gated_heads": 8, "gated_rope": E, "gated_rope_heads": 8}.get(op, 0)
     packed = str(B).startswith("packed")
@@ -286,7 +286,7 @@ def test_rows_wider_than_a_channel_block(op, threads, B, F):
         tabs += [torch.randn(L, S // 2, generator=g), torch.randn(L, S // 2, generator=g)]
     pos = torch.randint(0, L, rows + (1,), generator=g)
 
-    def call(impl, xs, cs, bs):
+    def call(impl, xs, cs, bs=None):
         if rope and gated:
             return impl.poly_causal_gated_rope(xs, cs, bs, *tabs, pos, F, cu)
         if rope:
@@ -298,17 +298,12 @@ def test_rows_wider_than_a_channel_block(op, threads, B, F):
         return impl.poly_causal(xs, cs, F, cu)
 
     up = torch.randn(rows + (E,), generator=g, dtype=torch.float64)
+    threads(nthreads)
     results = []
     for impl in (ops, R):
         leaves = [t.clone().requires_grad_() for t in (x, c) + ((b,) if b is not None else ())]
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            y = call(impl, *leaves, *(() if b is not None else (None,)))
-            grads = torch.autograd.grad(y, leaves, up)
-        finally:
-            torch.set_num_threads(before)
-        results.append((y, grads))
+        y = call(impl, *leaves)
+        results.append((y, torch.autograd.grad(y, leaves, up)))
     (y, grads), (y_ref, ref) = results
     assert rel_err(y, y_ref) < 1e-12, f"forward {rel_err(y, y_ref):.3g}"
     for name, a, r in zip(["input", "coeff", "gate_bias" if gated else "weight"], grads, ref):

@@ -431,7 +431,8 @@ def randomize_layer(layer, g):
 def layer_inputs(data, g, dim, mask_kind, cross, scale, self_len=False):
     """The inputs of a layer fuzz case: (xq, xc, mask, w, block, cu, (B, T, N)). mask is the string argument
     ("causal") or None; w the mask tensor of the "weights" / "padding" (B, N) and "full" (B, T, N) kinds (first
-    row empty), else None; block the block size of "block"; cu the packed offsets of "varlen*" (B is None then).
+    row empty), else None; block the block size of "block" and, maybe None, of "varlen_causal"; cu the packed
+    offsets of "varlen*" (B is None then).
     Without cross-mixing the context is the input, or, unless self_len, a second tensor of another length."""
     B, T = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 12))
     block, cu, w = None, None, None
@@ -442,6 +443,8 @@ def layer_inputs(data, g, dim, mask_kind, cross, scale, self_len=False):
         xq = torch.randn(T, dim, generator=g, dtype=torch.float64) * scale
         xc = torch.randn_like(xq) * scale if cross else None
         mask = "causal" if mask_kind == "varlen_causal" else None
+        if mask is not None:
+            block = data.draw(st.one_of(st.none(), st.integers(1, 5)))
         return xq, xc, mask, w, block, cu, (B, T, N)
     fixed = mask_kind in ("causal", "block") or (self_len and not cross)
     N = T if fixed else data.draw(st.integers(1, 12))
@@ -480,8 +483,6 @@ def test_fuzz_layer(data, config, dtype, seed, which, mask_kind, cross):
     randomize_layer(layer, g)
     x_scale = 1.0 if dtype == torch.float16 else 3.0
     xq, xc, mask, w, block, cu, _ = layer_inputs(data, g, dim, mask_kind, cross, x_scale)
-    if cu is not None and mask is not None:
-        block = data.draw(st.sampled_from([None, 1, 2, 5]))
     low = copy.deepcopy(layer).to(dtype)
     ref_layer = copy.deepcopy(low).double()
     tensors = [xq] + ([xc] if xc is not None else []) + ([w] if w is not None and w.is_floating_point() else [])
@@ -762,8 +763,6 @@ def test_fuzz_rope_layer(data, config, seed, which, mask_kind, cross, positions)
     packed = cu is not None
     mask = mask if w is None else w
     kw = {} if cu is None else {"cu_seqlens": cu}
-    if packed and mask is not None and data.draw(st.booleans()):
-        block = data.draw(st.integers(1, 5))
     if block is not None:
         kw["block_size"] = block
     if two or positions != "default":

@@ -52,13 +52,6 @@ def forward_backward(fn, packed, N, dtype, seed=0):
     return [o.detach() for o in outs] + [x for x in grads if x is not None]
 
 
-@pytest.fixture
-def threads():
-    old = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(old)
-
-
 @pytest.mark.parametrize("nthreads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", list(op_cases(8)))
