@@ -253,7 +253,8 @@ def test_kink_gradients_match_reference(cpu_isa, dtype, case):
     assert rel_err(gk[1], gr[1]) < TOL[dtype], f"{case}: grad coeff"
 
 
-WIDE_OPS = ["causal", "weighted", "gated", "gated_heads", "rope", "gated_rope", "gated_rope_heads"]
+WIDE_OPS = ["causal", "weighted", "gated", "gated_heads", "rope", "gated_rope", "gated_rope_heads", "rope2d",
+            "gated_rope2d", "gated_rope2d_heads"]
 
 
 @pytest.mark.parametrize("op", WIDE_OPS)
@@ -266,11 +267,12 @@ def test_rows_wider_than_a_channel_block(threads, op, nthreads, B, F):
     heads of 130 channels, 390 channels and 260 pairs; the last block narrower): one thread, or two with 2 equal
     sequences or 4 packed ones of about equal length, walk whole rows; two threads with 1 or 3 sequences, or with 4
     packed ones of which one holds most rows, walk blocks. Both, for every causal op, forward and gradients (the
-    weights' included) against the float64 reference."""
+    weights' included) against the float64 reference. 2-D rotary (two sections of 260 pairs): a task holds pairs of
+    one section, all 260 where whole rows are walked, else at most 256 (with 8 gate heads, 130)."""
     E, N, K = 1040, 23, 3
     g = torch.Generator().manual_seed(WIDE_OPS.index(op) * 100 + nthreads * 10 + F + len(str(B)) * 1000)
-    gated, rope = op.startswith("gated"), "rope" in op
-    S = {"gated": E, "gated_heads": 8, "gated_rope": E, "gated_rope_heads": 8}.get(op, 0)
+    gated, rope, sections = op.startswith("gated"), "rope" in op, 2 if "2d" in op else 1
+    S = E if op in ("gated", "gated_rope", "gated_rope2d") else 8 if op.endswith("heads") else 0
     packed = str(B).startswith("packed")
     ends = [17, 34, 52] if B == "packed_even" else [9, 10, 30]
     cu = torch.tensor([0] + ends + [3 * N], dtype=torch.int32) if packed else None
@@ -281,10 +283,10 @@ def test_rows_wider_than_a_channel_block(threads, op, nthreads, B, F):
     if op == "weighted":  # weights >= 0, some rows 0 (a prefix may weigh nothing)
         b = torch.rand(rows, generator=g, dtype=torch.float64) * (torch.rand(rows, generator=g) > 0.2)
     L = 3 * N + 4
-    tabs = [torch.randn(L, E // 2, generator=g), torch.randn(L, E // 2, generator=g)]
+    tabs = [torch.randn(L, E // (2 * sections), generator=g) for _ in range(2)]
     if gated:
-        tabs += [torch.randn(L, S // 2, generator=g), torch.randn(L, S // 2, generator=g)]
-    pos = torch.randint(0, L, rows + (1,), generator=g)
+        tabs += [torch.randn(L, S // (2 * sections), generator=g) for _ in range(2)]
+    pos = torch.randint(0, L, rows + (sections,), generator=g)
 
     def call(impl, xs, cs, bs=None):
         if rope and gated:
