@@ -283,7 +283,7 @@ void rope_causal_forward(const scalar_t* h, const Rows& hr, int64_t E,
       if (F == 1) {  // token-causal: rows n, ..., n + R - 1 in one pass (R = kScanRows), then single rows
         auto pass = [&](auto Rc, int64_t n) {
           constexpr int R = decltype(Rc)::value;
-          const acc_t *xlo[R], *xhi[R], *cr[R], *sr[R], *sgr[R];
+          const acc_t *xlo[R], *xhi[R], *cr[R], *sr[R], *sgr[R] = {};  // sgr: the gated pass only
           acc_t *olo[R], *ohi[R];
           acc_t inv[R];
           for (int q = 0; q < R; ++q) {
