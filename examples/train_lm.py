@@ -261,9 +261,6 @@ MODEL_ARGS = ("model", "dim", "depth", "degree", "expand", "n_sel_heads", "conv_
 def main(argv=None):
     args = parse_args(argv)
     shard = Sharding(args.seq_len)
-    if shard.world > 1 and args.model != "pom":
-        sys.exit(f"--model {args.model}: only --model pom trains with the sequence sharded (attention layers are "
-                 f"not sharded)")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out = pathlib.Path(args.out)

@@ -26,8 +26,9 @@ Rotary layers (PoMRoPE): every rank rotates its features at their global positio
 o_r onwards, restarting in every packed sequence; or its slice of the positions, given), so the exchanged sums
 are sums of rotated features and nothing else changes.
 
-Models (ContextParallelLM, ContextParallelEncoder, PoM blocks only) add a halo exchange for the short causal
-convolution: the last conv_size - 1 inputs of the earlier ranks. docs/distributed.md has the bytes per layer.
+Models (ContextParallelLM, ContextParallelEncoder) add a halo exchange for the short causal convolution: the last
+conv_size - 1 inputs of the earlier ranks. The attention layers of a hybrid LM gather every rank's keys and values
+(the encoder takes PoM blocks only). docs/distributed.md has the bytes per layer.
 """
 from typing import List, Optional, Tuple, Union
 
@@ -566,10 +567,42 @@ def _block(block, x: torch.Tensor, mask, counts: List[int], rank: int, group,
     return block._mlp(x + block.drop(y))
 
 
-def _check_model(owner: str, model, cls, group):
+def _attention_block(block, x: torch.Tensor, counts: List[int], rank: int, group,
+                     caches: Optional[list] = None) -> torch.Tensor:
+    """An AttentionBlock's causal forward on this rank's slice x: (B, n, D): its queries, rotated at their global
+    positions, attend over the keys and values of the whole sequence (one all_gather of this rank's (2, B, H,
+    max n_r, hd) keys and values; the backward all-reduces their gradient), of which they see those at or before
+    them (within the window when the attention is local). With `caches`, appends the block's KVCache of the whole
+    sequence, as the unsharded prefill leaves it."""
+    from .models import KVCache
+    attn = block.mixer
+    B, n, _ = x.shape
+    offset, total, longest = sum(counts[:rank]), sum(counts), max(counts)
+    q, k, v = attn._qkv(block.norm1(x), offset)  # (B, H, n, hd)
+    parts = _gather(F.pad(torch.stack([k, v]), (0, 0, 0, longest - n)), group)  # (P, 2, B, H, longest, hd)
+    kv = torch.cat([parts[r][..., :counts[r], :] for r in range(len(counts))], -2)  # (2, B, H, N, hd)
+    # keys past this rank's last query are never seen, nor those out of every local query's window
+    lo = 0 if attn.window is None else max(0, offset - attn.window + 1)
+    keys = kv[..., lo:offset + n, :]
+    allowed = attn._window_mask(torch.arange(offset, offset + n, device=x.device),
+                                torch.arange(lo, offset + n, device=x.device), causal=True)
+    if n:
+        out = attn._sdpa(q, keys[0], keys[1], allowed).transpose(1, 2).reshape(B, n, attn.dim)
+    else:  # no queries here: an empty output, still in the gather's graph (its backward holds a collective)
+        out = x[:, :0] + keys.sum() * 0
+    if caches is not None:
+        cache = KVCache(attn.window)
+        keep = total if attn.window is None else min(total, attn.window)
+        cache.k, cache.v = (t.detach().clone() for t in kv[..., total - keep:, :])
+        cache.pos = total
+        caches.append(cache)
+    return block._mlp(x + block.drop(attn.proj(out)))
+
+
+def _check_model(owner: str, model, cls, group, attention: bool = False):
     if not isinstance(model, cls):
         _fail("model", f"must be a pom_ext.models.{cls.__name__}, got {type(model).__name__}")
-    if "A" in model.pattern:
+    if "A" in model.pattern and not attention:
         _fail("model", f"has attention layers (layer pattern {model.pattern!r}): {owner} shards PoM-only stacks "
                        f"(attention would need every rank's keys and values, O(N) per layer)")
     return dist.group.WORLD if group is None else group
@@ -605,15 +638,16 @@ class ContextParallelLM(nn.Module):
     shares summed over the ranks are the unsharded loss and the parameter gradients summed over the ranks
     (all_reduce SUM) are the unsharded ones. Under DDP or FSDP, which average the gradients, back-propagate
     loss * world_size. The short causal convolution reads the previous ranks' last conv_size - 1 inputs (a halo
-    exchange). prefill(tokens) -> (logits, cache): every rank gets the decoding cache of the whole prompt
-    (PoM states and convolution buffers) for PolymorpherLM.step. Hybrid stacks with attention layers raise
-    ValueError. `.model` is the wrapped model.
+    exchange). Attention layers (hybrid stacks) gather every rank's keys and values (O(N) per layer; PoM layers
+    exchange sums of width E). prefill(tokens) -> (logits, cache): every rank gets the decoding cache of the whole
+    prompt (PoM states and convolution buffers, attention keys and values) for PolymorpherLM.step. `.model` is
+    the wrapped model.
     """
 
     def __init__(self, model, group=None):
         super().__init__()
         from .models import PolymorpherLM
-        self.group = _check_model("ContextParallelLM", model, PolymorpherLM, group)
+        self.group = _check_model("ContextParallelLM", model, PolymorpherLM, group, attention=True)
         self.model = model
 
     def _plan(self, tokens, targets) -> torch.Tensor:
@@ -639,7 +673,10 @@ class ContextParallelLM(nn.Module):
         counts, rank, m = table[:, 2].tolist(), dist.get_rank(self.group), self.model
         x = m.drop(m.embed(tokens))
         for block in m.blocks:
-            x = _block(block, x, "causal", counts, rank, self.group, caches)
+            if block.kind == "A":
+                x = _attention_block(block, x, counts, rank, self.group, caches)
+            else:
+                x = _block(block, x, "causal", counts, rank, self.group, caches)
         return table, m.head(m.norm(x))
 
     @torch.no_grad()

@@ -200,7 +200,10 @@ def _run_16bit(world, rank, report):
 
 MODEL_CASES = [("lm", {"n_sel_heads": 1}), ("lm", {"n_sel_heads": 4, "n_groups": 2}), ("encoder", {"pool": "mean"}),
                ("encoder_weights", {"pool": "mean"}), ("encoder_padding", {"pool": "cls"}),
-               ("lm", {"n_sel_heads": 4, "rope": "1d", "rope_max_len": 32}), ("encoder", {"pool": "cls", "rope": "1d"})]
+               ("lm", {"n_sel_heads": 4, "rope": "1d", "rope_max_len": 32}), ("encoder", {"pool": "cls", "rope": "1d"}),
+               # hybrids: attention gathers every rank's keys and values (a window of 3 reaches back over a rank
+               # of one token or none)
+               ("lm", {"layer_pattern": "PA", "n_heads": 2}), ("lm", {"layer_pattern": "AP", "n_heads": 2, "window": 3})]
 
 
 def _model(kind, kw, dtype):
@@ -485,12 +488,12 @@ def test_sharded_layer_matches_unsharded(world, tmp_path_factory):
                 assert case["state_same_on_ranks"], f"{what}: the ranks' states differ"
 
 
-def test_hybrid_models_are_refused():
-    """Attention layers are not sharded: the wrappers refuse hybrid stacks when built (before any collective)."""
+def test_wrong_models_are_refused():
+    """The encoder wrapper refuses hybrid stacks (the LM's gathers the attention layers' keys and values) and image
+    encoders; the LM wrapper takes a PolymorpherLM only. Both when built, before any collective."""
     import pom_ext.distributed as cp
     from pom_ext.models import PolymorpherEncoder, PolymorpherLM
-    with pytest.raises(ValueError, match="argument 'model' has attention layers"):
-        cp.ContextParallelLM(PolymorpherLM(50, 16, 2, layer_pattern="PA", n_heads=2))
+    assert cp.ContextParallelLM(PolymorpherLM(50, 16, 2, layer_pattern="PA", n_heads=2)).model.pattern == "PA"
     with pytest.raises(ValueError, match="argument 'model' has attention layers"):
         cp.ContextParallelEncoder(PolymorpherEncoder(5, 16, 2, num_tokens=50, max_len=8, attn_every=2, n_heads=2))
     with pytest.raises(ValueError, match="argument 'model' must take token sequences"):
@@ -517,12 +520,14 @@ def test_bad_inputs_raise_on_every_rank(world, tmp_path_factory):
             assert f"argument '{case['arg']}'" in case["message"]
 
 
-def test_train_lm_under_torchrun_matches_one_process(tmp_path):
+@pytest.mark.parametrize("model", ["pom", "hybrid"])
+def test_train_lm_under_torchrun_matches_one_process(tmp_path, model):
     """examples/train_lm.py under torchrun with 2 processes (the sequence sharded) gives the loss curve of one
-    process, step by step, and the same validation bits per byte."""
+    process, step by step, and the same validation bits per byte: PoM blocks, and a hybrid (PA: the attention
+    layer gathers the keys and values of both ranks)."""
     args = ["--steps", "10", "--dim", "32", "--depth", "2", "--seq-len", "64", "--batch-size", "4",
             "--eval-every", "5", "--log-every", "1", "--val-batches", "2", "--sample-len", "4", "--threads", "1",
-            "--warmup", "3"]
+            "--warmup", "3", "--model", model, "--attn-every", "2", "--n-heads", "2"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     script = str(ROOT / "examples" / "train_lm.py")
     runs = {1: [sys.executable, script], 2: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -539,6 +544,7 @@ def test_train_lm_under_torchrun_matches_one_process(tmp_path):
         logs[world] = json.loads((out / "log.json").read_text())
     one, two = logs[1]["records"], logs[2]["records"]
     assert logs[2]["processes"] == 2 and len(one) == len(two) == 10
+    assert logs[1]["pattern"] == logs[2]["pattern"] == ("PP" if model == "pom" else "PA")
     for a, b in zip(one, two):
         assert abs(a["train_loss"] - b["train_loss"]) <= 1e-5 * abs(a["train_loss"]), (a, b)
         assert (a["val_bpb"] is None) == (b["val_bpb"] is None)
