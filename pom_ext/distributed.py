@@ -27,8 +27,8 @@ o_r onwards, restarting in every packed sequence; or its slice of the positions,
 are sums of rotated features and nothing else changes.
 
 Models (ContextParallelLM, ContextParallelEncoder) add a halo exchange for the short causal convolution: the last
-conv_size - 1 inputs of the earlier ranks. The attention layers of a hybrid LM gather every rank's keys and values
-(the encoder takes PoM blocks only). docs/distributed.md has the bytes per layer.
+conv_size - 1 inputs of the earlier ranks. The attention layers of hybrid stacks gather every rank's keys and
+values. docs/distributed.md has the bytes per layer.
 """
 from typing import List, Optional, Tuple, Union
 
@@ -567,13 +567,14 @@ def _block(block, x: torch.Tensor, mask, counts: List[int], rank: int, group,
     return block._mlp(x + block.drop(y))
 
 
-def _attention_block(block, x: torch.Tensor, counts: List[int], rank: int, group,
-                     caches: Optional[list] = None) -> torch.Tensor:
-    """An AttentionBlock's causal forward on this rank's slice x: (B, n, D): its queries, rotated at their global
+def _attention_block(block, x: torch.Tensor, counts: List[int], rank: int, group, causal: bool = True,
+                     mask: Optional[torch.Tensor] = None, caches: Optional[list] = None) -> torch.Tensor:
+    """An AttentionBlock's forward on this rank's slice x: (B, n, D): its queries, rotated at their global
     positions, attend over the keys and values of the whole sequence (one all_gather of this rank's (2, B, H,
-    max n_r, hd) keys and values; the backward all-reduces their gradient), of which they see those at or before
-    them (within the window when the attention is local). With `caches`, appends the block's KVCache of the whole
-    sequence, as the unsharded prefill leaves it."""
+    max n_r, hd) keys and values; the backward all-reduces their gradient): causal, those at or before them,
+    else all (within the window when the attention is local); mask: this rank's (B, n) key padding (bool, or
+    weights: keys of weight 0 are padding), gathered too. With `caches` (causal), appends the block's KVCache of
+    the whole sequence, as the unsharded prefill leaves it."""
     from .models import KVCache
     attn = block.mixer
     B, n, _ = x.shape
@@ -581,11 +582,17 @@ def _attention_block(block, x: torch.Tensor, counts: List[int], rank: int, group
     q, k, v = attn._qkv(block.norm1(x), offset)  # (B, H, n, hd)
     parts = _gather(F.pad(torch.stack([k, v]), (0, 0, 0, longest - n)), group)  # (P, 2, B, H, longest, hd)
     kv = torch.cat([parts[r][..., :counts[r], :] for r in range(len(counts))], -2)  # (2, B, H, N, hd)
-    # keys past this rank's last query are never seen, nor those out of every local query's window
-    lo = 0 if attn.window is None else max(0, offset - attn.window + 1)
-    keys = kv[..., lo:offset + n, :]
+    # keys no query here sees: past the last one (causal), out of every local query's window
+    w = attn.window
+    lo = 0 if w is None else max(0, offset - w + 1)
+    hi = offset + n if causal else total if w is None else min(total, offset + n + w - 1)
+    keys = kv[..., lo:hi, :]
     allowed = attn._window_mask(torch.arange(offset, offset + n, device=x.device),
-                                torch.arange(lo, offset + n, device=x.device), causal=True)
+                                torch.arange(lo, hi, device=x.device), causal=causal)
+    if mask is not None:
+        valid = _gather(F.pad((mask > 0).to(x.dtype), (0, longest - n)), group)  # (P, B, longest)
+        valid = torch.cat([valid[r][:, :counts[r]] for r in range(len(counts))], 1)[:, lo:hi] > 0
+        allowed = valid[:, None, None, :] if allowed is None else allowed & valid[:, None, None, :]
     if n:
         out = attn._sdpa(q, keys[0], keys[1], allowed).transpose(1, 2).reshape(B, n, attn.dim)
     else:  # no queries here: an empty output, still in the gather's graph (its backward holds a collective)
@@ -599,12 +606,9 @@ def _attention_block(block, x: torch.Tensor, counts: List[int], rank: int, group
     return block._mlp(x + block.drop(attn.proj(out)))
 
 
-def _check_model(owner: str, model, cls, group, attention: bool = False):
+def _check_model(model, cls, group):
     if not isinstance(model, cls):
         _fail("model", f"must be a pom_ext.models.{cls.__name__}, got {type(model).__name__}")
-    if "A" in model.pattern and not attention:
-        _fail("model", f"has attention layers (layer pattern {model.pattern!r}): {owner} shards PoM-only stacks "
-                       f"(attention would need every rank's keys and values, O(N) per layer)")
     return dist.group.WORLD if group is None else group
 
 
@@ -630,7 +634,7 @@ def _check_tokens(name: str, tokens, what: str = "tokens") -> None:
 
 
 class ContextParallelLM(nn.Module):
-    """A PolymorpherLM (PoM blocks only) trained with every sequence sharded over `group`.
+    """A PolymorpherLM (PoM and attention blocks) trained with every sequence sharded over `group`.
 
     ContextParallelLM(model, group=None); forward(tokens: (B, n_r) long, targets: (B, n_r) | None) with this
     rank's contiguous slice of the tokens (and of the targets) -> logits (B, n_r, V), or (logits, loss) where
@@ -647,7 +651,7 @@ class ContextParallelLM(nn.Module):
     def __init__(self, model, group=None):
         super().__init__()
         from .models import PolymorpherLM
-        self.group = _check_model("ContextParallelLM", model, PolymorpherLM, group, attention=True)
+        self.group = _check_model(model, PolymorpherLM, group)
         self.model = model
 
     def _plan(self, tokens, targets) -> torch.Tensor:
@@ -674,7 +678,7 @@ class ContextParallelLM(nn.Module):
         x = m.drop(m.embed(tokens))
         for block in m.blocks:
             if block.kind == "A":
-                x = _attention_block(block, x, counts, rank, self.group, caches)
+                x = _attention_block(block, x, counts, rank, self.group, caches=caches)
             else:
                 x = _block(block, x, "causal", counts, rank, self.group, caches)
         return table, m.head(m.norm(x))
@@ -698,12 +702,14 @@ class ContextParallelLM(nn.Module):
 
 
 class ContextParallelEncoder(nn.Module):
-    """A PolymorpherEncoder over token sequences (PoM blocks only) with every sequence sharded over `group`.
+    """A PolymorpherEncoder over token sequences (PoM and attention blocks) with every sequence sharded over
+    `group`.
 
     ContextParallelEncoder(model, group=None); forward(x: (B, n_r) long, mask: (B, n_r) | None) with this
     rank's contiguous slice of the tokens (and of the padding / weight mask) -> logits (B, num_classes), the
     same bits on every rank. Position embeddings are read at the rank's offset; pool="cls" puts the class
-    token on rank 0. Every rank holds the whole logits: a loss computed from them on every rank counts P
+    token on rank 0. Attention layers gather every rank's keys, values and key padding. Every rank holds the
+    whole logits: a loss computed from them on every rank counts P
     times, so back-propagate loss / world_size (then the gradients summed over the ranks are the unsharded
     ones; under DDP or FSDP, which average them, back-propagate the loss itself). `.model` is the wrapped model.
     """
@@ -711,7 +717,7 @@ class ContextParallelEncoder(nn.Module):
     def __init__(self, model, group=None):
         super().__init__()
         from .models import PolymorpherEncoder
-        self.group = _check_model("ContextParallelEncoder", model, PolymorpherEncoder, group)
+        self.group = _check_model(model, PolymorpherEncoder, group)
         if not isinstance(model.embed, nn.Embedding):
             _fail("model", "must take token sequences (num_tokens, max_len): image patches are not sharded")
         self.model = model
@@ -748,7 +754,10 @@ class ContextParallelEncoder(nn.Module):
             mask = mask.to(z.dtype)
         z = m.drop(z)
         for block in m.blocks:
-            z = _block(block, z, mask, counts, rank, group)
+            if block.kind == "A":
+                z = _attention_block(block, z, counts, rank, group, causal=False, mask=mask)
+            else:
+                z = _block(block, z, mask, counts, rank, group)
         z = m.norm(z)
         if m.cls is not None:
             # rank 0's class token to every rank; the other ranks send zeros that stay in the autograd graph

@@ -201,9 +201,12 @@ def _run_16bit(world, rank, report):
 MODEL_CASES = [("lm", {"n_sel_heads": 1}), ("lm", {"n_sel_heads": 4, "n_groups": 2}), ("encoder", {"pool": "mean"}),
                ("encoder_weights", {"pool": "mean"}), ("encoder_padding", {"pool": "cls"}),
                ("lm", {"n_sel_heads": 4, "rope": "1d", "rope_max_len": 32}), ("encoder", {"pool": "cls", "rope": "1d"}),
-               # hybrids: attention gathers every rank's keys and values (a window of 3 reaches back over a rank
-               # of one token or none)
-               ("lm", {"layer_pattern": "PA", "n_heads": 2}), ("lm", {"layer_pattern": "AP", "n_heads": 2, "window": 3})]
+               # hybrids: attention gathers every rank's keys and values (and key padding); a window of 3 reaches
+               # over a rank of one token or none
+               ("lm", {"layer_pattern": "PA", "n_heads": 2}), ("lm", {"layer_pattern": "AP", "n_heads": 2, "window": 3}),
+               ("encoder", {"pool": "cls", "layer_pattern": "PA", "n_heads": 2}),
+               ("encoder_padding", {"pool": "mean", "layer_pattern": "AP", "n_heads": 2, "window": 3}),
+               ("encoder_weights", {"pool": "mean", "layer_pattern": "PA", "n_heads": 2})]
 
 
 def _model(kind, kw, dtype):
@@ -489,17 +492,16 @@ def test_sharded_layer_matches_unsharded(world, tmp_path_factory):
 
 
 def test_wrong_models_are_refused():
-    """The encoder wrapper refuses hybrid stacks (the LM's gathers the attention layers' keys and values) and image
-    encoders; the LM wrapper takes a PolymorpherLM only. Both when built, before any collective."""
+    """The encoder wrapper refuses image encoders, and each wrapper takes its own model class: when built, before
+    any collective."""
     import pom_ext.distributed as cp
     from pom_ext.models import PolymorpherEncoder, PolymorpherLM
-    assert cp.ContextParallelLM(PolymorpherLM(50, 16, 2, layer_pattern="PA", n_heads=2)).model.pattern == "PA"
-    with pytest.raises(ValueError, match="argument 'model' has attention layers"):
-        cp.ContextParallelEncoder(PolymorpherEncoder(5, 16, 2, num_tokens=50, max_len=8, attn_every=2, n_heads=2))
     with pytest.raises(ValueError, match="argument 'model' must take token sequences"):
         cp.ContextParallelEncoder(PolymorpherEncoder(5, 16, 1, image_size=8, patch_size=4))
     with pytest.raises(ValueError, match="argument 'model' must be a pom_ext.models.PolymorpherLM"):
         cp.ContextParallelLM(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="argument 'model' must be a pom_ext.models.PolymorpherEncoder"):
+        cp.ContextParallelEncoder(PolymorpherLM(50, 16, 2, layer_pattern="PA", n_heads=2))
 
 
 @pytest.mark.parametrize("world", [2, 3])
