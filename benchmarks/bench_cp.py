@@ -5,10 +5,12 @@ sequence and runs pom_ext.distributed.context_parallel_pom. The collectives the 
 they reach torch.distributed (payload bytes each rank hands to all_gather / all_reduce) and set against what
 ring attention moves for the same shape: per rank and layer, forward 2 (P - 1) B (N / P) D s bytes (its K and
 V blocks passed around the ring), backward twice that (K and V again, and their gradients), s = 2 for 16-bit
-K and V. gloo on CPUs, NCCL when every rank has a GPU (--device cuda).
+K and V. gloo on CPUs, NCCL when every rank has a GPU (--device cuda). --layer attention counts instead the
+attention block of a hybrid model as pom_ext.distributed runs it (every rank's K and V gathered, causal).
 
     PYTHONPATH=. python benchmarks/bench_cp.py --seq 65536
     PYTHONPATH=. torchrun --nproc_per_node 2 benchmarks/bench_cp.py --seq 65536
+    PYTHONPATH=. torchrun --nproc_per_node 2 benchmarks/bench_cp.py --layer attention --seq 8192
 """
 import argparse
 import datetime
@@ -24,7 +26,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from pom_ext import PoM  # noqa: E402
-from pom_ext.distributed import context_parallel_pom, token_range  # noqa: E402
+from pom_ext.distributed import _attention_block, context_parallel_pom, token_range  # noqa: E402
+from pom_ext.models import AttentionBlock  # noqa: E402
 
 
 class Counter:
@@ -57,6 +60,9 @@ class Counter:
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layer", choices=["pom", "attention"], default="pom",
+                   help="attention: a hybrid model's attention block (causal, --heads heads)")
+    p.add_argument("--heads", type=int, default=4)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=65536, help="tokens of each sequence, all ranks together")
     p.add_argument("--dim", type=int, default=256)
@@ -85,13 +91,21 @@ def main():
         counter = Counter()
         counter.install()
     torch.manual_seed(0)
-    layer = PoM(args.dim, args.degree, args.expand).to(device)
+    if args.layer == "attention":
+        layer = AttentionBlock(args.dim, args.heads, mlp_ratio=0).to(device)
+    else:
+        layer = PoM(args.dim, args.degree, args.expand).to(device)
     lo, hi = token_range(args.seq, world, rank)
     x = torch.randn(args.batch, args.seq, args.dim, device=device)[:, lo:hi].contiguous().requires_grad_()
     mask = None if args.mask == "none" else "causal"
     block = args.block_size if args.mask == "block" else None
 
     def forward():
+        if args.layer == "attention":
+            if world == 1:
+                return layer(x, mask="causal")
+            counts = [b - a for a, b in (token_range(args.seq, world, r) for r in range(world))]
+            return _attention_block(layer, x, counts, rank, dist.group.WORLD)
         if world == 1:
             return layer(x, mask=mask, block_size=block)
         return context_parallel_pom(layer, x, mask=mask, block_size=block)
@@ -119,12 +133,13 @@ def main():
         bwd_t.append(t2 - t1)
     B, N, D, P = args.batch, args.seq, args.dim, world
     ring_fwd = 2 * (P - 1) * B * (N // P) * D * 2
-    result = {"processes": P, "backend": dist.get_backend() if world > 1 else None, "batch": B, "seq": N,
-              "dim": D, "state_width": layer.state_width, "mask": args.mask,
-              "block_size": block, "forward_ms": 1e3 * statistics.median(fwd_t[1:]),
-              "backward_ms": 1e3 * statistics.median(bwd_t[1:]),
-              "pom_forward_bytes_sent_per_rank": fwd_bytes, "pom_forward_collectives": fwd_calls,
-              "pom_backward_bytes_sent_per_rank": bwd_bytes, "pom_backward_collectives": bwd_calls,
+    name = args.layer
+    result = {"processes": P, "backend": dist.get_backend() if world > 1 else None, "layer": name, "batch": B,
+              "seq": N, "dim": D, **({"heads": args.heads, "mask": "causal"} if name == "attention" else
+                                     {"state_width": layer.state_width, "mask": args.mask, "block_size": block}),
+              "forward_ms": 1e3 * statistics.median(fwd_t[1:]), "backward_ms": 1e3 * statistics.median(bwd_t[1:]),
+              f"{name}_forward_bytes_sent_per_rank": fwd_bytes, f"{name}_forward_collectives": fwd_calls,
+              f"{name}_backward_bytes_sent_per_rank": bwd_bytes, f"{name}_backward_collectives": bwd_calls,
               "ring_attention_forward_bytes_per_rank_16bit_kv": ring_fwd,
               "ring_attention_backward_bytes_per_rank_16bit_kv": 2 * ring_fwd}
     from pom_ext.bench.common import cpu_name, git_commit
