@@ -30,6 +30,7 @@ Models (ContextParallelLM, ContextParallelEncoder) add a halo exchange for the s
 conv_size - 1 inputs of the earlier ranks. The attention layers of hybrid stacks gather every rank's keys and
 values. docs/distributed.md has the bytes per layer.
 """
+import functools
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -606,6 +607,27 @@ def _attention_block(block, x: torch.Tensor, counts: List[int], rank: int, group
     return block._mlp(x + block.drop(attn.proj(out)))
 
 
+def _run_block(block, x: torch.Tensor, counts: List[int], rank: int, group, mask=None, causal: bool = True,
+               caches: Optional[list] = None) -> torch.Tensor:
+    """One block of a model on this rank's slice x, run as the block's forward (block(x) with the sharded
+    computation in place of its forward), so that the hooks on the block run around it: fully_shard (FSDP2) of
+    each block gathers the block's parameters before, frees them after and reduces their gradients in backward."""
+    if block.kind == "A":
+        fn = functools.partial(_attention_block, block, counts=counts, rank=rank, group=group, causal=causal,
+                               mask=None if causal else mask, caches=caches)
+    else:
+        fn = functools.partial(_block, block, mask=mask, counts=counts, rank=rank, group=group, caches=caches)
+    own = block.__dict__.get("forward")
+    block.forward = fn
+    try:
+        return block(x)
+    finally:
+        if own is None:
+            del block.forward
+        else:
+            block.forward = own
+
+
 def _check_model(model, cls, group):
     if not isinstance(model, cls):
         _fail("model", f"must be a pom_ext.models.{cls.__name__}, got {type(model).__name__}")
@@ -677,10 +699,7 @@ class ContextParallelLM(nn.Module):
         counts, rank, m = table[:, 2].tolist(), dist.get_rank(self.group), self.model
         x = m.drop(m.embed(tokens))
         for block in m.blocks:
-            if block.kind == "A":
-                x = _attention_block(block, x, counts, rank, self.group, caches=caches)
-            else:
-                x = _block(block, x, "causal", counts, rank, self.group, caches)
+            x = _run_block(block, x, counts, rank, self.group, "causal", caches=caches)
         return table, m.head(m.norm(x))
 
     @torch.no_grad()
@@ -754,10 +773,7 @@ class ContextParallelEncoder(nn.Module):
             mask = mask.to(z.dtype)
         z = m.drop(z)
         for block in m.blocks:
-            if block.kind == "A":
-                z = _attention_block(block, z, counts, rank, group, causal=False, mask=mask)
-            else:
-                z = _block(block, z, mask, counts, rank, group)
+            z = _run_block(block, z, counts, rank, group, mask, causal=False)
         z = m.norm(z)
         if m.cls is not None:
             # rank 0's class token to every rank; the other ranks send zeros that stay in the autograd graph

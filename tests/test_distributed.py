@@ -289,7 +289,8 @@ def _run_models(world, rank, report):
 
 def _run_wrapped(world, rank, report):
     """ContextParallelLM under DDP (a separate process group for the sequence) and under FSDP2 (fully_shard of
-    the wrapper): both average the gradients over the ranks, so the ranks back-propagate loss * world."""
+    the wrapper; and of every block of a hybrid, then the wrapper): both average the gradients over the ranks, so
+    the ranks back-propagate loss * world."""
     import pom_ext.distributed as cp
     from conftest import rel_err
     from torch.distributed.fsdp import fully_shard
@@ -298,8 +299,9 @@ def _run_wrapped(world, rank, report):
     g = torch.Generator().manual_seed(5)
     tokens, targets = torch.randint(0, 50, (B, N), generator=g), torch.randint(0, 50, (B, N), generator=g)
     a, b = cp.token_range(N, world, rank)
-    for kind in ("lm_ddp", "lm_fsdp2"):
-        model = _model("lm", {}, torch.float64)
+    for kind in ("lm_ddp", "lm_fsdp2", "lm_fsdp2_blocks"):
+        model = _model("lm", {"layer_pattern": "PA", "n_heads": 2} if kind == "lm_fsdp2_blocks" else {},
+                       torch.float64)
         model(tokens, targets)[1].backward()
         ref = {n: p.grad.clone() for n, p in model.named_parameters()}
         model.zero_grad(set_to_none=True)
@@ -307,6 +309,9 @@ def _run_wrapped(world, rank, report):
             net = DistributedDataParallel(cp.ContextParallelLM(model, group=dist.new_group(list(range(world)))))
         else:
             net = cp.ContextParallelLM(model)
+            if kind == "lm_fsdp2_blocks":
+                for block in model.blocks:
+                    fully_shard(block)
             fully_shard(net)
         errs = {}
         for step in range(2):  # DDP's first and later iterations differ (bucket rebuild)
@@ -469,7 +474,7 @@ def test_sharded_layer_matches_unsharded(world, tmp_path_factory):
     reports = [r["cases"] for r in _group(world, tmp_path_factory)]
     expected = sum(len(VARLEN_SPLITS[world] if "varlen" in m else SPLITS[world]) for m in MODES) * 2 * \
         len(CASE_CONFIGS)
-    expected += len(MODEL_CASES) * len(SPLITS[world]) * 2 + (2 if world == 2 else 0) + 2 * len(MODES)
+    expected += len(MODEL_CASES) * len(SPLITS[world]) * 2 + (3 if world == 2 else 0) + 2 * len(MODES)
     for rank, report in enumerate(reports):
         assert len(report) == expected
         for case in report:
