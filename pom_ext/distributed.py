@@ -547,8 +547,9 @@ def _halo_conv(block, u: torch.Tensor, counts: List[int], rank: int,
     rows = [_sum_rows(parts, 0, 0)] + [parts[q][:, m - min(counts[q], m):] for q in range(len(counts))]
     last = torch.cat(rows, 1)[:, -m:]
     full = torch.cat([torch.cat(rows[:rank + 1], 1)[:, -m:], u], 1)
-    if not u.shape[1]:  # no tokens here: an empty output, still in the gather's graph
-        return full[:, m:], last
+    if not u.shape[1]:  # no tokens here: an empty output, still in the gather's graph, and the convolution's
+        # parameters in it too (zero gradients, not None: DDP and FSDP2 reduce the same tensors on every rank)
+        return full[:, m:] + sum(p.sum() for p in block.conv.parameters()) * 0, last
     return block.conv(full.transpose(1, 2)).transpose(1, 2), last
 
 
@@ -628,6 +629,22 @@ def _run_block(block, x: torch.Tensor, counts: List[int], rank: int, group, mask
             block.forward = own
 
 
+def _check_blocks(model) -> None:
+    """Activation checkpointing of a block (checkpoint_wrapper, or the composable checkpoint's hooks) recomputes
+    the block by calling its own forward, the unsharded one, on this rank's slice: refused, on every rank alike."""
+    try:
+        from torch.distributed._composable.contract import _get_registry
+    except ImportError:  # pragma: no cover - every supported torch has it
+        _get_registry = None
+    for i, block in enumerate(model.blocks):
+        wrapped = type(block).__name__ == "CheckpointWrapper"
+        if wrapped or (_get_registry is not None and "checkpoint" in (_get_registry(block) or {})):
+            _fail("model", f"has block {i} under activation checkpointing "
+                           f"({'checkpoint_wrapper' if wrapped else 'torch.distributed._composable.checkpoint'}): "
+                           f"its recomputation would run the block's own, unsharded forward; the context-parallel "
+                           f"wrappers do not support it")
+
+
 def _check_model(model, cls, group):
     if not isinstance(model, cls):
         _fail("model", f"must be a pom_ext.models.{cls.__name__}, got {type(model).__name__}")
@@ -695,6 +712,7 @@ class ContextParallelLM(nn.Module):
         return table
 
     def _run(self, tokens: torch.Tensor, targets: Optional[torch.Tensor], caches: Optional[list]):
+        _check_blocks(self.model)
         table = self._plan(tokens, targets)
         counts, rank, m = table[:, 2].tolist(), dist.get_rank(self.group), self.model
         x = m.drop(m.embed(tokens))
@@ -705,7 +723,8 @@ class ContextParallelLM(nn.Module):
     @torch.no_grad()
     def prefill(self, tokens: torch.Tensor):
         """(this rank's logits (B, n_r, V), the decoding cache of the whole prompt on every rank): the list of
-        PoMCache that PolymorpherLM.step leaves after the unsharded prompt, so any rank decodes on with
+        per-block caches (PoMCache, KVCache for attention blocks) that PolymorpherLM.step leaves after the
+        unsharded prompt, so any rank decodes on with
         `model.step(next_tokens, cache)` (or model.generate-style sampling) alone."""
         caches: list = []
         _, logits = self._run(tokens, None, caches)
@@ -743,6 +762,7 @@ class ContextParallelEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         m, group = self.model, self.group
+        _check_blocks(m)
 
         def check():
             _check_tokens("x", x)
@@ -766,8 +786,10 @@ class ContextParallelEncoder(nn.Module):
         if m.cls is not None:  # the class token: global position 0, on rank 0 (every rank counts it)
             if rank == 0:
                 z = torch.cat([m.cls.expand(B, -1, -1).to(z.dtype), z], dim=1)
-                if mask is not None:
-                    mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
+                if mask is not None:  # (B, 1) ones, also when rank 0 holds no tokens
+                    mask = torch.cat([mask.new_ones(B, 1), mask], dim=1)
+            else:  # a zero gradient here, not None: DDP and FSDP2 reduce the same tensors on every rank
+                z = z + m.cls.to(z.dtype).sum() * 0
             counts = [counts[0] + 1] + counts[1:]
         if mask is not None and mask.is_floating_point():
             mask = mask.to(z.dtype)

@@ -39,6 +39,8 @@ CONFIGS = [(1, 1, False), (2, 4, True)]  # (n_groups, n_sel_heads, bias)
 CASE_CONFIGS = CONFIGS + [(2, 4, True, "rope")]
 # Token counts per rank: uneven, a rank inside one block, a rank with no tokens.
 SPLITS = {2: [[5, 8]], 3: [[4, 1, 8], [6, 0, 7]]}
+# The models' splits: also one where rank 0 (the encoder's class token) holds no tokens.
+MODEL_SPLITS = {2: [[5, 8], [0, 13]], 3: [[4, 1, 8], [6, 0, 7], [0, 9, 4]]}
 # Packed: sequences [0,1) [1,12) [12,12) [12,30) [30,39), some crossing one or two rank boundaries.
 CU = [0, 1, 12, 12, 30, 39]
 VARLEN_SPLITS = {2: [[16, 23]], 3: [[10, 1, 28], [17, 0, 22]]}
@@ -226,7 +228,7 @@ def _run_models(world, rank, report):
 
     for dtype_name, dtype in (("float64", torch.float64), ("float32", torch.float32)):
         for kind, kw in MODEL_CASES:
-            for split in SPLITS[world]:
+            for split in MODEL_SPLITS[world]:
                 model = _model(kind, kw, dtype)
                 g = torch.Generator().manual_seed(3)
                 tokens = torch.randint(0, 50, (B, N), generator=g)
@@ -265,6 +267,9 @@ def _run_models(world, rank, report):
                 model.zero_grad(set_to_none=True)
                 out, share = run(True)
                 share.backward()
+                # every parameter has a gradient on every rank, zero where the rank's tokens do not reach it
+                # (DDP and FSDP2 reduce the same tensors on every rank)
+                missing = [n for n, p in model.named_parameters() if p.grad is None]
                 grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
                 for gp in grads:
                     dist.all_reduce(gp)
@@ -284,13 +289,14 @@ def _run_models(world, rank, report):
                     errs["prefill"] = rel_err(logits, ref[:, a:b])
                     errs["decode"] = max(rel_err(u, v) for u, v in zip(steps, ref_steps))
                 report.append({"dtype": dtype_name, "config": kw, "mode": kind, "split": split, "errs": errs,
-                               "bitwise_repeat": True})
+                               "bitwise_repeat": True, "missing_grads": missing})
 
 
 def _run_wrapped(world, rank, report):
     """ContextParallelLM under DDP (a separate process group for the sequence) and under FSDP2 (fully_shard of
-    the wrapper; and of every block of a hybrid, then the wrapper): both average the gradients over the ranks, so
-    the ranks back-propagate loss * world."""
+    the wrapper; and of every block of a hybrid, then the wrapper, rank 0 holding no tokens: its gradients are
+    zeros that FSDP2 reduces like the others): both average the gradients over the ranks, so the ranks
+    back-propagate loss * world."""
     import pom_ext.distributed as cp
     from conftest import rel_err
     from torch.distributed.fsdp import fully_shard
@@ -298,8 +304,8 @@ def _run_wrapped(world, rank, report):
 
     g = torch.Generator().manual_seed(5)
     tokens, targets = torch.randint(0, 50, (B, N), generator=g), torch.randint(0, 50, (B, N), generator=g)
-    a, b = cp.token_range(N, world, rank)
     for kind in ("lm_ddp", "lm_fsdp2", "lm_fsdp2_blocks"):
+        a, b = cp.token_range(N, world, rank) if kind != "lm_fsdp2_blocks" else (0, 0) if rank == 0 else (0, N)
         model = _model("lm", {"layer_pattern": "PA", "n_heads": 2} if kind == "lm_fsdp2_blocks" else {},
                        torch.float64)
         model(tokens, targets)[1].backward()
@@ -474,7 +480,7 @@ def test_sharded_layer_matches_unsharded(world, tmp_path_factory):
     reports = [r["cases"] for r in _group(world, tmp_path_factory)]
     expected = sum(len(VARLEN_SPLITS[world] if "varlen" in m else SPLITS[world]) for m in MODES) * 2 * \
         len(CASE_CONFIGS)
-    expected += len(MODEL_CASES) * len(SPLITS[world]) * 2 + (3 if world == 2 else 0) + 2 * len(MODES)
+    expected += len(MODEL_CASES) * len(MODEL_SPLITS[world]) * 2 + (3 if world == 2 else 0) + 2 * len(MODES)
     for rank, report in enumerate(reports):
         assert len(report) == expected
         for case in report:
@@ -488,6 +494,7 @@ def test_sharded_layer_matches_unsharded(world, tmp_path_factory):
                     tol = TOL["float32"] if k == "loss" else TOL[case["dtype"]]
                 assert err < tol, f"{what}: {k} relative error {err:.3e} >= {tol:.1e}"
             assert case["bitwise_repeat"], f"{what}: a second run gave other bits"
+            assert not case.get("missing_grads"), f"{what}: no gradient for {case['missing_grads']}"
             if "state_err" in case:
                 tol = TOL[case["dtype"]]
                 assert case["state_err"] < tol, f"{what}: state sum relative error {case['state_err']:.3e}"
@@ -507,6 +514,23 @@ def test_wrong_models_are_refused():
         cp.ContextParallelLM(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="argument 'model' must be a pom_ext.models.PolymorpherEncoder"):
         cp.ContextParallelEncoder(PolymorpherLM(50, 16, 2, layer_pattern="PA", n_heads=2))
+
+
+def test_checkpointed_blocks_are_refused():
+    """Activation checkpointing of a block would recompute it with its own, unsharded forward: the wrappers raise
+    at the call, before any collective (so this needs no process group)."""
+    import pom_ext.distributed as cp
+    from pom_ext.models import PolymorpherEncoder, PolymorpherLM
+    from torch.distributed._composable import checkpoint
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    lm = PolymorpherLM(50, 16, 2, layer_pattern="PA", n_heads=2)
+    checkpoint(lm.blocks[1])
+    with pytest.raises(ValueError, match=r"argument 'model' has block 1 under activation checkpointing \(torch"):
+        cp.ContextParallelLM(lm)(torch.zeros(1, 3, dtype=torch.long))
+    enc = PolymorpherEncoder(5, 16, 2, num_tokens=50, max_len=8)
+    enc.blocks[0] = checkpoint_wrapper(enc.blocks[0])
+    with pytest.raises(ValueError, match=r"argument 'model' has block 0 under activation checkpointing \(check"):
+        cp.ContextParallelEncoder(enc)(torch.zeros(1, 3, dtype=torch.long))
 
 
 @pytest.mark.parametrize("world", [2, 3])
