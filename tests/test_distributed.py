@@ -99,7 +99,11 @@ def _slice(t, mode, a, b):
 
 
 def _grads(layer, xs):
-    return [x.grad for x in xs] + [torch.zeros_like(p) if p.grad is None else p.grad for p in layer.parameters()]
+    """The inputs' and the layer's gradients; every parameter has one on every rank (zeros where the rank's tokens
+    do not reach it: DDP and FSDP2 reduce the same tensors on every rank)."""
+    missing = [n for n, p in layer.named_parameters() if p.grad is None]
+    assert not missing, f"no gradient for {missing}"
+    return [x.grad for x in xs] + [p.grad for p in layer.parameters()]
 
 
 # ---- worker ----
