@@ -9,8 +9,9 @@ checkpoints to --out/ckpt.pt (continue with --resume), logs (step, time, train l
 
     PYTHONPATH=. python examples/train_lm.py --model pom --minutes 15 --out runs/lm_pom
 
-With the sequence sharded over processes (context parallelism, gloo on CPUs; every --model: attention layers gather keys and values): every rank reads
-the same batches and trains on its contiguous slice of each window through pom_ext.distributed; the
+With the sequence sharded over processes (context parallelism, gloo on CPUs; every --model: attention layers
+gather keys and values): every rank reads the same batches and trains on its contiguous slice of each window
+through pom_ext.distributed; the
 gradients are summed over the ranks, so the loss curve is the single process's (docs/distributed.md).
 
     PYTHONPATH=. torchrun --nproc_per_node 2 examples/train_lm.py --model pom --threads 1 --out runs/lm_cp

@@ -569,6 +569,14 @@ def _block(block, x: torch.Tensor, mask, counts: List[int], rank: int, group,
     return block._mlp(x + block.drop(y))
 
 
+def _gather_seq(t: torch.Tensor, counts: List[int], dim: int, group) -> torch.Tensor:
+    """Every rank's slice t (n_r rows along dim, a negative dim) joined in rank order along dim: one all_gather,
+    the slices padded to the longest (autograd: the backward all-reduces the gradient)."""
+    pad = [0, 0] * (-dim - 1) + [0, max(counts) - t.shape[dim]]
+    parts = _gather(F.pad(t, pad), group)
+    return torch.cat([parts[r].narrow(dim, 0, counts[r]) for r in range(len(counts))], dim)
+
+
 def _attention_block(block, x: torch.Tensor, counts: List[int], rank: int, group, causal: bool = True,
                      mask: Optional[torch.Tensor] = None, caches: Optional[list] = None) -> torch.Tensor:
     """An AttentionBlock's forward on this rank's slice x: (B, n, D): its queries, rotated at their global
@@ -580,10 +588,9 @@ def _attention_block(block, x: torch.Tensor, counts: List[int], rank: int, group
     from .models import KVCache
     attn = block.mixer
     B, n, _ = x.shape
-    offset, total, longest = sum(counts[:rank]), sum(counts), max(counts)
+    offset, total = sum(counts[:rank]), sum(counts)
     q, k, v = attn._qkv(block.norm1(x), offset)  # (B, H, n, hd)
-    parts = _gather(F.pad(torch.stack([k, v]), (0, 0, 0, longest - n)), group)  # (P, 2, B, H, longest, hd)
-    kv = torch.cat([parts[r][..., :counts[r], :] for r in range(len(counts))], -2)  # (2, B, H, N, hd)
+    kv = _gather_seq(torch.stack([k, v]), counts, -2, group)  # (2, B, H, N, hd)
     # keys no query here sees: past the last one (causal), out of every local query's window
     w = attn.window
     lo = 0 if w is None else max(0, offset - w + 1)
@@ -592,8 +599,7 @@ def _attention_block(block, x: torch.Tensor, counts: List[int], rank: int, group
     allowed = attn._window_mask(torch.arange(offset, offset + n, device=x.device),
                                 torch.arange(lo, hi, device=x.device), causal=causal)
     if mask is not None:
-        valid = _gather(F.pad((mask > 0).to(x.dtype), (0, longest - n)), group)  # (P, B, longest)
-        valid = torch.cat([valid[r][:, :counts[r]] for r in range(len(counts))], 1)[:, lo:hi] > 0
+        valid = _gather_seq((mask > 0).to(x.dtype), counts, -1, group)[:, lo:hi] > 0  # (B, keys)
         allowed = valid[:, None, None, :] if allowed is None else allowed & valid[:, None, None, :]
     if n:
         out = attn._sdpa(q, keys[0], keys[1], allowed).transpose(1, 2).reshape(B, n, attn.dim)
