@@ -1,14 +1,15 @@
 """Learning-rate sweeps of the byte-level language models of train_lm.py, and their comparison.
 
-Every (model, learning rate) of the command line is one run of examples/train_lm.py with the same data, batch,
-schedule and step budget, in OUT/<model>/lr<lr>/ (log.json, log.csv, ckpt.pt, sample.txt). A finished run is
+Every (model, learning rate, seed) of the command line is one run of examples/train_lm.py with the same data,
+batch, schedule and step budget, in OUT/<model>/lr<lr>/ (seed 0) or OUT/<model>/lr<lr>-seed<seed>/ (log.json,
+log.csv, ckpt.pt, sample.txt); the seed draws the initialization and the batches. A finished run is
 skipped and an interrupted one resumes from its checkpoint, so a sweep stops and continues at will, and several
 processes may share OUT if they run different models. --report reads every run in OUT and writes
 OUT/lm_sweep.md, lm_sweep.json and lm_sweep.png (each model's best run against tokens and against the equal-time
 clock, and the final bits per byte against the rate):
 
-- at equal training tokens: each model's final validation bits per byte at every rate, its best rate, and its
-  gap to attention's best;
+- at equal training tokens: each model's final validation bits per byte at every rate (the mean of the rate's
+  seeds, with their range), its best rate, and its gap to attention's best;
 - at equal training time: each model's best validation bits per byte reached within the training time of the
   fastest model's full run (validation time excluded), over all its rates. Runs made in the background share
   the machine, so their own clocks do not compare: --time-steps N measures each model's step time alone (N steps
@@ -96,8 +97,19 @@ def parse_lrs(spec: str) -> list:
     return lrs
 
 
-def run_dir(out: pathlib.Path, model: str, lr: float) -> pathlib.Path:
-    return out / model / f"lr{lr:g}"
+def parse_seeds(spec: str) -> list:
+    try:
+        seeds = [int(s) for s in spec.split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"--seeds: expected comma-separated integers, got {spec!r}")
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--seeds: expected distinct non-negative integers, got {spec!r}")
+    return seeds
+
+
+def run_dir(out: pathlib.Path, model: str, lr: float, seed: int = 0) -> pathlib.Path:
+    """OUT/<model>/lr<lr>/ for seed 0, OUT/<model>/lr<lr>-seed<seed>/ for the others."""
+    return out / model / (f"lr{lr:g}" if seed == 0 else f"lr{lr:g}-seed{seed}")
 
 
 def finished(path: pathlib.Path, steps: int) -> bool:
@@ -108,9 +120,9 @@ def finished(path: pathlib.Path, steps: int) -> bool:
     return final is not None and final.get("step", 0) >= steps
 
 
-def train_cmd(args, extra: str, lr: float, steps: int, path: pathlib.Path, *more: str) -> list:
+def train_cmd(args, extra: str, lr: float, seed: int, steps: int, path: pathlib.Path, *more: str) -> list:
     return [sys.executable, str(HERE / "train_lm.py"), *shlex.split(extra), "--lr", f"{lr:g}", "--steps", str(steps),
-            "--threads", str(args.threads), "--seed", str(args.seed), "--out", str(path),
+            "--threads", str(args.threads), "--seed", str(seed), "--out", str(path),
             *shlex.split(args.train_args), *more]
 
 
@@ -119,13 +131,13 @@ def time_steps(args) -> int:
     settings (the first rate of --lrs; the rate does not change the time), one model after the other; the median
     of the per-step times after the first two. Merged into OUT/step_ms.json."""
     out = pathlib.Path(args.out)
-    models, lrs = parse_models(args.models), parse_lrs(args.lrs)
+    models, lrs, seed = parse_models(args.models), parse_lrs(args.lrs), parse_seeds(args.seeds)[0]
     path = out / "step_ms.json"
     timing = json.loads(path.read_text()) if path.exists() else {}
     step_ms = timing.get("step_ms", {})
     for name, extra in models.items():
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = train_cmd(args, extra, lrs[0], args.time_steps, pathlib.Path(tmp), "--log-every", "1",
+            cmd = train_cmd(args, extra, lrs[0], seed, args.time_steps, pathlib.Path(tmp), "--log-every", "1",
                             "--eval-every", str(args.time_steps), "--val-batches", "1", "--sample-len", "1")
             print(f"{name}: timing {args.time_steps} steps: {shlex.join(cmd)}", flush=True)
             done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -149,23 +161,25 @@ def time_steps(args) -> int:
 
 def sweep(args) -> int:
     out = pathlib.Path(args.out)
-    models, lrs = parse_models(args.models), parse_lrs(args.lrs)
+    models, lrs, seeds = parse_models(args.models), parse_lrs(args.lrs), parse_seeds(args.seeds)
     for name, extra in models.items():
         for lr in lrs:
-            path = run_dir(out, name, lr)
-            if finished(path, args.steps):
-                print(f"{name} lr {lr:g}: done, skipped", flush=True)
-                continue
-            cmd = train_cmd(args, extra, lr, args.steps, path)
-            if (path / "ckpt.pt").exists():
-                cmd.append("--resume")
-            print(f"{name} lr {lr:g}: {shlex.join(cmd)}", flush=True)
-            path.mkdir(parents=True, exist_ok=True)
-            with open(path / "train.out", "a") as log:
-                rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
-            if rc != 0:
-                print(f"{name} lr {lr:g}: train_lm.py exited with {rc}; see {path / 'train.out'}", file=sys.stderr)
-                return rc
+            for seed in seeds:
+                path = run_dir(out, name, lr, seed)
+                what = f"{name} lr {lr:g}" + (f" seed {seed}" if seed else "")
+                if finished(path, args.steps):
+                    print(f"{what}: done, skipped", flush=True)
+                    continue
+                cmd = train_cmd(args, extra, lr, seed, args.steps, path)
+                if (path / "ckpt.pt").exists():
+                    cmd.append("--resume")
+                print(f"{what}: {shlex.join(cmd)}", flush=True)
+                path.mkdir(parents=True, exist_ok=True)
+                with open(path / "train.out", "a") as log:
+                    rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+                if rc != 0:
+                    print(f"{what}: train_lm.py exited with {rc}; see {path / 'train.out'}", file=sys.stderr)
+                    return rc
     return report(args) if args.report_after else 0
 
 
@@ -185,11 +199,42 @@ def load_runs(out: pathlib.Path) -> list:
             continue  # unfinished
         vals = [(r["step"], r["time_s"], r["val_bpb"]) for r in log["records"] if r.get("val_bpb") is not None]
         fin = log["final"]
-        runs.append({"model": path.parent.parent.name, "lr": log["args"]["lr"], "layers": log.get("pattern", ""),
-                     "params": log["params"], "steps": fin["step"], "train_s": fin["time_s"],
-                     "step_ms": 1e3 * fin["time_s"] / max(fin["step"], 1), "final_bpb": fin["val_bpb"],
-                     "val": vals, "threads": log["args"]["threads"], "dir": str(path.parent)})
+        runs.append({"model": path.parent.parent.name, "lr": log["args"]["lr"], "seed": log["args"].get("seed", 0),
+                     "layers": log.get("pattern", ""), "params": log["params"], "steps": fin["step"],
+                     "train_s": fin["time_s"], "step_ms": 1e3 * fin["time_s"] / max(fin["step"], 1),
+                     "final_bpb": fin["val_bpb"], "val": vals, "threads": log["args"]["threads"],
+                     "dir": str(path.parent)})
     return runs
+
+
+def group_runs(runs: list) -> dict:
+    """{model: [one entry per rate]}: the rate's seeds averaged — the final bits per byte, and the validation curve
+    at the steps every seed evaluated (its time the seeds' mean); a rate with one seed is that run."""
+    groups = {}
+    for r in runs:
+        groups.setdefault((r["model"], r["lr"]), []).append(r)
+    by_model = {}
+    for (model, lr), rs in sorted(groups.items(), key=lambda kv: kv[0]):
+        rs.sort(key=lambda r: r["seed"])
+        common = set.intersection(*({v[0] for v in r["val"]} for r in rs))
+        per_step = {step: [v for r in rs for v in r["val"] if v[0] == step] for step in sorted(common)}
+        val = [(step, statistics.fmean(v[1] for v in vs), statistics.fmean(v[2] for v in vs))
+               for step, vs in per_step.items()]
+        finals = [r["final_bpb"] for r in rs]
+        by_model.setdefault(model, []).append({
+            "model": model, "lr": lr, "seeds": [r["seed"] for r in rs], "final_bpb_seeds": finals,
+            "final_bpb": statistics.fmean(finals), "layers": rs[0]["layers"], "params": rs[0]["params"],
+            "steps": min(r["steps"] for r in rs), "train_s": statistics.fmean(r["train_s"] for r in rs),
+            "step_ms": statistics.fmean(r["step_ms"] for r in rs), "val": val})
+    return by_model
+
+
+def cell(g: dict) -> str:
+    """A rate's final bits per byte: the value of its one seed, or the seeds' mean, their count and range."""
+    finals = g["final_bpb_seeds"]
+    if len(finals) == 1:
+        return f"{finals[0]:.3f}"
+    return f"{g['final_bpb']:.3f} ({len(finals)} seeds: {min(finals):.3f}–{max(finals):.3f})"
 
 
 def report(args) -> int:
@@ -198,47 +243,55 @@ def report(args) -> int:
     if not runs:
         print(f"no finished runs under {out}", file=sys.stderr)
         return 1
-    by_model = {}
-    for r in runs:
-        by_model.setdefault(r["model"], []).append(r)
-    best = {m: min(rs, key=lambda r: r["final_bpb"]) for m, rs in by_model.items()}
+    by_model = group_runs(runs)
+    best = {m: min(gs, key=lambda g: g["final_bpb"]) for m, gs in by_model.items()}
     ref = best.get("attention")
-    # Equal training time: the shortest full run's time; every model's best validation within it, over its rates.
-    # The clock: each model's step time measured alone (OUT/step_ms.json, --time-steps) when it has every model,
-    # else the runs' own times.
+    # Equal training time: the shortest full run's time; every model's best validation within it, over its rates
+    # (a rate's seeds averaged). The clock: each model's step time measured alone (OUT/step_ms.json, --time-steps)
+    # when it has every model, else the runs' own times.
     timing = json.loads((out / "step_ms.json").read_text()) if (out / "step_ms.json").exists() else {}
     step_ms = timing.get("step_ms", {})
     missing = sorted(m for m in by_model if m not in step_ms)
     measured = not missing
     if measured:
-        clock = lambda r, step, own_s: step * step_ms[r["model"]] / 1e3  # noqa: E731
+        clock = lambda g, step, own_s: step * step_ms[g["model"]] / 1e3  # noqa: E731
         clock_note = (f"each model's step time measured alone ({timing.get('steps_timed')} steps, threads "
                       f"{timing.get('threads')}; step_ms.json) times the step")
     else:
-        clock = lambda r, step, own_s: own_s  # noqa: E731
+        clock = lambda g, step, own_s: own_s  # noqa: E731
         clock_note = f"runs' own times, threads {sorted({r['threads'] for r in runs})}" + (
             f"; step_ms.json lacks {', '.join(missing)}" if step_ms else "")
-    budget = min(min(clock(r, r["steps"], r["train_s"]) for r in rs) for rs in by_model.values())
+    budget = min(min(clock(g, g["steps"], g["train_s"]) for g in gs) for gs in by_model.values())
     at_budget = {}
-    for m, rs in by_model.items():
-        within = [(v[2], r["lr"], v[0]) for r in rs for v in r["val"] if clock(r, v[0], v[1]) <= budget + 1e-9]
+    for m, gs in by_model.items():
+        within = [(v[2], g["lr"], v[0]) for g in gs for v in g["val"] if clock(g, v[0], v[1]) <= budget + 1e-9]
         at_budget[m] = min(within) if within else None
     lrs = sorted({r["lr"] for r in runs})
     lines = ["| model | layers | params (M) | ms/step | " + " | ".join(f"lr {lr:g}" for lr in lrs) +
              " | best | vs attention |",
              "|---|---|---:|---:|" + "---:|" * len(lrs) + "---:|---:|"]
     for m in sorted(by_model, key=lambda m: best[m]["final_bpb"]):
-        cells = {r["lr"]: f"{r['final_bpb']:.3f}" for r in by_model[m]}
+        cells = {g["lr"]: cell(g) for g in by_model[m]}
         b = best[m]
         gap = "" if ref is None else f"{100 * (b['final_bpb'] / ref['final_bpb'] - 1):+.1f}%"
         ms = step_ms[m] if measured else b["step_ms"]  # the equal-time clock's
         lines.append(f"| {m} | {b['layers']} | {b['params'] / 1e6:.2f} | {ms:.0f} | " +
                      " | ".join(cells.get(lr, "") for lr in lrs) + f" | {b['final_bpb']:.3f} | {gap} |")
     steps = sorted({r["steps"] for r in runs})
+    seeded = sorted((g for gs in by_model.values() for g in gs if len(g["seeds"]) > 1),
+                    key=lambda g: (best[g["model"]]["final_bpb"], g["lr"]))
     text = [f"Final validation bits per byte at equal training tokens ({', '.join(map(str, steps))} steps; 'best': "
-            f"the lowest over the rates; 'vs attention': its gap to attention's best):", "", *lines, "",
-            f"At equal training time ({budget:,.1f} s of training, the shortest full run; {clock_note}):", "",
-            "| model | best val bpb within the time | at lr | step |", "|---|---:|---:|---:|"]
+            f"the lowest over the rates; 'vs attention': its gap to attention's best; a rate run with several "
+            f"seeds shows their mean, count and range, and 'best' compares means):", "", *lines, ""]
+    if seeded:
+        text += ["Rates run with several seeds (each seed draws its own initialization and batches):", "",
+                 "| model | lr | seeds | final bits per byte of each | mean | sample std |", "|---|---:|---|---|---:|---:|"]
+        text += [f"| {g['model']} | {g['lr']:g} | {', '.join(map(str, g['seeds']))} | "
+                 f"{', '.join(f'{v:.3f}' for v in g['final_bpb_seeds'])} | {g['final_bpb']:.3f} | "
+                 f"{statistics.stdev(g['final_bpb_seeds']):.3f} |" for g in seeded]
+        text.append("")
+    text += [f"At equal training time ({budget:,.1f} s of training, the shortest full run; {clock_note}; a rate's "
+             f"seeds averaged):", "", "| model | best val bpb within the time | at lr | step |", "|---|---:|---:|---:|"]
     for m in sorted(by_model, key=lambda m: (at_budget[m] or (math.inf,))[0]):
         v = at_budget[m]
         text.append(f"| {m} | {v[0]:.3f} | {v[1]:g} | {v[2]} |" if v else f"| {m} | (no validation yet) | | |")
@@ -246,7 +299,9 @@ def report(args) -> int:
     (out / "lm_sweep.md").write_text(md)
     (out / "lm_sweep.json").write_text(json.dumps({
         "runs": runs,
-        "best": {m: {"lr": b["lr"], "final_bpb": b["final_bpb"]} for m, b in best.items()},
+        "rates": {m: [{k: g[k] for k in ("lr", "seeds", "final_bpb_seeds", "final_bpb")} for g in gs]
+                  for m, gs in by_model.items()},
+        "best": {m: {"lr": b["lr"], "final_bpb": b["final_bpb"], "seeds": len(b["seeds"])} for m, b in best.items()},
         "equal_time_budget_s": budget,
         "equal_time_clock": {"measured_step_ms": step_ms} if measured else "runs' own times",
         "equal_time": {m: None if v is None else {"val_bpb": v[0], "lr": v[1], "step": v[2]}
@@ -282,19 +337,22 @@ def plot_sweep(by_model: dict, best: dict, clock, budget: float, clock_label: st
         label = f"{m} ({b['layers']}): {b['final_bpb']:.3f} at lr {b['lr']:g}"
         axes[0].plot([v[0] for v in val], [v[2] for v in val], label=label, **style)
         axes[1].plot([clock(b, v[0], v[1]) / 60 for v in val], [v[2] for v in val], **style)
-        rs = sorted(by_model[m], key=lambda r: r["lr"])
-        axes[2].plot([r["lr"] for r in rs], [r["final_bpb"] for r in rs], marker="o", ms=4, **style)
+        gs = sorted(by_model[m], key=lambda g: g["lr"])
+        axes[2].plot([g["lr"] for g in gs], [g["final_bpb"] for g in gs], marker="o", ms=4, **style)
+        for g in gs:
+            if len(g["seeds"]) > 1:  # the seeds' range
+                axes[2].vlines(g["lr"], min(g["final_bpb_seeds"]), max(g["final_bpb_seeds"]), color=style["color"], lw=1)
     axes[1].axvline(budget / 60, color="0.4", ls=":", lw=1)
     axes[0].set_xlabel("step (equal training tokens)")
     axes[1].set_xlabel(f"training time, min ({clock_label})")
     axes[2].set_xlabel("learning rate")
     axes[2].set_xscale("log", base=2)
-    lrs = sorted({r["lr"] for rs in by_model.values() for r in rs})
+    lrs = sorted({g["lr"] for gs in by_model.values() for g in gs})
     axes[2].set_xticks(lrs, [f"{lr:g}" for lr in lrs])
     axes[2].minorticks_off()
     axes[0].set_title("validation, best rate of each model")
     axes[1].set_title("the same at equal time (dotted: the budget)")
-    axes[2].set_title("final validation at each rate")
+    axes[2].set_title("final validation at each rate (bars: the seeds' range)")
     lo = min(b["final_bpb"] for b in best.values())
     for ax in axes:
         ax.set_ylabel("bits per byte")
@@ -314,7 +372,8 @@ def main(argv=None) -> int:
     p.add_argument("--lrs", default="1e-3,2e-3,4e-3", help="learning rates, comma-separated")
     p.add_argument("--steps", type=int, default=3000, help="training steps of every run")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0",
+                   help="seeds of every (model, rate), comma-separated; the report averages a rate's seeds")
     p.add_argument("--train-args", default="", help="further train_lm.py arguments for every run, quoted as one")
     p.add_argument("--out", default="benchmarks/results/lm_sweep")
     p.add_argument("--report", action="store_true", help="only write the report of the runs in --out")

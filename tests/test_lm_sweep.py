@@ -12,13 +12,13 @@ def sweep():
     return load_example("lm_sweep")
 
 
-def write_log(out, model, lr, step_s, vals, pattern):
+def write_log(out, model, lr, step_s, vals, pattern, seed=0):
     """A finished train_lm.py log: validation (step, bpb) pairs, step_s seconds per training step."""
-    path = out / model / f"lr{lr:g}"
+    path = out / model / (f"lr{lr:g}" if seed == 0 else f"lr{lr:g}-seed{seed}")
     path.mkdir(parents=True)
     records = [{"step": s, "time_s": s * step_s, "train_loss": None, "val_bpb": v} for s, v in vals]
     last = vals[-1][0]
-    log = {"args": {"model": model, "lr": lr, "threads": 1}, "params": 1000, "pattern": pattern,
+    log = {"args": {"model": model, "lr": lr, "threads": 1, "seed": seed}, "params": 1000, "pattern": pattern,
            "final": {"step": last, "time_s": last * step_s, "val_bpb": vals[-1][1]}, "records": records}
     (path / "log.json").write_text(json.dumps(log))
 
@@ -34,7 +34,8 @@ def test_report_equal_tokens_and_equal_time(sweep, tmp_path):
     (tmp_path / "pom" / "lr0.004" / "log.json").write_text(json.dumps({"args": {}, "records": []}))
     assert sweep.main(["--report", "--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "lm_sweep.json").read_text())
-    assert summary["best"] == {"attention": {"lr": 1e-3, "final_bpb": 2.0}, "pom": {"lr": 2e-3, "final_bpb": 2.1}}
+    assert summary["best"] == {"attention": {"lr": 1e-3, "final_bpb": 2.0, "seeds": 1},
+                               "pom": {"lr": 2e-3, "final_bpb": 2.1, "seeds": 1}}
     assert len(summary["runs"]) == 4
     # Equal time: the shortest full run is pom's 200 s; attention reached step 100 by then (2.8 at lr 2e-3).
     assert summary["equal_time_budget_s"] == pytest.approx(200.0)
@@ -43,6 +44,38 @@ def test_report_equal_tokens_and_equal_time(sweep, tmp_path):
     md = (tmp_path / "lm_sweep.md").read_text()
     assert "| pom | PP | 0.00 | 1000 | 2.300 | 2.100 | 2.100 | +5.0% |" in md
     assert "| attention | AA | 0.00 | 2000 | 2.000 | 2.200 | 2.000 | +0.0% |" in md
+
+
+def test_report_averages_seeds(sweep, tmp_path):
+    # pom at 1e-3: one seed, 2.2. At 2e-3: seeds 0, 1, 2 end at 2.1, 2.4, 2.4 (mean 2.3, worse than 1e-3 though its
+    # seed 0 is the lowest run); its curve is averaged at the steps every seed evaluated (100 and 200).
+    write_log(tmp_path, "attention", 1e-3, 2.0, [(100, 3.0), (200, 2.0)], "AA")
+    write_log(tmp_path, "pom", 1e-3, 1.0, [(100, 2.9), (200, 2.2)], "PP")
+    write_log(tmp_path, "pom", 2e-3, 1.0, [(100, 2.6), (200, 2.1)], "PP")
+    write_log(tmp_path, "pom", 2e-3, 1.0, [(50, 2.0), (100, 2.6), (200, 2.4)], "PP", seed=1)
+    write_log(tmp_path, "pom", 2e-3, 1.0, [(100, 2.0), (200, 2.4)], "PP", seed=2)
+    assert sweep.main(["--report", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "lm_sweep.json").read_text())
+    assert len(summary["runs"]) == 5
+    assert summary["best"]["pom"] == {"lr": 1e-3, "final_bpb": 2.2, "seeds": 1}
+    rate = [g for g in summary["rates"]["pom"] if g["lr"] == 2e-3][0]
+    assert rate["seeds"] == [0, 1, 2] and rate["final_bpb_seeds"] == [2.1, 2.4, 2.4]
+    assert rate["final_bpb"] == pytest.approx(2.3)
+    # Equal time (200 s, pom's runs): the seeds' mean curve at 2e-3 reaches (2.6 + 2.6 + 2.0) / 3 = 2.4 at step
+    # 100 (seed 1's lone step 50 is not averaged) and 2.3 at 200; 1e-3 ends at 2.2, the best.
+    assert summary["equal_time"]["pom"] == {"val_bpb": 2.2, "lr": 1e-3, "step": 200}
+    md = (tmp_path / "lm_sweep.md").read_text()
+    assert "| pom | PP | 0.00 | 1000 | 2.200 | 2.300 (3 seeds: 2.100–2.400) | 2.200 | +10.0% |" in md
+    assert "| pom | 0.002 | 0, 1, 2 | 2.100, 2.400, 2.400 | 2.300 | 0.173 |" in md
+    # Seed 1 ending at 2.0 instead: the mean at 2e-3 is (2.1 + 2.0 + 2.4) / 3 = 2.167, now the best rate.
+    import shutil
+    shutil.rmtree(tmp_path / "pom" / "lr0.002-seed1")
+    write_log(tmp_path, "pom", 2e-3, 1.0, [(100, 2.6), (200, 2.0)], "PP", seed=1)
+    assert sweep.main(["--report", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "lm_sweep.json").read_text())
+    assert summary["best"]["pom"] == {"lr": 2e-3, "final_bpb": pytest.approx(6.5 / 3), "seeds": 3}
+    assert "| pom | PP | 0.00 | 1000 | 2.200 | 2.167 (3 seeds: 2.000–2.400) | 2.167 | +8.3% |" in (
+        tmp_path / "lm_sweep.md").read_text()
 
 
 def test_report_draws_the_sweep(sweep, tmp_path):
@@ -104,6 +137,15 @@ def test_smoke_sweep_skips_finished_runs(sweep, tmp_path, capsys):
     assert sweep.main(argv) == 0
     assert "pom lr 0.003: done, skipped" in capsys.readouterr().out
     assert "| pom | P |" in (tmp_path / "lm_sweep.md").read_text()
+    # A second seed runs beside the first, in its own directory, with its own initialization and batches.
+    capsys.readouterr()
+    assert sweep.main(argv[:4] + ["--seeds", "0,1"] + argv[4:]) == 0
+    out = capsys.readouterr().out
+    assert "pom lr 0.003: done, skipped" in out and "pom lr 0.003 seed 1: " in out
+    log1 = json.loads((tmp_path / "pom" / "lr0.003-seed1" / "log.json").read_text())
+    assert log1["args"]["seed"] == 1 and log1["final"]["step"] == 4
+    assert log1["final"]["val_bpb"] != log["final"]["val_bpb"]
+    assert "(2 seeds: " in (tmp_path / "lm_sweep.md").read_text()
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -111,6 +153,9 @@ def test_smoke_sweep_skips_finished_runs(sweep, tmp_path, capsys):
     (["--models", ""], "--models: expected at least one model"),
     (["--lrs", "1e-3,x"], "--lrs: expected comma-separated numbers"),
     (["--lrs", "0"], "--lrs: expected positive learning rates"),
+    (["--seeds", "0,x"], "--seeds: expected comma-separated integers"),
+    (["--seeds", "1,1"], "--seeds: expected distinct non-negative integers"),
+    (["--seeds", "-1"], "--seeds: expected distinct non-negative integers"),
 ])
 def test_bad_arguments(sweep, tmp_path, argv, match):
     with pytest.raises(SystemExit, match=match):
