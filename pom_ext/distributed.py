@@ -578,13 +578,13 @@ def _gather_seq(t: torch.Tensor, counts: List[int], dim: int, group) -> torch.Te
 
 
 def _attention_block(block, x: torch.Tensor, counts: List[int], rank: int, group, causal: bool = True,
-                     mask: Optional[torch.Tensor] = None, caches: Optional[list] = None) -> torch.Tensor:
+                     valid: Optional[torch.Tensor] = None, caches: Optional[list] = None) -> torch.Tensor:
     """An AttentionBlock's forward on this rank's slice x: (B, n, D): its queries, rotated at their global
     positions, attend over the keys and values of the whole sequence (one all_gather of this rank's (2, B, H,
     max n_r, hd) keys and values; the backward all-reduces their gradient): causal, those at or before them,
-    else all (within the window when the attention is local); mask: this rank's (B, n) key padding (bool, or
-    weights: keys of weight 0 are padding), gathered too. With `caches` (causal), appends the block's KVCache of
-    the whole sequence, as the unsharded prefill leaves it."""
+    else all (within the window when the attention is local); valid: the whole sequence's (B, N) bool key
+    padding (False: padding), gathered once per forward by the caller. With `caches` (causal), appends the
+    block's KVCache of the whole sequence, as the unsharded prefill leaves it."""
     from .models import KVCache
     attn = block.mixer
     B, n, _ = x.shape
@@ -598,9 +598,9 @@ def _attention_block(block, x: torch.Tensor, counts: List[int], rank: int, group
     keys = kv[..., lo:hi, :]
     allowed = attn._window_mask(torch.arange(offset, offset + n, device=x.device),
                                 torch.arange(lo, hi, device=x.device), causal=causal)
-    if mask is not None:
-        valid = _gather_seq((mask > 0).to(x.dtype), counts, -1, group)[:, lo:hi] > 0  # (B, keys)
-        allowed = valid[:, None, None, :] if allowed is None else allowed & valid[:, None, None, :]
+    if valid is not None:
+        keep = valid[:, None, None, lo:hi]  # (B, 1, 1, keys)
+        allowed = keep if allowed is None else allowed & keep
     if n:
         out = attn._sdpa(q, keys[0], keys[1], allowed).transpose(1, 2).reshape(B, n, attn.dim)
     else:  # no queries here: an empty output, still in the gather's graph (its backward holds a collective)
@@ -615,13 +615,14 @@ def _attention_block(block, x: torch.Tensor, counts: List[int], rank: int, group
 
 
 def _run_block(block, x: torch.Tensor, counts: List[int], rank: int, group, mask=None, causal: bool = True,
-               caches: Optional[list] = None) -> torch.Tensor:
+               caches: Optional[list] = None, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One block of a model on this rank's slice x, run as the block's forward (block(x) with the sharded
     computation in place of its forward), so that the hooks on the block run around it: fully_shard (FSDP2) of
-    each block gathers the block's parameters before, frees them after and reduces their gradients in backward."""
+    each block gathers the block's parameters before, frees them after and reduces their gradients in backward.
+    mask: this rank's (B, n) slice (PoM blocks); valid: the whole sequence's key padding (attention blocks)."""
     if block.kind == "A":
         fn = functools.partial(_attention_block, block, counts=counts, rank=rank, group=group, causal=causal,
-                               mask=None if causal else mask, caches=caches)
+                               valid=valid, caches=caches)
     else:
         fn = functools.partial(_block, block, mask=mask, counts=counts, rank=rank, group=group, caches=caches)
     own = block.__dict__.get("forward")
@@ -800,8 +801,12 @@ class ContextParallelEncoder(nn.Module):
         if mask is not None and mask.is_floating_point():
             mask = mask.to(z.dtype)
         z = m.drop(z)
+        valid = None  # the attention blocks' key padding: the whole sequence's, gathered once (no gradient)
+        if mask is not None and any(block.kind == "A" for block in m.blocks):
+            with torch.no_grad():
+                valid = _gather_seq((mask > 0).to(z.dtype), counts, -1, group) > 0  # (B, N)
         for block in m.blocks:
-            z = _run_block(block, z, counts, rank, group, mask, causal=False)
+            z = _run_block(block, z, counts, rank, group, mask, causal=False, valid=valid)
         z = m.norm(z)
         if m.cls is not None:
             # rank 0's class token to every rank; the other ranks send zeros that stay in the autograd graph
