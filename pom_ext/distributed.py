@@ -614,42 +614,59 @@ def _attention_block(block, x: torch.Tensor, counts: List[int], rank: int, group
     return block._mlp(x + block.drop(attn.proj(out)))
 
 
+def _as_forward(module: nn.Module, fn, x: torch.Tensor) -> torch.Tensor:
+    """module(x) with fn in place of module.forward for the call, so that the hooks on the module run around fn."""
+    own = module.__dict__.get("forward")
+    module.forward = fn
+    try:
+        return module(x)
+    finally:
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
+
+
+def _is_checkpoint_wrapper(block) -> bool:
+    return type(block).__name__ == "CheckpointWrapper" and hasattr(block, "_checkpoint_wrapped_module")
+
+
 def _run_block(block, x: torch.Tensor, counts: List[int], rank: int, group, mask=None, causal: bool = True,
                caches: Optional[list] = None, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One block of a model on this rank's slice x, run as the block's forward (block(x) with the sharded
     computation in place of its forward), so that the hooks on the block run around it: fully_shard (FSDP2) of
     each block gathers the block's parameters before, frees them after and reduces their gradients in backward.
-    mask: this rank's (B, n) slice (PoM blocks); valid: the whole sequence's key padding (attention blocks)."""
+    mask: this rank's (B, n) slice (PoM blocks); valid: the whole sequence's key padding (attention blocks).
+    A block under checkpoint_wrapper is run through the wrapper's checkpoint function with the sharded
+    computation of the block it wraps, so that the recomputation in backward is the sharded one too (its
+    collectives run again, in the same order on every rank: each block's backward waits for the later blocks')."""
+    if _is_checkpoint_wrapper(block):
+        inner = functools.partial(_run_block, block._checkpoint_wrapped_module, counts=counts, rank=rank,
+                                  group=group, mask=mask, causal=causal, caches=caches, valid=valid)
+        # a prefill (caches) records no gradient: nothing to recompute
+        return _as_forward(block, inner if caches is not None else
+                           (lambda z: block.checkpoint_fn(inner, z)), x)
     if block.kind == "A":
         fn = functools.partial(_attention_block, block, counts=counts, rank=rank, group=group, causal=causal,
                                valid=valid, caches=caches)
     else:
         fn = functools.partial(_block, block, mask=mask, counts=counts, rank=rank, group=group, caches=caches)
-    own = block.__dict__.get("forward")
-    block.forward = fn
-    try:
-        return block(x)
-    finally:
-        if own is None:
-            del block.forward
-        else:
-            block.forward = own
+    return _as_forward(block, fn, x)
 
 
 def _check_blocks(model) -> None:
-    """Activation checkpointing of a block (checkpoint_wrapper, or the composable checkpoint's hooks) recomputes
-    the block by calling its own forward, the unsharded one, on this rank's slice: refused, on every rank alike."""
+    """The composable activation checkpoint (torch.distributed._composable.checkpoint) recomputes a block by
+    calling its own forward, the unsharded one, on this rank's slice: refused, on every rank alike
+    (checkpoint_wrapper is supported: _run_block)."""
     try:
         from torch.distributed._composable.contract import _get_registry
     except ImportError:  # pragma: no cover - every supported torch has it
-        _get_registry = None
+        return
     for i, block in enumerate(model.blocks):
-        wrapped = type(block).__name__ == "CheckpointWrapper"
-        if wrapped or (_get_registry is not None and "checkpoint" in (_get_registry(block) or {})):
-            _fail("model", f"has block {i} under activation checkpointing "
-                           f"({'checkpoint_wrapper' if wrapped else 'torch.distributed._composable.checkpoint'}): "
-                           f"its recomputation would run the block's own, unsharded forward; the context-parallel "
-                           f"wrappers do not support it")
+        if "checkpoint" in (_get_registry(block) or {}):
+            _fail("model", f"has block {i} under torch.distributed._composable.checkpoint: its recomputation "
+                           f"would run the block's own, unsharded forward; wrap the block with checkpoint_wrapper "
+                           f"(torch.distributed.algorithms._checkpoint.checkpoint_wrapper) instead")
 
 
 def _check_model(model, cls, group):

@@ -212,16 +212,29 @@ MODEL_CASES = [("lm", {"n_sel_heads": 1}), ("lm", {"n_sel_heads": 4, "n_groups":
                ("lm", {"layer_pattern": "PA", "n_heads": 2}), ("lm", {"layer_pattern": "AP", "n_heads": 2, "window": 3}),
                ("encoder", {"pool": "cls", "layer_pattern": "PA", "n_heads": 2}),
                ("encoder_padding", {"pool": "mean", "layer_pattern": "AP", "n_heads": 2, "window": 3}),
-               ("encoder_weights", {"pool": "mean", "layer_pattern": "PA", "n_heads": 2})]
+               ("encoder_weights", {"pool": "mean", "layer_pattern": "PA", "n_heads": 2}),
+               # every block under checkpoint_wrapper (the PoM block non-reentrant, the attention block reentrant):
+               # the backward recomputes the sharded blocks, their collectives included
+               ("lm", {"layer_pattern": "PA", "n_heads": 2, "window": 3, "ac": True}),
+               ("encoder_padding", {"pool": "cls", "layer_pattern": "AP", "n_heads": 2, "ac": True})]
 
 
 def _model(kind, kw, dtype):
+    """The model of a case; kw "ac": every block under checkpoint_wrapper (PoM blocks non-reentrant, attention
+    blocks reentrant)."""
     from pom_ext.models import PolymorpherEncoder, PolymorpherLM
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+    kw = dict(kw)
+    ac = kw.pop("ac", False)
     torch.manual_seed(1)
     if kind == "lm":
         model = PolymorpherLM(50, 16, 2, degree=3, conv_size=4, **kw)
     else:
         model = PolymorpherEncoder(5, 16, 2, num_tokens=50, max_len=N + 2, degree=3, **kw)
+    if ac:
+        for i, block in enumerate(model.blocks):
+            impl = CheckpointImpl.REENTRANT if block.kind == "A" else CheckpointImpl.NO_REENTRANT
+            model.blocks[i] = checkpoint_wrapper(block, checkpoint_impl=impl)
     return model.to(dtype)
 
 
@@ -308,9 +321,10 @@ def _run_wrapped(world, rank, report):
 
     g = torch.Generator().manual_seed(5)
     tokens, targets = torch.randint(0, 50, (B, N), generator=g), torch.randint(0, 50, (B, N), generator=g)
-    for kind in ("lm_ddp", "lm_fsdp2", "lm_fsdp2_blocks"):
-        a, b = cp.token_range(N, world, rank) if kind != "lm_fsdp2_blocks" else (0, 0) if rank == 0 else (0, N)
-        model = _model("lm", {"layer_pattern": "PA", "n_heads": 2} if kind == "lm_fsdp2_blocks" else {},
+    for kind in ("lm_ddp", "lm_fsdp2", "lm_fsdp2_blocks", "lm_fsdp2_ac_blocks"):
+        blocks = kind.endswith("_blocks")
+        a, b = cp.token_range(N, world, rank) if not blocks else (0, 0) if rank == 0 else (0, N)
+        model = _model("lm", {"layer_pattern": "PA", "n_heads": 2, "ac": "_ac_" in kind} if blocks else {},
                        torch.float64)
         model(tokens, targets)[1].backward()
         ref = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -319,7 +333,7 @@ def _run_wrapped(world, rank, report):
             net = DistributedDataParallel(cp.ContextParallelLM(model, group=dist.new_group(list(range(world)))))
         else:
             net = cp.ContextParallelLM(model)
-            if kind == "lm_fsdp2_blocks":
+            if blocks:  # each block (a checkpoint_wrapper's wrapper: FSDP2's hooks on it, recomputed inside)
                 for block in model.blocks:
                     fully_shard(block)
             fully_shard(net)
@@ -484,7 +498,7 @@ def test_sharded_layer_matches_unsharded(world, tmp_path_factory):
     reports = [r["cases"] for r in _group(world, tmp_path_factory)]
     expected = sum(len(VARLEN_SPLITS[world] if "varlen" in m else SPLITS[world]) for m in MODES) * 2 * \
         len(CASE_CONFIGS)
-    expected += len(MODEL_CASES) * len(MODEL_SPLITS[world]) * 2 + (3 if world == 2 else 0) + 2 * len(MODES)
+    expected += len(MODEL_CASES) * len(MODEL_SPLITS[world]) * 2 + (4 if world == 2 else 0) + 2 * len(MODES)
     for rank, report in enumerate(reports):
         assert len(report) == expected
         for case in report:
@@ -520,20 +534,21 @@ def test_wrong_models_are_refused():
         cp.ContextParallelEncoder(PolymorpherLM(50, 16, 2, layer_pattern="PA", n_heads=2))
 
 
-def test_checkpointed_blocks_are_refused():
-    """Activation checkpointing of a block would recompute it with its own, unsharded forward: the wrappers raise
-    at the call, before any collective (so this needs no process group)."""
+def test_composable_checkpoint_is_refused():
+    """The composable activation checkpoint would recompute a block with its own, unsharded forward: the wrappers
+    raise at the call, before any collective (so this needs no process group); checkpoint_wrapper is accepted
+    (MODEL_CASES with "ac")."""
     import pom_ext.distributed as cp
     from pom_ext.models import PolymorpherEncoder, PolymorpherLM
     from torch.distributed._composable import checkpoint
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     lm = PolymorpherLM(50, 16, 2, layer_pattern="PA", n_heads=2)
     checkpoint(lm.blocks[1])
-    with pytest.raises(ValueError, match=r"argument 'model' has block 1 under activation checkpointing \(torch"):
+    with pytest.raises(ValueError, match=r"argument 'model' has block 1 under torch.distributed._composable.check"
+                                         r"point: .* wrap the block with checkpoint_wrapper"):
         cp.ContextParallelLM(lm)(torch.zeros(1, 3, dtype=torch.long))
     enc = PolymorpherEncoder(5, 16, 2, num_tokens=50, max_len=8)
-    enc.blocks[0] = checkpoint_wrapper(enc.blocks[0])
-    with pytest.raises(ValueError, match=r"argument 'model' has block 0 under activation checkpointing \(check"):
+    checkpoint(enc.blocks[0])
+    with pytest.raises(ValueError, match=r"argument 'model' has block 0 under torch.distributed._composable"):
         cp.ContextParallelEncoder(enc)(torch.zeros(1, 3, dtype=torch.long))
 
 
