@@ -376,18 +376,26 @@ def rank_table(rows: list) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list, path: pathlib.Path) -> bool:
-    """Accuracy against the recurrent state's bytes per sequence, one panel per length (Zoology's figure): PoM
-    coloured by degree (the degrees of one state size side by side), marker by width, hollow with several gate
-    heads, its expand written once per state size; attention a star at its KV cache."""
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (and a note) when matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.lines import Line2D
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return None
+    return plt
+
+
+def plot(rows: list, path: pathlib.Path) -> bool:
+    """Accuracy against the recurrent state's bytes per sequence, one panel per length (Zoology's figure): PoM
+    coloured by degree (the degrees of one state size side by side), marker by width, hollow with several gate
+    heads, its expand written once per state size; attention a star at its KV cache."""
+    plt = pyplot()
+    if plt is None:
         return False
+    from matplotlib.lines import Line2D
     lens = sorted({r["seq_len"] for r in rows})
     pom = [spec(r["model"]) for r in rows if spec(r["model"])["kind"] == "pom"]
     degrees = sorted({s["degree"] for s in pom})
@@ -467,6 +475,12 @@ def report(out: pathlib.Path) -> None:
     print(f"{len(results)} runs -> {out / 'mqar.md'}, {out / 'mqar.json'}" + (f", {out / 'mqar.png'}" if drew else ""))
 
 
+def run_meta(threads: int) -> dict:
+    """What every result line records of the machine and the run."""
+    return {"machine": platform.processor() or platform.machine(), "threads": threads, "torch": torch.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -492,8 +506,7 @@ def main(argv=None):
                 for lr in ([best[(model, dim)]] if best is not None else args.lrs):
                     for seed in args.seeds:
                         jobs.append((model, dim, L, kv, lr, seed))
-    meta = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
-            "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+    meta = run_meta(args.threads)
     for i, (model, dim, L, kv, lr, seed) in enumerate(jobs, 1):
         k = (model, dim, L, kv, args.vocab, lr, seed, args.steps, args.batch_size, args.depth,
              args.coeff_std if spec(model)["kind"] == "pom" else 0.0)
