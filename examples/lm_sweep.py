@@ -285,7 +285,8 @@ def report(args) -> int:
             f"seeds shows their mean, count and range, and 'best' compares means):", "", *lines, ""]
     if seeded:
         text += ["Rates run with several seeds (each seed draws its own initialization and batches):", "",
-                 "| model | lr | seeds | final bits per byte of each | mean | sample std |", "|---|---:|---|---|---:|---:|"]
+                 "| model | lr | seeds | final bits per byte of each | mean | sample std |",
+                 "|---|---:|---|---|---:|---:|"]
         text += [f"| {g['model']} | {g['lr']:g} | {', '.join(map(str, g['seeds']))} | "
                  f"{', '.join(f'{v:.3f}' for v in g['final_bpb_seeds'])} | {g['final_bpb']:.3f} | "
                  f"{statistics.stdev(g['final_bpb_seeds']):.3f} |" for g in seeded]
@@ -341,7 +342,8 @@ def plot_sweep(by_model: dict, best: dict, clock, budget: float, clock_label: st
         axes[2].plot([g["lr"] for g in gs], [g["final_bpb"] for g in gs], marker="o", ms=4, **style)
         for g in gs:
             if len(g["seeds"]) > 1:  # the seeds' range
-                axes[2].vlines(g["lr"], min(g["final_bpb_seeds"]), max(g["final_bpb_seeds"]), color=style["color"], lw=1)
+                axes[2].vlines(g["lr"], min(g["final_bpb_seeds"]), max(g["final_bpb_seeds"]), color=style["color"],
+                               lw=1)
     axes[1].axvline(budget / 60, color="0.4", ls=":", lw=1)
     axes[0].set_xlabel("step (equal training tokens)")
     axes[1].set_xlabel(f"training time, min ({clock_label})")

@@ -12,8 +12,8 @@ emb_k(k); one layer mixes the queries with the context and a linear head reads e
 
 The queries do not see each other, so no query is answered by ruling out the values of the others: a model that
 knows which values the pairs hold but not which key holds which scores 1 / P (the plot's dotted line), one that
-does not even read the pairs 1 / --values. The state is the layer's own per sequence, in bytes of the training dtype: PoM
-the running sum of width E = expand * dim and the count (constant in P; measured with allocate_state),
+does not even read the pairs 1 / --values. The state is the layer's own per sequence, in bytes of the training
+dtype: PoM the running sum of width E = expand * dim and the count (constant in P; measured with allocate_state),
 attention the P keys and values it attends over. The degree does not change PoM's state, so the PoM runs of one
 expand compare degrees at equal state: the prediction of the polynomial-attention line of work is that degree 2
 or more recalls more than degree 1, and that recall rises with the degree up to a point.
@@ -162,7 +162,8 @@ def summarize(results: list) -> list:
 
 
 def table(rows: list) -> str:
-    lines = ["| model | dim | pairs | state (bytes / sequence) | best lr | accuracy (seeds) | mean | other rates (mean) |",
+    lines = ["| model | dim | pairs | state (bytes / sequence) | best lr | accuracy (seeds) | mean "
+             "| other rates (mean) |",
              "|---|---:|---:|---:|---:|---|---:|---|"]
     for r in rows:
         name = "attention" if r["kind"] == "attention" else f"PoM degree {r['degree']}, expand {r['expand']}"
@@ -215,7 +216,8 @@ def report(out: pathlib.Path) -> None:
     (out / "probe.json").write_text(json.dumps({"rows": rows, "runs": len(results)}, indent=1))
     drew = plot(rows, out / "probe.png")
     print(md)
-    print(f"{len(results)} runs -> {out / 'probe.md'}, {out / 'probe.json'}" + (f", {out / 'probe.png'}" if drew else ""))
+    print(f"{len(results)} runs -> {out / 'probe.md'}, {out / 'probe.json'}" +
+          (f", {out / 'probe.png'}" if drew else ""))
 
 
 def parse_args(argv=None):
