@@ -142,6 +142,18 @@ def key(r: dict) -> tuple:
             r["batch_size"])
 
 
+def best_lrs(results: list, args) -> dict:
+    """(model, pairs) -> the rate of seed 0's most accurate run among those of args' sizes and budget."""
+    best = {}
+    for r in results:
+        if r["seed"] == 0 and key(r)[1:2] + key(r)[3:5] + key(r)[7:] == (
+                args.dim, args.keys, args.values, args.steps, args.batch_size):
+            k = (r["model"], r["pairs"])
+            if k not in best or r["accuracy"] > best[k][0]:
+                best[k] = (r["accuracy"], r["lr"])
+    return {k: lr for k, (_, lr) in best.items()}
+
+
 def summarize(results: list) -> list:
     """One row per (model, dim, pairs, budget): its best rate by the seeds' mean accuracy, with every rate's mean."""
     groups = {}
@@ -224,7 +236,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="attention,pom-1x4,pom-2x4", help="attention, pom-KxE; comma-separated")
     p.add_argument("--pairs", default="8", help="key-value pairs per sequence, comma-separated")
-    p.add_argument("--lrs", default="1e-3,3e-3,1e-2")
+    p.add_argument("--lrs", default=None, help="learning rates, comma-separated (default 1e-3,3e-3,1e-2; --quick "
+                   "1e-2); 'best': each (model, pairs)'s best rate of seed 0 in OUT")
     p.add_argument("--seeds", default="0")
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--keys", type=int, default=4096)
@@ -239,7 +252,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     args = p.parse_args(argv)
     if args.quick:
-        args.pairs, args.lrs, args.keys, args.values = "2", "1e-2", 16, 16
+        args.pairs, args.keys, args.values = "2", 16, 16
+        args.lrs = args.lrs or "1e-2"
         args.steps, args.batch_size, args.test_size, args.eval_every = 40, 32, 64, 20
 
     def ints(name, text, lo):
@@ -258,12 +272,14 @@ def parse_args(argv=None):
         except SystemExit as e:
             p.error(str(e))
     args.pairs, args.seeds = ints("pairs", args.pairs, 1), ints("seeds", args.seeds, 0)
-    try:
-        args.lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
-    except ValueError:
-        p.error(f"--lrs: expected comma-separated numbers, got {args.lrs!r}")
-    if not args.lrs or min(args.lrs) <= 0:
-        p.error("--lrs: expected positive learning rates")
+    args.lrs = args.lrs or "1e-3,3e-3,1e-2"
+    if args.lrs != "best":
+        try:
+            args.lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
+        except ValueError:
+            p.error(f"--lrs: expected comma-separated numbers or best, got {args.lrs!r}")
+        if not args.lrs or min(args.lrs) <= 0:
+            p.error("--lrs: expected positive learning rates")
     for name in ("dim", "keys", "values", "steps", "batch_size", "test_size", "eval_every", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -280,8 +296,16 @@ def main(argv=None):
     if args.report:
         report(out)
         return
-    done = {key(r) for r in load(out)}
-    jobs = [(m, P, lr, s) for P in args.pairs for m in args.models for lr in args.lrs for s in args.seeds]
+    previous = load(out)
+    done = {key(r) for r in previous}
+    best = best_lrs(previous, args) if args.lrs == "best" else None
+    jobs = []
+    for P in args.pairs:
+        for m in args.models:
+            if best is not None and (m, P) not in best:
+                print(f"--lrs best: no seed-0 run of {m} with {P} pairs and these sizes in {out}: skipped")
+                continue
+            jobs += [(m, P, lr, s) for lr in ([best[(m, P)]] if best is not None else args.lrs) for s in args.seeds]
     meta = run_meta(args.threads)
     for i, (model, P, lr, seed) in enumerate(jobs, 1):
         if (model, args.dim, P, args.keys, args.values, lr, seed, args.steps, args.batch_size) in done:

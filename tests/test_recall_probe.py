@@ -93,3 +93,16 @@ def test_bad_arguments(probe, tmp_path, capsys, argv, match):
         probe.main(argv + ["--out", str(tmp_path)])
     captured = capsys.readouterr()
     assert match in captured.err + captured.out
+
+
+def test_best_rate_runs_more_seeds(probe, tmp_path, capsys):
+    """--lrs best: the seeds run at each (model, pairs)'s best rate of seed 0; a model without one is skipped."""
+    base = ["--quick", "--out", str(tmp_path)]
+    probe.main(base + ["--models", "attention", "--lrs", "1e-4,1e-2"])
+    runs = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    top = max(runs, key=lambda r: r["accuracy"])["lr"]
+    capsys.readouterr()
+    probe.main(base + ["--models", "attention,pom-2x2", "--lrs", "best", "--seeds", "1"])
+    assert "--lrs best: no seed-0 run of pom-2x2" in capsys.readouterr().out
+    runs = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [(r["model"], r["lr"], r["seed"]) for r in runs[2:]] == [("attention", top, 1)]
