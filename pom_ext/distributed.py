@@ -628,7 +628,9 @@ def _as_forward(module: nn.Module, fn, x: torch.Tensor) -> torch.Tensor:
 
 
 def _is_checkpoint_wrapper(block) -> bool:
-    return type(block).__name__ == "CheckpointWrapper" and hasattr(block, "_checkpoint_wrapped_module")
+    """checkpoint_wrapper's module, also after fully_shard (whose class for it is a subclass)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+    return isinstance(block, CheckpointWrapper)
 
 
 def _run_block(block, x: torch.Tensor, counts: List[int], rank: int, group, mask=None, causal: bool = True,
@@ -663,7 +665,8 @@ def _check_blocks(model) -> None:
     except ImportError:  # pragma: no cover - every supported torch has it
         return
     for i, block in enumerate(model.blocks):
-        if "checkpoint" in (_get_registry(block) or {}):
+        inner = block._checkpoint_wrapped_module if _is_checkpoint_wrapper(block) else block
+        if any("checkpoint" in (_get_registry(m) or {}) for m in (block, inner)):
             _fail("model", f"has block {i} under torch.distributed._composable.checkpoint: its recomputation "
                            f"would run the block's own, unsharded forward; wrap the block with checkpoint_wrapper "
                            f"(torch.distributed.algorithms._checkpoint.checkpoint_wrapper) instead")

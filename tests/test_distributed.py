@@ -221,7 +221,8 @@ MODEL_CASES = [("lm", {"n_sel_heads": 1}), ("lm", {"n_sel_heads": 4, "n_groups":
 
 def _model(kind, kw, dtype):
     """The model of a case; kw "ac": every block under checkpoint_wrapper (PoM blocks non-reentrant, attention
-    blocks reentrant)."""
+    blocks reentrant), model.ac_calls[0] counting the runs of the checkpointed functions (the forward's, then the
+    backward's recomputation: 2 per block and training step)."""
     from pom_ext.models import PolymorpherEncoder, PolymorpherLM
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
     kw = dict(kw)
@@ -232,9 +233,20 @@ def _model(kind, kw, dtype):
     else:
         model = PolymorpherEncoder(5, 16, 2, num_tokens=50, max_len=N + 2, degree=3, **kw)
     if ac:
+        model.ac_calls = [0]
+
+        def counted(checkpoint_fn):
+            def run(fn, *args, **kwargs):
+                def counting(*a, **k):
+                    model.ac_calls[0] += 1
+                    return fn(*a, **k)
+                return checkpoint_fn(counting, *args, **kwargs)
+            return run
+
         for i, block in enumerate(model.blocks):
             impl = CheckpointImpl.REENTRANT if block.kind == "A" else CheckpointImpl.NO_REENTRANT
             model.blocks[i] = checkpoint_wrapper(block, checkpoint_impl=impl)
+            model.blocks[i].checkpoint_fn = counted(model.blocks[i].checkpoint_fn)
     return model.to(dtype)
 
 
@@ -282,8 +294,11 @@ def _run_models(world, rank, report):
                 loss.backward()
                 ref_grads = [p.grad.clone() for p in params]
                 model.zero_grad(set_to_none=True)
+                calls = getattr(model, "ac_calls", [0])
+                calls[0] = 0
                 out, share = run(True)
                 share.backward()
+                ac_calls = calls[0]
                 # every parameter has a gradient on every rank, zero where the rank's tokens do not reach it
                 # (DDP and FSDP2 reduce the same tensors on every rank)
                 missing = [n for n, p in model.named_parameters() if p.grad is None]
@@ -306,7 +321,8 @@ def _run_models(world, rank, report):
                     errs["prefill"] = rel_err(logits, ref[:, a:b])
                     errs["decode"] = max(rel_err(u, v) for u, v in zip(steps, ref_steps))
                 report.append({"dtype": dtype_name, "config": kw, "mode": kind, "split": split, "errs": errs,
-                               "bitwise_repeat": True, "missing_grads": missing})
+                               "bitwise_repeat": True, "missing_grads": missing, "ac_calls": ac_calls,
+                               "blocks": len(model.blocks)})
 
 
 def _run_wrapped(world, rank, report):
@@ -338,6 +354,8 @@ def _run_wrapped(world, rank, report):
                     fully_shard(block)
             fully_shard(net)
         errs = {}
+        calls = getattr(model, "ac_calls", [0])
+        calls[0] = 0
         for step in range(2):  # DDP's first and later iterations differ (bucket rebuild)
             _, share = net(tokens[:, a:b], targets[:, a:b])
             (share * world).backward()
@@ -345,8 +363,9 @@ def _run_wrapped(world, rank, report):
                      for n, p in model.named_parameters()}
             errs[f"params{step}"] = max(rel_err(grads[n], ref[n]) for n in ref)
             net.zero_grad(set_to_none=True)
-        report.append({"dtype": "float64", "config": {}, "mode": kind, "split": [], "errs": errs,
-                       "bitwise_repeat": True})
+        report.append({"dtype": "float64", "config": {"ac": True} if "_ac_" in kind else {}, "mode": kind,
+                       "split": [], "errs": errs, "bitwise_repeat": True, "ac_calls": calls[0] // 2,
+                       "blocks": len(model.blocks)})
 
 
 def _state_check(cp, layer, x, mask, block, cu, mode, a, b, rel_err):
@@ -513,6 +532,8 @@ def test_sharded_layer_matches_unsharded(world, tmp_path_factory):
                 assert err < tol, f"{what}: {k} relative error {err:.3e} >= {tol:.1e}"
             assert case["bitwise_repeat"], f"{what}: a second run gave other bits"
             assert not case.get("missing_grads"), f"{what}: no gradient for {case['missing_grads']}"
+            if isinstance(case["config"], dict) and case["config"].get("ac"):  # each checkpointed block ran in the forward and again in the backward
+                assert case["ac_calls"] == 2 * case["blocks"], f"{what}: {case['ac_calls']} checkpointed runs"
             if "state_err" in case:
                 tol = TOL[case["dtype"]]
                 assert case["state_err"] < tol, f"{what}: state sum relative error {case['state_err']:.3e}"
@@ -550,6 +571,13 @@ def test_composable_checkpoint_is_refused():
     checkpoint(enc.blocks[0])
     with pytest.raises(ValueError, match=r"argument 'model' has block 0 under torch.distributed._composable"):
         cp.ContextParallelEncoder(enc)(torch.zeros(1, 3, dtype=torch.long))
+    # also inside a checkpoint_wrapper
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    lm = PolymorpherLM(50, 16, 2, layer_pattern="PA", n_heads=2)
+    checkpoint(lm.blocks[0])
+    lm.blocks[0] = checkpoint_wrapper(lm.blocks[0])
+    with pytest.raises(ValueError, match=r"argument 'model' has block 0 under torch.distributed._composable"):
+        cp.ContextParallelLM(lm)(torch.zeros(1, 3, dtype=torch.long))
 
 
 @pytest.mark.parametrize("world", [2, 3])
