@@ -9,7 +9,8 @@ OUT/lm_sweep.md, lm_sweep.json and lm_sweep.png (each model's best run against t
 clock, and the final bits per byte against the rate):
 
 - at equal training tokens: each model's final validation bits per byte at every rate (the mean of the rate's
-  seeds, with their range), its best rate, and its gap to attention's best;
+  seeds, with their range), its best rate (rates compared on the seeds they all ran, e.g. seed 0 when only the
+  best rate got more; then given as the mean of all its seeds), and its gap to attention's best;
 - at equal training time: each model's best validation bits per byte reached within the training time of the
   fastest model's full run (validation time excluded), over all its rates. Runs made in the background share
   the machine, so their own clocks do not compare: --time-steps N measures each model's step time alone (N steps
@@ -207,33 +208,57 @@ def load_runs(out: pathlib.Path) -> list:
     return runs
 
 
+def mean_curve(runs: list) -> list:
+    """The runs' validation curves averaged at the steps every run evaluated: (step, mean time, mean bpb)."""
+    common = set.intersection(*({v[0] for v in r["val"]} for r in runs))
+    per_step = {step: [v for r in runs for v in r["val"] if v[0] == step] for step in sorted(common)}
+    return [(step, statistics.fmean(v[1] for v in vs), statistics.fmean(v[2] for v in vs))
+            for step, vs in per_step.items()]
+
+
 def group_runs(runs: list) -> dict:
     """{model: [one entry per rate]}: the rate's seeds averaged — the final bits per byte, and the validation curve
-    at the steps every seed evaluated (its time the seeds' mean); a rate with one seed is that run."""
+    at the steps every seed evaluated (its time the seeds' mean); a rate with one seed is that run. Only runs of
+    the rate's longest budget are averaged (a shorter one is left out, with a note)."""
     groups = {}
     for r in runs:
         groups.setdefault((r["model"], r["lr"]), []).append(r)
     by_model = {}
     for (model, lr), rs in sorted(groups.items(), key=lambda kv: kv[0]):
-        rs.sort(key=lambda r: r["seed"])
-        common = set.intersection(*({v[0] for v in r["val"]} for r in rs))
-        per_step = {step: [v for r in rs for v in r["val"] if v[0] == step] for step in sorted(common)}
-        val = [(step, statistics.fmean(v[1] for v in vs), statistics.fmean(v[2] for v in vs))
-               for step, vs in per_step.items()]
+        full = max(r["steps"] for r in rs)
+        for r in rs:
+            if r["steps"] != full:
+                print(f"{model} lr {lr:g} seed {r['seed']}: {r['steps']} steps, not the {full} of its rate's other "
+                      f"runs: left out of the report", file=sys.stderr)
+        rs = sorted((r for r in rs if r["steps"] == full), key=lambda r: r["seed"])
         finals = [r["final_bpb"] for r in rs]
         by_model.setdefault(model, []).append({
             "model": model, "lr": lr, "seeds": [r["seed"] for r in rs], "final_bpb_seeds": finals,
             "final_bpb": statistics.fmean(finals), "layers": rs[0]["layers"], "params": rs[0]["params"],
-            "steps": min(r["steps"] for r in rs), "train_s": statistics.fmean(r["train_s"] for r in rs),
-            "step_ms": statistics.fmean(r["step_ms"] for r in rs), "val": val})
+            "steps": full, "train_s": statistics.fmean(r["train_s"] for r in rs),
+            "step_ms": statistics.fmean(r["step_ms"] for r in rs), "val": mean_curve(rs), "runs": rs})
     return by_model
 
 
+def shared_seeds(gs: list) -> set:
+    """The seeds every rate of a model ran (rates are compared on them: a mean over more seeds than a
+    neighbouring rate's one would not compare alike); all of a rate's seeds when the rates share none."""
+    return set.intersection(*(set(g["seeds"]) for g in gs))
+
+
+def best_rate(gs: list) -> dict:
+    """The rate whose final bits per byte, averaged over the seeds all rates share, is the lowest."""
+    shared = shared_seeds(gs)
+    return min(gs, key=lambda g: statistics.fmean(v for s, v in zip(g["seeds"], g["final_bpb_seeds"])
+                                                  if s in shared or not shared))
+
+
 def cell(g: dict) -> str:
-    """A rate's final bits per byte: the value of its one seed, or the seeds' mean, their count and range."""
+    """A rate's final bits per byte: the value of its one seed (named unless seed 0), or the seeds' mean, their
+    count and range."""
     finals = g["final_bpb_seeds"]
     if len(finals) == 1:
-        return f"{finals[0]:.3f}"
+        return f"{finals[0]:.3f}" + (f" (seed {g['seeds'][0]})" if g["seeds"][0] else "")
     return f"{g['final_bpb']:.3f} ({len(finals)} seeds: {min(finals):.3f}–{max(finals):.3f})"
 
 
@@ -244,7 +269,7 @@ def report(args) -> int:
         print(f"no finished runs under {out}", file=sys.stderr)
         return 1
     by_model = group_runs(runs)
-    best = {m: min(gs, key=lambda g: g["final_bpb"]) for m, gs in by_model.items()}
+    best = {m: best_rate(gs) for m, gs in by_model.items()}
     ref = best.get("attention")
     # Equal training time: the shortest full run's time; every model's best validation within it, over its rates
     # (a rate's seeds averaged). The clock: each model's step time measured alone (OUT/step_ms.json, --time-steps)
@@ -263,9 +288,19 @@ def report(args) -> int:
             f"; step_ms.json lacks {', '.join(missing)}" if step_ms else "")
     budget = min(min(clock(g, g["steps"], g["train_s"]) for g in gs) for gs in by_model.values())
     at_budget = {}
+
+    def reached(g, curve):  # the lowest validation within the budget on the curve: (bpb, lr, step), or None
+        within = [(v[2], g["lr"], v[0]) for v in curve if clock(g, v[0], v[1]) <= budget + 1e-9]
+        return min(within) if within else None
+
     for m, gs in by_model.items():
-        within = [(v[2], g["lr"], v[0]) for g in gs for v in g["val"] if clock(g, v[0], v[1]) <= budget + 1e-9]
-        at_budget[m] = min(within) if within else None
+        # the rate chosen on the seeds all rates share, then reported with all its seeds' mean curve
+        shared = shared_seeds(gs)
+        scored = [(reached(g, mean_curve([r for r in g["runs"] if r["seed"] in shared or not shared])), g)
+                  for g in gs]
+        scored = [(v, g) for v, g in scored if v is not None]
+        chosen = min(scored, key=lambda t: t[0])[1] if scored else None
+        at_budget[m] = None if chosen is None else reached(chosen, chosen["val"])
     lrs = sorted({r["lr"] for r in runs})
     lines = ["| model | layers | params (M) | ms/step | " + " | ".join(f"lr {lr:g}" for lr in lrs) +
              " | best | vs attention |",
@@ -282,7 +317,8 @@ def report(args) -> int:
                     key=lambda g: (best[g["model"]]["final_bpb"], g["lr"]))
     text = [f"Final validation bits per byte at equal training tokens ({', '.join(map(str, steps))} steps; 'best': "
             f"the lowest over the rates; 'vs attention': its gap to attention's best; a rate run with several "
-            f"seeds shows their mean, count and range, and 'best' compares means):", "", *lines, ""]
+            f"seeds shows their mean, count and range; rates are compared on the seeds they all ran, and the best "
+            f"is given as the mean of all its seeds):", "", *lines, ""]
     if seeded:
         text += ["Rates run with several seeds (each seed draws its own initialization and batches):", "",
                  "| model | lr | seeds | final bits per byte of each | mean | sample std |",
@@ -391,6 +427,8 @@ def main(argv=None) -> int:
         p.error("--threads must be >= 1")
     if args.time_steps < 0:
         p.error("--time-steps must be >= 0")
+    if any(a == "--seed" or a.startswith("--seed=") for a in shlex.split(args.train_args)):
+        p.error("--train-args: give the seeds with --seeds (each seed has its own run directory), not --seed")
     if args.time_steps:
         return time_steps(args)
     return report(args) if args.report else sweep(args)

@@ -19,10 +19,11 @@ expand compare degrees at equal state: the prediction of the polynomial-attentio
 or more recalls more than degree 1, and that recall rises with the degree up to a point.
 
 Runs: every (model, pairs, learning rate, seed) is one run (AdamW, weight decay 0.1, warm-up then cosine decay,
-fresh batches, --steps steps), appended to OUT/results.jsonl; a run already there is skipped. Its result is the
-held-out accuracy of the final model (--test-size sequences, the same for every model). --report writes
+gradients clipped to norm 1, fresh batches, --steps steps), appended to OUT/results.jsonl; a run already there is
+skipped. Its result is the held-out accuracy of the final model (--test-size sequences rounded down to whole
+batches, the same for every model of one --batch-size). --report writes
 OUT/probe.md (each model at its best rate by the seeds' mean), probe.json and probe.png (accuracy against
-state bytes, one panel per P).
+state bytes, one panel per number of pairs, width and budget).
 
     PYTHONPATH=. python examples/recall_probe.py --models attention,pom-1x4,pom-2x4,pom-3x4 --pairs 8 \
         --out benchmarks/results/recall_probe
@@ -155,14 +156,17 @@ def best_lrs(results: list, args) -> dict:
 
 
 def summarize(results: list) -> list:
-    """One row per (model, dim, pairs, budget): its best rate by the seeds' mean accuracy, with every rate's mean."""
+    """One row per (model, dim, pairs, budget): its best rate — the rates compared on the mean accuracy of the seeds
+    they all ran (seed 0 when only the best rate got more seeds) — with all its seeds, and every rate's mean."""
     groups = {}
     for r in results:
         groups.setdefault(key(r)[:5] + key(r)[7:], {}).setdefault(r["lr"], []).append(r)
     rows = []
     for (model, dim, pairs, keys, values, steps, bs), by_lr in groups.items():
         means = {lr: statistics.fmean(r["accuracy"] for r in rs) for lr, rs in by_lr.items()}
-        lr = max(means, key=means.get)
+        shared = set.intersection(*({r["seed"] for r in rs} for rs in by_lr.values()))
+        lr = max(by_lr, key=lambda x: statistics.fmean(r["accuracy"] for r in by_lr[x]
+                                                       if r["seed"] in shared or not shared))
         accs = [r["accuracy"] for r in sorted(by_lr[lr], key=lambda r: r["seed"])]
         rows.append({"model": model, **spec(model), "dim": dim, "pairs": pairs, "keys": keys, "values": values,
                      "steps": steps, "batch_size": bs, "lr": lr, "accuracies": accs, "mean": means[lr],
@@ -186,15 +190,15 @@ def table(rows: list) -> str:
 
 
 def plot(rows: list, path: pathlib.Path) -> bool:
-    """Accuracy against state bytes, one panel per number of pairs: PoM one line per degree across expands,
+    """Accuracy against state bytes, one panel per (pairs, dim, steps): PoM one line per degree across expands,
     attention a star; any value of the pairs without binding (1 / P) dotted."""
     plt = pyplot()
     if plt is None:
         return False
-    pairs = sorted({r["pairs"] for r in rows})
-    fig, axes = plt.subplots(1, len(pairs), figsize=(4.6 * len(pairs), 4.2), squeeze=False, sharey=True)
-    for ax, P in zip(axes[0], pairs):
-        at = [r for r in rows if r["pairs"] == P]
+    panels = sorted({(r["pairs"], r["dim"], r["steps"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False, sharey=True)
+    for ax, (P, dim, steps) in zip(axes[0], panels):
+        at = [r for r in rows if (r["pairs"], r["dim"], r["steps"]) == (P, dim, steps)]
         for i, d in enumerate(sorted({r["degree"] for r in at if r["kind"] == "pom"})):
             pts = sorted((r["state_bytes"], r["mean"], r["std"]) for r in at if r.get("degree") == d)
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", ms=4,
@@ -206,7 +210,7 @@ def plot(rows: list, path: pathlib.Path) -> bool:
         ax.axhline(1 / P, ls=":", lw=0.8, color="0.5")
         ax.set_xscale("log", base=2)
         ax.set_ylim(-0.02, 1.05)
-        ax.set_title(f"{P} pairs, dim {at[0]['dim']}")
+        ax.set_title(f"{P} pairs, dim {dim}, {steps} steps")
         ax.set_xlabel("state (bytes / sequence)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -308,8 +312,10 @@ def main(argv=None):
             jobs += [(m, P, lr, s) for lr in ([best[(m, P)]] if best is not None else args.lrs) for s in args.seeds]
     meta = run_meta(args.threads)
     for i, (model, P, lr, seed) in enumerate(jobs, 1):
-        if (model, args.dim, P, args.keys, args.values, lr, seed, args.steps, args.batch_size) in done:
+        k = (model, args.dim, P, args.keys, args.values, lr, seed, args.steps, args.batch_size)
+        if k in done:
             continue
+        done.add(k)
         r = run_one(args, model, P, lr, seed)
         r.update(meta)
         with open(out / "results.jsonl", "a") as f:

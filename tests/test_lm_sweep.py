@@ -46,35 +46,36 @@ def test_report_equal_tokens_and_equal_time(sweep, tmp_path):
     assert "| attention | AA | 0.00 | 2000 | 2.000 | 2.200 | 2.000 | +0.0% |" in md
 
 
-def test_report_averages_seeds(sweep, tmp_path):
-    # pom at 1e-3: one seed, 2.2. At 2e-3: seeds 0, 1, 2 end at 2.1, 2.4, 2.4 (mean 2.3, worse than 1e-3 though its
-    # seed 0 is the lowest run); its curve is averaged at the steps every seed evaluated (100 and 200).
+def test_report_averages_seeds(sweep, tmp_path, capsys):
+    # pom at 1e-3: seed 0, 2.2. At 2e-3: seeds 0, 1, 2 end at 2.1, 2.4, 2.4 (mean 2.3). The rates are compared on
+    # the seed they share (0: 2.1 < 2.2), and 2e-3 is reported with its three seeds' mean; its curve is averaged
+    # at the steps every seed evaluated (100 and 200; seed 1's lone step 50 is not).
     write_log(tmp_path, "attention", 1e-3, 2.0, [(100, 3.0), (200, 2.0)], "AA")
+    write_log(tmp_path, "attention", 4e-3, 2.0, [(100, 3.0), (200, 2.5)], "AA", seed=1)
     write_log(tmp_path, "pom", 1e-3, 1.0, [(100, 2.9), (200, 2.2)], "PP")
     write_log(tmp_path, "pom", 2e-3, 1.0, [(100, 2.6), (200, 2.1)], "PP")
     write_log(tmp_path, "pom", 2e-3, 1.0, [(50, 2.0), (100, 2.6), (200, 2.4)], "PP", seed=1)
     write_log(tmp_path, "pom", 2e-3, 1.0, [(100, 2.0), (200, 2.4)], "PP", seed=2)
+    write_log(tmp_path, "pom", 2e-3, 1.0, [(100, 1.0)], "PP", seed=3)  # a shorter budget: left out
     assert sweep.main(["--report", "--out", str(tmp_path)]) == 0
+    assert "pom lr 0.002 seed 3: 100 steps, not the 200 of its rate's other runs: left out" in capsys.readouterr().err
     summary = json.loads((tmp_path / "lm_sweep.json").read_text())
-    assert len(summary["runs"]) == 5
-    assert summary["best"]["pom"] == {"lr": 1e-3, "final_bpb": 2.2, "seeds": 1}
+    assert len(summary["runs"]) == 7
+    assert summary["best"]["pom"] == {"lr": 2e-3, "final_bpb": pytest.approx(2.3), "seeds": 3}
     rate = [g for g in summary["rates"]["pom"] if g["lr"] == 2e-3][0]
     assert rate["seeds"] == [0, 1, 2] and rate["final_bpb_seeds"] == [2.1, 2.4, 2.4]
-    assert rate["final_bpb"] == pytest.approx(2.3)
-    # Equal time (200 s, pom's runs): the seeds' mean curve at 2e-3 reaches (2.6 + 2.6 + 2.0) / 3 = 2.4 at step
-    # 100 (seed 1's lone step 50 is not averaged) and 2.3 at 200; 1e-3 ends at 2.2, the best.
-    assert summary["equal_time"]["pom"] == {"val_bpb": 2.2, "lr": 1e-3, "step": 200}
+    # Equal time (200 s): on seed 0, 2e-3 reaches 2.1 and 1e-3 2.2; 2e-3's mean curve: 2.4 at 100, 2.3 at 200.
+    assert summary["equal_time"]["pom"] == {"val_bpb": pytest.approx(2.3), "lr": 2e-3, "step": 200}
     md = (tmp_path / "lm_sweep.md").read_text()
-    assert "| pom | PP | 0.00 | 1000 | 2.200 | 2.300 (3 seeds: 2.100–2.400) | 2.200 | +10.0% |" in md
+    assert "| pom | PP | 0.00 | 1000 | 2.200 | 2.300 (3 seeds: 2.100–2.400) |  | 2.300 | +15.0% |" in md
     assert "| pom | 0.002 | 0, 1, 2 | 2.100, 2.400, 2.400 | 2.300 | 0.173 |" in md
-    # Seed 1 ending at 2.0 instead: the mean at 2e-3 is (2.1 + 2.0 + 2.4) / 3 = 2.167, now the best rate.
-    import shutil
-    shutil.rmtree(tmp_path / "pom" / "lr0.002-seed1")
-    write_log(tmp_path, "pom", 2e-3, 1.0, [(100, 2.6), (200, 2.0)], "PP", seed=1)
+    assert "| 2.500 (seed 1) |" in md  # a rate whose one run is not seed 0's says which
+    # A second seed at 1e-3 (1.9): the rates share seeds 0 and 1 (1e-3: 2.05, 2e-3: 2.25), so 1e-3 is the best.
+    write_log(tmp_path, "pom", 1e-3, 1.0, [(100, 2.5), (200, 1.9)], "PP", seed=1)
     assert sweep.main(["--report", "--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "lm_sweep.json").read_text())
-    assert summary["best"]["pom"] == {"lr": 2e-3, "final_bpb": pytest.approx(6.5 / 3), "seeds": 3}
-    assert "| pom | PP | 0.00 | 1000 | 2.200 | 2.167 (3 seeds: 2.000–2.400) | 2.167 | +8.3% |" in (
+    assert summary["best"]["pom"] == {"lr": 1e-3, "final_bpb": pytest.approx(2.05), "seeds": 2}
+    assert "| 2.050 (2 seeds: 1.900–2.200) | 2.300 (3 seeds: 2.100–2.400) |  | 2.050 | +2.5% |" in (
         tmp_path / "lm_sweep.md").read_text()
 
 
@@ -165,6 +166,7 @@ def test_bad_arguments(sweep, tmp_path, argv, match):
 @pytest.mark.parametrize("argv,match", [
     (["--time-steps", "-1"], "--time-steps must be >= 0"),
     (["--steps", "0"], "--steps must be >= 1"),
+    (["--train-args", "--dim 16 --seed 3"], "--train-args: give the seeds with --seeds"),
 ])
 def test_bad_counts(sweep, tmp_path, capsys, argv, match):
     with pytest.raises(SystemExit):

@@ -62,6 +62,10 @@ def test_summary_picks_the_rate_of_the_best_mean(probe):
     assert row["rates"] == {"0.01": pytest.approx(0.5), "0.003": pytest.approx(0.6)}
     assert "| PoM degree 2, expand 4 | 64 | 8 | 1,032 | 0.003 | 0.600, 0.600 | 0.600 | 0.500 at 0.01 |" in \
         probe.table(rows)
+    # More seeds at one rate only: the rates compare on the seed they share. 1e-2 (seed 0: 0.7) beats 3e-3
+    # (seed 0: 0.6) though 3e-3's three seeds average 0.8; 1e-2 is reported with its own seed.
+    rows = probe.summarize([r(1e-2, 0, 0.7), r(3e-3, 0, 0.6), r(3e-3, 1, 0.9), r(3e-3, 2, 0.9)])
+    assert rows[0]["lr"] == 1e-2 and rows[0]["accuracies"] == [0.7] and rows[0]["std"] == 0.0
 
 
 def test_smoke_run_learns_and_resumes(probe, tmp_path, capsys):
