@@ -215,7 +215,8 @@ def plot(rows: list, path: pathlib.Path) -> bool:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("recall accuracy (held out)")
-    fig.suptitle("one layer's state as an associative memory (pairs given whole; dotted: a value of the pairs, 1 / P)")
+    fig.suptitle("one layer's state as an associative memory\n(pairs given whole; dotted: any value of the pairs, 1 / P)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
