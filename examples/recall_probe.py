@@ -21,9 +21,9 @@ or more recalls more than degree 1, and that recall rises with the degree up to 
 Runs: every (model, pairs, learning rate, seed) is one run (AdamW, weight decay 0.1, warm-up then cosine decay,
 gradients clipped to norm 1, fresh batches, --steps steps), appended to OUT/results.jsonl; a run already there is
 skipped. Its result is the held-out accuracy of the final model (--test-size sequences rounded down to whole
-batches, the same for every model of one --batch-size). --report writes
-OUT/probe.md (each model at its best rate by the seeds' mean), probe.json and probe.png (accuracy against
-state bytes, one panel per number of pairs, width and budget).
+batches, the same for every model of one --batch-size). --report writes OUT/probe.md (each model at its best
+rate — the rates compared on the seeds they all ran — with all that rate's seeds), probe.json and probe.png
+(accuracy against state bytes, one panel per number of pairs, width and budget).
 
     PYTHONPATH=. python examples/recall_probe.py --models attention,pom-1x4,pom-2x4,pom-3x4 --pairs 8 \
         --out benchmarks/results/recall_probe
@@ -215,8 +215,8 @@ def plot(rows: list, path: pathlib.Path) -> bool:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("recall accuracy (held out)")
-    fig.suptitle("one layer's state as an associative memory\n(pairs given whole; dotted: any value of the pairs, 1 / P)",
-                 fontsize=10)
+    fig.suptitle("one layer's state as an associative memory\n"
+                 "(pairs given whole; dotted: any value of the pairs, 1 / P)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -241,8 +241,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="attention,pom-1x4,pom-2x4", help="attention, pom-KxE; comma-separated")
     p.add_argument("--pairs", default="8", help="key-value pairs per sequence, comma-separated")
-    p.add_argument("--lrs", default=None, help="learning rates, comma-separated (default 1e-3,3e-3,1e-2; --quick "
-                   "1e-2); 'best': each (model, pairs)'s best rate of seed 0 in OUT")
+    p.add_argument("--lrs", default="1e-3,3e-3,1e-2",
+                   help="learning rates, comma-separated; 'best': each (model, pairs)'s best rate of seed 0 in OUT")
     p.add_argument("--seeds", default="0")
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--keys", type=int, default=4096)
@@ -255,11 +255,10 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/recall_probe")
     p.add_argument("--report", action="store_true", help="train nothing: summarize OUT/results.jsonl")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    if "--quick" in (sys.argv[1:] if argv is None else argv):  # small defaults; explicit arguments still win
+        p.set_defaults(pairs="2", keys=16, values=16, lrs="1e-2", steps=40, batch_size=32, test_size=64,
+                       eval_every=20)
     args = p.parse_args(argv)
-    if args.quick:
-        args.pairs, args.keys, args.values = "2", 16, 16
-        args.lrs = args.lrs or "1e-2"
-        args.steps, args.batch_size, args.test_size, args.eval_every = 40, 32, 64, 20
 
     def ints(name, text, lo):
         try:
@@ -277,7 +276,6 @@ def parse_args(argv=None):
         except SystemExit as e:
             p.error(str(e))
     args.pairs, args.seeds = ints("pairs", args.pairs, 1), ints("seeds", args.seeds, 0)
-    args.lrs = args.lrs or "1e-3,3e-3,1e-2"
     if args.lrs != "best":
         try:
             args.lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
