@@ -52,14 +52,15 @@ from pom_ext.models import PolymorpherLM  # noqa: E402
 
 ZOOLOGY_LRS = "1e-4,4.6e-4,2.2e-3,1e-2"  # Zoology's sweep: logspace(-4, -2, 4)
 CONV_SIZE = 4  # PoM's causal convolution when the model's name does not give one
-MODEL_RE = re.compile(r"^(attention|pom-(\d+)x(\d+)(?:-h(\d+))?(?:-c(\d+))?)$")
+MODEL_RE = re.compile(r"^(attention|pom-(\d+)x(\d+)(?:-h(\d+))?(?:-c(\d+))?(?:-l([PA]+))?)$")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="attention,pom-2x2",
-                   help="comma-separated: attention, pom-KxE[-hS][-cC] (degree K, expand E, S gate heads, "
-                        "convolution of C tokens)")
+                   help="comma-separated: attention, pom-KxE[-hS][-cC][-lLAYERS] (degree K, expand E, S gate "
+                        "heads, convolution of C tokens; LAYERS: a hybrid's layers in order, P for PoM, A for "
+                        "attention, one letter per layer of --depth)")
     p.add_argument("--dims", default="64", help="model widths, comma-separated")
     p.add_argument("--seq-lens", default="64,128,256,512")
     p.add_argument("--num-kv", default="4,8,16,32", help="key-value pairs, one per length (or one for all)")
@@ -98,7 +99,11 @@ def parse_args(argv=None):
         p.error("--dims, --seq-lens, --num-kv and --seeds take integers, --lrs numbers or 'best'")
     for m in args.models:
         if not MODEL_RE.match(m):
-            p.error(f"--models: {m!r} is not 'attention' or 'pom-KxE[-hS][-cC]'")
+            p.error(f"--models: {m!r} is not 'attention' or 'pom-KxE[-hS][-cC][-lLAYERS]'")
+        layers = MODEL_RE.match(m).group(6)
+        if layers is not None and (len(layers) != args.depth or "P" not in layers):
+            p.error(f"--models: {m!r}: LAYERS must have one letter per layer of --depth ({args.depth}) and at least "
+                    "one P (all attention is 'attention')")
     if args.conv_size < 0:
         p.error(f"--conv-size: expected an integer >= 0, got {args.conv_size}")
     if not (args.coeff_std >= 0 and math.isfinite(args.coeff_std)):
@@ -142,17 +147,24 @@ def spec(model: str) -> dict:
     m = MODEL_RE.match(model)
     if m.group(1) == "attention":
         return {"kind": "attention"}
-    return {"kind": "pom", "degree": int(m.group(2)), "expand": int(m.group(3)),
-            "gate_heads": int(m.group(4) or 1), "conv_size": int(m.group(5) or CONV_SIZE)}
+    s = {"kind": "pom", "degree": int(m.group(2)), "expand": int(m.group(3)), "gate_heads": int(m.group(4) or 1),
+         "conv_size": int(m.group(5) or CONV_SIZE)}
+    if m.group(6) and "A" in m.group(6):  # a hybrid; all P is the plain PoM model
+        s["layers"] = m.group(6)
+    return s
 
 
 def canonical(model: str, conv_size: int) -> str:
-    """The name under which a run is kept: the convolution in it (-cC) unless it is the default, CONV_SIZE."""
+    """The name under which a run is kept: the convolution in it (-cC) unless it is the default, CONV_SIZE, and a
+    hybrid's layers (-lLAYERS; all P is the plain PoM model)."""
     if model == "attention":
         return model
-    s = spec(model if MODEL_RE.match(model).group(5) else f"{model}-c{conv_size}")
+    s = spec(model)
+    if not MODEL_RE.match(model).group(5):
+        s["conv_size"] = conv_size
     name = f"pom-{s['degree']}x{s['expand']}" + (f"-h{s['gate_heads']}" if s["gate_heads"] != 1 else "")
-    return name + (f"-c{s['conv_size']}" if s["conv_size"] != CONV_SIZE else "")
+    name += f"-c{s['conv_size']}" if s["conv_size"] != CONV_SIZE else ""
+    return name + (f"-l{s['layers']}" if "layers" in s else "")
 
 
 def build(model: str, dim: int, args) -> PolymorpherLM:
@@ -160,8 +172,9 @@ def build(model: str, dim: int, args) -> PolymorpherLM:
     common = dict(num_tokens=args.vocab, dim=dim, depth=args.depth)
     if s["kind"] == "attention":
         return PolymorpherLM(**common, layer_pattern="A", n_heads=max(1, dim // 64))
+    hybrid = {"layer_pattern": s["layers"], "n_heads": max(1, dim // 64)} if "layers" in s else {}
     lm = PolymorpherLM(**common, degree=s["degree"], expand=s["expand"], n_sel_heads=s["gate_heads"],
-                       conv_size=s["conv_size"])
+                       conv_size=s["conv_size"], **hybrid)
     if getattr(args, "coeff_std", 0.0) > 0:
         with torch.no_grad():
             for name, p in lm.named_parameters():
@@ -391,7 +404,8 @@ def pyplot():
 def plot(rows: list, path: pathlib.Path) -> bool:
     """Accuracy against the recurrent state's bytes per sequence, one panel per length (Zoology's figure): PoM
     coloured by degree (the degrees of one state size side by side), marker by width, hollow with several gate
-    heads, its expand written once per state size; attention a star at its KV cache."""
+    heads, its expand written once per state size; hybrids a cross, their layers written; attention a star at its
+    KV cache."""
     plt = pyplot()
     if plt is None:
         return False
@@ -407,7 +421,7 @@ def plot(rows: list, path: pathlib.Path) -> bool:
         labelled = set()
         for r in sorted(at, key=lambda r: -r["mean"]):
             s = spec(r["model"])
-            m = markers.get(r["dim"], "o")
+            m = "X" if "layers" in s else markers.get(r["dim"], "o")
             if s["kind"] == "attention":
                 ax.scatter(r["state_bytes"], r["mean"], marker="*", s=140, color="k", zorder=3)
                 ax.annotate(f"d={r['dim']}", (r["state_bytes"], r["mean"]), textcoords="offset points",
@@ -419,11 +433,12 @@ def plot(rows: list, path: pathlib.Path) -> bool:
             hollow = s["gate_heads"] > 1
             ax.errorbar(x, r["mean"], yerr=r["std"], fmt=m, color=c, ms=5, mfc="none" if hollow else c, capsize=2,
                         lw=1)
-            group = (s["expand"], r["dim"], s["gate_heads"], s["conv_size"])
+            group = (s["expand"], r["dim"], s["gate_heads"], s["conv_size"], s.get("layers"))
             if group not in labelled:
                 labelled.add(group)
                 tag = f"e{s['expand']}" + (f" h{s['gate_heads']}" if hollow else "") + \
-                    (f" c{s['conv_size']}" if s["conv_size"] != CONV_SIZE else "")
+                    (f" c{s['conv_size']}" if s["conv_size"] != CONV_SIZE else "") + \
+                    (f" {s['layers']}" if "layers" in s else "")
                 ax.annotate(tag, (x, r["mean"]), textcoords="offset points", xytext=(5, 3), fontsize=6)
         if at:  # what a model scores without binding keys to values
             K = at[0]["num_kv"]
@@ -441,6 +456,8 @@ def plot(rows: list, path: pathlib.Path) -> bool:
     if len(widths) > 1:
         handles += [Line2D([], [], marker=markers.get(w, "o"), ls="", color="0.4", label=f"width {w}")
                     for w in widths]
+    if any("layers" in s for s in pom):
+        handles.append(Line2D([], [], marker="X", ls="", color="0.4", label="hybrid (P: PoM, A: attention layer)"))
     if any(s["gate_heads"] > 1 for s in pom):
         handles.append(Line2D([], [], marker="o", ls="", color="0.4", mfc="none", label="several gate heads"))
     handles += [Line2D([], [], ls="--", lw=0.8, color="0.5", label="no recall: ruling out answered values"),

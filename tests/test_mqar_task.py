@@ -108,6 +108,33 @@ def test_model_names(mqar):
         mqar.parse_args(["--models", "pom-2x2-x3"])
 
 
+def test_hybrid_models(mqar, tmp_path, capsys):
+    """-lLAYERS builds a hybrid with those layers in order (P: PoM, A: attention); all P is the plain PoM model;
+    its state counts the PoM state and the attention layers' KV cache; a wrong number of layers or no P is refused."""
+    args = mqar.parse_args(["--models", "pom-2x8-lPA,pom-1x2-h4-c2-lAP,pom-2x8-lPP", "--conv-size", "3",
+                            "--vocab", "64", "--seq-lens", "32", "--num-kv", "4"])
+    assert args.models == ["pom-2x8-c3-lPA", "pom-1x2-h4-c2-lAP", "pom-2x8-c3"]
+    assert mqar.spec("pom-2x8-lAP") == {"kind": "pom", "degree": 2, "expand": 8, "gate_heads": 1, "conv_size": 4,
+                                        "layers": "AP"}
+    assert "layers" not in mqar.spec("pom-2x8-lPP")
+    lm = mqar.build("pom-2x8-c3-lPA", 32, args)
+    assert [type(b).__name__ for b in lm.blocks] == ["PolymorpherBlock", "AttentionBlock"]
+    assert lm.blocks[0].conv.kernel_size == (3,) and lm.blocks[0].mixer.degree == 2
+    pom_only, attention = mqar.build("pom-2x8-c3", 32, args), mqar.build("attention", 32, args)
+    half_kv = mqar.state_bytes(attention, 32) // 2
+    assert mqar.state_bytes(lm, 32) == mqar.state_bytes(pom_only, 32) // 2 + half_kv
+    for bad in (["--models", "pom-2x8-lPAP"], ["--models", "pom-2x8-lAA"], ["--models", "pom-2x8-lPX"],
+                ["--models", "pom-2x8-lP", "--depth", "2"]):
+        with pytest.raises(SystemExit):
+            mqar.parse_args(bad)
+    assert "LAYERS must have one letter per layer" in capsys.readouterr().err
+    mqar.main(["--quick", "--models", "pom-2x2-lAP", "--seq-lens", "32", "--steps", "4", "--eval-every", "2",
+               "--out", str(tmp_path), "--threads", "1"])
+    run = mqar.load(tmp_path)[0]
+    assert run["model"] == "pom-2x2-lAP" and run["layers"] == "AP" and run["steps"] == 4
+    assert (tmp_path / "mqar.md").read_text().count("pom-2x2-lAP") >= 1
+
+
 def test_longer_run_of_a_seed_is_reported(mqar):
     """A seed run again with more --steps replaces its shorter run in the report; other seeds and rates stay."""
     base = {"model": "attention", "dim": 64, "seq_len": 64, "num_kv": 4, "vocab": 8192, "lr": 2.2e-3,
