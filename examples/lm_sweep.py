@@ -386,7 +386,7 @@ def plot_sweep(by_model: dict, best: dict, clock, budget: float, clock_label: st
     axes[2].set_xlabel("learning rate")
     axes[2].set_xscale("log", base=2)
     lrs = sorted({g["lr"] for gs in by_model.values() for g in gs})
-    axes[2].set_xticks(lrs, [f"{lr:g}" for lr in lrs])
+    axes[2].set_xticks(lrs, [f"{lr:g}" for lr in lrs], rotation=45, ha="right")
     axes[2].minorticks_off()
     axes[0].set_title("validation, best rate of each model")
     axes[1].set_title("the same at equal time (dotted: the budget)")
