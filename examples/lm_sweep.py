@@ -26,6 +26,7 @@ Models (add your own as NAME=TRAIN_LM_ARGS, the arguments quoted as one):
     pom-c16          the same with a causal convolution of 16
     pom-e4           the same with expand 4 (twice the state)
     pom-g1k3         degree 3 with one gate per channel
+    pom-g1k3-skip    the same, the convolution's output also added to the mixer's (--conv-skip)
     pom-rope         PoM with rotary positions (PoMRoPE) and the convolution
     pom-rope-c0      PoM with rotary positions and no convolution
     hybrid           PoM with attention every third layer: PPAPPA
@@ -61,6 +62,7 @@ PRESETS = {
     "pom-c16": "--model pom --conv-size 16",
     "pom-e4": "--model pom --expand 4",
     "pom-g1k3": "--model pom --degree 3 --n-sel-heads 1",
+    "pom-g1k3-skip": "--model pom --degree 3 --n-sel-heads 1 --conv-skip",
     "pom-rope": "--model pom --rope",
     "pom-rope-c0": "--model pom --rope --conv-size 0",
     "hybrid": "--model hybrid --attn-every 3",

@@ -55,6 +55,8 @@ def parse_args(argv=None):
                         "attention block")
     p.add_argument("--conv-size", type=int, default=4, help="short causal convolution in PoM blocks (0: none)")
     p.add_argument("--rope", action="store_true", help="rotary positions in the PoM blocks (PoMRoPE, 1-D)")
+    p.add_argument("--conv-skip", action="store_true",
+                   help="PoM blocks add their convolution's output, weighted per channel, to the mixer's output")
     p.add_argument("--n-heads", type=int, default=4, help="attention heads")
     p.add_argument("--window", type=int, default=None, help="sliding-window size of attention layers")
     p.add_argument("--attn-every", type=int, default=3, help="hybrid: every k-th layer is attention")
@@ -192,7 +194,7 @@ def rope_max_len(args) -> int:
 
 def build_model(args) -> PolymorpherLM:
     common = dict(num_tokens=256, dim=args.dim, depth=args.depth, degree=args.degree, expand=args.expand,
-                  n_sel_heads=args.n_sel_heads, conv_size=args.conv_size,
+                  n_sel_heads=args.n_sel_heads, conv_size=args.conv_size, conv_skip=getattr(args, "conv_skip", False),
                   **({"rope": "1d", "rope_max_len": rope_max_len(args)} if getattr(args, "rope", False) else {}))
     if args.model == "pom":
         return PolymorpherLM(**common)
@@ -256,7 +258,8 @@ def save_checkpoint(path: pathlib.Path, model, opt, step, elapsed, records, args
 
 
 MODEL_ARGS = ("model", "dim", "depth", "degree", "expand", "n_sel_heads", "conv_size", "n_heads", "window",
-              "attn_every", "rope")
+              "attn_every", "rope", "conv_skip")
+NEWER_MODEL_ARGS = {"conv_skip": False}  # the value of checkpoints from before the option
 
 
 def main(argv=None):
@@ -279,10 +282,10 @@ def main(argv=None):
             sys.exit(f"--resume: no checkpoint at {ckpt_path}")
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         for k in MODEL_ARGS:
-            if ckpt["args"][k] != getattr(args, k):
-                shard.print(f"--resume: using the checkpoint's {k}={ckpt['args'][k]!r} "
-                            f"(given {getattr(args, k)!r})")
-                setattr(args, k, ckpt["args"][k])
+            saved = ckpt["args"][k] if k in ckpt["args"] or k not in NEWER_MODEL_ARGS else NEWER_MODEL_ARGS[k]
+            if saved != getattr(args, k):
+                shard.print(f"--resume: using the checkpoint's {k}={saved!r} (given {getattr(args, k)!r})")
+                setattr(args, k, saved)
     model = build_model(args)
     opt = make_optimizer(model, args)
     if ckpt is not None:

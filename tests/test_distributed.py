@@ -209,7 +209,8 @@ MODEL_CASES = [("lm", {"n_sel_heads": 1}), ("lm", {"n_sel_heads": 4, "n_groups":
                ("lm", {"n_sel_heads": 4, "rope": "1d", "rope_max_len": 32}), ("encoder", {"pool": "cls", "rope": "1d"}),
                # hybrids: attention gathers every rank's keys and values (and key padding); a window of 3 reaches
                # over a rank of one token or none
-               ("lm", {"layer_pattern": "PA", "n_heads": 2}), ("lm", {"layer_pattern": "AP", "n_heads": 2, "window": 3}),
+               ("lm", {"layer_pattern": "PA", "n_heads": 2, "conv_skip": True}),
+               ("lm", {"layer_pattern": "AP", "n_heads": 2, "window": 3}),
                ("encoder", {"pool": "cls", "layer_pattern": "PA", "n_heads": 2}),
                ("encoder_padding", {"pool": "mean", "layer_pattern": "AP", "n_heads": 2, "window": 3}),
                ("encoder_weights", {"pool": "mean", "layer_pattern": "PA", "n_heads": 2}),
@@ -230,6 +231,10 @@ def _model(kind, kw, dtype):
     torch.manual_seed(1)
     if kind == "lm":
         model = PolymorpherLM(50, 16, 2, degree=3, conv_size=4, **kw)
+        with torch.no_grad():  # the skip's zeros would hide it
+            for block in model.blocks:
+                if getattr(block, "skip", None) is not None:
+                    block.skip.normal_()
     else:
         model = PolymorpherEncoder(5, 16, 2, num_tokens=50, max_len=N + 2, degree=3, **kw)
     if ac:

@@ -20,6 +20,7 @@ from pom_ext.models import PolymorpherLM  # noqa: E402
 V = 64
 CONFIGS = {
     "pom": dict(layer_pattern="P", num_hidden_layers=2),
+    "pom_skip": dict(layer_pattern="P", num_hidden_layers=2, conv_skip=True, pom_degree=3),
     "pom_heads_noconv": dict(layer_pattern="P", num_hidden_layers=2, pom_gate_heads=4, conv_size=0, pom_degree=3),
     "hybrid": dict(layer_pattern="PPA", num_hidden_layers=3, num_attention_heads=2),
     "hybrid_local": dict(layer_pattern="PA", num_hidden_layers=4, num_attention_heads=2, sliding_window=4),
@@ -33,10 +34,13 @@ def make(name, dtype=torch.float64, seed=0):
     torch.manual_seed(seed)
     cfg = AutoConfig.for_model("polymorpher", vocab_size=V, hidden_size=32, pad_token_id=0, **CONFIGS[name])
     model = AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
-    with torch.no_grad():  # coefficients of order one, so that the PoM layers matter
+    with torch.no_grad():  # coefficients of order one, so that the PoM layers matter; skips (zeros at init) too
         for n, p in model.named_parameters():
             if n.endswith("po_coeff"):
                 p.normal_(0, 0.5)
+            if n.endswith(".skip"):
+                assert not p.any()
+                p.normal_()
     return model
 
 
@@ -65,6 +69,8 @@ def test_auto_classes_and_defaults():
     assert hyb.layer_types == ["linear_attention"] * 3 + ["sliding_attention"]
     with pytest.raises(ValueError, match="layer_pattern"):
         AutoConfig.for_model("polymorpher", num_hidden_layers=4, layer_pattern="PXA")
+    with pytest.raises(ValueError, match="conv_skip"):
+        AutoConfig.for_model("polymorpher", conv_skip="yes")
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -140,8 +146,15 @@ def test_save_load_roundtrip_and_dtype(tmp_path):
 
 def test_weights_convert_both_ways_with_polymorpher_lm():
     torch.manual_seed(0)
-    lm = PolymorpherLM(V, 32, 4, layer_pattern="PPPA", n_heads=2, window=5, n_sel_heads=4, degree=3).double().eval()
+    lm = PolymorpherLM(V, 32, 4, layer_pattern="PPPA", n_heads=2, window=5, n_sel_heads=4, degree=3,
+                       conv_skip=True).double().eval()
+    with torch.no_grad():  # skips (zeros at init) that add something; every weight off the float32 grid, so
+        for block in lm.blocks[:3]:  # that a conversion through float32 shows
+            block.skip.normal_()
+        for p in lm.parameters():
+            p.add_(torch.randn_like(p), alpha=1e-3)
     model = H.from_polymorpher_lm(lm).eval()
+    assert model.config.conv_skip
     ids = torch.randint(0, V, (2, 11))
     torch.testing.assert_close(model(ids).logits, lm(ids), rtol=1e-12, atol=1e-12)
     assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), lm.generate(ids, 6, temperature=0))

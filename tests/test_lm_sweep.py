@@ -177,3 +177,26 @@ def test_bad_counts(sweep, tmp_path, capsys, argv, match):
 def test_report_without_runs(sweep, tmp_path, capsys):
     assert sweep.main(["--report", "--out", str(tmp_path)]) == 1
     assert "no finished runs" in capsys.readouterr().err
+
+
+def test_train_lm_conv_skip_and_resume(tmp_path, capsys):
+    """train_lm.py --conv-skip trains PoM blocks with the skip; a checkpoint from before the option (no conv_skip in
+    its arguments) resumes as a model without it, whatever is given."""
+    import torch
+    train = load_example("train_lm")
+    small = ["--dim", "16", "--depth", "1", "--seq-len", "32", "--batch-size", "2", "--eval-every", "2",
+             "--val-batches", "1", "--sample-len", "4", "--threads", "1"]
+    skip = tmp_path / "skip"
+    train.main(small + ["--steps", "2", "--conv-skip", "--out", str(skip)])
+    state = torch.load(skip / "ckpt.pt", weights_only=False)["model"]
+    assert "blocks.0.skip" in state and state["blocks.0.skip"].abs().sum() > 0  # trained away from its zeros
+    old = tmp_path / "old"
+    train.main(small + ["--steps", "2", "--out", str(old)])
+    ckpt = torch.load(old / "ckpt.pt", weights_only=False)
+    del ckpt["args"]["conv_skip"]
+    torch.save(ckpt, old / "ckpt.pt")
+    capsys.readouterr()
+    train.main(small + ["--steps", "4", "--conv-skip", "--resume", "--out", str(old)])
+    assert "using the checkpoint's conv_skip=False (given True)" in capsys.readouterr().out
+    log = json.loads((old / "log.json").read_text())
+    assert log["final"]["step"] == 4 and "blocks.0.skip" not in torch.load(old / "ckpt.pt", weights_only=False)["model"]

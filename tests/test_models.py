@@ -10,6 +10,7 @@ V = 37
 MODELS = {
     "pom": dict(),
     "pom_heads_noconv": dict(n_sel_heads=4, conv_size=0, expand=1, degree=3),
+    "pom_skip": dict(conv_skip=True, degree=3),
     "hybrid_local": dict(layer_pattern="PA", n_heads=2, window=6),
     "hybrid_every": dict(attn_every=2, n_heads=4),
     "attention": dict(layer_pattern="A", n_heads=2),
@@ -23,6 +24,8 @@ def make_lm(name: str, depth: int = 2, dim: int = 32) -> PolymorpherLM:
         for m in model.modules():
             if isinstance(m, PolymorpherBlock):
                 m.mixer.po_coeff.normal_(0, 0.5)
+                if m.skip is not None:  # zeros at init: a skip that adds something
+                    m.skip.normal_(0, 1.0)
     return model
 
 
@@ -244,6 +247,7 @@ def test_layer_patterns():
     (dict(expand=1.5), "expand"),
     (dict(conv_size=-1), "conv_size"),
     (dict(dropout=1.0), "dropout"),
+    (dict(conv_skip=1), "conv_skip"),
 ])
 def test_lm_bad_arguments(kwargs, arg):
     with pytest.raises(ValueError, match=f"'{arg}'"):
@@ -280,3 +284,29 @@ def test_bad_call_arguments():
         enc(torch.randint(0, V, (2, 9)))
     with pytest.raises(ValueError, match="'mask'"):
         enc(torch.randint(0, V, (2, 8)), torch.ones(2, 7, dtype=torch.bool))
+
+
+def test_conv_skip():
+    """conv_skip adds skip * conv(norm1(x)) to the mixer's output: a zero-initialized per-channel parameter (the block
+    starts as without it; without the option the block has no such parameter, so state dicts keep their keys); the
+    gradient reaches it; the block scripts with and without it."""
+    torch.manual_seed(0)
+    plain = PolymorpherBlock(16, degree=3, conv_size=4).double()
+    block = PolymorpherBlock(16, degree=3, conv_size=4, conv_skip=True).double()
+    assert "skip" not in dict(plain.named_parameters()) and block.skip.shape == (16,) and not block.skip.any()
+    state = plain.state_dict()
+    block.load_state_dict({**state, "skip": block.skip.detach()}, strict=True)
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    torch.testing.assert_close(block(x, mask="causal"), plain(x, mask="causal"), rtol=0, atol=0)
+    with torch.no_grad():
+        block.skip.normal_()
+    u = block._conv(block.norm1(x))
+    expected = plain._mlp(x + plain.mixer(u, mask="causal") + block.skip * u)
+    torch.testing.assert_close(block(x, mask="causal"), expected, rtol=1e-12, atol=1e-12)
+    block(x, mask="causal").sum().backward()
+    assert block.skip.grad is not None and block.skip.grad.abs().sum() > 0
+    for b in (plain, block):
+        scripted = torch.jit.script(b)
+        torch.testing.assert_close(scripted(x, "causal"), b(x, mask="causal"), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="'conv_skip'"):
+        PolymorpherBlock(16, conv_skip="yes")

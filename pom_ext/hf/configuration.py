@@ -13,7 +13,7 @@ class PolymorpherConfig(PreTrainedConfig):
     num_attention_heads (attention layers of hybrids, default max(1, D // 64)), sliding_window (local attention),
     layer_pattern ('P' PoM, 'A' attention, tiled over the layers: "PPPA"), pom_degree, pom_expand (E = expand D),
     pom_gate_heads (gate heads, n_sel_heads), pom_groups, conv_size (short causal convolution before each PoM layer,
-    0 for none), pom_rope (None, or "1d": rotary positions in the PoM mixers, pom_ext.PoMRoPE, whose tables hold
+    0 for none), conv_skip (the convolution's output, weighted per channel, added to the PoM layer's), pom_rope (None, or "1d": rotary positions in the PoM mixers, pom_ext.PoMRoPE, whose tables hold
     max_position_embeddings positions), use_bias, dropout, tie_word_embeddings, pad / bos / eos token ids.
     layer_types is derived from the pattern ("linear_attention" for PoM layers, "full_attention" or
     "sliding_attention" for attention layers).
@@ -34,6 +34,7 @@ class PolymorpherConfig(PreTrainedConfig):
     pom_gate_heads: int = 1
     pom_groups: int = 1
     conv_size: int = 4
+    conv_skip: bool = False
     pom_rope: Optional[str] = None
     max_position_embeddings: int = 4096
     use_bias: bool = False
@@ -52,6 +53,8 @@ class PolymorpherConfig(PreTrainedConfig):
         if self.pom_rope not in (None, "1d"):
             raise ValueError(f"{owner}: argument 'pom_rope' must be None or '1d' (rotary positions of a sequence), "
                              f"got {self.pom_rope!r}")
+        if not isinstance(self.conv_skip, bool):
+            raise ValueError(f"{owner}: argument 'conv_skip' must be a bool, got {self.conv_skip!r}")
         if isinstance(self.max_position_embeddings, bool) or not isinstance(self.max_position_embeddings, int) \
                 or self.max_position_embeddings < 1:
             raise ValueError(f"{owner}: argument 'max_position_embeddings' must be a positive int, got "

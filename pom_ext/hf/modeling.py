@@ -77,6 +77,8 @@ class PolymorpherPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, PolymorpherBlock) and module.skip is not None:  # its own parameter; submodules
+            init.zeros_(module.skip)                                             # are visited on their own
         else:
             super()._init_weights(module)
 
@@ -108,7 +110,7 @@ class PolymorpherModel(PolymorpherPreTrainedModel):
                                    mlp_ratio=config.intermediate_size / D, conv_size=config.conv_size,
                                    n_heads=config.num_attention_heads, window=config.sliding_window,
                                    bias=config.use_bias, dropout=config.dropout, owner="pom_ext.hf.PolymorpherModel",
-                                   **_rope_kwargs(config))
+                                   conv_skip=config.conv_skip, **_rope_kwargs(config))
         self.norm = nn.LayerNorm(D)
         self.gradient_checkpointing = False
         _mark_init(self.layers)
@@ -222,7 +224,7 @@ def _config_of(lm: PolymorpherLM, **overrides) -> PolymorpherConfig:
               dropout=lm.drop.p, use_bias=(mlp.fc1.bias is not None) if mlp is not None else False)
     if mixer is not None:
         kw.update(pom_degree=mixer.degree, pom_expand=mixer.expand, pom_gate_heads=mixer.n_sel_heads,
-                  pom_groups=mixer.n_groups, conv_size=pom.conv_size)
+                  pom_groups=mixer.n_groups, conv_size=pom.conv_size, conv_skip=pom.skip is not None)
         if pom.use_rope:
             kw.update(pom_rope=pom.rope, max_position_embeddings=mixer.max_seq_len)
     if attn is not None:
@@ -243,7 +245,8 @@ def from_polymorpher_lm(lm: PolymorpherLM, **config_overrides) -> PolymorpherFor
     """The Transformers model of a pom_ext.models.PolymorpherLM, with its weights (equal logits)."""
     if not isinstance(lm, PolymorpherLM):
         raise ValueError(f"pom_ext.hf: argument 'lm' must be a pom_ext.models.PolymorpherLM, got {type(lm).__name__}")
-    model = PolymorpherForCausalLM(_config_of(lm, **config_overrides))
+    # in lm's dtype before the weights are loaded: a float64 model's weights are not rounded through float32
+    model = PolymorpherForCausalLM(_config_of(lm, **config_overrides)).to(next(lm.parameters()).dtype)
     state = {_hf_key(k): v for k, v in lm.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -251,7 +254,7 @@ def from_polymorpher_lm(lm: PolymorpherLM, **config_overrides) -> PolymorpherFor
     missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
     if missing or unexpected:
         raise ValueError(f"pom_ext.hf: the weights of 'lm' do not match: missing {missing}, unexpected {unexpected}")
-    return model.to(next(lm.parameters()).dtype)
+    return model
 
 
 def to_polymorpher_lm(model: PolymorpherForCausalLM) -> PolymorpherLM:
@@ -264,8 +267,9 @@ def to_polymorpher_lm(model: PolymorpherForCausalLM) -> PolymorpherLM:
                        mlp_ratio=c.intermediate_size / c.hidden_size, conv_size=c.conv_size,
                        layer_pattern=c.pattern, n_heads=c.num_attention_heads, window=c.sliding_window,
                        tie_embeddings=c.tie_word_embeddings, bias=c.use_bias, dropout=c.dropout,
-                       **_rope_kwargs(c))
+                       conv_skip=c.conv_skip, **_rope_kwargs(c))
+    lm = lm.to(model.dtype)  # before the weights are loaded: a float64 model's are not rounded through float32
     inverse = {_hf_key(k): k for k in lm.state_dict()}
     state = {inverse[k]: v for k, v in model.state_dict().items() if k in inverse}
     lm.load_state_dict(state, strict=True)
-    return lm.to(model.dtype)
+    return lm

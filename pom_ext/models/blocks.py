@@ -34,6 +34,12 @@ def check_int(owner: str, name: str, value, minimum: int) -> int:
     return value
 
 
+def check_bool(owner: str, name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{owner}: argument '{name}' must be a bool, got {value!r}")
+    return value
+
+
 def check_optional_int(owner: str, name: str, value, minimum: int) -> Optional[int]:
     return None if value is None else check_int(owner, name, value, minimum)
 
@@ -187,6 +193,9 @@ class PolymorpherBlock(nn.Module):
 
     x + PoM(conv(norm1(x)), mask) then x + MLP(norm2(x)). conv_size > 1 adds a causal depthwise
     convolution over the last conv_size tokens before the PoM (local order; a fixed-size decoding buffer).
+    conv_skip=True adds d ⊙ u to the mixer's output, u = conv(norm1(x)) the mixer's input and d a learned
+    per-channel weight (`skip`, zeros at init, so the block starts as without it): the local features reach the
+    residual stream directly, not only through the gate (Mamba's D skip; docs/models.md measures what it gives).
     forward(x: (B, N, D), mask=None | "causal" | (B, N) | (B, T, N), block_size=None) -> (B, N, D).
     rope: None, "1d" (rotary positions 0..N-1 in the mixer, PoMRoPE with max_seq_len = rope_max_len) or "2d"
     (rotary positions over a fixed patch grid `rope_grid` = (rows, columns), patches in raster order, after a class
@@ -200,10 +209,11 @@ class PolymorpherBlock(nn.Module):
     def __init__(self, dim: int, degree: int = 2, expand: int = 2, n_sel_heads: int = 1, n_groups: int = 1,
                  mlp_ratio: float = 4.0, conv_size: int = 0, bias: bool = False, dropout: float = 0.0,
                  rope: Optional[str] = None, rope_max_len: int = 4096, rope_grid=None, rope_cls_token: bool = False,
-                 rope_base: float = 10000.0):
+                 rope_base: float = 10000.0, conv_skip: bool = False):
         super().__init__()
         owner = "pom_ext.models.PolymorpherBlock"
         check_int(owner, "dim", dim, 1)
+        check_bool(owner, "conv_skip", conv_skip)
         check_int(owner, "conv_size", conv_size, 0)
         check_rate(owner, "dropout", dropout)
         if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or mlp_ratio < 0:
@@ -233,6 +243,15 @@ class PolymorpherBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(dim) if mlp_ratio > 0 else None
         self.mlp = MLP(dim, mlp_ratio, bias, dropout) if mlp_ratio > 0 else None
+        if conv_skip:
+            self.skip = nn.Parameter(torch.zeros(dim))
+        else:
+            self.register_parameter("skip", None)
+
+    def _skip(self, y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """The mixer's output y plus skip ⊙ u (u: the mixer's input) when the block has the skip."""
+        skip = self.skip
+        return y if skip is None else y + skip.to(u.dtype) * u
 
     def _conv(self, u: torch.Tensor) -> torch.Tensor:
         if self.conv is None:
@@ -258,7 +277,7 @@ class PolymorpherBlock(nn.Module):
             y = self.mixer(u, mask=mask, block_size=block_size, positions_hw=self.positions_hw)
         else:
             y = self.mixer(u, mask=mask, block_size=block_size, weight=weight)
-        return self._mlp(x + self.drop(y))
+        return self._mlp(x + self.drop(self._skip(y, u)))
 
     def allocate_cache(self, batch_size: int, device=None, dtype: Optional[torch.dtype] = None) -> PoMCache:
         device = self.mixer.po_coeff.device if device is None else device
@@ -279,7 +298,7 @@ class PolymorpherBlock(nn.Module):
             with torch.no_grad():
                 cache.conv.copy_(full[:, -(self.conv_size - 1):])
             u = self.conv(full.transpose(1, 2)).transpose(1, 2)
-        x = x + pom_causal_step(self.mixer, u, cache.state, weight)
+        x = x + self._skip(pom_causal_step(self.mixer, u, cache.state, weight), u)
         return self._mlp(x)
 
 
@@ -483,7 +502,7 @@ class AttentionBlock(nn.Module):
 
 def build_blocks(dim: int, pattern: str, *, degree: int, expand: int, n_sel_heads: int, n_groups: int,
                  mlp_ratio: float, conv_size: int, n_heads: Optional[int], window: Optional[int], bias: bool,
-                 dropout: float, owner: str, **rope) -> nn.ModuleList:
+                 dropout: float, owner: str, conv_skip: bool = False, **rope) -> nn.ModuleList:
     """One block per character of pattern ('P': PolymorpherBlock, 'A': AttentionBlock)."""
     if "A" in pattern:
         if n_heads is None:
@@ -497,7 +516,7 @@ def build_blocks(dim: int, pattern: str, *, degree: int, expand: int, n_sel_head
     for kind in pattern:
         if kind == "P":
             blocks.append(PolymorpherBlock(dim, degree, expand, n_sel_heads, n_groups, mlp_ratio, conv_size,
-                                           bias, dropout, **rope))
+                                           bias, dropout, conv_skip=conv_skip, **rope))
         else:
             blocks.append(AttentionBlock(dim, n_heads, window, mlp_ratio, bias, dropout))
     return nn.ModuleList(blocks)

@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .blocks import KVCache, PoMCache, build_blocks, check_int, check_rate, init_weights, resolve_layer_pattern
+from .blocks import (KVCache, PoMCache, build_blocks, check_bool, check_int, check_rate, init_weights,
+                     resolve_layer_pattern)
 
 Cache = List[Union[PoMCache, KVCache]]
 
@@ -25,13 +26,16 @@ class PolymorpherLM(nn.Module):
     Positions: PoM blocks are order-aware through the causal mask and their short causal convolution
     (conv_size), and with rope="1d" through rotary positions in the mixer (PoMRoPE; sequences up to rope_max_len
     tokens, decoding included); attention blocks use rotary embeddings. No learned absolute positions.
+    conv_skip=True: every PoM block adds its convolution's output, weighted per channel, to the mixer's output
+    (PolymorpherBlock).
     """
 
     def __init__(self, num_tokens: int, dim: int, depth: int, degree: int = 2, expand: int = 2,
                  n_sel_heads: int = 1, n_groups: int = 1, mlp_ratio: float = 4.0, conv_size: int = 4,
                  layer_pattern: Optional[str] = None, attn_every: Optional[int] = None,
                  n_heads: Optional[int] = None, window: Optional[int] = None, tie_embeddings: bool = True,
-                 bias: bool = False, dropout: float = 0.0, rope: Optional[str] = None, rope_max_len: int = 4096):
+                 bias: bool = False, dropout: float = 0.0, rope: Optional[str] = None, rope_max_len: int = 4096,
+                 conv_skip: bool = False):
         super().__init__()
         owner = "pom_ext.models.PolymorpherLM"
         if rope not in (None, "1d"):
@@ -40,13 +44,14 @@ class PolymorpherLM(nn.Module):
         check_int(owner, "num_tokens", num_tokens, 1)
         check_int(owner, "dim", dim, 1)
         check_rate(owner, "dropout", dropout)
+        check_bool(owner, "conv_skip", conv_skip)
         self.pattern = resolve_layer_pattern(depth, layer_pattern, attn_every, owner)
         self.num_tokens, self.dim, self.depth = num_tokens, dim, depth
         self.embed = nn.Embedding(num_tokens, dim)
         self.drop = nn.Dropout(dropout)
         self.blocks = build_blocks(dim, self.pattern, degree=degree, expand=expand, n_sel_heads=n_sel_heads,
                                    n_groups=n_groups, mlp_ratio=mlp_ratio, conv_size=conv_size, n_heads=n_heads,
-                                   window=window, bias=bias, dropout=dropout, owner=owner,
+                                   window=window, bias=bias, dropout=dropout, owner=owner, conv_skip=conv_skip,
                                    **({} if rope is None else dict(rope=rope, rope_max_len=rope_max_len)))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_tokens, bias=False)
