@@ -135,6 +135,7 @@ def time_steps(args) -> int:
     of the per-step times after the first two. Merged into OUT/step_ms.json."""
     out = pathlib.Path(args.out)
     models, lrs, seed = parse_models(args.models), parse_lrs(args.lrs), parse_seeds(args.seeds)[0]
+    out.mkdir(parents=True, exist_ok=True)  # before the timing, not after it
     path = out / "step_ms.json"
     timing = json.loads(path.read_text()) if path.exists() else {}
     step_ms = timing.get("step_ms", {})

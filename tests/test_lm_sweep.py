@@ -117,6 +117,7 @@ def test_report_equal_time_on_measured_step_times(sweep, tmp_path):
 
 
 def test_smoke_time_steps(sweep, tmp_path):
+    tmp_path = tmp_path / "new"  # an --out that does not exist yet
     argv = ["--models", "pom,attention", "--lrs", "3e-3", "--threads", "1", "--out", str(tmp_path), "--time-steps",
             "5", "--train-args", "--dim 16 --depth 1 --seq-len 32 --batch-size 2 --val-batches 1"]
     assert sweep.main(argv) == 0
