@@ -13,8 +13,9 @@ class PolymorpherConfig(PreTrainedConfig):
     num_attention_heads (attention layers of hybrids, default max(1, D // 64)), sliding_window (local attention),
     layer_pattern ('P' PoM, 'A' attention, tiled over the layers: "PPPA"), pom_degree, pom_expand (E = expand D),
     pom_gate_heads (gate heads, n_sel_heads), pom_groups, conv_size (short causal convolution before each PoM layer,
-    0 for none), conv_skip (the convolution's output, weighted per channel, added to the PoM layer's), pom_rope (None, or "1d": rotary positions in the PoM mixers, pom_ext.PoMRoPE, whose tables hold
-    max_position_embeddings positions), use_bias, dropout, tie_word_embeddings, pad / bos / eos token ids.
+    0 for none), conv_skip (the convolution's output, weighted per channel, added to the PoM layer's), pom_rope
+    (None, or "1d": rotary positions in the PoM mixers, pom_ext.PoMRoPE, whose tables hold max_position_embeddings
+    positions), use_bias, dropout, tie_word_embeddings, pad / bos / eos token ids.
     layer_types is derived from the pattern ("linear_attention" for PoM layers, "full_attention" or
     "sliding_attention" for attention layers).
     """
