@@ -98,9 +98,10 @@ def parse_args(argv=None):
     except ValueError:
         p.error("--dims, --seq-lens, --num-kv and --seeds take integers, --lrs numbers or 'best'")
     for m in args.models:
-        if not MODEL_RE.match(m):
+        match = MODEL_RE.match(m)
+        if not match:
             p.error(f"--models: {m!r} is not 'attention' or 'pom-KxE[-hS][-cC][-lLAYERS]'")
-        layers = MODEL_RE.match(m).group(6)
+        layers = match.group(6)
         if layers is not None and (len(layers) != args.depth or "P" not in layers):
             p.error(f"--models: {m!r}: LAYERS must have one letter per layer of --depth ({args.depth}) and at least "
                     "one P (all attention is 'attention')")

@@ -281,8 +281,9 @@ def main(argv=None):
         if not ckpt_path.exists():
             sys.exit(f"--resume: no checkpoint at {ckpt_path}")
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        saved_args = {**NEWER_MODEL_ARGS, **ckpt["args"]}
         for k in MODEL_ARGS:
-            saved = ckpt["args"][k] if k in ckpt["args"] or k not in NEWER_MODEL_ARGS else NEWER_MODEL_ARGS[k]
+            saved = saved_args[k]
             if saved != getattr(args, k):
                 shard.print(f"--resume: using the checkpoint's {k}={saved!r} (given {getattr(args, k)!r})")
                 setattr(args, k, saved)

@@ -560,12 +560,11 @@ def _block(block, x: torch.Tensor, mask, counts: List[int], rank: int, group,
     (batch, dtype, grad mode, mask, token counts): the layer skips its metadata exchange."""
     kind = "causal" if PF.is_causal(mask) else "none" if mask is None else "weights"
     u, last = _halo_conv(block, block.norm1(x), counts, rank, group)
-    if caches is None:
-        return block._mlp(x + block.drop(block._skip(_apply(block.mixer, u, None, mask, kind, None, None, counts,
-                                                            group, False), u)))
-    from .models import PoMCache
-    y, state = _apply(block.mixer, u, None, mask, kind, None, None, counts, group, True)
-    caches.append(PoMCache(state, None if last is None else last.detach().clone()))
+    y = _apply(block.mixer, u, None, mask, kind, None, None, counts, group, caches is not None)
+    if caches is not None:
+        from .models import PoMCache
+        y, state = y
+        caches.append(PoMCache(state, None if last is None else last.detach().clone()))
     return block._mlp(x + block.drop(block._skip(y, u)))
 
 

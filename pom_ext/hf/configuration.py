@@ -3,7 +3,7 @@ from typing import List, Optional, Union
 
 from transformers import PreTrainedConfig
 
-from ..models.blocks import resolve_layer_pattern
+from ..models.blocks import check_bool, resolve_layer_pattern
 
 
 class PolymorpherConfig(PreTrainedConfig):
@@ -54,8 +54,7 @@ class PolymorpherConfig(PreTrainedConfig):
         if self.pom_rope not in (None, "1d"):
             raise ValueError(f"{owner}: argument 'pom_rope' must be None or '1d' (rotary positions of a sequence), "
                              f"got {self.pom_rope!r}")
-        if not isinstance(self.conv_skip, bool):
-            raise ValueError(f"{owner}: argument 'conv_skip' must be a bool, got {self.conv_skip!r}")
+        check_bool(owner, "conv_skip", self.conv_skip)
         if isinstance(self.max_position_embeddings, bool) or not isinstance(self.max_position_embeddings, int) \
                 or self.max_position_embeddings < 1:
             raise ValueError(f"{owner}: argument 'max_position_embeddings' must be a positive int, got "
