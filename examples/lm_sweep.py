@@ -27,6 +27,8 @@ Models (add your own as NAME=TRAIN_LM_ARGS, the arguments quoted as one):
     pom-e4           the same with expand 4 (twice the state)
     pom-g1k3         degree 3 with one gate per channel
     pom-g1k3-skip    the same, the convolution's output also added to the mixer's (--conv-skip)
+    pom-g1k4-skip    the same with degree 4
+    pom-g1k3e4-skip  pom-g1k3-skip with expand 4 (twice the state)
     pom-rope         PoM with rotary positions (PoMRoPE) and the convolution
     pom-rope-c0      PoM with rotary positions and no convolution
     hybrid           PoM with attention every third layer: PPAPPA
@@ -34,6 +36,7 @@ Models (add your own as NAME=TRAIN_LM_ARGS, the arguments quoted as one):
     hybrid-w64       PPAPPA with attention over a sliding window of 64 bytes
     hybrid-g1k3      PPAPPA with pom-g1k3's PoM blocks (degree 3, one gate per channel)
     hybrid-pa-g1k3   the same with attention every second layer: PAPAPA
+    hybrid-pa-g1k3-skip  the same with --conv-skip in its PoM blocks
     attention        rotary multi-head attention: AAAAAA
 
     PYTHONPATH=. python examples/lm_sweep.py --models pom,attention --lrs 1e-3,2e-3,4e-3 --steps 3000 \\
@@ -63,6 +66,8 @@ PRESETS = {
     "pom-e4": "--model pom --expand 4",
     "pom-g1k3": "--model pom --degree 3 --n-sel-heads 1",
     "pom-g1k3-skip": "--model pom --degree 3 --n-sel-heads 1 --conv-skip",
+    "pom-g1k4-skip": "--model pom --degree 4 --n-sel-heads 1 --conv-skip",
+    "pom-g1k3e4-skip": "--model pom --degree 3 --expand 4 --n-sel-heads 1 --conv-skip",
     "pom-rope": "--model pom --rope",
     "pom-rope-c0": "--model pom --rope --conv-size 0",
     "hybrid": "--model hybrid --attn-every 3",
@@ -70,6 +75,7 @@ PRESETS = {
     "hybrid-w64": "--model hybrid --attn-every 3 --window 64",
     "hybrid-g1k3": "--model hybrid --attn-every 3 --degree 3 --n-sel-heads 1",
     "hybrid-pa-g1k3": "--model hybrid --attn-every 2 --degree 3 --n-sel-heads 1",
+    "hybrid-pa-g1k3-skip": "--model hybrid --attn-every 2 --degree 3 --n-sel-heads 1 --conv-skip",
     "attention": "--model attention",
 }
 

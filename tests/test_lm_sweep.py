@@ -201,3 +201,18 @@ def test_train_lm_conv_skip_and_resume(tmp_path, capsys):
     assert "using the checkpoint's conv_skip=False (given True)" in capsys.readouterr().out
     log = json.loads((old / "log.json").read_text())
     assert log["final"]["step"] == 4 and "blocks.0.skip" not in torch.load(old / "ckpt.pt", weights_only=False)["model"]
+
+
+def test_presets_parse_and_are_listed(sweep):
+    """Every preset is a valid train_lm.py command line (no argument misspelt, none repeated) and is described in
+    the module's docstring, which --help prints."""
+    import shlex
+    train = load_example("train_lm")
+    listed = {line.split()[0] for line in sweep.__doc__.splitlines() if line.startswith("    ") and line.split()}
+    for name, extra in sweep.PRESETS.items():
+        assert name in listed, name
+        words = shlex.split(extra)
+        options = [w for w in words if w.startswith("--")]
+        assert len(options) == len(set(options)), name
+        args = train.parse_args(words + ["--steps", "1"])
+        assert args.model == words[words.index("--model") + 1], name
