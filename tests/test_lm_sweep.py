@@ -203,16 +203,17 @@ def test_train_lm_conv_skip_and_resume(tmp_path, capsys):
     assert log["final"]["step"] == 4 and "blocks.0.skip" not in torch.load(old / "ckpt.pt", weights_only=False)["model"]
 
 
-def test_presets_parse_and_are_listed(sweep):
-    """Every preset is a valid train_lm.py command line (no argument misspelt, none repeated) and is described in
-    the module's docstring, which --help prints."""
-    import shlex
+def test_presets_parse_and_are_listed(sweep, tmp_path):
+    """Every preset makes a valid train_lm.py command line as the sweep builds it (no argument misspelt, none given
+    twice, its own --model kept) and is described in the module's docstring, which --help prints."""
+    import types
     train = load_example("train_lm")
     listed = {line.split()[0] for line in sweep.__doc__.splitlines() if line.startswith("    ") and line.split()}
+    settings = types.SimpleNamespace(threads=1, train_args="")
     for name, extra in sweep.PRESETS.items():
         assert name in listed, name
-        words = shlex.split(extra)
+        words = sweep.train_cmd(settings, extra, 4e-3, 0, 1, tmp_path / name)[2:]
         options = [w for w in words if w.startswith("--")]
         assert len(options) == len(set(options)), name
-        args = train.parse_args(words + ["--steps", "1"])
-        assert args.model == words[words.index("--model") + 1], name
+        args = train.parse_args(words)
+        assert args.model == extra.split("--model")[1].split()[0], name
