@@ -16,7 +16,9 @@ clock, and the final bits per byte against the rate):
   the machine, so their own clocks do not compare: --time-steps N measures each model's step time alone (N steps
   of train_lm.py with the sweep's settings, one model after the other; run it on an idle machine) into
   OUT/step_ms.json, and the report then puts every run on that clock (step x its model's step time). Without
-  that file it uses the runs' own times. The table's milliseconds per step are those of the clock used.
+  that file it uses the runs' own times. The table's milliseconds per step are those of the clock used. A model
+  added later is timed with --relative-to MODEL: MODEL is timed again beside it and the new model enters the
+  file at its ratio to MODEL, since the machine's own speed drifts between runs.
 
 Models (add your own as NAME=TRAIN_LM_ARGS, the arguments quoted as one):
 
@@ -42,6 +44,8 @@ Models (add your own as NAME=TRAIN_LM_ARGS, the arguments quoted as one):
     PYTHONPATH=. python examples/lm_sweep.py --models pom,attention --lrs 1e-3,2e-3,4e-3 --steps 3000 \\
         --out benchmarks/results/lm_sweep
     PYTHONPATH=. python examples/lm_sweep.py --models pom,attention --time-steps 40 --out benchmarks/results/lm_sweep
+    PYTHONPATH=. python examples/lm_sweep.py --models pom-e4 --time-steps 40 --relative-to pom \\
+        --out benchmarks/results/lm_sweep
     PYTHONPATH=. python examples/lm_sweep.py --report --out benchmarks/results/lm_sweep
 """
 import argparse
@@ -135,36 +139,85 @@ def train_cmd(args, extra: str, lr: float, seed: int, steps: int, path: pathlib.
             *shlex.split(args.train_args), *more]
 
 
+def measure_step_ms(args, name: str, extra: str, lr: float, seed: int):
+    """One model's step time: args.time_steps steps of train_lm.py in a scratch directory, the median of the
+    per-step times after the first two; None (with the run's output on stderr) if train_lm.py fails."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = train_cmd(args, extra, lr, seed, args.time_steps, pathlib.Path(tmp), "--log-every", "1",
+                        "--eval-every", str(args.time_steps), "--val-batches", "1", "--sample-len", "1")
+        print(f"{name}: timing {args.time_steps} steps: {shlex.join(cmd)}", flush=True)
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if done.returncode != 0:
+            print(done.stdout[-2000:], file=sys.stderr)
+            print(f"{name}: train_lm.py exited with {done.returncode}", file=sys.stderr)
+            return None
+        times = [r["time_s"] for r in json.loads((pathlib.Path(tmp) / "log.json").read_text())["records"]]
+    per_step = [b - a for a, b in zip([0.0] + times, times)]  # times: training time after each step
+    per_step = per_step[2:] or per_step
+    ms = 1e3 * statistics.median(per_step)
+    print(f"{name}: {ms:.1f} ms/step", flush=True)
+    return ms
+
+
 def time_steps(args) -> int:
     """Each model's training step time measured alone: args.time_steps steps of train_lm.py with the sweep's
-    settings (the first rate of --lrs; the rate does not change the time), one model after the other; the median
-    of the per-step times after the first two. Merged into OUT/step_ms.json."""
+    settings (the first rate of --lrs; the rate does not change the time), one model after the other. Merged
+    into OUT/step_ms.json.
+
+    With --relative-to REF (a model the file already has), REF is timed again in the same run, first, and each
+    other model is put on the file's clock by its ratio to REF in this run (the file's REF time x its time / REF's
+    time now): a model added later is compared on one clock with the others although the machine's speed has
+    changed since. The file's `later` entries say how each such time was obtained; the file's own settings and
+    date stay those of its run."""
     out = pathlib.Path(args.out)
     models, lrs, seed = parse_models(args.models), parse_lrs(args.lrs), parse_seeds(args.seeds)[0]
     out.mkdir(parents=True, exist_ok=True)  # before the timing, not after it
     path = out / "step_ms.json"
     timing = json.loads(path.read_text()) if path.exists() else {}
-    step_ms = timing.get("step_ms", {})
-    for name, extra in models.items():
-        with tempfile.TemporaryDirectory() as tmp:
-            cmd = train_cmd(args, extra, lrs[0], seed, args.time_steps, pathlib.Path(tmp), "--log-every", "1",
-                            "--eval-every", str(args.time_steps), "--val-batches", "1", "--sample-len", "1")
-            print(f"{name}: timing {args.time_steps} steps: {shlex.join(cmd)}", flush=True)
-            done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            if done.returncode != 0:
-                print(done.stdout[-2000:], file=sys.stderr)
-                print(f"{name}: train_lm.py exited with {done.returncode}", file=sys.stderr)
-                return done.returncode
-            times = [r["time_s"] for r in json.loads((pathlib.Path(tmp) / "log.json").read_text())["records"]]
-        per_step = [b - a for a, b in zip([0.0] + times, times)]  # times: training time after each step
-        per_step = per_step[2:] or per_step
-        step_ms[name] = 1e3 * statistics.median(per_step)
-        print(f"{name}: {step_ms[name]:.1f} ms/step", flush=True)
+    step_ms, later = timing.get("step_ms", {}), timing.get("later", {})
+    ref = args.relative_to
+    if ref:
+        if ref not in step_ms:
+            print(f"--relative-to: {ref!r} has no step time in {path}; time it first with --time-steps alone",
+                  file=sys.stderr)
+            return 2
+        if timing.get("threads") != args.threads or timing.get("train_args", "") != args.train_args:
+            print(f"--relative-to: {path} was timed with --threads {timing.get('threads')} and --train-args "
+                  f"{timing.get('train_args', '')!r}; give the same to compare with it", file=sys.stderr)
+            return 2
+        if ref not in models and ref not in PRESETS:
+            print(f"--relative-to: {ref!r} is neither a preset nor one of --models (NAME=TRAIN_LM_ARGS)",
+                  file=sys.stderr)
+            return 2
+        models = {ref: models.pop(ref, None) or PRESETS[ref], **models}
     from pom_ext.bench.common import cpu_name, git_commit
 
-    timing.update({"step_ms": step_ms, "steps_timed": args.time_steps, "threads": args.threads,
-                   "train_args": args.train_args, "device": cpu_name(), "git_commit": git_commit(),
-                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+    measured = {}
+    for name, extra in models.items():
+        ms = measure_step_ms(args, name, extra, lrs[0], seed)
+        if ms is None:
+            return 1
+        measured[name] = ms
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    if ref:
+        run = (f"measured in a later run ({args.time_steps} steps each, threads {args.threads}, {date}, commit "
+               f"{git_commit()}): " + ", ".join(f"{m} {v:.1f}" for m, v in measured.items()) + " ms/step")
+        for name, ms in measured.items():
+            if name != ref:
+                step_ms[name] = step_ms[ref] * ms / measured[ref]
+                later[name] = f"{run}; put on this file's clock as {ref}'s time here x {ms / measured[ref]:.3f}"
+        timing.update({"step_ms": step_ms, "later": later})
+    else:
+        for name, ms in measured.items():
+            step_ms[name] = ms
+            later.pop(name, None)  # measured on this file's clock now
+        timing.update({"step_ms": step_ms, "steps_timed": args.time_steps, "threads": args.threads,
+                       "train_args": args.train_args, "device": cpu_name(), "git_commit": git_commit(),
+                       "date": date})
+        if later:
+            timing["later"] = later
+        else:
+            timing.pop("later", None)
     path.write_text(json.dumps(timing, indent=1))
     return 0
 
@@ -427,6 +480,9 @@ def main(argv=None) -> int:
     p.add_argument("--time-steps", type=int, default=0,
                    help="only measure each model's step time alone over this many steps into OUT/step_ms.json "
                         "(the equal-time clock of the report)")
+    p.add_argument("--relative-to", default="", metavar="MODEL",
+                   help="with --time-steps: time MODEL (already in OUT/step_ms.json) again in the same run and put "
+                        "the other models on the file's clock by their ratio to it")
     p.add_argument("--no-report", dest="report_after", action="store_false",
                    help="do not write the report after the sweep")
     args = p.parse_args(argv)
@@ -438,6 +494,8 @@ def main(argv=None) -> int:
         p.error("--time-steps must be >= 0")
     if any(a == "--seed" or a.startswith("--seed=") for a in shlex.split(args.train_args)):
         p.error("--train-args: give the seeds with --seeds (each seed has its own run directory), not --seed")
+    if args.relative_to and not args.time_steps:
+        p.error("--relative-to: only with --time-steps")
     if args.time_steps:
         return time_steps(args)
     return report(args) if args.report else sweep(args)

@@ -127,6 +127,50 @@ def test_smoke_time_steps(sweep, tmp_path):
     assert not (tmp_path / "pom").exists()  # timing leaves no run behind
 
 
+def test_time_steps_relative_to(sweep, tmp_path, monkeypatch, capsys):
+    # The file's clock: pom 300 ms, attention 400 ms. A later run, on a machine 2x slower, times pom at 600 ms
+    # and pom-e4 at 900 ms: pom-e4 enters at pom's 300 x 1.5 = 450 ms; pom's own entry and the file's settings stay.
+    base = {"step_ms": {"pom": 300.0, "attention": 400.0}, "steps_timed": 100, "threads": 1, "train_args": "",
+            "date": "then", "git_commit": "abc", "later": {"attention": "put on pom's clock"}}
+    (tmp_path / "step_ms.json").write_text(json.dumps(base))
+    later_times = {"pom": 600.0, "pom-e4": 900.0, "attention": 500.0}
+    timed = []
+
+    def fake(args, name, extra, lr, seed):
+        timed.append((name, extra))
+        return later_times[name]
+
+    monkeypatch.setattr(sweep, "measure_step_ms", fake)
+    argv = ["--time-steps", "5", "--threads", "1", "--out", str(tmp_path)]
+    assert sweep.main(argv + ["--models", "pom-e4", "--relative-to", "pom"]) == 0
+    assert timed == [("pom", sweep.PRESETS["pom"]), ("pom-e4", sweep.PRESETS["pom-e4"])]  # the reference first
+    timing = json.loads((tmp_path / "step_ms.json").read_text())
+    assert timing["step_ms"] == {"pom": 300.0, "attention": 400.0, "pom-e4": pytest.approx(450.0)}
+    assert {k: timing[k] for k in ("steps_timed", "date", "git_commit")} == {"steps_timed": 100, "date": "then",
+                                                                            "git_commit": "abc"}
+    note = timing["later"]["pom-e4"]
+    assert "pom 600.0, pom-e4 900.0 ms/step" in note and "pom's time here x 1.500" in note
+    # Timed directly (no --relative-to), a model is on the file's clock: its `later` note goes.
+    assert sweep.main(argv + ["--models", "attention"]) == 0
+    timing = json.loads((tmp_path / "step_ms.json").read_text())
+    assert timing["step_ms"]["attention"] == 500.0 and set(timing["later"]) == {"pom-e4"}
+    assert timing["steps_timed"] == 5
+    # A reference the file lacks, one that is no model, a mismatched setting, --relative-to without timing.
+    capsys.readouterr()
+    assert sweep.main(argv + ["--models", "pom-e4", "--relative-to", "hybrid"]) == 2
+    assert "--relative-to: 'hybrid' has no step time in" in capsys.readouterr().err
+    timing["step_ms"]["mine"] = 1.0
+    (tmp_path / "step_ms.json").write_text(json.dumps(timing))
+    assert sweep.main(argv + ["--models", "pom-e4", "--relative-to", "mine"]) == 2
+    assert "'mine' is neither a preset nor one of --models" in capsys.readouterr().err
+    assert sweep.main(["--time-steps", "5", "--threads", "2", "--out", str(tmp_path), "--models", "pom-e4",
+                       "--relative-to", "pom"]) == 2
+    assert "was timed with --threads 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sweep.main(["--models", "pom-e4", "--relative-to", "pom", "--out", str(tmp_path)])
+    assert "--relative-to: only with --time-steps" in capsys.readouterr().err
+
+
 def test_smoke_sweep_skips_finished_runs(sweep, tmp_path, capsys):
     argv = ["--models", "pom", "--lrs", "3e-3", "--steps", "4", "--threads", "1", "--out", str(tmp_path),
             "--train-args", "--dim 16 --depth 1 --seq-len 32 --batch-size 2 --eval-every 2 --val-batches 1 "
