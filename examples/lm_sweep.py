@@ -189,7 +189,7 @@ def time_steps(args) -> int:
             print(f"--relative-to: {ref!r} is neither a preset nor one of --models (NAME=TRAIN_LM_ARGS)",
                   file=sys.stderr)
             return 2
-        models = {ref: models.pop(ref, None) or PRESETS[ref], **models}
+        models = {ref: models.pop(ref) if ref in models else PRESETS[ref], **models}
     from pom_ext.bench.common import cpu_name, git_commit
 
     measured = {}
