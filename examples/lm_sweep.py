@@ -174,7 +174,7 @@ def time_steps(args) -> int:
     out.mkdir(parents=True, exist_ok=True)  # before the timing, not after it
     path = out / "step_ms.json"
     timing = json.loads(path.read_text()) if path.exists() else {}
-    step_ms, later = timing.get("step_ms", {}), timing.get("later", {})
+    step_ms, later = timing.setdefault("step_ms", {}), timing.setdefault("later", {})  # updated in place
     ref = args.relative_to
     if ref:
         if ref not in step_ms:
@@ -206,18 +206,14 @@ def time_steps(args) -> int:
             if name != ref:
                 step_ms[name] = step_ms[ref] * ms / measured[ref]
                 later[name] = f"{run}; put on this file's clock as {ref}'s time here x {ms / measured[ref]:.3f}"
-        timing.update({"step_ms": step_ms, "later": later})
     else:
         for name, ms in measured.items():
             step_ms[name] = ms
             later.pop(name, None)  # measured on this file's clock now
-        timing.update({"step_ms": step_ms, "steps_timed": args.time_steps, "threads": args.threads,
-                       "train_args": args.train_args, "device": cpu_name(), "git_commit": git_commit(),
-                       "date": date})
-        if later:
-            timing["later"] = later
-        else:
-            timing.pop("later", None)
+        timing.update({"steps_timed": args.time_steps, "threads": args.threads, "train_args": args.train_args,
+                       "device": cpu_name(), "git_commit": git_commit(), "date": date})
+    if not later:
+        del timing["later"]
     path.write_text(json.dumps(timing, indent=1))
     return 0
 
