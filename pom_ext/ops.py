@@ -110,6 +110,76 @@ def poly_causal_gated(hs: torch.Tensor, coeff: torch.Tensor, gate_bias: Optional
     return torch.ops.pom_ext.poly_causal_gated(hs, coeff, gate_bias, block_size, cu_seqlens)
 
 
+def _check_rope(h: torch.Tensor, coeff: torch.Tensor, E: int, cos: torch.Tensor, sin: torch.Tensor,
+                positions: torch.Tensor, cu_seqlens: Optional[torch.Tensor], block_size: Optional[int] = None,
+                h_arg: str = "h") -> None:
+    """The compiled rope ops' argument rules (csrc/internal/pom_ext/checks.h), for the calls that run the
+    reference instead (no compiled library, or a device without a kernel): the reference indexes the tables with
+    the positions as given, so a negative one would wrap around and a float one be truncated."""
+    from . import functional as PF  # functional imports this module
+
+    def fail(arg, expected, got):
+        raise ValueError(f"pom_ext: argument '{arg}' must be {expected}, got {got}")
+
+    packed = cu_seqlens is not None
+    if not isinstance(h, torch.Tensor) or not h.is_floating_point() or h.dim() != (2 if packed else 3):
+        fail(h_arg, "a floating-point tensor " + ("(total, E) with cu_seqlens" if packed else "(B, N, E)"),
+             tuple(h.shape) if isinstance(h, torch.Tensor) else type(h))
+    PF.check_coeff(coeff, E)
+    if packed:
+        PF.check_cu_seqlens(cu_seqlens, h.shape[0], h.device)
+    if block_size is not None:
+        PF._check_block_size(block_size)
+    for name, t in (("coeff", coeff), ("cos", cos), ("sin", sin)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            fail(name, "a floating-point tensor", t.dtype if isinstance(t, torch.Tensor) else type(t))
+        if t.device != h.device:
+            fail(name, f"on {h.device} like '{h_arg}'", t.device)
+    if cos.dim() != 2 or sin.shape != cos.shape:
+        fail("cos", "(L, P), and 'sin' of the same shape", f"{tuple(cos.shape)} and {tuple(sin.shape)}")
+    L, P = cos.shape
+    if P < 1 or E % (2 * P):
+        fail("cos", f"(L, P) with 2 P dividing the width E = {E} of the features", tuple(cos.shape))
+    S = E // (2 * P)
+    if not isinstance(positions, torch.Tensor) or positions.dtype not in (torch.int64, torch.int32):
+        fail("positions", "an int64 or int32 tensor",
+             positions.dtype if isinstance(positions, torch.Tensor) else type(positions))
+    if positions.device != h.device:
+        fail("positions", f"on {h.device} like '{h_arg}'", positions.device)
+    wants = [(h.shape[0], S)] if packed else [(h.shape[1], S), (h.shape[0], h.shape[1], S)]
+    if tuple(positions.shape) not in wants:
+        fail("positions", f"{'(total, S)' if packed else '(N, S) or (B, N, S)'} = {' or '.join(map(str, wants))} "
+                          f"(S = E / (2 P) = {S} rotation sections)", tuple(positions.shape))
+    if positions.numel() and positions.device.type != "meta" and not torch.compiler.is_compiling():
+        lo, hi = (int(v) for v in torch.aminmax(positions))
+        if lo < 0 or hi >= L:
+            raise ValueError(f"pom_ext: argument 'positions' must lie in [0, {L}) (the rows of the cos / sin tables), "
+                             f"got values from {lo} to {hi}")
+
+
+def _check_gate_rope(hs: torch.Tensor, coeff: torch.Tensor, gate_bias: Optional[torch.Tensor], cos: torch.Tensor,
+                     gate_cos: torch.Tensor, gate_sin: torch.Tensor) -> None:
+    """The gated rope op's rules for its gates (after _check_rope on its features)."""
+    E = coeff.shape[0]
+    S = hs.shape[-1] - E
+    for name, t in (("gate_cos", gate_cos), ("gate_sin", gate_sin), ("gate_bias", gate_bias)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.device != hs.device:
+            raise ValueError(f"pom_ext: argument '{name}' must be a floating-point tensor on {hs.device} like "
+                             f"'hs', got {t.dtype if isinstance(t, torch.Tensor) else type(t)}"
+                             f"{' on ' + str(t.device) if isinstance(t, torch.Tensor) else ''}")
+    sections = E // (2 * cos.shape[1])
+    if gate_cos.dim() != 2 or gate_sin.shape != gate_cos.shape or gate_cos.shape[0] != cos.shape[0] or \
+            S < 1 or E % S or gate_cos.shape[1] * 2 * sections != S:
+        raise ValueError(f"pom_ext: argument 'gate_cos' must be (L, Pg) = ({cos.shape[0]}, Pg), and 'gate_sin' of "
+                         f"the same shape, with 2 Pg gates in each of the {sections} rotation sections of the "
+                         f"S = {S} gate columns of 'hs' (S dividing E = {E}), got {tuple(gate_cos.shape)} and "
+                         f"{tuple(gate_sin.shape)}")
+    if gate_bias is not None and tuple(gate_bias.shape) != (S,):
+        raise ValueError(f"pom_ext: argument 'gate_bias' must be (S,) = ({S},), got {tuple(gate_bias.shape)}")
+
+
 def poly_mean_rope(h: torch.Tensor, coeff: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    positions: torch.Tensor, weight: Optional[torch.Tensor] = None,
                    cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -118,6 +188,11 @@ def poly_mean_rope(h: torch.Tensor, coeff: torch.Tensor, cos: torch.Tensor, sin:
     integer rows of the tables ((total, S) when packed) -> (B, E)."""
     if not torch.jit.is_scripting():
         if not _native() or not has_kernel("poly_mean_rope", h.device):
+            _check_rope(h, coeff, h.shape[-1] if isinstance(h, torch.Tensor) else 0, cos, sin, positions,
+                        cu_seqlens)
+            if weight is not None:
+                from . import functional as PF
+                PF.check_weight(weight, h, cu_seqlens is not None, None)
             return reference.poly_mean_rope(h, coeff, cos, sin, positions, weight, cu_seqlens)
     return torch.ops.pom_ext.poly_mean_rope(h, coeff, cos, sin, positions, weight, cu_seqlens)
 
@@ -128,6 +203,8 @@ def poly_causal_rope(h: torch.Tensor, coeff: torch.Tensor, cos: torch.Tensor, si
     """poly_causal of the rotated features (tables and positions as in poly_mean_rope); output has h's shape."""
     if not torch.jit.is_scripting():
         if not _native() or not has_kernel("poly_causal_rope", h.device):
+            _check_rope(h, coeff, h.shape[-1] if isinstance(h, torch.Tensor) else 0, cos, sin, positions,
+                        cu_seqlens, block_size)
             return reference.poly_causal_rope(h, coeff, cos, sin, positions, block_size, cu_seqlens)
     return torch.ops.pom_ext.poly_causal_rope(h, coeff, cos, sin, positions, block_size, cu_seqlens)
 
@@ -142,6 +219,9 @@ def poly_causal_gated_rope(hs: torch.Tensor, coeff: torch.Tensor, gate_bias: Opt
     Its gradient w.r.t. hs is one tensor; none for the tables."""
     if not torch.jit.is_scripting():
         if not _native() or not has_kernel("poly_causal_gated_rope", hs.device):
+            _check_rope(hs, coeff, coeff.shape[0] if isinstance(coeff, torch.Tensor) else 0, cos, sin, positions,
+                        cu_seqlens, block_size, h_arg="hs")
+            _check_gate_rope(hs, coeff, gate_bias, cos, gate_cos, gate_sin)
             return reference.poly_causal_gated_rope(hs, coeff, gate_bias, cos, sin, gate_cos, gate_sin, positions,
                                                     block_size, cu_seqlens)
     return torch.ops.pom_ext.poly_causal_gated_rope(hs, coeff, gate_bias, cos, sin, gate_cos, gate_sin, positions,
@@ -152,7 +232,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     """The PoM block's causal depthwise convolution in the (B, T, D) layout: x (B, T, D), weight (D, K), bias (D,)
     or None -> y[b, t, d] = bias[d] + sum_k weight[d, k] x[b, t - K + 1 + k, d] (zeros before the first row), as
     nn.Conv1d(D, D, K, groups=D) on the left-padded, transposed input, without the transposes. On a device without
-    a kernel of the op (neither CPU nor CUDA), that convolution itself (pom_ext.reference)."""
+    a kernel of the op (not CPU, CUDA or meta), that convolution itself (pom_ext.reference)."""
     if not torch.jit.is_scripting():
         if not _native() or not has_kernel("causal_conv1d", x.device):
             return reference.causal_conv1d(x, weight, bias)
@@ -160,11 +240,12 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 
 
 def _kernel_devices():
-    """{op: device types with a compiled kernel}, read once from the dispatcher (a constant for torch.compile)."""
+    """{op: device types with a compiled kernel (meta: the Meta kernels)}, read once from the dispatcher (a constant
+    for torch.compile)."""
     if not native_available():
         return {}
     ops = [name[len("pom_ext::"):] for name in torch._C._dispatch_get_all_op_names() if name.startswith("pom_ext::")]
-    return {op: frozenset(dev for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+    return {op: frozenset(dev for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"), ("meta", "Meta"))
                           if torch._C._dispatch_has_kernel_for_dispatch_key(f"pom_ext::{op}", key)) for op in ops}
 
 

@@ -147,7 +147,8 @@ class PoMRoPE(PoM):
                 _fail(arg, "given for 2-D rotary positions (rope_2d=True): (N, 2) or (B, N, 2) (row, column)", None)
             if packed:
                 lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-                longest = int(lengths.max()) if lengths.numel() and not torch.compiler.is_compiling() else 0
+                longest = int(lengths.max()) if lengths.numel() and device.type != "meta" and \
+                    not torch.compiler.is_compiling() else 0
             else:
                 longest = N
             if longest > self.max_seq_len:
@@ -174,7 +175,7 @@ class PoMRoPE(PoM):
                                                                                 and pos.shape[0] == B))
         if not ok:
             _fail(arg, f"{shapes} with N = {N} tokens" + ("" if packed else f" and B = {B}"), tuple(pos.shape))
-        if pos.numel() and not torch.compiler.is_compiling():
+        if pos.numel() and pos.device.type != "meta" and not torch.compiler.is_compiling():  # values: not on meta
             if self.rope_2d:
                 lo = pos.amin(dim=tuple(range(pos.dim() - 1))).tolist()
                 hi = pos.amax(dim=tuple(range(pos.dim() - 1))).tolist()
@@ -311,9 +312,9 @@ class PoMRoPE(PoM):
                 _fail("xc", f"(B, T, D) like 'xq' {tuple(xq.shape[:2])} (the chunk's context and queries share "
                             f"positions)", tuple(xc.shape))
         st, as_dict = self._as_state(state, xq.shape[0], xq.device)
-        pos = self._chunk_positions(st, xq.shape[0], xq.shape[1], positions, positions_hw, xq.device)
         h, s = self.project(xq, xc)
-        PF.check_state(h, self.po_coeff, st.sum, st.count)
+        PF.check_state(h, self.po_coeff, st.sum, st.count)  # the state first: default positions come from it
+        pos = self._chunk_positions(st, xq.shape[0], xq.shape[1], positions, positions_hw, xq.device)
         H, new_sum = self._append(h, st, pos)
         new = PoMState(new_sum, st.count + xq.shape[1])
         return self._out(self._turn_gate(s, pos), H), (new.to_reference() if as_dict else new)
@@ -325,9 +326,9 @@ class PoMRoPE(PoM):
             raise ValueError(f"pom_ext.PoMRoPE.step: argument 'state' must be a PoMState (see allocate_state), "
                              f"got {type(state).__name__}")
         self._check_x("x", x, False)
-        pos = self._chunk_positions(state, x.shape[0], x.shape[1], positions, positions_hw, x.device)
         h, s = self.project(x)
-        PF.check_state(h, self.po_coeff, state.sum, state.count)
+        PF.check_state(h, self.po_coeff, state.sum, state.count)  # the state first: default positions come from it
+        pos = self._chunk_positions(state, x.shape[0], x.shape[1], positions, positions_hw, x.device)
         H, new_sum = self._append(h, state, pos)
         if torch.is_grad_enabled() and new_sum.requires_grad:
             state.sum = new_sum

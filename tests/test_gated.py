@@ -201,6 +201,7 @@ def test_gated_errors_name_the_argument():
 @native
 def test_has_kernel():
     assert ops.has_kernel("poly_causal_gated", torch.device("cpu"))
-    assert not ops.has_kernel("poly_causal_gated", torch.device("meta"))
+    assert ops.has_kernel("poly_causal_gated", torch.device("meta"))  # the Meta kernel: shapes and checks
+    assert not ops.has_kernel("poly_causal_gated", torch.device("xpu"))
     if torch._C._dispatch_has_kernel_for_dispatch_key("pom_ext::poly_causal", "CUDA"):  # a build with CUDA kernels
         assert ops.has_kernel("poly_causal_gated", torch.device("cuda"))

@@ -637,6 +637,129 @@ def test_forward_bad_inputs():
             one.step(x[:, :1], st)
 
 
+def test_state_is_checked_before_its_positions():
+    """step / state_forward read their default positions from the state's count: a bad state is reported as
+    the state (as PoM.step reports it), never as positions the caller did not give."""
+    layer = PoMRoPE(8, 2, 1, max_seq_len=8)
+    x = torch.randn(2, 3, 8)
+    with pytest.raises(ValueError, match=r"'state_sum' must be a \(B, E\) = \(2, 8\) tensor"):
+        layer.step(x, layer.allocate_state(3))
+    st = layer.allocate_state(2)
+    st.count[:] = -2
+    with pytest.raises(ValueError, match="'count' must be token counts >= 0"):
+        layer.step(x, st)
+    with pytest.raises(ValueError, match="'state_sum' must be on cpu like the input"):
+        layer.step(x, layer.allocate_state(2, device="meta"))
+    st = layer.allocate_state(2)
+    st.count = torch.zeros(3, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"'count' must be a tensor of shape \(B,\) = \(2,\)"):
+        layer.state_forward(x, state=st)
+
+
+def test_layer_on_the_meta_device():
+    """Shapes without data: the forward (given, default and packed positions, 1-D and 2-D), step and
+    state_forward run on meta tensors (no value is read)."""
+    one = PoMRoPE(8, 2, 1, n_sel_heads=2, max_seq_len=8).to("meta")
+    two = PoMRoPE(8, 2, 1, max_h=4, max_w=4, rope_2d=True).to("meta")
+    x = torch.randn(2, 5, 8, device="meta")
+    assert one(x, mask="causal", positions=torch.arange(5, device="meta")).shape == (2, 5, 8)
+    assert one(x).shape == (2, 5, 8)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32, device="meta")
+    assert one(x.reshape(10, 8), mask="causal", cu_seqlens=cu).shape == (10, 8)
+    assert two(x, positions_hw=torch.zeros(5, 2, dtype=torch.long, device="meta")).shape == (2, 5, 8)
+    assert one.step(x, one.allocate_state(2, device="meta")).shape == (2, 5, 8)
+    out, st = one.state_forward(x)
+    assert out.shape == (2, 5, 8) and st.sum.device.type == "meta"
+
+
+@native
+def test_rope_ops_on_meta_run_the_meta_kernels():
+    """The Python entry points send meta tensors to the registered Meta kernels, so the ops' checks run there."""
+    h, c = torch.randn(2, 5, 8, device="meta"), torch.randn(8, 3, device="meta")
+    cos = torch.randn(16, 4, device="meta")
+    pos = torch.zeros(5, 1, dtype=torch.long, device="meta")
+    assert ops.poly_causal_rope(h, c, cos, cos, pos, 2).shape == (2, 5, 8)
+    assert ops.poly_mean_rope(h, c, cos, cos, pos).shape == (2, 8)
+    with pytest.raises(RuntimeError, match=r"'positions' must be \(N, S\) or \(B, N, S\)"):
+        ops.poly_mean_rope(h, c, cos, cos, pos[:, 0])
+    with pytest.raises(RuntimeError, match="'block_size' must be >= 1"):
+        ops.poly_causal_rope(h, c, cos, cos, pos, 0)
+    hs = torch.randn(2, 5, 16, device="meta")
+    with pytest.raises(RuntimeError, match="the length N of 'hs'"):
+        ops.poly_causal_gated_rope(hs, c, None, cos, cos, cos, cos, pos[:4])
+
+
+@native
+def test_gated_rope_messages_name_hs():
+    hs, c = torch.randn(2, 5, 16), torch.randn(8, 3)
+    cos = torch.randn(16, 4)
+    pos = torch.zeros(5, 1, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="'cos' is on meta but 'hs' is on cpu"):
+        R.poly_causal_gated_rope(hs, c, None, cos.to("meta"), cos, cos, cos, pos, 1, None)
+    with pytest.raises(RuntimeError, match="the length N of 'hs'"):
+        R.poly_causal_gated_rope(hs, c, None, cos, cos, cos, cos, pos[:4], 1, None)
+    with pytest.raises(RuntimeError, match="'coeff' is on meta but 'hs' is on cpu"):
+        R.poly_causal_gated_rope(hs, c.to("meta"), None, cos, cos, cos, cos, pos, 1, None)
+
+
+@pytest.fixture(params=["no compiled library", "no kernel for the device"])
+def reference_path(request, monkeypatch):
+    """The rope entry points running the reference: without the compiled library, or (library loaded) on a
+    device it has no kernel for (simulated on CPU by emptying the kernel table)."""
+    if request.param == "no compiled library":
+        monkeypatch.setattr(ops, "_load_error", ImportError("simulated"))
+        monkeypatch.setattr(ops, "_warned", True)
+    else:
+        if not pom_ext.native_available():
+            pytest.skip("compiled kernels not available")
+        monkeypatch.setattr(ops, "_KERNEL_DEVICES", {})
+    return request.param
+
+
+def test_reference_path_checks_the_rope_arguments(reference_path):
+    """The reference indexes the tables with the positions as given (a negative one would wrap around, a float
+    one be truncated): the entry points check what the compiled ops check before running it."""
+    g = torch.Generator().manual_seed(21)
+    h, c = torch.randn(2, 5, 8, generator=g, dtype=torch.float64), torch.randn(8, 3, generator=g, dtype=torch.float64)
+    cos, sin = rope_tables_1d(8, 16, 10000.0)
+    pos = torch.arange(5)[:, None]
+    mean = lambda **kw: ops.poly_mean_rope(*[kw.get(k, v) for k, v in  # noqa: E731
+                                             (("h", h), ("c", c), ("cos", cos), ("sin", sin), ("pos", pos),
+                                              ("w", None))])
+    causal = lambda F=1, **kw: ops.poly_causal_rope(kw.get("h", h), c, cos, sin, kw.get("pos", pos), F,  # noqa: E731
+                                                    kw.get("cu"))
+    bad = [
+        (lambda: mean(pos=pos - 5), r"'positions' must lie in \[0, 16\).*from -5 to -1"),
+        (lambda: mean(pos=pos + 12), r"'positions' must lie in \[0, 16\).*from 12 to 16"),
+        (lambda: mean(pos=pos.double()), "'positions' must be an int64 or int32 tensor"),
+        (lambda: mean(pos=pos.bool()), "'positions' must be an int64 or int32 tensor"),
+        (lambda: mean(pos=torch.arange(5)), r"'positions' must be \(N, S\) or \(B, N, S\)"),
+        (lambda: mean(cos=cos[:, :1], sin=sin[:, :1]), "4 rotation sections"),
+        (lambda: mean(sin=sin[:, :1]), "'sin' of the same shape"),
+        (lambda: mean(cos=cos[:, :3], sin=sin[:, :3]), "2 P dividing the width E = 8"),
+        (lambda: mean(w=torch.ones(3)), r"'weight' must be \(B, N\)"),
+        (lambda: causal(0), "'block_size' must be an integer >= 1"),
+        (lambda: causal(h=h.reshape(10, 8), pos=torch.zeros(10, 1, dtype=torch.long),
+                        cu=torch.tensor([0, 6, 4, 10], dtype=torch.int32)), "'cu_seqlens' must be non-decreasing"),
+    ]
+    for call, match in bad:
+        with pytest.raises(ValueError, match=match):
+            call()
+    hs, b = torch.randn(2, 5, 16, dtype=torch.float64), torch.zeros(8, dtype=torch.float64)
+    gated = lambda **kw: ops.poly_causal_gated_rope(hs, c, kw.get("b", b), cos, sin, kw.get("gc", cos),  # noqa: E731
+                                                    kw.get("gs", sin), kw.get("pos", pos))
+    for call, match in [(lambda: gated(pos=pos - 1), r"'positions' must lie in \[0, 16\)"),
+                        (lambda: gated(gc=cos[:, :1], gs=sin[:, :1]), "2 Pg gates in each of the 1 rotation"),
+                        (lambda: gated(gc=cos[:4], gs=sin[:4]), r"'gate_cos' must be \(L, Pg\) = \(16, Pg\)"),
+                        (lambda: gated(b=b[:3]), r"'gate_bias' must be \(S,\) = \(8,\)")]:
+        with pytest.raises(ValueError, match=match):
+            call()
+    # valid calls still give the reference's values
+    assert torch.equal(mean(), reference.poly_mean_rope(h, c, cos, sin, pos))
+    assert torch.equal(causal(2), reference.poly_causal_rope(h, c, cos, sin, pos, 2))
+    assert torch.equal(gated(), reference.poly_causal_gated_rope(hs, c, b, cos, sin, cos, sin, pos))
+
+
 # ---- models ----
 
 def test_lm_with_rope_decodes_as_it_trains():

@@ -8,6 +8,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include <string>
 #include <vector>
 
 namespace pom_ext {
@@ -40,9 +41,9 @@ inline void size_is(const char* op, const char* arg, const at::Tensor& t, int64_
 }
 
 // coeff: an (E, K) floating table with K >= 1 on the device of h (any E).
-inline void coeff_shape(const char* op, const at::Tensor& h, const at::Tensor& c) {
+inline void coeff_shape(const char* op, const at::Tensor& h, const at::Tensor& c, const char* h_arg = "h") {
   floating(op, "coeff", c);
-  same_device(op, "coeff", c, h);
+  same_device(op, "coeff", c, h, h_arg);
   rank(op, "coeff", c, 2, "(E, K)");
   TORCH_CHECK(c.sym_size(1) >= 1, op, ": argument 'coeff' must have degree K >= 1 columns, got shape ",
               c.sym_sizes());
@@ -61,7 +62,7 @@ inline void h_and_layout(const char* op, const at::Tensor& h, const c10::optiona
   if (cu.has_value()) {
     rank(op, arg, h, 2, "(total, E) when 'cu_seqlens' is given");
     const at::Tensor& c = *cu;
-    same_device(op, "cu_seqlens", c, h);
+    same_device(op, "cu_seqlens", c, h, arg);
     TORCH_CHECK(c.scalar_type() == at::kInt || c.scalar_type() == at::kLong, op,
                 ": argument 'cu_seqlens' must be int32 or int64, got ", c.scalar_type());
     rank(op, "cu_seqlens", c, 1, "(B + 1,)");
@@ -202,14 +203,14 @@ inline void causal_gated_args(const char* op, const at::Tensor& hs, const at::Te
                               const c10::optional<at::Tensor>& bias, int64_t f,
                               const c10::optional<at::Tensor>& cu) {
   h_and_layout(op, hs, cu, "hs");
-  coeff_shape(op, hs, c);
+  coeff_shape(op, hs, c, "hs");
   const c10::SymInt E = c.sym_size(0), S = hs.sym_size(-1) - E;
   TORCH_CHECK(E >= 1 && S >= 1 && E % S == 0, op, ": argument 'hs' must hold E + S columns, E = ", E,
               " context columns (the rows of 'coeff') then S gate columns with S = E or S dividing E, got ",
               hs.sym_size(-1), " columns (shape ", hs.sym_sizes(), ")");
   if (bias.has_value()) {
     floating(op, "gate_bias", *bias);
-    same_device(op, "gate_bias", *bias, hs);
+    same_device(op, "gate_bias", *bias, hs, "hs");
     rank(op, "gate_bias", *bias, 1, "(S,)");
     size_is(op, "gate_bias", *bias, 0, S, "the number of gate columns S of 'hs'");
   }
@@ -220,7 +221,7 @@ inline void causal_gated_backward_args(const char* op, const at::Tensor& grad_y,
                                        const at::Tensor& c, const c10::optional<at::Tensor>& bias, int64_t f,
                                        const c10::optional<at::Tensor>& cu) {
   causal_gated_args(op, hs, c, bias, f, cu);
-  same_device(op, "grad_y", grad_y, hs);
+  same_device(op, "grad_y", grad_y, hs, "hs");
   auto sizes = hs.sym_sizes().vec();
   sizes.back() = c.sym_size(0);
   same_shape(op, "grad_y", grad_y, sizes, "the output y");
@@ -263,13 +264,15 @@ inline void state_backward_args(const char* op, const at::Tensor& grad_H, const 
 // for a dense h (B, N, E), (total, S) for a packed h; their values index the rows of the tables (checked by the
 // kernels, which read them).
 // (The gated op's features are the first E columns of hs: E given, h the whole tensor.)
+// (h_arg: the name of h in the op's schema, for the messages.)
 inline void rope(const char* op, const at::Tensor& h, const at::Tensor& cos, const at::Tensor& sin,
-                 const at::Tensor& pos, const c10::optional<at::Tensor>& cu, const c10::SymInt& E) {
+                 const at::Tensor& pos, const c10::optional<at::Tensor>& cu, const c10::SymInt& E,
+                 const char* h_arg = "h") {
   floating(op, "cos", cos);
   floating(op, "sin", sin);
-  same_device(op, "cos", cos, h);
-  same_device(op, "sin", sin, h);
-  same_device(op, "positions", pos, h);
+  same_device(op, "cos", cos, h, h_arg);
+  same_device(op, "sin", sin, h, h_arg);
+  same_device(op, "positions", pos, h, h_arg);
   rank(op, "cos", cos, 2, "(L, P)");
   TORCH_CHECK(sin.sym_sizes() == cos.sym_sizes(), op, ": arguments 'cos' and 'sin' must have one shape, got ",
               cos.sym_sizes(), " and ", sin.sym_sizes());
@@ -279,14 +282,15 @@ inline void rope(const char* op, const at::Tensor& h, const at::Tensor& cos, con
   const c10::SymInt S = E / (2 * P);
   TORCH_CHECK(pos.scalar_type() == at::kLong || pos.scalar_type() == at::kInt, op,
               ": argument 'positions' must be int64 or int32, got ", pos.scalar_type());
+  const std::string of_h = std::string(" of '") + h_arg + "'";
   if (cu.has_value()) {
     rank(op, "positions", pos, 2, "(total, S) when 'cu_seqlens' is given");
-    size_is(op, "positions", pos, 0, h.sym_size(0), "the number of packed tokens of 'h'");
+    size_is(op, "positions", pos, 0, h.sym_size(0), ("the number of packed tokens" + of_h).c_str());
   } else {
     TORCH_CHECK(pos.dim() == 2 || pos.dim() == 3, op, ": argument 'positions' must be (N, S) or (B, N, S), got a ",
                 pos.dim(), "-D tensor of shape ", pos.sym_sizes());
-    if (pos.dim() == 3) size_is(op, "positions", pos, 0, h.sym_size(0), "the batch B of 'h'");
-    size_is(op, "positions", pos, pos.dim() - 2, h.sym_size(1), "the length N of 'h'");
+    if (pos.dim() == 3) size_is(op, "positions", pos, 0, h.sym_size(0), ("the batch B" + of_h).c_str());
+    size_is(op, "positions", pos, pos.dim() - 2, h.sym_size(1), ("the length N" + of_h).c_str());
   }
   size_is(op, "positions", pos, pos.dim() - 1, S, "the number of rotation sections S = E / (2 P)");
 }
@@ -303,11 +307,11 @@ inline void gate_rope(const char* op, const at::Tensor& hs, const at::Tensor& c,
                       const at::Tensor& sin, const at::Tensor& gcos, const at::Tensor& gsin, const at::Tensor& pos,
                       const c10::optional<at::Tensor>& cu) {
   const c10::SymInt E = c.sym_size(0), S = hs.sym_size(-1) - E;
-  rope(op, hs, cos, sin, pos, cu, E);
+  rope(op, hs, cos, sin, pos, cu, E, "hs");
   floating(op, "gate_cos", gcos);
   floating(op, "gate_sin", gsin);
-  same_device(op, "gate_cos", gcos, hs);
-  same_device(op, "gate_sin", gsin, hs);
+  same_device(op, "gate_cos", gcos, hs, "hs");
+  same_device(op, "gate_sin", gsin, hs, "hs");
   rank(op, "gate_cos", gcos, 2, "(L, Pg)");
   TORCH_CHECK(gsin.sym_sizes() == gcos.sym_sizes(), op,
               ": arguments 'gate_cos' and 'gate_sin' must have one shape, got ", gcos.sym_sizes(), " and ",
