@@ -164,6 +164,47 @@ def test_weights_convert_both_ways_with_polymorpher_lm():
         H.from_polymorpher_lm(torch.nn.Linear(2, 2))
 
 
+@pytest.mark.parametrize("pattern", ["PP", "PA", "AP"])
+def test_biases_without_mlp_convert(pattern):
+    """bias=True puts biases on every projection; without MLPs the conversion reads it from the mixers."""
+    torch.manual_seed(0)
+    lm = PolymorpherLM(V, 16, 2, layer_pattern=pattern, n_heads=2, bias=True, mlp_ratio=0).double().eval()
+    model = H.from_polymorpher_lm(lm).eval()
+    assert model.config.use_bias
+    ids = torch.randint(0, V, (2, 7))
+    torch.testing.assert_close(model(ids).logits, lm(ids), rtol=1e-12, atol=1e-12)
+
+
+def test_past_key_values_return_dict_and_hidden_states():
+    """Transformers' conventions: the cache under its older name `past_key_values` (deprecated, still honoured,
+    never silently dropped), return_dict=False (argument or config) giving a tuple, output_hidden_states from the
+    config, the last hidden state the normed one."""
+    model = make("hybrid")
+    ids = torch.randint(1, V, (2, 9), generator=torch.Generator().manual_seed(5))
+    full = model(ids).logits
+    first = model(ids[:, :4], use_cache=True)
+    with pytest.warns(FutureWarning, match="past_key_values"):
+        rest = model(ids[:, 4:], past_key_values=first.cache, use_cache=True)
+    torch.testing.assert_close(torch.cat([first.logits, rest.logits], 1), full, rtol=1e-12, atol=1e-12)
+    out = model(ids, labels=ids)
+    loss, logits = model(ids, labels=ids, return_dict=False)[:2]
+    assert torch.equal(loss, out.loss) and torch.equal(logits, out.logits)
+    model.config.return_dict = False
+    try:
+        assert isinstance(model(ids), tuple)
+    finally:
+        model.config.return_dict = True
+    base = model.model
+    states = base(ids, output_hidden_states=True).hidden_states
+    assert len(states) == model.config.num_hidden_layers + 1
+    assert torch.equal(states[-1], base(ids).last_hidden_state)
+    model.config.output_hidden_states = True
+    try:
+        assert model(ids).hidden_states is not None
+    finally:
+        model.config.output_hidden_states = False
+
+
 def test_rotary_pom_layers(tmp_path):
     """pom_rope='1d': PoMRoPE mixers whose decoding state turns each token at its position; the weights and the
     rotary tables convert both ways with PolymorpherLM(rope='1d') and survive save / load; padding is refused
@@ -264,7 +305,7 @@ def stock(kind):
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2", "mistral"])
-@pytest.mark.parametrize("layers", [[0], [1, 2]])
+@pytest.mark.parametrize("layers", [[0], [1, 2], [0, 1, 2]])
 def test_convert_decoders(kind, layers):
     """Chosen layers' attention replaced by PoM: every other weight kept, the model trains, and generate() with
     the PoM state in the cache equals recomputation, for a left-padded batch too (each row as alone)."""
@@ -298,6 +339,26 @@ def test_convert_decoders(kind, layers):
     loss.backward()
     pom_grads = [p.grad for n, p in model.named_parameters() if ".pom." in n]
     assert pom_grads and all(gr is not None and torch.isfinite(gr).all() for gr in pom_grads)
+
+
+def test_converted_model_reloads_by_converting_again(tmp_path):
+    """The reload path docs/hf.md gives: the original model, converted with the same arguments, then the saved
+    weights, strict."""
+    model = stock("llama").double()
+    H.convert(model, [0, 2], n_sel_heads=4)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, H.PoMAttention):
+                m.pom.po_coeff.normal_(0, 0.5)
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+    again = stock("llama").double()
+    H.convert(again, [0, 2], n_sel_heads=4)
+    again.load_state_dict(load_file(str(tmp_path / "model.safetensors")), strict=False)
+    missing = set(again.state_dict()) - set(load_file(str(tmp_path / "model.safetensors")))
+    assert missing <= {"lm_head.weight"}  # tied to the embedding, saved once
+    ids = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(again.eval()(ids).logits, model.eval()(ids).logits, rtol=0, atol=0)
 
 
 def test_convert_bert_encoder():

@@ -91,6 +91,21 @@ class PoMCacheLayer(_BlockCache, LinearAttentionCacheLayerMixin):
         raise ValueError("pom_ext.hf: a PoM state cannot record past states")
 
 
+class ConvertedPoMCacheLayer(PoMCacheLayer, CacheLayerMixin):
+    """The PoM layer of a converted Transformers model (pom_ext.hf.convert). Such a model builds its attention
+    masks from the cache, which asks an attention layer (CacheLayerMixin) for their sizes: the positions seen plus
+    the new tokens. Where every attention layer became PoM, none would be left to answer, so this layer answers
+    too (a layer holding both kinds of state, in Transformers' terms)."""
+
+    def __init__(self, **kwargs):
+        PoMCacheLayer.__init__(self)
+        CacheLayerMixin.__init__(self)
+        self._init_block()
+
+    def update(self, *args, **kwargs):
+        raise NotImplementedError("pom_ext.hf.ConvertedPoMCacheLayer is updated by its PoM layer (PoMCache)")
+
+
 class AttentionCacheLayer(_BlockCache, CacheLayerMixin):
     """An attention block's decoding cache (pom_ext.models.KVCache) as a layer of a Transformers Cache."""
 

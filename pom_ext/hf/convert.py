@@ -9,7 +9,7 @@ from transformers.cache_utils import Cache, EncoderDecoderCache
 
 from ..layers import PoM
 from ..models.blocks import PoMCache, pom_causal_step
-from .cache import PoMCacheLayer, install
+from .cache import ConvertedPoMCacheLayer, install
 
 
 def _chunk_padding(attention_mask, T: int, past: int) -> Optional[torch.Tensor]:
@@ -58,7 +58,7 @@ class PoMAttention(nn.Module):
         if cache is None:
             return self.pom(hidden_states, mask="causal", weight=_chunk_padding(attention_mask, T, 0)), None
         B = hidden_states.shape[0]
-        layer = install(cache, self.layer_idx, PoMCacheLayer,
+        layer = install(cache, self.layer_idx, ConvertedPoMCacheLayer,
                         lambda: PoMCache(self.pom.allocate_state(B, hidden_states.device)))
         w = _chunk_padding(attention_mask, T, layer.seen_tokens)
         out = pom_causal_step(self.pom, hidden_states, layer.inner.state, w)

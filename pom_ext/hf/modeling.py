@@ -11,6 +11,8 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GenericForSequenceClassification
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 
 from ..layers import PoM
 from ..models.blocks import AttentionBlock, PolymorpherBlock, build_blocks
@@ -127,6 +129,7 @@ class PolymorpherModel(PolymorpherPreTrainedModel):
             return install(cache, i, PoMCacheLayer, lambda: block.allocate_cache(batch, x.device, x.dtype))
         return install(cache, i, AttentionCacheLayer, lambda: block.allocate_cache(batch, x.device, x.dtype))
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # Transformers' old name of the cache
     def forward(self, input_ids: Optional[torch.LongTensor] = None, attention_mask=None,
                 position_ids: Optional[torch.LongTensor] = None, cache: Optional[Cache] = None,
                 inputs_embeds: Optional[torch.Tensor] = None, use_cache: Optional[bool] = None,
@@ -138,6 +141,8 @@ class PolymorpherModel(PolymorpherPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pom_ext.hf.PolymorpherModel: give exactly one of 'input_ids' and 'inputs_embeds'")
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         checkpointing = self.gradient_checkpointing and self.training
         if checkpointing:
             use_cache = False
@@ -164,6 +169,8 @@ class PolymorpherModel(PolymorpherPreTrainedModel):
             if hidden is not None:
                 hidden.append(x)
         x = self.norm(x)
+        if hidden is not None:
+            hidden[-1] = x  # as Transformers' models: the last hidden state is the normed one
         return BaseModelOutputWithPast(last_hidden_state=x, cache=cache if use_cache else None,
                                        hidden_states=None if hidden is None else tuple(hidden))
 
@@ -186,6 +193,8 @@ class PolymorpherForCausalLM(PolymorpherPreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value):
         self.model.embed_tokens = value
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
     def forward(self, input_ids: Optional[torch.LongTensor] = None, attention_mask=None,
                 position_ids: Optional[torch.LongTensor] = None, cache: Optional[Cache] = None,
                 inputs_embeds: Optional[torch.Tensor] = None, labels: Optional[torch.LongTensor] = None,
@@ -221,7 +230,14 @@ def _config_of(lm: PolymorpherLM, **overrides) -> PolymorpherConfig:
     kw = dict(vocab_size=lm.num_tokens, hidden_size=lm.dim, num_hidden_layers=lm.depth, layer_pattern=lm.pattern,
               intermediate_size=mlp.fc1.out_features if mlp is not None else 0,
               tie_word_embeddings=lm.head.weight is lm.embed.weight,
-              dropout=lm.drop.p, use_bias=(mlp.fc1.bias is not None) if mlp is not None else False)
+              dropout=lm.drop.p)
+    # bias=True puts biases on the MLPs, the PoM output projections and the attention projections alike
+    if mlp is not None:
+        kw["use_bias"] = mlp.fc1.bias is not None
+    elif mixer is not None:
+        kw["use_bias"] = mixer.ag_proj.bias is not None
+    elif attn is not None:
+        kw["use_bias"] = attn.mixer.proj.bias is not None
     if mixer is not None:
         kw.update(pom_degree=mixer.degree, pom_expand=mixer.expand, pom_gate_heads=mixer.n_sel_heads,
                   pom_groups=mixer.n_groups, conv_size=pom.conv_size, conv_skip=pom.skip is not None)
