@@ -19,8 +19,8 @@ is one all_reduce of the gradient of the gathered (P, B, E) tensor, each rank ke
 rank order after the gather gives every rank the same H bit for bit, and the same result on every run.
 
 Before that, every call all-gathers a small int64 metadata row (the mask kind, batch, width, dtype, block
-size, local token counts, a local error flag) and checks it, so ranks that disagree raise the same ValueError
-on every rank instead of waiting in mismatched collectives.
+size, local token counts, which rotary positions are the defaults, a local error flag) and checks it, so ranks
+that disagree raise the same ValueError on every rank instead of waiting in mismatched collectives.
 
 Rotary layers (PoMRoPE): every rank rotates its features at their global positions (by default its offset
 o_r onwards, restarting in every packed sequence; or its slice of the positions, given), so the exchanged sums
@@ -53,8 +53,8 @@ _KINDS = ["none", "weights", "causal", "varlen", "varlen_causal"]
 _KIND_NAMES = {"none": "None", "weights": "a (B, N) tensor", "causal": "'causal'",
                "varlen": "None with cu_seqlens", "varlen_causal": "'causal' with cu_seqlens"}
 # metadata row: error flag, kind, batch, D, E, K, G, dtype, block size, cross, context tokens, query tokens,
-# gradients needed
-_META = 13
+# gradients needed, rotary default positions (bit 1: the context's, bit 2: the queries')
+_META = 14
 
 
 def _fail(arg: str, message: str) -> None:
@@ -126,8 +126,10 @@ def _describe(mask) -> str:
     return repr(mask)
 
 
-def _local_checks(layer, xq, xc, mask, block_size, cu_seqlens, return_state) -> List[int]:
-    """The arguments of this rank alone; returns its metadata row (raises ValueError naming the argument)."""
+def _local_checks(layer, xq, xc, mask, block_size, cu_seqlens, return_state, rope: dict,
+                  prepared: dict) -> List[int]:
+    """The arguments of this rank alone; returns its metadata row (raises ValueError naming the argument) and
+    puts the rope ops' form of the rotary positions given into `prepared` (see _rope_local)."""
     if not isinstance(layer, PoM):
         _fail("layer", f"must be a pom_ext.PoM, got {type(layer).__name__}")
     packed = cu_seqlens is not None
@@ -173,9 +175,68 @@ def _local_checks(layer, xq, xc, mask, block_size, cu_seqlens, return_state) -> 
                 _fail("mask", f"must be bool or floating point, got {mask.dtype}")
             if mask.device != xq.device:
                 _fail("mask", f"must be on {xq.device} like 'xq', got {mask.device}")
+    flags = _rope_local(layer, xq, xc, rope, cu_seqlens, 0 if packed else batch, n, t, prepared)
     return [0, _KINDS.index(kind), batch, layer.dim, layer.state_width, layer.degree, layer.n_sel_heads,
             _DTYPES.index(xq.dtype) if xq.dtype in _DTYPES else len(_DTYPES),
-            1 if block_size is None else block_size, int(xc is not None), n, t, int(_needs_grad(layer, xq, xc))]
+            1 if block_size is None else block_size, int(xc is not None), n, t, int(_needs_grad(layer, xq, xc)),
+            flags]
+
+
+def _rope_local(layer, xq, xc, rope: dict, cu_seqlens, B: int, n: int, t: int, prepared: dict) -> int:
+    """Checks this rank's rotary position arguments (shapes, dtype, device, values against the tables), before
+    any exchange; puts (context, query positions or None where the default global ones apply, whether the
+    queries take the context's) into prepared["rope"]; returns the default bits of the metadata row (1: the
+    context, 2: the queries; their global positions are checked on the gathered table: _check_rope_defaults)."""
+    given = [k for k in _ROPE_ARGS if rope.get(k) is not None]
+    if not isinstance(layer, PoMRoPE):
+        if given:
+            _fail(given[0], "applies to rotary layers (pom_ext.PoMRoPE)")
+        return 0
+    dev = xq.device
+    qp, cp, qname, cname = layer._position_args(rope.get("positions"), rope.get("ctx_positions"),
+                                                rope.get("positions_hw"), rope.get("ctx_positions_hw"), xc is None)
+    flags, cpos, qpos = 0, None, None
+    if cp is None and not layer.rope_2d:
+        flags |= 1
+    else:  # given (a 2-D layer without positions raises here)
+        cpos = layer._positions(cname, cp, B, n, dev, cu_seqlens)
+    one = xc is None and (rope.get(qname) is None or cp is rope.get(qname))
+    if not one:
+        if qp is None and not layer.rope_2d:
+            flags |= 2
+        else:
+            qpos = layer._positions(qname, qp, B, t, dev, cu_seqlens)
+    prepared["rope"] = (cpos, qpos, one)
+    return flags
+
+
+def _reach(offset: int, count: int, cu: Optional[List[int]]) -> int:
+    """The largest default global position of the tokens [offset, offset + count) (packed: the position inside
+    each sequence), -1 for none."""
+    if count <= 0:
+        return -1
+    if cu is None:
+        return offset + count - 1
+    end = offset + count
+    return max((min(b, end) - 1 - a for a, b in zip(cu, cu[1:]) if a < end and b > offset), default=-1)
+
+
+def _check_rope_defaults(layer, table: torch.Tensor, cu: Optional[List[int]]) -> None:
+    """Identical checks on every rank, over the gathered table, before any exchange of data: the default global
+    positions that any rank takes (column 13) must index the rotary tables."""
+    if not isinstance(layer, PoMRoPE) or layer.rope_2d:
+        return
+    cross = bool(table[0, 9])
+    for bit, column, name in ((1, 10, "ctx_positions" if cross else "positions"), (2, 11, "positions")):
+        counts = table[:, column].tolist()
+        reach = {r: _reach(sum(counts[:r]), counts[r], cu) for r in range(len(counts))
+                 if int(table[r, 13]) & bit}
+        over = [r for r, v in reach.items() if v >= layer.max_seq_len]
+        if over:
+            where = "inside its packed sequence" if cu is not None else f"of {sum(counts)} tokens over all ranks"
+            _fail(name, f"must be given, or the default global positions must be in [0, max_seq_len = "
+                        f"{layer.max_seq_len}) (build the layer with a larger max_seq_len): the positions "
+                        f"{where} reach {max(reach[r] for r in over)} on rank(s) {over}")
 
 
 def _needs_grad(layer, xq, xc) -> bool:
@@ -220,8 +281,10 @@ def _check_table(table: torch.Tensor) -> None:
 
 def _checked_exchange(check, width: int, device, group) -> torch.Tensor:
     """Runs this rank's checks (`check()` returns its metadata row of `width` integers, the first 0, or raises
-    ValueError) and all-gathers the rows (all -1 with the first set to 1 where the checks failed); a rank whose
-    checks failed raises its error, every other rank a ValueError saying which rank did."""
+    ValueError) and all-gathers the rows (where the checks failed: 1, the length of the error message, then -1);
+    if any rank failed, every rank then all-gathers the failed ranks' messages: a rank whose checks failed raises
+    its error, every other rank a ValueError saying which rank did and quoting its message (so it names the
+    argument too)."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("pom_ext.distributed: torch.distributed is not initialized (call "
                            "torch.distributed.init_process_group first)")
@@ -230,23 +293,30 @@ def _checked_exchange(check, width: int, device, group) -> torch.Tensor:
         row = check()
     except ValueError as e:
         error, row = e, None
-    table = _gather_ints(row if row is not None else [1] + [-1] * (width - 1), group, device)
+    text = list(str(error).encode()) if error is not None else []
+    table = _gather_ints(row if row is not None else [1, len(text)] + [-1] * (width - 2), group, device)
+    bad = [r for r in range(table.shape[0]) if table[r, 0] != 0]
+    if not bad:
+        return table
+    # every rank gathers the rejecting ranks' messages (a second collective, on this path only)
+    longest = max(1, max(int(table[r, 1]) for r in bad))
+    texts = _gather_ints(text + [0] * (longest - len(text)), group, device)
     if error is not None:
         raise error
-    bad = [r for r in range(table.shape[0]) if table[r, 0] != 0]
-    if bad:
-        raise ValueError(f"pom_ext.distributed: rank(s) {bad} rejected their arguments (the error is raised "
-                         f"there); every rank stops")
-    return table
+    first = bytes(texts[bad[0], :int(table[bad[0], 1])].tolist()).decode(errors="replace")
+    raise ValueError(f"pom_ext.distributed: rank(s) {bad} rejected their arguments; every rank stops. Rank "
+                     f"{bad[0]}: {first}")
 
 
-def _plan(layer, xq, xc, mask, block_size, cu_seqlens, return_state, group):
-    """Runs the local checks, exchanges and checks the metadata; returns (table, cu_seqlens list or None)."""
+def _plan(layer, xq, xc, mask, block_size, cu_seqlens, return_state, group, rope: dict, prepared: dict):
+    """Runs the local checks, exchanges and checks the metadata; returns (table, cu_seqlens list or None). Every
+    check that can fail is here, before any exchange of data."""
     device = xq.device if isinstance(xq, torch.Tensor) else torch.device("cpu")
-    table = _checked_exchange(lambda: _local_checks(layer, xq, xc, mask, block_size, cu_seqlens, return_state),
-                              _META, device, group)
+    table = _checked_exchange(lambda: _local_checks(layer, xq, xc, mask, block_size, cu_seqlens, return_state,
+                                                    rope, prepared), _META, device, group)
     _check_table(table)
     if cu_seqlens is None:
+        _check_rope_defaults(layer, table, None)
         return table, None
     cu = _gather_ints(cu_seqlens.to(torch.int64).cpu().tolist(), group, device)
     if not bool((cu == cu[0]).all()):
@@ -258,6 +328,7 @@ def _plan(layer, xq, xc, mask, block_size, cu_seqlens, return_state, group):
     if cu[0] != 0 or cu[-1] != total or any(b < a for a, b in zip(cu, cu[1:])):
         _fail("cu_seqlens", f"must be non-decreasing offsets from 0 to {total}, the packed tokens of all ranks "
                             f"together (local counts {table[:, 10].tolist()}), got {cu}")
+    _check_rope_defaults(layer, table, cu)
     return table, cu
 
 
@@ -432,58 +503,49 @@ def context_parallel_pom(layer: PoM, xq: torch.Tensor, xc: Optional[torch.Tensor
     inside each sequence; self-mixing: one set); 2-D `positions_hw` / `ctx_positions_hw`, required.
     """
     group = dist.group.WORLD if group is None else group
-    table, cu = _plan(layer, xq, xc, mask, block_size, cu_seqlens, return_state, group)
     rope = dict(positions=positions, ctx_positions=ctx_positions, positions_hw=positions_hw,
                 ctx_positions_hw=ctx_positions_hw)
-    if not isinstance(layer, PoMRoPE) and any(v is not None for v in rope.values()):
-        given = [k for k, v in rope.items() if v is not None]
-        _fail(given[0], "applies to rotary layers (pom_ext.PoMRoPE)")
+    prepared: dict = {}
+    table, cu = _plan(layer, xq, xc, mask, block_size, cu_seqlens, return_state, group, rope, prepared)
     return _apply(layer, xq, None if xc is xq else xc, mask, _KINDS[int(table[0, 1])], block_size, cu,
-                  table[:, 10].tolist(), group, return_state, rope, table[:, 11].tolist())
+                  table[:, 10].tolist(), group, return_state, prepared.get("rope"), table[:, 11].tolist())
 
 
-def _rope_positions(layer: PoMRoPE, xq, xc, given: dict, counts: List[int], qcounts: List[int], rank: int,
+def _rope_positions(xq, xc, prepared: Optional[tuple], counts: List[int], qcounts: List[int], rank: int,
                     cu: Optional[List[int]]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(context, query) positions of this rank in the rope ops' form: given slices, or (1-D) the global ones."""
+    """(context, query) positions of this rank in the rope ops' form: the given slices that _rope_local checked
+    and converted (`prepared`; None: the models' layers, self-mixing at the default positions), or (1-D) the
+    global ones, which _check_rope_defaults (or the model's wrapper) checked against the tables."""
     dev = xq.device
     packed = cu is not None
-    local_cu = None
-    o, n = sum(counts[:rank]), counts[rank]
     if packed:
         cu_t = torch.tensor(cu, dtype=torch.int64, device=dev)
-        local_cu = torch.clamp(cu_t - o, 0, n)
-    B = 0 if packed else xq.shape[0]
 
     def global_1d(offset: int, count: int) -> torch.Tensor:
         g = offset + torch.arange(count, device=dev)
-        if not packed:
-            return g
-        seq = torch.searchsorted(cu_t[1:], g, right=True)  # the sequence of every packed token
-        return g - cu_t[seq]
+        if packed:
+            g = g - cu_t[torch.searchsorted(cu_t[1:], g, right=True)]  # the position inside each sequence
+        return g[:, None]
 
-    qp, cp, qname, cname = layer._position_args(given["positions"], given["ctx_positions"], given["positions_hw"],
-                                                given["ctx_positions_hw"], xc is None)
-    if cp is None and not layer.rope_2d:
-        cp = global_1d(o, n)
-    cpos = layer._positions(cname, cp, B, n, dev, local_cu)
-    t = xq.shape[0] if packed else xq.shape[1]
-    if xc is None and (given[qname] is None or cp is given[qname]):
+    cpos, qpos, one = prepared if prepared is not None else (None, None, xc is None)
+    if cpos is None:
+        cpos = global_1d(sum(counts[:rank]), counts[rank])
+    if one:
         return cpos, cpos
-    if qp is None and not layer.rope_2d:
-        qp = global_1d(sum(qcounts[:rank]), t)
-    return cpos, layer._positions(qname, qp, B, t, dev, local_cu)
+    if qpos is None:
+        qpos = global_1d(sum(qcounts[:rank]), xq.shape[0] if packed else xq.shape[1])
+    return cpos, qpos
 
 
 def _apply(layer, xq, xc, mask, kind: str, block_size: Optional[int], cu: Optional[List[int]], counts: List[int],
-           group, return_state: bool, rope: Optional[dict] = None, qcounts: Optional[List[int]] = None):
+           group, return_state: bool, rope: Optional[tuple] = None, qcounts: Optional[List[int]] = None):
     """context_parallel_pom after its checks: `kind` of the mask and every rank's context (and query) token
-    `counts`; `rope`: the positions given to a rotary layer."""
+    `counts`; `rope`: a rotary layer's positions as _rope_local prepared them (None: the defaults)."""
     rank = dist.get_rank(group)
     h, s = layer.project(xq, xc)
     cpos = None
     if isinstance(layer, PoMRoPE):
-        cpos, qpos = _rope_positions(layer, xq, xc, rope or {k: None for k in _ROPE_ARGS}, counts,
-                                     counts if qcounts is None else qcounts, rank, cu)
+        cpos, qpos = _rope_positions(xq, xc, rope, counts, counts if qcounts is None else qcounts, rank, cu)
         s = layer._turn_gate(s, qpos)
     local = _Local(layer, cpos)
     F_ = 1 if block_size is None else block_size
@@ -733,8 +795,17 @@ class ContextParallelLM(nn.Module):
         _agree(table, 1, "tokens", "the batch size")
         _agree(table, 3, "targets", "whether targets are given", lambda v: "given" if v else "None")
         _agree_model(table)
-        if int(table[:, 2].sum()) == 0:
+        total = int(table[:, 2].sum())
+        if total == 0:
             _fail("tokens", "must hold at least one token on some rank")
+        # rotary PoM blocks (rope="1d") read their tables at the global positions 0..total-1: checked here,
+        # alike on every rank, before any exchange of data
+        limit = min((m.max_seq_len for m in self.model.modules() if isinstance(m, PoMRoPE) and not m.rope_2d),
+                    default=None)
+        if limit is not None and total > limit:
+            _fail("tokens", f"must hold at most rope_max_len = {limit} tokens over all ranks (the rotary PoM "
+                            f"layers' max_seq_len: their tables end there), got {total} (local counts "
+                            f"{table[:, 2].tolist()})")
         return table
 
     def _run(self, tokens: torch.Tensor, targets: Optional[torch.Tensor], caches: Optional[list]):

@@ -454,13 +454,90 @@ def _run_bad(world, rank, report):
     report.append({"case": "after errors", "raised": None, "finite": bool(torch.isfinite(out).all())})
 
 
-def _worker(rank, world, port, out_dir):
+ROPE_LEN, ROPE_N = 8, 12  # the rotary cases: tables of 8 positions, 12 tokens over the ranks
+
+
+def _rope_bad_cases(world, rank):
+    """(name, expected argument in the message, whether every rank's message is the same, a call that must raise
+    ValueError on every rank, a valid call to run after it): rotary positions past the tables, found on some
+    ranks only (the default global positions of the later ranks, positions given on one rank)."""
+    import pom_ext.distributed as cp
+    from pom_ext import PoM, PoMRoPE
+    from pom_ext.models import PolymorpherLM
+    torch.manual_seed(0)
+    layer = PoMRoPE(16, 2, 2, max_seq_len=ROPE_LEN).double()
+    plain = PoM(16, 2, 2).double()
+    x = torch.randn(2, ROPE_N, 16, dtype=torch.float64)
+    lo, hi = cp.token_range(ROPE_N, world, rank)
+    vlo, vhi = cp.token_range(ROPE_LEN, world, rank)  # the valid calls: 8 tokens
+    qlo, qhi = cp.token_range(4, world, rank)
+    last = rank == world - 1
+    packed = x[0]  # 12 packed tokens
+    lm = PolymorpherLM(50, 16, 2, degree=2, rope="1d", rope_max_len=ROPE_LEN).double()
+    tokens = torch.randint(0, 50, (2, ROPE_N))
+
+    def valid():
+        return cp.context_parallel_pom(layer, x[:, vlo:vhi], mask="causal")
+
+    def valid_lm():
+        return cp.ContextParallelLM(lm)(tokens[:, vlo:vhi])
+
+    return [
+        ("causal, default positions", "positions", True,
+         lambda: cp.context_parallel_pom(layer, x[:, lo:hi], mask="causal"), valid),
+        ("pooled, default positions", "positions", True,
+         lambda: cp.context_parallel_pom(layer, x[:, lo:hi]), valid),
+        ("packed, a sequence of 9", "positions", True,
+         lambda: cp.context_parallel_pom(layer, packed[lo:hi], mask="causal",
+                                         cu_seqlens=torch.tensor([0, 3, ROPE_N], dtype=torch.int32)),
+         # 12 packed tokens in sequences of 6: the default positions restart at each sequence, within the tables
+         lambda: cp.context_parallel_pom(layer, packed[lo:hi], mask="causal",
+                                         cu_seqlens=torch.tensor([0, 6, ROPE_N], dtype=torch.int32))),
+        ("cross, default context positions", "ctx_positions", True,
+         lambda: cp.context_parallel_pom(layer, x[:, qlo:qhi], x[:, lo:hi]), valid),
+        ("positions given on rank 0, defaults elsewhere", "positions", True,
+         lambda: cp.context_parallel_pom(layer, x[:, lo:hi], mask="causal",
+                                         positions=torch.arange(hi - lo) if rank == 0 else None), valid),
+        ("positions past the tables on the last rank", "positions", False,
+         lambda: cp.context_parallel_pom(layer, x[:, vlo:vhi], mask="causal",
+                                         positions=torch.arange(vlo, vhi) + (ROPE_LEN if last else 0)), valid),
+        ("positions to a plain PoM on the last rank", "positions", False,
+         lambda: cp.context_parallel_pom(plain, x[:, lo:hi], mask="causal",
+                                         positions=torch.arange(lo, hi) if last else None),
+         lambda: cp.context_parallel_pom(plain, x[:, lo:hi], mask="causal")),
+        ("LM past rope_max_len", "tokens", True, lambda: cp.ContextParallelLM(lm)(tokens[:, lo:hi]), valid_lm),
+        ("LM prefill past rope_max_len", "tokens", True,
+         lambda: cp.ContextParallelLM(lm).prefill(tokens[:, lo:hi]), valid_lm),
+    ]
+
+
+def _run_rope_bad(world, rank, report):
+    for name, arg, same, fn, ok in _rope_bad_cases(world, rank):
+        try:
+            fn()
+            case = {"case": name, "raised": None}
+        except Exception as e:  # noqa: BLE001 - reported: a timeout of the group (a hang) fails the test
+            case = {"case": name, "raised": type(e).__name__, "message": str(e)}
+        case.update(arg=arg, same=same)
+        try:  # the group still works: a valid call right after
+            out = ok()
+            case["after"] = bool(torch.isfinite(out).all())
+        except Exception as e:  # noqa: BLE001
+            case["after"] = f"{type(e).__name__}: {e}"
+        report.append(case)
+
+
+def _worker(rank, world, port, out_dir, rope_only=False):
     from datetime import timedelta
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=TIMEOUT // 2))
+                            timeout=timedelta(seconds=ROPE_GROUP_TIMEOUT if rope_only else TIMEOUT // 2))
     report = {"bad": [], "cases": []}
     try:
+        if rope_only:
+            _run_rope_bad(world, rank, report["bad"])
+            dist.barrier()
+            return
         _run_bad(world, rank, report["bad"])  # first: the cases then also show that the group still works
         _run_cases(world, rank, report["cases"])
         _run_16bit(world, rank, report["cases"])
@@ -482,13 +559,13 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _launch(world, tmp_path):
+def _launch(world, tmp_path, flag="--worker"):
     """Runs `world` worker processes; returns their reports (a hang past TIMEOUT is a failure)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]
                                                       + [p for p in [os.environ.get("PYTHONPATH")] if p]),
                OMP_NUM_THREADS="1")
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(r), str(world), str(port),
+    procs = [subprocess.Popen([sys.executable, __file__, flag, str(r), str(world), str(port),
                                str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in range(world)]
     deadline = time.monotonic() + TIMEOUT
@@ -603,6 +680,30 @@ def test_bad_inputs_raise_on_every_rank(world, tmp_path_factory):
             assert f"argument '{case['arg']}'" in case["message"]
 
 
+ROPE_GROUP_TIMEOUT = 20  # a rank left waiting in a collective (the hang) fails its case within this
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_rope_positions_past_tables_raise_on_every_rank(world, tmp_path):
+    """Rotary positions past the tables that only some ranks reach (the default global positions of the later
+    ranks, positions given on one rank) or positions given to a plain PoM on one rank: every rank raises a
+    ValueError naming the argument, before any exchange of data (no rank is left waiting in a collective), the
+    same message where the gathered metadata shows it, and a valid call right after works. Its own group."""
+    reports = [r["bad"] for r in _launch(world, tmp_path, "--rope-worker")]
+    assert all(len(r) == len(reports[0]) == 9 for r in reports)
+    for i, case in enumerate(reports[0]):
+        for rank, report in enumerate(reports):
+            got = report[i]
+            what = f"rank {rank}, {got['case']}"
+            assert got["raised"] == "ValueError", f"{what}: {got}"
+            assert f"argument '{got['arg']}'" in got["message"], f"{what}: {got['message']}"
+            assert got["after"] is True, f"{what}: the valid call after it gave {got['after']}"
+        if case["same"]:
+            assert all(r[i]["message"] == case["message"] for r in reports), [r[i]["message"] for r in reports]
+        else:  # the rank with the bad argument raises its own error, the others name it and the argument
+            assert "rejected their arguments" in reports[0][i]["message"], reports[0][i]["message"]
+
+
 @pytest.mark.parametrize("model", ["pom", "hybrid"])
 def test_train_lm_under_torchrun_matches_one_process(tmp_path, model):
     """examples/train_lm.py under torchrun with 2 processes (the sequence sharded) gives the loss curve of one
@@ -635,5 +736,5 @@ def test_train_lm_under_torchrun_matches_one_process(tmp_path, model):
             assert abs(a["val_bpb"] - b["val_bpb"]) <= 1e-5 * a["val_bpb"], (a, b)
 
 
-if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "--worker":
-    _worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
+if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] in ("--worker", "--rope-worker"):
+    _worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], rope_only=sys.argv[1] != "--worker")
