@@ -53,8 +53,9 @@ _KINDS = ["none", "weights", "causal", "varlen", "varlen_causal"]
 _KIND_NAMES = {"none": "None", "weights": "a (B, N) tensor", "causal": "'causal'",
                "varlen": "None with cu_seqlens", "varlen_causal": "'causal' with cu_seqlens"}
 # metadata row: error flag, kind, batch, D, E, K, G, dtype, block size, cross, context tokens, query tokens,
-# gradients needed, rotary default positions (bit 1: the context's, bit 2: the queries')
-_META = 14
+# gradients needed, rotary default positions (bit 1: the context's, bit 2: the queries'), the layer's rotary tables
+# (0: none, -1: 2-D, else the 1-D max_seq_len)
+_META = 15
 
 
 def _fail(arg: str, message: str) -> None:
@@ -179,7 +180,15 @@ def _local_checks(layer, xq, xc, mask, block_size, cu_seqlens, return_state, rop
     return [0, _KINDS.index(kind), batch, layer.dim, layer.state_width, layer.degree, layer.n_sel_heads,
             _DTYPES.index(xq.dtype) if xq.dtype in _DTYPES else len(_DTYPES),
             1 if block_size is None else block_size, int(xc is not None), n, t, int(_needs_grad(layer, xq, xc)),
-            flags]
+            flags, _rotary_kind(layer)]
+
+
+def _rotary_kind(layer) -> int:
+    """The metadata row's last column: 0 for a layer without rotary positions, -1 for 2-D tables, else the 1-D
+    tables' length (what _check_rope_defaults checks against)."""
+    if not isinstance(layer, PoMRoPE):
+        return 0
+    return -1 if layer.rope_2d else layer.max_seq_len
 
 
 def _rope_local(layer, xq, xc, rope: dict, cu_seqlens, B: int, n: int, t: int, prepared: dict) -> int:
@@ -277,6 +286,8 @@ def _check_table(table: torch.Tensor) -> None:
     _agree(table, 9, "xc", "cross-mixing", lambda v: "xc given" if v else "xc None")
     _agree(table, 12, "xq", "whether gradients are recorded (torch.no_grad, requires_grad)",
            lambda v: "recorded" if v else "not recorded")
+    _agree(table, 14, "layer", "the rotary positions (a plain PoM, or PoMRoPE and its tables)",
+           lambda v: "PoM" if v == 0 else "PoMRoPE 2-D" if v < 0 else f"PoMRoPE 1-D, max_seq_len {v}")
 
 
 def _checked_exchange(check, width: int, device, group) -> torch.Tensor:

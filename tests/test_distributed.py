@@ -467,6 +467,7 @@ def _rope_bad_cases(world, rank):
     torch.manual_seed(0)
     layer = PoMRoPE(16, 2, 2, max_seq_len=ROPE_LEN).double()
     plain = PoM(16, 2, 2).double()
+    longer = PoMRoPE(16, 2, 2, max_seq_len=2 * ROPE_LEN).double()
     x = torch.randn(2, ROPE_N, 16, dtype=torch.float64)
     lo, hi = cp.token_range(ROPE_N, world, rank)
     vlo, vhi = cp.token_range(ROPE_LEN, world, rank)  # the valid calls: 8 tokens
@@ -505,6 +506,10 @@ def _rope_bad_cases(world, rank):
          lambda: cp.context_parallel_pom(plain, x[:, lo:hi], mask="causal",
                                          positions=torch.arange(lo, hi) if last else None),
          lambda: cp.context_parallel_pom(plain, x[:, lo:hi], mask="causal")),
+        ("a plain PoM on rank 0, rotary layers elsewhere", "layer", True,
+         lambda: cp.context_parallel_pom(plain if rank == 0 else layer, x[:, lo:hi], mask="causal"), valid),
+        ("rotary tables of other lengths on the last rank", "layer", True,
+         lambda: cp.context_parallel_pom(longer if last else layer, x[:, vlo:vhi], mask="causal"), valid),
         ("LM past rope_max_len", "tokens", True, lambda: cp.ContextParallelLM(lm)(tokens[:, lo:hi]), valid_lm),
         ("LM prefill past rope_max_len", "tokens", True,
          lambda: cp.ContextParallelLM(lm).prefill(tokens[:, lo:hi]), valid_lm),
@@ -690,7 +695,7 @@ def test_rope_positions_past_tables_raise_on_every_rank(world, tmp_path):
     ValueError naming the argument, before any exchange of data (no rank is left waiting in a collective), the
     same message where the gathered metadata shows it, and a valid call right after works. Its own group."""
     reports = [r["bad"] for r in _launch(world, tmp_path, "--rope-worker")]
-    assert all(len(r) == len(reports[0]) == 9 for r in reports)
+    assert all(len(r) == len(reports[0]) == 11 for r in reports)
     for i, case in enumerate(reports[0]):
         for rank, report in enumerate(reports):
             got = report[i]
@@ -700,8 +705,9 @@ def test_rope_positions_past_tables_raise_on_every_rank(world, tmp_path):
             assert got["after"] is True, f"{what}: the valid call after it gave {got['after']}"
         if case["same"]:
             assert all(r[i]["message"] == case["message"] for r in reports), [r[i]["message"] for r in reports]
-        else:  # the rank with the bad argument raises its own error, the others name it and the argument
+        else:  # the last rank's argument is bad: it raises its own error, the others name it and quote it
             assert "rejected their arguments" in reports[0][i]["message"], reports[0][i]["message"]
+            assert reports[-1][i]["message"] in reports[0][i]["message"], reports[0][i]["message"]
 
 
 @pytest.mark.parametrize("model", ["pom", "hybrid"])

@@ -169,16 +169,22 @@ def test_bad_saved_config_refused_on_load(tmp_path):
         AutoConfig.from_pretrained(tmp_path)
 
 
-def test_changed_config_refused_on_save(tmp_path):
+def test_changed_config_checked_on_save_and_model_build(tmp_path):
+    """Values set after the config was built — assignments, from_pretrained's keyword overrides — are checked
+    when it is saved and when a model is built from it; layer_types follows the pattern."""
     cfg = H.PolymorpherConfig(hidden_size=32, num_hidden_layers=2)
     cfg.pom_groups = 3
     with pytest.raises(ValueError, match="'pom_groups'"):
         cfg.save_pretrained(tmp_path)
-    cfg.pom_groups = 1
-    cfg.num_hidden_layers = 4  # layer_types (derived at construction) no longer matches
-    with pytest.raises(ValueError, match="'layer_types'"):
-        cfg.save_pretrained(tmp_path)
     assert not (tmp_path / "config.json").exists()
-    cfg.num_hidden_layers = 2
+    cfg.pom_groups = 1
+    cfg.num_hidden_layers = 4
     cfg.save_pretrained(tmp_path)
-    assert AutoConfig.from_pretrained(tmp_path).num_hidden_layers == 2
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert loaded.num_hidden_layers == 4 and loaded.layer_types == ["linear_attention"] * 4
+    over = AutoConfig.from_pretrained(tmp_path, layer_pattern="PA", num_attention_heads=2)
+    model = AutoModelForCausalLM.from_config(over)
+    assert over.pattern == "PAPA" and over.layer_types[1] == "full_attention"
+    assert [type(b).__name__ for b in model.model.layers] == ["PolymorpherBlock", "AttentionBlock"] * 2
+    with pytest.raises(ValueError, match="'pom_groups'"):
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path, pom_groups=3))

@@ -19,8 +19,8 @@ class PolymorpherConfig(PreTrainedConfig):
     positions), use_bias, dropout, tie_word_embeddings, pad / bos / eos token ids.
     layer_types is derived from the pattern ("linear_attention" for PoM layers, "full_attention" or
     "sliding_attention" for attention layers).
-    Every field is checked when the config is built (from keywords or a saved config.json) and again by
-    save_pretrained: a value the model cannot be built with raises ValueError naming the field.
+    Every field is checked when the config is built (from keywords or a saved config.json), and again when a
+    model is built from it and by save_pretrained: an invalid value raises ValueError naming the field.
     """
 
     model_type = "polymorpher"
@@ -132,16 +132,13 @@ class PolymorpherConfig(PreTrainedConfig):
         return pattern
 
     def validate(self):
-        """Transformers' checks (run by save_pretrained) and the fields' own, so that a config changed after it
-        was built cannot be saved with a value the model cannot be built with."""
-        pattern = self._check_fields()
-        if self.layer_types != self._layer_types(pattern):
-            raise ValueError(f"pom_ext.hf.PolymorpherConfig: argument 'layer_types' ({self.layer_types}) is derived "
-                             f"from layer_pattern, num_hidden_layers and sliding_window when the config is built and "
-                             f"no longer matches them ({self._layer_types(pattern)}): build a new config")
+        """The fields' checks and Transformers' own; layer_types derived again from the pattern. Run by
+        save_pretrained and when a model is built, so that values set after the config was built (from_pretrained's
+        keyword overrides, assignments) are checked too."""
+        self.layer_types = self._layer_types(self._check_fields())
         super().validate()
 
     @property
     def pattern(self) -> str:
-        """The kind of each layer, 'P' or 'A'."""
-        return "".join("P" if t == "linear_attention" else "A" for t in self.layer_types)
+        """The kind of each layer, 'P' or 'A', from layer_pattern and num_hidden_layers."""
+        return resolve_layer_pattern(self.num_hidden_layers, self.layer_pattern, None, "pom_ext.hf.PolymorpherConfig")

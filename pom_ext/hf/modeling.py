@@ -103,6 +103,7 @@ class PolymorpherModel(PolymorpherPreTrainedModel):
     """Token embedding -> blocks (PoM 'P' / attention 'A', config.layer_pattern) -> final LayerNorm."""
 
     def __init__(self, config: PolymorpherConfig):
+        config.validate()  # values set after the config was built (from_pretrained's overrides) checked too
         super().__init__(config)
         D = config.hidden_size
         self.embed_tokens = nn.Embedding(config.vocab_size, D)
@@ -130,6 +131,7 @@ class PolymorpherModel(PolymorpherPreTrainedModel):
         return install(cache, i, AttentionCacheLayer, lambda: block.allocate_cache(batch, x.device, x.dtype))
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # Transformers' old name of the cache
+    @can_return_tuple
     def forward(self, input_ids: Optional[torch.LongTensor] = None, attention_mask=None,
                 position_ids: Optional[torch.LongTensor] = None, cache: Optional[Cache] = None,
                 inputs_embeds: Optional[torch.Tensor] = None, use_cache: Optional[bool] = None,
@@ -201,7 +203,8 @@ class PolymorpherForCausalLM(PolymorpherPreTrainedModel, GenerationMixin):
                 use_cache: Optional[bool] = None, logits_to_keep=0, output_hidden_states: Optional[bool] = None,
                 **kwargs) -> CausalLMOutputWithPast:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
-                         inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states)
+                         inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states,
+                         return_dict=True)
         h = out.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(h[:, keep, :])
