@@ -117,10 +117,7 @@ def _check_rope(h: torch.Tensor, coeff: torch.Tensor, E: int, cos: torch.Tensor,
     reference instead (no compiled library, or a device without a kernel): the reference indexes the tables with
     the positions as given, so a negative one would wrap around and a float one be truncated."""
     from . import functional as PF  # functional imports this module
-
-    def fail(arg, expected, got):
-        raise ValueError(f"pom_ext: argument '{arg}' must be {expected}, got {got}")
-
+    fail = PF._fail
     packed = cu_seqlens is not None
     if not isinstance(h, torch.Tensor) or not h.is_floating_point() or h.dim() != (2 if packed else 3):
         fail(h_arg, "a floating-point tensor " + ("(total, E) with cu_seqlens" if packed else "(B, N, E)"),
