@@ -99,8 +99,7 @@ class ConvertedPoMCacheLayer(PoMCacheLayer, CacheLayerMixin):
 
     def __init__(self, **kwargs):
         PoMCacheLayer.__init__(self)
-        CacheLayerMixin.__init__(self)
-        self._init_block()
+        CacheLayerMixin.__init__(self)  # keys, values (None, as _init_block set them), is_initialized
 
     def update(self, *args, **kwargs):
         raise NotImplementedError("pom_ext.hf.ConvertedPoMCacheLayer is updated by its PoM layer (PoMCache)")
